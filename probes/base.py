@@ -1,0 +1,147 @@
+"""The one small interface between the engine and a probe kind: context in, outcome or StepFailed out.
+
+The engine (`monitor/`) owns long-lived resources and lends them through `StepContext`;
+a probe never opens or closes a session, never exports a metric and never owns time:
+the runner puts `asyncio.timeout` around each step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from probes.durations import Duration
+
+if TYPE_CHECKING:
+    import aiohttp
+
+RenderMode = Literal["text", "url", "header"]
+
+
+class Untrusted(str):
+    """A value taken from a response: URL-encoded in URLs, refused in headers with CR/LF."""
+
+    __slots__ = ()
+
+
+class StepConfigBase(BaseModel):
+    """Fields every step kind has; a kind's `Config` adds its own and `kind: Literal[...]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        description="Step name, unique within the flow; the link is named (flow, step).",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
+    timeout: Duration | None = Field(
+        default=None,
+        description="Per-step time limit, e.g. 5s; default: the rest of the run's timeout.",
+    )
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """Identity of the run a step belongs to."""
+
+    id: str
+    correlation: str
+    flow: str
+    variant: str
+    location: str
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """A passed step: its latency as the kind defines it, and what it extracted for later steps."""
+
+    latency_s: float | None = None
+    vars: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+class Renderer(Protocol):
+    """Template rendering (Jinja2 sandbox) supplied by the engine."""
+
+    def render(self, template: str, variables: Mapping[str, Any], mode: RenderMode) -> str: ...
+
+
+class HttpClients(Protocol):
+    """HTTP sessions lent by the engine: fresh per run unless the flow reuses connections."""
+
+    def session_for(self, ctx: StepContext, tls: Any) -> aiohttp.ClientSession: ...
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What a probe may use. Built by the runner once per run; `step` changes per step."""
+
+    run: RunInfo
+    variant: Mapping[str, Any]
+    steps: dict[str, dict[str, Any]]
+    renderer: Renderer
+    http: HttpClients
+    marker_header: str
+    public_url: str
+    deadline: float  # monotonic seconds; the run's end
+    correlator: Any = None
+    kafka: Any = None
+    services: dict[str, Any] = field(default_factory=dict)
+    propagation: Callable[[], dict[str, str]] = dict
+    step_started: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
+    run_state: dict[Any, Any] = field(default_factory=dict)  # per-run scratch, e.g. sessions
+    step: str = ""
+
+    def variables(self) -> dict[str, Any]:
+        """The names templates see: run, variant, steps, public_url."""
+        return {
+            "run": {"id": self.run.id, "correlation": self.run.correlation,
+                    "flow": self.run.flow, "variant": self.run.variant,
+                    "location": self.run.location},
+            "variant": {"name": self.run.variant, **self.variant},
+            "steps": self.steps,
+            "public_url": self.public_url,
+        }
+
+    def render(self, template: str, mode: RenderMode = "text") -> str:
+        return self.renderer.render(template, self.variables(), mode)
+
+    def render_value(self, value: Any) -> Any:
+        """Render every string inside a JSON-like value (dicts, lists, scalars)."""
+        if isinstance(value, str):
+            return self.render(value)
+        if isinstance(value, dict):
+            return {self.render(str(k)): self.render_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.render_value(v) for v in value]
+        return value
+
+    def outgoing_headers(self) -> dict[str, str]:
+        """Headers every outgoing request and record carries: the synthetic-traffic marker
+        and the trace context."""
+        headers = {self.marker_header: self.run.id}
+        headers.update(self.propagation())
+        return headers
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+ConfigT_contra = TypeVar("ConfigT_contra", bound=StepConfigBase, contravariant=True)
+
+
+class Probe(Protocol[ConfigT_contra]):
+    """One step kind: execute the step, return an outcome or raise StepFailed."""
+
+    async def run(self, config: ConfigT_contra, ctx: StepContext) -> StepOutcome: ...
+
+
+class Expecting(Protocol[ConfigT_contra]):
+    """A waiting kind: registers its expectation when the run starts, before any step runs,
+    so a reply faster than the triggering step's own response is never lost."""
+
+    def expect(self, config: ConfigT_contra, ctx: StepContext) -> None: ...

@@ -1,0 +1,119 @@
+"""The two error families: the system under watch misbehaved (StepFailed), or we did (the rest).
+
+StepFailed
+├── Timeout            reason "timeout"
+├── DnsError           reason "dns_error"
+├── ConnectError       reason "connect_error"
+├── TlsError           reason "tls_error"
+├── HttpStatusError    reason "http_status"
+├── AssertionFailed    reason "assertion"
+├── ExtractFailed      reason "extract"
+├── SignatureInvalid   reason "signature"
+├── NotReceived        reason "not_received"
+├── Duplicate          reason "duplicate"
+├── OutOfOrder         reason "out_of_order"
+└── OtherFailure       reason "error"
+
+ConfigError            a flow file is wrong; never counted against a target
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final
+
+REASONS: Final = (
+    "timeout",
+    "dns_error",
+    "connect_error",
+    "tls_error",
+    "http_status",
+    "assertion",
+    "extract",
+    "signature",
+    "not_received",
+    "duplicate",
+    "out_of_order",
+    "error",
+)
+
+
+class StepFailed(Exception):
+    """The system under watch did not do what the step expects; carries a reason."""
+
+    reason: ClassVar[str] = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        excerpt: str | None = None,
+        phases: dict[str, float] | None = None,
+        attributes: dict[str, Any] | None = None,
+        latency_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.excerpt = excerpt
+        self.phases = phases or {}
+        self.attributes = attributes or {}
+        self.latency_s = latency_s
+
+
+class Timeout(StepFailed):
+    reason = "timeout"
+
+
+class DnsError(StepFailed):
+    reason = "dns_error"
+
+
+class ConnectError(StepFailed):
+    reason = "connect_error"
+
+
+class TlsError(StepFailed):
+    reason = "tls_error"
+
+
+class HttpStatusError(StepFailed):
+    reason = "http_status"
+
+
+class AssertionFailed(StepFailed):
+    reason = "assertion"
+
+
+class ExtractFailed(StepFailed):
+    reason = "extract"
+
+
+class SignatureInvalid(StepFailed):
+    reason = "signature"
+
+
+class NotReceived(StepFailed):
+    reason = "not_received"
+
+
+class Duplicate(StepFailed):
+    reason = "duplicate"
+
+
+class OutOfOrder(StepFailed):
+    reason = "out_of_order"
+
+
+class OtherFailure(StepFailed):
+    reason = "error"
+
+
+class ConfigError(Exception):
+    """A flow file is wrong; `problems` holds one `file:line: where: message` string each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class TemplateError(Exception):
+    """A template could not be rendered (unknown variable, bad syntax): a flow bug, not the target's."""
