@@ -1,0 +1,56 @@
+"""Where run results go: every sink gets every RunResult; one failing sink never stops the others.
+
+A sink's `submit` is called on the probing path, so it must be cheap and never block:
+a sink doing I/O queues the result and writes it from its own task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from monitor.results import RunResult
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A consumer of run results (metrics, traces, the store, a Kafka results topic)."""
+
+    def submit(self, result: RunResult) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FanOut:
+    """Hands each result to every sink, isolating their failures from each other and the run."""
+
+    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.errors = 0
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def submit(self, result: RunResult) -> None:
+        for sink in self.sinks:
+            try:
+                sink.submit(result)
+            except Exception:  # a sink's bug must not break probing
+                self.errors += 1
+                log.exception("sink %s failed on run %s", type(sink).__name__, result.run_id)
+
+    async def start(self) -> None:
+        for sink in self.sinks:
+            await sink.start()
+
+    async def close(self) -> None:
+        for sink in reversed(self.sinks):
+            try:
+                await sink.close()
+            except Exception:
+                log.exception("sink %s failed to close", type(sink).__name__)

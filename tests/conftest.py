@@ -1,0 +1,5 @@
+"""Shared test fixtures: each area keeps its real-process fixtures in tests/fixtures/<area>.py."""
+
+pytest_plugins = [
+    "tests.fixtures.core",
+]
