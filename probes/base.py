@@ -88,6 +88,7 @@ class StepContext:
     marker_header: str
     public_url: str
     deadline: float  # monotonic seconds; the run's end
+    reuse_connections: bool = False
     correlator: Any = None
     kafka: Any = None
     services: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,5 @@
+"""`python -m monitor` is `hopwatch`."""
+
+from monitor.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""The `hopwatch` command line: run, check, validate, schema, demo (and gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from monitor import __version__
+from monitor.config import Config, FileConfig, load
+from monitor.engine import Engine, Options
+from monitor.output import as_json, as_junit, table
+from probes.errors import ConfigError
+
+app = typer.Typer(
+    name="hopwatch",
+    help="Synthetic transactions through HTTP, webhooks and Kafka, timed and traced per hop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+ConfigPaths = Annotated[list[Path], typer.Argument(help="Flow files or folders of them.")]
+Listen = Annotated[str, typer.Option(help="Public listener (webhooks), HOST:PORT.")]
+AdminListen = Annotated[str, typer.Option(help="Admin listener (/metrics, API, page), HOST:PORT.")]
+PublicUrl = Annotated[
+    str | None, typer.Option(help="URL senders should call back ({{ public_url }}).")
+]
+Location = Annotated[str | None, typer.Option(help="Location label, e.g. eu-west-1.")]
+AdminToken = Annotated[
+    str | None,
+    typer.Option(envvar="HOPWATCH_ADMIN_TOKEN", help="Bearer token for a non-loopback admin."),
+]
+Store = Annotated[
+    str | None,
+    typer.Option(help="Store URL: sqlite+aiosqlite:///hopwatch.db or postgresql+asyncpg://…"),
+]
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    junit = "junit"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where available: cheaper I/O for the probing hot path."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+def _load_or_exit(paths: list[Path]) -> Config:
+    try:
+        return load(paths)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(problem, markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def validate(paths: ConfigPaths) -> None:
+    """Check flow files; print every problem as file:line and exit 2 if there is one."""
+    config = _load_or_exit(paths)
+    steps = sum(len(f.steps) for f in config.flows)
+    out.print(f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files")
+
+
+@app.command()
+def schema() -> None:
+    """Print the flow file's JSON Schema (for editors)."""
+    out.print_json(json.dumps(FileConfig.model_json_schema()))
+
+
+@app.command()
+def check(
+    paths: ConfigPaths,
+    flow: Annotated[list[str] | None, typer.Option(help="Only these flows.")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Only these variants.")] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="Run each flow N times.")] = 1,
+    output: Annotated[OutputFormat, typer.Option(help="table, json or junit.")] = OutputFormat.table,
+    listen: Listen = "127.0.0.1:8080",
+    public_url: PublicUrl = None,
+    location: Location = None,
+) -> None:
+    """Run each flow once (per variant) and exit 0 if every link passed, 1 if one broke."""
+    _setup_logging("WARNING")
+    config = _load_or_exit(paths)
+    options = Options(listen=listen, public_url=public_url, location=location)
+
+    async def main() -> list[Any]:
+        engine = Engine(config, options)
+        pairs = engine.select(flow or (), variant or ())
+        if not pairs:
+            err.print("no flow matches --flow/--variant")
+            raise typer.Exit(2)
+        await engine.start(schedule=False, admin=False)
+        try:
+            return await engine.run_once(pairs, repeat=repeat)
+        finally:
+            await engine.stop()
+
+    results = _run(main())
+    if output is OutputFormat.json:
+        sys.stdout.write(as_json(results) + "\n")
+    elif output is OutputFormat.junit:
+        sys.stdout.write(as_junit(results) + "\n")
+    else:
+        table(results, out)
+    raise typer.Exit(0 if all(r.outcome == "success" for r in results) else 1)
+
+
+async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
+    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if duration is None:
+            await stop.wait()
+        else:
+            try:
+                await asyncio.wait_for(stop.wait(), duration)
+            except TimeoutError:
+                pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await engine.stop()
+
+
+@app.command()
+def run(
+    paths: ConfigPaths,
+    listen: Listen = "127.0.0.1:8080",
+    admin_listen: AdminListen = "127.0.0.1:9464",
+    public_url: PublicUrl = None,
+    location: Location = None,
+    admin_token: AdminToken = None,
+    store: Store = None,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight runs get at shutdown.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run every flow continuously and serve /metrics until SIGTERM/SIGINT."""
+    _setup_logging(log_level)
+    config = _load_or_exit(paths)
+    options = Options(
+        listen=listen,
+        admin_listen=admin_listen,
+        public_url=public_url,
+        location=location,
+        admin_token=admin_token,
+        store_url=store,
+        grace=grace,
+    )
+
+    async def main() -> None:
+        engine = Engine(config, options)
+        try:
+            await engine.start()
+        except (ValueError, OSError) as exc:
+            await engine.stop()
+            err.print(f"cannot start: {exc}")
+            raise typer.Exit(2) from None
+        err.print(f"hopwatch {__version__}: {len(config.flows)} flows; metrics on "
+                  f"http://{admin_listen}/metrics")  # fmt: skip
+        await serve_until_signal(engine)
+
+    _run(main())
+
+
+@app.command()
+def demo(
+    listen: Listen = "127.0.0.1:8080",
+    admin_listen: AdminListen = "127.0.0.1:9464",
+    shop_listen: Annotated[str, typer.Option(help="The demo shop's address.")] = "127.0.0.1:8000",
+    kafka: Annotated[
+        str | None, typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")
+    ] = None,
+    store: Store = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop by itself after this many seconds.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+) -> None:
+    """Start the bundled demo system and the monitor watching it, on loopback."""
+    from monitor.demo.runner import run_demo
+
+    _setup_logging(log_level)
+    _run(
+        run_demo(
+            listen=listen,
+            admin_listen=admin_listen,
+            shop_listen=shop_listen,
+            kafka=kafka,
+            store=store,
+            duration=duration,
+            console=err,
+        )
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Flow files: YAML validated by pydantic, every error reported as `file:line: flow 'x' step 'y': msg`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from probes import StepConfig
+from probes.durations import Duration
+from probes.errors import ConfigError
+
+_STEP_REF = re.compile(r"steps\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class Variant(BaseModel):
+    """A named set of values a flow runs with: base URLs, headers, anything templates use."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    base_url: str | None = Field(default=None, description="Base URL; default none.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Headers added to this variant's requests; default none."
+    )
+
+
+class Flow(BaseModel):
+    """A named chain of steps run as one synthetic transaction, on an interval, per variant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", description="Flow name, unique.")
+    description: str = Field(default="", description="What the flow proves; default empty.")
+    interval: Duration = Field(default=60.0, description="Time between runs; default 1m.")
+    jitter: Duration | None = Field(
+        default=None, description="Random spread added to each start; default 10% of interval."
+    )
+    timeout: Duration = Field(default=30.0, description="Limit for the whole run; default 30s.")
+    location: str | None = Field(
+        default=None, description="Location label; default the monitor's --location."
+    )
+    reuse_connections: bool = Field(
+        default=False,
+        description="Keep connections across runs (high rates); default false: fresh per run.",
+    )
+    variants: dict[str, Variant] = Field(
+        default_factory=lambda: {"default": Variant()},
+        description='Named value sets; default one variant "default".',
+    )
+    steps: list[StepConfig] = Field(min_length=1, description="The hops, in order.")
+    cleanup: list[StepConfig] = Field(
+        default_factory=list, description="Steps that always run after the hops; never counted."
+    )
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variant(cls, value: dict[str, Variant]) -> dict[str, Variant]:
+        if not value:
+            raise ValueError("give at least one variant, or leave variants out")
+        return value
+
+    @model_validator(mode="after")
+    def _step_names_and_refs(self) -> Flow:
+        seen: set[str] = set()
+        for step in [*self.steps, *self.cleanup]:
+            if step.name in seen:
+                raise ValueError(f"step name {step.name!r} is used twice")
+            seen.add(step.name)
+        earlier: set[str] = set()
+        for step in self.steps:
+            for ref in _STEP_REF.findall(step.model_dump_json()):
+                if ref not in earlier:
+                    raise ValueError(
+                        f"step {step.name!r} uses steps.{ref}, which is not an earlier step"
+                    )
+            earlier.add(step.name)
+        for step in self.cleanup:
+            for ref in _STEP_REF.findall(step.model_dump_json()):
+                if ref not in seen:
+                    raise ValueError(f"cleanup step {step.name!r} uses unknown steps.{ref}")
+        return self
+
+    @property
+    def spread(self) -> float:
+        return self.jitter if self.jitter is not None else self.interval * 0.1
+
+    def all_steps(self) -> list[Any]:
+        return [*self.steps, *self.cleanup]
+
+
+class Settings(BaseModel):
+    """Monitor-wide settings; command-line flags override them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    location: str = Field(default="local", description="Location label; default local.")
+    marker_header: str = Field(
+        default="X-Hopwatch-Run",
+        description="Header marking synthetic traffic, carrying the run id; default X-Hopwatch-Run.",
+    )
+    max_concurrency: int = Field(
+        default=256, ge=1, description="Runs in flight at once, all flows; default 256."
+    )
+
+
+class KafkaSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clusters: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Kafka clusters by name; default none."
+    )
+
+
+class FileConfig(BaseModel):
+    """One flow file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    settings: Settings | None = Field(default=None, description="Monitor settings; default none.")
+    kafka: KafkaSection | None = Field(default=None, description="Kafka clusters; default none.")
+    flows: list[Flow] = Field(default_factory=list, description="The flows.")
+
+
+class Config(BaseModel):
+    """Everything loaded from all flow files, merged."""
+
+    model_config = ConfigDict(frozen=True)
+
+    settings: Settings = Field(default_factory=Settings)
+    kafka: KafkaSection = Field(default_factory=KafkaSection)
+    flows: list[Flow] = Field(default_factory=list)
+    sources: dict[str, str] = Field(default_factory=dict, description="flow name → file")
+
+    def flow(self, name: str) -> Flow:
+        for flow in self.flows:
+            if flow.name == name:
+                return flow
+        raise KeyError(name)
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int:
+    """The 1-based line of the deepest YAML node along a pydantic error location."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == part), None)
+            if child is None:
+                continue  # a union tag, or a missing field: stay on the mapping's line
+            node = child
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+        else:
+            continue  # union tags in the location (e.g. "http") have no node of their own
+        line = node.start_mark.line + 1
+    return line
+
+
+def _where(data: Any, loc: Sequence[int | str]) -> str:
+    """`flow 'x' step 'y'` for an error location, from the raw data."""
+    parts: list[str] = []
+    if len(loc) >= 2 and loc[0] == "flows" and isinstance(loc[1], int):
+        try:
+            flow = data["flows"][loc[1]]
+            parts.append(f"flow {flow.get('name', '#' + str(loc[1]))!r}")
+            if len(loc) >= 4 and loc[2] in ("steps", "cleanup") and isinstance(loc[3], int):
+                step = flow[loc[2]][loc[3]]
+                label = "step" if loc[2] == "steps" else "cleanup step"
+                parts.append(f"{label} {step.get('name', '#' + str(loc[3]))!r}")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+    return " ".join(parts)
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    """The field path after the flow/step prefix, without union tags."""
+    rest = list(loc)
+    if rest[:1] == ["flows"]:
+        rest = rest[4:] if len(rest) >= 4 and rest[2] in ("steps", "cleanup") else rest[2:]
+    return ".".join(str(p) for p in rest if not _is_union_tag(p))
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """Pydantic puts the union member in error locations: a kind name or a type like list[int]."""
+    from probes import PROBES
+
+    return isinstance(part, str) and (
+        part in PROBES or "[" in part or part in {"int", "str", "float", "bool", "dict", "list"}
+    )
+
+
+def load_file(path: Path) -> FileConfig:
+    """Parse and validate one flow file; ConfigError lists every problem with its line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{path}:{line}: YAML: {exc.problem or exc}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the file must be a mapping with a `flows:` list"])
+    try:
+        return FileConfig.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for error in exc.errors(include_url=False):
+            loc = error["loc"]
+            where = _where(data, loc)
+            field = _field(loc)
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "union_tag_invalid":
+                message = f"unknown kind {error['input'].get('kind')!r}; {_kinds_hint()}"
+            text_ = f"{field}: {message}" if field else message
+            prefix = f"{path}:{_line_of(node, loc)}:"
+            problem = f"{prefix} {where}: {text_}" if where else f"{prefix} {text_}"
+            merged = _merge_union_alternative(problems, problem)
+            if not merged:
+                problems.append(problem)
+        raise ConfigError(problems) from exc
+
+
+def _merge_union_alternative(problems: list[str], problem: str) -> bool:
+    """Fold `x: want int` and `x: want list` for one field into one line with both wants."""
+    head, _, message = problem.rpartition(": ")
+    for i, earlier in enumerate(problems):
+        if earlier.startswith(head + ": "):
+            if message not in earlier:
+                problems[i] = f"{earlier}; or {message[0].lower()}{message[1:]}"
+            return True
+    return False
+
+
+def _kinds_hint() -> str:
+    from probes import PROBES
+
+    return "known kinds: " + ", ".join(sorted(PROBES))
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders give their *.yaml and *.yml files, sorted."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]))
+        else:
+            out.append(path)
+    return out
+
+
+def load(paths: Iterable[str | Path]) -> Config:
+    """Load, validate and merge flow files; ConfigError carries every problem of every file."""
+    problems: list[str] = []
+    files: list[tuple[Path, FileConfig]] = []
+    for path in expand_paths(paths):
+        try:
+            files.append((path, load_file(path)))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if not files and not problems:
+        problems.append("no flow files given")
+    settings: Settings | None = None
+    clusters: dict[str, dict[str, Any]] = {}
+    flows: list[Flow] = []
+    sources: dict[str, str] = {}
+    for path, file in files:
+        if file.settings is not None:
+            if settings is not None and settings != file.settings:
+                problems.append(f"{path}:1: settings differ from those in another file")
+            settings = file.settings
+        for name, cluster in (file.kafka.clusters if file.kafka else {}).items():
+            if name in clusters and clusters[name] != cluster:
+                problems.append(f"{path}:1: kafka cluster {name!r} is defined differently twice")
+            clusters[name] = cluster
+        for flow in file.flows:
+            if flow.name in sources:
+                problems.append(
+                    f"{path}:1: flow {flow.name!r}: name already used in {sources[flow.name]}"
+                )
+                continue
+            sources[flow.name] = str(path)
+            flows.append(flow)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        settings=settings or Settings(),
+        kafka=KafkaSection(clusters=clusters),
+        flows=flows,
+        sources=sources,
+    )

@@ -1,0 +1,1 @@
+"""The bundled demo system hopwatch watches in `hopwatch demo`: a shop API (and its helpers)."""

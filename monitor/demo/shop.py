@@ -1,0 +1,136 @@
+"""A small shop API to watch, with faults that can be switched at runtime.
+
+POST /orders → 201 {id, status: "pending"}; GET /orders/{id}; DELETE /orders/{id}.
+Faults: POST /faults {"latency_ms": 300, "status": 503, "wrong_body": true, "hang": true,
+"paths": ["/orders"]}, DELETE /faults to clear, GET /faults to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OrderHook = Callable[[dict[str, Any], web.Request], Awaitable[None]]
+
+
+@dataclass
+class Faults:
+    """Switchable misbehaviour; the demo's worker and webhook sender read their own fields."""
+
+    latency_ms: int = 0
+    status: int | None = None
+    wrong_body: bool = False
+    hang: bool = False
+    paths: list[str] = field(default_factory=list)  # empty: every API path
+    extra: dict[str, Any] = field(default_factory=dict)  # switches for the worker and webhooks
+
+    def applies(self, path: str) -> bool:
+        return not self.paths or any(path.startswith(p) for p in self.paths)
+
+
+FAULTS_KEY = web.AppKey("faults", Faults)
+ORDERS_KEY = web.AppKey("orders", dict)
+HOOKS_KEY = web.AppKey("order_hooks", list)
+IDS_KEY = web.AppKey("ids", itertools.count)
+
+
+@web.middleware
+async def fault_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    faults = request.app[FAULTS_KEY]
+    if request.path.startswith("/faults") or not faults.applies(request.path):
+        return await handler(request)
+    if faults.hang:
+        await asyncio.sleep(3600)  # the client's timeout ends it
+    if faults.latency_ms:
+        await asyncio.sleep(faults.latency_ms / 1000)
+    if faults.status is not None:
+        return web.json_response({"error": "injected fault"}, status=faults.status)
+    return await handler(request)
+
+
+async def create_order(request: web.Request) -> web.StreamResponse:
+    try:
+        payload = await request.json()
+    except ValueError:
+        return web.json_response({"error": "body must be JSON"}, status=400)
+    if not isinstance(payload, dict):
+        return web.json_response({"error": "body must be a JSON object"}, status=400)
+    order_id = f"ord-{next(request.app[IDS_KEY])}"
+    order = {
+        "id": order_id,
+        "status": "pending",
+        "sku": payload.get("sku"),
+        "ref": payload.get("ref"),
+        "callback_url": payload.get("callback_url"),
+        "created_at": time.time(),
+    }
+    request.app[ORDERS_KEY][order_id] = order
+    for hook in request.app[HOOKS_KEY]:
+        await hook(order, request)
+    body = dict(order)
+    if request.app[FAULTS_KEY].wrong_body:
+        body["status"] = "garbled"
+    return web.json_response(body, status=201)
+
+
+async def read_order(request: web.Request) -> web.StreamResponse:
+    order = request.app[ORDERS_KEY].get(request.match_info["id"])
+    if order is None:
+        return web.json_response({"error": "no such order"}, status=404)
+    body = dict(order)
+    if request.app[FAULTS_KEY].wrong_body:
+        body["status"] = "garbled"
+    return web.json_response(body)
+
+
+async def delete_order(request: web.Request) -> web.StreamResponse:
+    request.app[ORDERS_KEY].pop(request.match_info["id"], None)
+    return web.Response(status=204)
+
+
+async def get_faults(request: web.Request) -> web.StreamResponse:
+    return web.json_response(asdict(request.app[FAULTS_KEY]))
+
+
+async def set_faults(request: web.Request) -> web.StreamResponse:
+    try:
+        changes = await request.json()
+        faults = request.app[FAULTS_KEY]
+        known = {f for f in asdict(faults) if f != "extra"}
+        for key, value in changes.items():
+            if key in known:
+                setattr(faults, key, value)
+            else:
+                faults.extra[key] = value
+    except (ValueError, AttributeError, TypeError) as exc:
+        return web.json_response({"error": f"bad faults body: {exc}"}, status=400)
+    return web.json_response(asdict(faults))
+
+
+async def clear_faults(request: web.Request) -> web.StreamResponse:
+    faults = request.app[FAULTS_KEY]
+    for key, value in asdict(Faults()).items():
+        setattr(faults, key, value)
+    return web.json_response(asdict(faults))
+
+
+def build_shop_app(faults: Faults | None = None) -> web.Application:
+    app = web.Application(middlewares=[fault_middleware])
+    app[FAULTS_KEY] = faults or Faults()
+    app[ORDERS_KEY] = {}
+    app[HOOKS_KEY] = []
+    app[IDS_KEY] = itertools.count(1)
+    app.router.add_post("/orders", create_order)
+    app.router.add_get("/orders/{id}", read_order)
+    app.router.add_delete("/orders/{id}", delete_order)
+    app.router.add_get("/faults", get_faults)
+    app.router.add_post("/faults", set_faults)
+    app.router.add_delete("/faults", clear_faults)
+    return app

@@ -1,0 +1,179 @@
+"""Assembles the monitor from a Config: resources, runner, scheduler, sinks and the two listeners.
+
+`hopwatch run`, `check`, `demo` and the tests all build an Engine; it owns every long-lived
+resource (HTTP pools, Kafka clients, the correlator, sinks) and closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from monitor.admin import build_admin_app, is_loopback
+from monitor.config import Config, Flow
+from monitor.http_clients import HttpClientPool
+from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.results import RunResult
+from monitor.runner import Runner, RunnerDeps
+from monitor.scheduler import Scheduler
+from monitor.sinks import FanOut, Sink
+from monitor.state import LastRuns
+from monitor.templates import Templates
+
+log = logging.getLogger(__name__)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"want HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class Options:
+    """Command-line settings that override the flow files' `settings`."""
+
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9464"
+    public_url: str | None = None
+    location: str | None = None
+    admin_token: str | None = None
+    store_url: str | None = None
+    grace: float = 10.0
+    extra_sinks: list[Sink] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self, config: Config, options: Options | None = None, registry: CollectorRegistry | None = None
+    ) -> None:
+        self.config = config
+        self.options = options or Options()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.templates = Templates()
+        self.http = HttpClientPool()
+        self.last_runs = LastRuns()
+        self.sinks = FanOut([MetricsSink(self.metrics), self.last_runs, *self.options.extra_sinks])
+        self.location = self.options.location or config.settings.location
+        self.correlator: Any = None
+        self.kafka: Any = None
+        self.store: Any = None
+        self.scheduler: Scheduler | None = None
+        self._runners: list[web.AppRunner] = []
+        self._background: list[asyncio.Task[Any]] = []
+        self._ready = False
+        public_url = self.options.public_url or f"http://{self.options.listen}"
+        self.runner = Runner(
+            RunnerDeps(
+                templates=self.templates,
+                http=self.http,
+                sinks=self.sinks,
+                location=self.location,
+                marker_header=config.settings.marker_header,
+                public_url=public_url.rstrip("/"),
+                release_run=self.http.release_run,
+            )
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, *, schedule: bool = True, admin: bool = True) -> None:
+        """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
+        await self._start_optional_parts()
+        await self.sinks.start()
+        self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
+        if self.needs_public_listener():
+            await self._serve(self.build_public_app(), self.options.listen)
+        if admin:
+            await self._serve(self.build_admin_app(), self.options.admin_listen)
+        if schedule:
+            self.scheduler = Scheduler(
+                self.config.flows,
+                self.runner,
+                max_concurrency=self.config.settings.max_concurrency,
+                metrics=self.metrics,
+            )
+            self.scheduler.start()
+        self._ready = True
+
+    async def _start_optional_parts(self) -> None:
+        """Correlator, Kafka clients and the store, when the config or options ask for them."""
+        return None
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self.scheduler is not None:
+            await self.scheduler.stop(self.options.grace)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        await self.sinks.close()
+        await self.http.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def needs_public_listener(self) -> bool:
+        return any(s.kind == "webhook_await" for f in self.config.flows for s in f.all_steps())
+
+    def build_public_app(self) -> web.Application:
+        return web.Application(client_max_size=1024 * 1024)
+
+    def build_admin_app(self) -> web.Application:
+        host, _ = split_hostport(self.options.admin_listen)
+        token = self.options.admin_token
+        if token is None and not is_loopback(host):
+            raise ValueError(
+                f"the admin listener on {host} is not loopback: give --admin-token "
+                "(or HOPWATCH_ADMIN_TOKEN)"
+            )
+        return build_admin_app(self.registry, ready=lambda: self._ready, token=token)
+
+    async def _serve(self, app: web.Application, listen: str) -> None:
+        host, port = split_hostport(listen)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runners.append(runner)
+
+    # -- one-shot runs (check, gate bursts) ------------------------------------------------
+
+    def select(self, flows: Sequence[str] = (), variants: Sequence[str] = ()) -> list[tuple[Flow, str]]:
+        chosen = []
+        for flow in self.config.flows:
+            if flows and flow.name not in flows:
+                continue
+            for variant in flow.variants:
+                if variants and variant not in variants:
+                    continue
+                chosen.append((flow, variant))
+        return chosen
+
+    async def run_once(
+        self, pairs: Sequence[tuple[Flow, str]], repeat: int = 1, concurrency: int = 16
+    ) -> list[RunResult]:
+        """Run each (flow, variant) `repeat` times, at most `concurrency` at once."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(flow: Flow, variant: str) -> RunResult:
+            async with sem:
+                return await self.runner.run(flow, variant)
+
+        jobs = [one(f, v) for _ in range(repeat) for f, v in pairs]
+        return list(await asyncio.gather(*jobs))

@@ -1,0 +1,74 @@
+"""HTTP sessions lent to probes: fresh connections per run by default, kept across runs on request.
+
+What is costly to build (SSL contexts, trace hooks) is built once and shared; what makes a run
+look like a new client (DNS lookup, TCP and TLS handshakes) is done per run unless the flow
+opts into `reuse_connections`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from probes.base import StepContext
+from probes.http_common import TlsConfig, build_ssl_context, build_trace_config
+
+_CLOSERS = "_http_sessions"
+
+
+class HttpClientPool:
+    """Implements probes.base.HttpClients for the engine."""
+
+    def __init__(self) -> None:
+        self._trace_config = build_trace_config()
+        self._ssl: dict[TlsConfig, Any] = {}
+        self._shared: dict[TlsConfig, aiohttp.ClientSession] = {}
+        self._timeout = aiohttp.ClientTimeout(total=None)  # the runner owns time
+
+    def _ssl_for(self, tls: TlsConfig) -> Any:
+        ctx = self._ssl.get(tls)
+        if ctx is None:
+            ctx = self._ssl[tls] = build_ssl_context(tls)
+        return ctx
+
+    def _new_session(self, tls: TlsConfig, *, shared: bool) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl_for(tls),
+            use_dns_cache=shared,
+            limit=0 if shared else 10,
+            enable_cleanup_closed=False,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            trace_configs=[self._trace_config],
+            cookie_jar=aiohttp.DummyCookieJar() if shared else None,
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            headers={"User-Agent": "hopwatch"},
+        )
+
+    def session_for(self, ctx: StepContext, tls: TlsConfig) -> aiohttp.ClientSession:
+        if ctx.reuse_connections:
+            session = self._shared.get(tls)
+            if session is None or session.closed:
+                session = self._shared[tls] = self._new_session(tls, shared=True)
+            return session
+        sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.setdefault(_CLOSERS, {})
+        session = sessions.get(tls)
+        if session is None:
+            session = sessions[tls] = self._new_session(tls, shared=False)
+        return session
+
+    @staticmethod
+    async def release_run(ctx: StepContext) -> None:
+        """Close the sessions a run opened (its connections were its own)."""
+        sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.pop(_CLOSERS, {})
+        for session in sessions.values():
+            await session.close()
+
+    async def close(self) -> None:
+        for session in self._shared.values():
+            await session.close()
+        self._shared.clear()

@@ -1,0 +1,267 @@
+"""Executes one run of a flow: owns time, the broken-link decision, cleanup and the hand-off to sinks.
+
+A probe only does the step's work; the runner puts `asyncio.timeout` around it, turns what it
+raised into a StepResult with a reason, skips the steps after the first failure, always runs
+cleanup, and submits one RunResult.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.config import Flow
+from monitor.results import RunResult, StepResult
+from monitor.sinks import FanOut
+from monitor.templates import Templates
+from probes import PROBES
+from probes.base import HttpClients, RunInfo, StepContext, StepOutcome
+from probes.errors import StepFailed, TemplateError
+
+log = logging.getLogger(__name__)
+
+CLEANUP_BUDGET = 5.0  # seconds cleanup may take beyond an exhausted run timeout
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass
+class RunnerDeps:
+    """Long-lived resources the engine lends to every run."""
+
+    templates: Templates
+    http: HttpClients
+    sinks: FanOut
+    location: str = "local"
+    marker_header: str = "X-Hopwatch-Run"
+    public_url: str = "http://127.0.0.1:8080"
+    correlator: Any = None
+    kafka: Any = None
+    services: dict[str, Any] = field(default_factory=dict)
+    tracing: Any = None  # monitor.tracing.Tracing when traces are on
+    release_run: Callable[[StepContext], Awaitable[None]] | None = None
+
+
+class Runner:
+    def __init__(self, deps: RunnerDeps) -> None:
+        self.deps = deps
+
+    def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
+        d = self.deps
+        values = flow.variants[variant].model_dump()
+        return StepContext(
+            run=RunInfo(
+                id=run_id,
+                correlation=f"hw-{run_id}",
+                flow=flow.name,
+                variant=variant,
+                location=flow.location or d.location,
+            ),
+            variant=values,
+            steps={},
+            renderer=d.templates,
+            http=d.http,
+            marker_header=d.marker_header,
+            public_url=d.public_url,
+            deadline=deadline,
+            reuse_connections=flow.reuse_connections,
+            correlator=d.correlator,
+            kafka=d.kafka,
+            services=d.services,
+        )
+
+    async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
+        """Run `flow` once for `variant`; the result goes to the sinks (unless submit=False)."""
+        run_id = new_run_id()
+        started_unix = time.time()
+        started = time.monotonic()
+        ctx = self._context(flow, variant, run_id, started + flow.timeout)
+        tracing = self.deps.tracing
+        results: list[StepResult] = []
+        outcome = "success"
+        span_scope = tracing.run_scope(ctx) if tracing is not None else None
+        trace_id = None
+        try:
+            if span_scope is not None:
+                trace_id = span_scope.__enter__()
+            self._register_expectations(flow, ctx)
+            try:
+                broken = False
+                for step in flow.steps:
+                    if broken:
+                        results.append(self._skipped(step, ctx, started, started_unix))
+                        continue
+                    result = await self._step(step, ctx, started, started_unix, cleanup=False)
+                    results.append(result)
+                    broken = result.status == "failed"
+                outcome = "failure" if broken else "success"
+            except asyncio.CancelledError:
+                outcome = "aborted"
+                self._mark_aborted(flow, results, ctx, started, started_unix)
+                raise
+            finally:
+                if outcome != "aborted":
+                    for step in flow.cleanup:
+                        results.append(await self._cleanup(step, ctx, started, started_unix))
+                await self._release(ctx)
+        finally:
+            result = RunResult(
+                run_id=run_id,
+                flow=flow.name,
+                variant=variant,
+                location=ctx.run.location,
+                correlation=ctx.run.correlation,
+                started_at=started_unix,
+                duration_s=time.monotonic() - started,
+                outcome=outcome,  # type: ignore[arg-type]
+                steps=results,
+                trace_id=trace_id,
+            )
+            if span_scope is not None:
+                span_scope.finish(result)
+            if submit:
+                self.deps.sinks.submit(result)
+        return result
+
+    def _register_expectations(self, flow: Flow, ctx: StepContext) -> None:
+        """Waiting kinds register before any step runs, so a fast reply is never lost."""
+        for step in flow.steps:
+            probe = PROBES[step.kind]
+            expect = getattr(probe, "expect", None)
+            if expect is not None:
+                ctx.step = step.name
+                expect(step, ctx)
+
+    async def _release(self, ctx: StepContext) -> None:
+        if self.deps.release_run is not None:
+            await self.deps.release_run(ctx)
+        for hook in ctx.run_state.pop("_on_release", []):
+            try:
+                hook()
+            except Exception:
+                log.exception("release hook failed")
+
+    async def _step(
+        self, step: Any, ctx: StepContext, run_start: float, run_unix: float, *, cleanup: bool
+    ) -> StepResult:
+        ctx.step = step.name
+        now = time.monotonic()
+        ctx.step_started[step.name] = now
+        budget = ctx.deadline - now
+        if cleanup:
+            budget = max(budget, CLEANUP_BUDGET)
+        if step.timeout is not None:
+            budget = min(budget, step.timeout)
+        result = StepResult(
+            name=step.name,
+            kind=step.kind,
+            status="passed",
+            started_at=run_unix + (now - run_start),
+            offset_s=now - run_start,
+            cleanup=cleanup,
+        )
+        tracing = self.deps.tracing
+        scope = tracing.step_scope(ctx, step, result) if tracing is not None else None
+        try:
+            if scope is not None:
+                scope.__enter__()
+            outcome = await self._execute(step, ctx, budget, result)
+            if outcome is not None:
+                result.latency_s = (
+                    outcome.latency_s if outcome.latency_s is not None else result.latency_s
+                )
+                result.phases = outcome.phases
+                result.attributes = outcome.attributes
+                if outcome.vars:
+                    ctx.steps[step.name] = outcome.vars
+                else:
+                    ctx.steps.setdefault(step.name, {})
+        finally:
+            if scope is not None:
+                scope.finish(result)
+        return result
+
+    async def _execute(
+        self, step: Any, ctx: StepContext, budget: float, result: StepResult
+    ) -> StepOutcome | None:
+        probe = PROBES[step.kind]
+        redact = self.deps.templates.redactor
+        t0 = time.monotonic()
+        try:
+            if budget <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(budget):
+                outcome: StepOutcome = await probe.run(step, ctx)
+            result.latency_s = time.monotonic() - t0
+            return outcome
+        except StepFailed as failed:
+            result.status = "failed"
+            result.reason = failed.reason
+            result.message = redact(failed.message)
+            result.excerpt = redact(failed.excerpt)
+            result.phases = failed.phases
+            result.attributes = failed.attributes
+            result.latency_s = failed.latency_s
+        except TimeoutError:
+            result.status = "failed"
+            result.reason = "timeout"
+            result.message = f"no result within {budget:.3g}s"
+        except TemplateError as exc:
+            # A flow bug (or a value a failed earlier step never produced): not the target's fault.
+            result.status = "skipped" if result.cleanup else "failed"
+            result.reason = None if result.cleanup else "error"
+            result.message = redact(f"template: {exc}")
+        except Exception as exc:  # our bug: report it, keep the monitor alive
+            log.exception("step %s of run %s raised", step.name, ctx.run.id)
+            result.status = "failed"
+            result.reason = "error"
+            result.message = redact(f"internal error: {type(exc).__name__}: {exc}")
+        return None
+
+    async def _cleanup(
+        self, step: Any, ctx: StepContext, run_start: float, run_unix: float
+    ) -> StepResult:
+        try:
+            return await self._step(step, ctx, run_start, run_unix, cleanup=True)
+        except Exception:
+            log.exception("cleanup step %s failed", step.name)
+            return self._skipped(step, ctx, run_start, run_unix, cleanup=True)
+
+    @staticmethod
+    def _skipped(
+        step: Any, ctx: StepContext, run_start: float, run_unix: float, *, cleanup: bool = False
+    ) -> StepResult:
+        now = time.monotonic()
+        return StepResult(
+            name=step.name,
+            kind=step.kind,
+            status="skipped",
+            started_at=run_unix + (now - run_start),
+            offset_s=now - run_start,
+            cleanup=cleanup,
+        )
+
+    def _mark_aborted(
+        self,
+        flow: Flow,
+        results: list[StepResult],
+        ctx: StepContext,
+        run_start: float,
+        run_unix: float,
+    ) -> None:
+        done = {r.name for r in results}
+        for step in flow.steps:
+            if step.name in done:
+                continue
+            skipped = self._skipped(step, ctx, run_start, run_unix)
+            if step.name == ctx.step:
+                skipped.status = "aborted"
+                skipped.message = "monitor shutting down"
+            results.append(skipped)

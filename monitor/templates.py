@@ -1,0 +1,120 @@
+"""Jinja2 sandbox rendering for flow files, with secret references and untrusted-value handling.
+
+`${env:NAME}` and `${file:/path}` are secret references: resolved at render time, never stored in
+the config, and every resolved value is remembered by the Redactor so it never reaches a log, a
+metric, an error or `--output json`. Values taken from responses (`Untrusted`) are URL-encoded in
+URLs and refused in headers when they carry CR or LF.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from probes.base import RenderMode, Untrusted
+from probes.errors import ExtractFailed
+from monitor.errors import TemplateError
+
+SECRET_REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+class Redactor:
+    """Remembers secret values and masks them in any text that leaves the monitor."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, secret: str) -> None:
+        if len(secret) >= 4:  # masking very short strings would mangle ordinary text
+            self._secrets.add(secret)
+
+    def __call__(self, text: str | None) -> str | None:
+        if not text or not self._secrets:
+            return text
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
+    """Replace `${env:NAME}` / `${file:/path}` by their values; KeyError/OSError name the reference."""
+
+    def value(match: re.Match[str]) -> str:
+        source, ref = match.group(1), match.group(2).strip()
+        if source == "env":
+            if ref not in os.environ:
+                raise TemplateError(f"environment variable {ref} is not set")
+            resolved = os.environ[ref]
+        else:
+            try:
+                resolved = Path(ref).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise TemplateError(f"secret file {ref}: {exc.strerror}") from exc
+        if redactor is not None:
+            redactor.add(resolved)
+        return resolved
+
+    return SECRET_REF.sub(value, text)
+
+
+def _finalizer(mode: RenderMode) -> Any:
+    def url(value: Any) -> Any:
+        return quote(value, safe="") if isinstance(value, Untrusted) else value
+
+    def header(value: Any) -> Any:
+        if isinstance(value, Untrusted) and ("\r" in value or "\n" in value):
+            raise ExtractFailed(f"value {value[:40]!r} carries CR/LF; refused in a header")
+        return value
+
+    return {"url": url, "header": header}.get(mode, lambda v: v)
+
+
+class Templates:
+    """Compiles each distinct template once and renders it in a mode (text, url, header)."""
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        self.redactor = redactor or Redactor()
+        self._envs = {
+            mode: ImmutableSandboxedEnvironment(
+                undefined=StrictUndefined, finalize=_finalizer(mode), autoescape=False
+            )
+            for mode in ("text", "url", "header")
+        }
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def check(self, template: str) -> None:
+        """Raise TemplateError if `template` does not compile (for `hopwatch validate`)."""
+        self._compiled(template, "text")
+
+    def _compiled(self, template: str, mode: str) -> Any:
+        key = (template, mode)
+        compiled = self._cache.get(key)
+        if compiled is None:
+            try:
+                compiled = self._envs[mode].from_string(template)
+            except TemplateSyntaxError as exc:
+                raise TemplateError(f"template {template!r}: {exc.message}") from exc
+            self._cache[key] = compiled
+        return compiled
+
+    def render(self, template: str, variables: Mapping[str, Any], mode: RenderMode) -> str:
+        if "{" not in template:  # the common case: a literal, nothing to render
+            return template
+        if "${" in template:
+            template = resolve_secret_refs(template, self.redactor)
+        if "{{" not in template and "{%" not in template:
+            return template
+        try:
+            return str(self._compiled(template, mode).render(variables))
+        except UndefinedError as exc:
+            raise TemplateError(f"template {template!r}: {exc.message}") from exc
+        except SecurityError as exc:
+            raise TemplateError(f"template {template!r}: {exc}") from exc

@@ -1,0 +1,45 @@
+"""The `http` kind: one request, checked against expectations, with values extracted for later steps."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from probes.base import StepConfigBase, StepContext, StepOutcome
+from probes.checks import Expect, check, excerpt, extract
+from probes.errors import StepFailed
+from probes.http_common import RequestConfig, send
+
+
+class Config(StepConfigBase, RequestConfig):
+    """An HTTP request step."""
+
+    kind: Literal["http"] = Field(description="Step kind.")
+    expect: Expect = Field(default_factory=Expect, description="Assertions; default: any 2xx.")
+
+
+class HttpProbe:
+    async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
+        resp = await send(config, ctx)
+        attributes = {"http.response.status_code": resp.status}
+        try:
+            rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
+            check(
+                config.expect,
+                status=resp.status,
+                headers=resp.headers,
+                body=resp.body,
+                latency_s=resp.latency_s,
+                rendered_json=rendered,
+            )
+            values = extract(config.extract, headers=resp.headers, body=resp.body)
+        except StepFailed as failed:
+            failed.excerpt = excerpt(resp.body)
+            failed.phases = resp.phases
+            failed.latency_s = resp.latency_s
+            failed.attributes.update(attributes)
+            raise
+        return StepOutcome(
+            latency_s=resp.latency_s, vars=values, phases=resp.phases, attributes=attributes
+        )

@@ -1,0 +1,72 @@
+"""The `http_poll` kind: repeat a request until a condition holds, for eventually consistent reads.
+
+The hop latency is how long the data took to appear: from the first request to the one that
+satisfied `until`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from probes.base import StepConfigBase, StepContext, StepOutcome
+from probes.checks import Expect, check, excerpt, extract
+from probes.durations import Duration
+from probes.errors import StepFailed, Timeout
+from probes.http_common import RequestConfig, Response, send
+
+
+class Config(StepConfigBase, RequestConfig):
+    """Poll a URL until `until` holds or `within` passes."""
+
+    kind: Literal["http_poll"] = Field(description="Step kind.")
+    until: Expect = Field(description="The condition that ends polling (same shape as expect).")
+    every: Duration = Field(default=0.5, description="Pause between requests; default 500ms.")
+    within: Duration = Field(default=10.0, description="Give up after this long; default 10s.")
+
+
+class HttpPollProbe:
+    async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
+        started = time.monotonic()
+        deadline = started + config.within
+        attempts = 0
+        last: StepFailed | None = None
+        last_resp: Response | None = None
+        rendered = {k: ctx.render_value(v) for k, v in config.until.json_.items()}
+        while True:
+            attempts += 1
+            try:
+                resp = await send(config, ctx)
+                last_resp = resp
+                check(
+                    config.until,
+                    status=resp.status,
+                    headers=resp.headers,
+                    body=resp.body,
+                    latency_s=None,
+                    rendered_json=rendered,
+                )
+                values = extract(config.extract, headers=resp.headers, body=resp.body)
+                return StepOutcome(
+                    latency_s=time.monotonic() - started,
+                    vars=values,
+                    phases=resp.phases,
+                    attributes={"http.response.status_code": resp.status, "attempts": attempts},
+                )
+            except StepFailed as failed:
+                last = failed
+            pause = min(config.every, deadline - time.monotonic())
+            if pause <= 0:
+                break
+            await asyncio.sleep(pause)
+        # The last failure says most about why: 404 vs a status still "pending" vs refused.
+        failure = type(last) if last is not None else Timeout
+        raise failure(
+            f"{last} (still, after {attempts} attempts in {config.within:g}s)",
+            excerpt=excerpt(last_resp.body) if last_resp else None,
+            latency_s=time.monotonic() - started,
+            attributes={"attempts": attempts},
+        )
