@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -27,7 +28,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def token_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def token_middleware(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -62,14 +63,17 @@ def build_admin_app(
     token: str | None = None,
 ) -> web.Application:
     """The admin app's own routes; the API and status page install theirs onto it."""
-    app = web.Application(middlewares=[token_middleware(token)] if token else [])
+    middlewares = [token_middleware(token)] if token else []
+    app = web.Application(middlewares=middlewares)  # type: ignore[arg-type]
 
     async def healthz(_: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.StreamResponse:
         ok = ready()
-        return web.json_response({"status": "ready" if ok else "starting"}, status=200 if ok else 503)
+        return web.json_response(
+            {"status": "ready" if ok else "starting"}, status=200 if ok else 503
+        )
 
     app.router.add_get("/metrics", metrics_handler(registry))
     app.router.add_get("/healthz", healthz)

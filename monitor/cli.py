@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -50,7 +51,7 @@ Store = Annotated[
 ]
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     json = "json"
     junit = "junit"
@@ -71,7 +72,7 @@ def _load_or_exit(paths: list[Path]) -> Config:
         return load(paths)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(problem, markup=False, highlight=False)
+            sys.stderr.write(problem + "\n")
         raise typer.Exit(2) from None
 
 
@@ -87,7 +88,9 @@ def validate(paths: ConfigPaths) -> None:
     """Check flow files; print every problem as file:line and exit 2 if there is one."""
     config = _load_or_exit(paths)
     steps = sum(len(f.steps) for f in config.flows)
-    out.print(f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files")
+    out.print(
+        f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files"
+    )
 
 
 @app.command()
@@ -102,7 +105,9 @@ def check(
     flow: Annotated[list[str] | None, typer.Option(help="Only these flows.")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="Only these variants.")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="Run each flow N times.")] = 1,
-    output: Annotated[OutputFormat, typer.Option(help="table, json or junit.")] = OutputFormat.table,
+    output: Annotated[
+        OutputFormat, typer.Option(help="table, json or junit.")
+    ] = OutputFormat.table,
     listen: Listen = "127.0.0.1:8080",
     public_url: PublicUrl = None,
     location: Location = None,
@@ -144,10 +149,8 @@ async def serve_until_signal(engine: Engine, duration: float | None = None) -> N
         if duration is None:
             await stop.wait()
         else:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), duration)
-            except TimeoutError:
-                pass
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -1,4 +1,4 @@
-"""Flow files: YAML validated by pydantic, every error reported as `file:line: flow 'x' step 'y': msg`."""
+"""Flow files: YAML validated by pydantic; every error says `file:line: flow 'x' step 'y': msg`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from probes import StepConfig
 from probes.durations import Duration
@@ -70,27 +70,6 @@ class Flow(BaseModel):
             raise ValueError("give at least one variant, or leave variants out")
         return value
 
-    @model_validator(mode="after")
-    def _step_names_and_refs(self) -> Flow:
-        seen: set[str] = set()
-        for step in [*self.steps, *self.cleanup]:
-            if step.name in seen:
-                raise ValueError(f"step name {step.name!r} is used twice")
-            seen.add(step.name)
-        earlier: set[str] = set()
-        for step in self.steps:
-            for ref in _STEP_REF.findall(step.model_dump_json()):
-                if ref not in earlier:
-                    raise ValueError(
-                        f"step {step.name!r} uses steps.{ref}, which is not an earlier step"
-                    )
-            earlier.add(step.name)
-        for step in self.cleanup:
-            for ref in _STEP_REF.findall(step.model_dump_json()):
-                if ref not in seen:
-                    raise ValueError(f"cleanup step {step.name!r} uses unknown steps.{ref}")
-        return self
-
     @property
     def spread(self) -> float:
         return self.jitter if self.jitter is not None else self.interval * 0.1
@@ -107,7 +86,7 @@ class Settings(BaseModel):
     location: str = Field(default="local", description="Location label; default local.")
     marker_header: str = Field(
         default="X-Hopwatch-Run",
-        description="Header marking synthetic traffic, carrying the run id; default X-Hopwatch-Run.",
+        description="Header marking synthetic traffic (value: the run id); default X-Hopwatch-Run.",
     )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
@@ -219,23 +198,35 @@ def load_file(path: Path) -> FileConfig:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: the file must be a mapping with a `flows:` list"])
     try:
-        return FileConfig.model_validate(data)
+        file = FileConfig.model_validate(data)
     except ValidationError as exc:
-        problems: list[str] = []
+        errors = []
         for error in exc.errors(include_url=False):
-            loc = error["loc"]
-            where = _where(data, loc)
-            field = _field(loc)
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "union_tag_invalid":
                 message = f"unknown kind {error['input'].get('kind')!r}; {_kinds_hint()}"
-            text_ = f"{field}: {message}" if field else message
-            prefix = f"{path}:{_line_of(node, loc)}:"
-            problem = f"{prefix} {where}: {text_}" if where else f"{prefix} {text_}"
-            merged = _merge_union_alternative(problems, problem)
-            if not merged:
-                problems.append(problem)
-        raise ConfigError(problems) from exc
+            errors.append((error["loc"], message))
+        raise ConfigError(_format(path, node, data, errors)) from exc
+    semantic = semantic_problems(file)
+    if semantic:
+        raise ConfigError(_format(path, node, data, semantic))
+    return file
+
+
+def _format(
+    path: Path, node: yaml.Node | None, data: Any, errors: Sequence[tuple[Sequence[int | str], str]]
+) -> list[str]:
+    """`file:line: flow 'x' step 'y': field: message`, one line per problem."""
+    problems: list[str] = []
+    for loc, message in errors:
+        where = _where(data, loc)
+        field = _field(loc)
+        text = f"{field}: {message}" if field else message
+        prefix = f"{path}:{_line_of(node, loc)}:"
+        problem = f"{prefix} {where}: {text}" if where else f"{prefix} {text}"
+        if not _merge_union_alternative(problems, problem):
+            problems.append(problem)
+    return problems
 
 
 def _merge_union_alternative(problems: list[str], problem: str) -> bool:
@@ -247,6 +238,25 @@ def _merge_union_alternative(problems: list[str], problem: str) -> bool:
                 problems[i] = f"{earlier}; or {message[0].lower()}{message[1:]}"
             return True
     return False
+
+
+def semantic_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str]]:
+    """Rules across steps (unique names, references to earlier steps), with error locations."""
+    problems: list[tuple[tuple[int | str, ...], str]] = []
+    for i, flow in enumerate(file.flows):
+        seen: set[str] = set()
+        for group in ("steps", "cleanup"):
+            for j, step in enumerate(getattr(flow, group)):
+                loc = ("flows", i, group, j)
+                if step.name in seen:
+                    problems.append(((*loc, "name"), f"step name {step.name!r} is used twice"))
+                for ref in _STEP_REF.findall(step.model_dump_json()):
+                    known = seen if group == "steps" else {s.name for s in flow.all_steps()}
+                    if ref not in known:
+                        what = "an earlier step" if group == "steps" else "a step of this flow"
+                        problems.append((loc, f"uses steps.{ref}, which is not {what}"))
+                seen.add(step.name)
+    return problems
 
 
 def _kinds_hint() -> str:

@@ -52,7 +52,10 @@ class Options:
 
 class Engine:
     def __init__(
-        self, config: Config, options: Options | None = None, registry: CollectorRegistry | None = None
+        self,
+        config: Config,
+        options: Options | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.options = options or Options()
@@ -61,8 +64,10 @@ class Engine:
         self.templates = Templates()
         self.http = HttpClientPool()
         self.last_runs = LastRuns()
-        self.sinks = FanOut([MetricsSink(self.metrics), self.last_runs, *self.options.extra_sinks])
         self.location = self.options.location or config.settings.location
+        metrics_sink = MetricsSink(self.metrics)
+        metrics_sink.init_series(config.flows, self.location)
+        self.sinks = FanOut([metrics_sink, self.last_runs, *self.options.extra_sinks])
         self.correlator: Any = None
         self.kafka: Any = None
         self.store: Any = None
@@ -154,7 +159,9 @@ class Engine:
 
     # -- one-shot runs (check, gate bursts) ------------------------------------------------
 
-    def select(self, flows: Sequence[str] = (), variants: Sequence[str] = ()) -> list[tuple[Flow, str]]:
+    def select(
+        self, flows: Sequence[str] = (), variants: Sequence[str] = ()
+    ) -> list[tuple[Flow, str]]:
         chosen = []
         for flow in self.config.flows:
             if flows and flow.name not in flows:

@@ -7,12 +7,16 @@ because `labels()` is costly on the probing path at 10,000 flows.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from monitor import __version__
+from monitor.config import Flow
 from monitor.results import RunResult
+from probes import PROBES
+from probes.errors import REASONS
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
@@ -116,6 +120,24 @@ class MetricsSink:
     async def close(self) -> None:
         return None
 
+    def init_series(self, flows: Sequence[Flow], location: str, max_links: int = 2000) -> None:
+        """Create every flow's run counters and each link's failure counters at 0, so the first
+        failure is an increase that rate() and alerts see (up to `max_links`, to bound memory)."""
+        links = sum(len(f.steps) * len(f.variants) for f in flows)
+        for flow in flows:
+            loc = flow.location or location
+            for variant in flow.variants:
+                for outcome in ("success", "failure", "aborted"):
+                    self._child(self.m.runs, flow.name, variant, loc, outcome)
+                if links > max_links:
+                    continue
+                for step in flow.steps:
+                    for reason in getattr(PROBES[step.kind], "reasons", REASONS):
+                        self._child(
+                            self.m.step_failures, flow.name, step.name, step.kind, variant, loc,
+                            reason,
+                        )  # fmt: skip
+
     def submit(self, result: RunResult) -> None:
         f, v, loc = result.flow, result.variant, result.location
         exemplar = {"trace_id": result.trace_id} if result.trace_id else None
@@ -150,4 +172,3 @@ async def watch_event_loop(metrics: Metrics, interval: float = 0.25) -> None:
         planned = loop.time() + interval
         await asyncio.sleep(interval)
         metrics.loop_lag.observe(max(0.0, loop.time() - planned))
-

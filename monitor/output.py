@@ -81,7 +81,10 @@ def as_junit(results: Sequence[RunResult]) -> str:
             )
             if step.status == "failed":
                 failure = ET.SubElement(
-                    case, "failure", message=f"{step.reason}: {step.message}", type=step.reason or ""
+                    case,
+                    "failure",
+                    message=f"{step.reason}: {step.message}",
+                    type=step.reason or "",
                 )
                 failure.text = step.excerpt or step.message or ""
             elif step.status != "passed":

@@ -1,4 +1,4 @@
-"""Executes one run of a flow: owns time, the broken-link decision, cleanup and the hand-off to sinks.
+"""Executes one run of a flow: owns time, the broken-link decision, cleanup and the sinks hand-off.
 
 A probe only does the step's work; the runner puts `asyncio.timeout` around it, turns what it
 raised into a StepResult with a reason, skips the steps after the first failure, always runs
@@ -98,9 +98,9 @@ class Runner:
                     if broken:
                         results.append(self._skipped(step, ctx, started, started_unix))
                         continue
-                    result = await self._step(step, ctx, started, started_unix, cleanup=False)
-                    results.append(result)
-                    broken = result.status == "failed"
+                    step_result = await self._step(step, ctx, started, started_unix, cleanup=False)
+                    results.append(step_result)
+                    broken = step_result.status == "failed"
                 outcome = "failure" if broken else "success"
             except asyncio.CancelledError:
                 outcome = "aborted"

@@ -1,4 +1,4 @@
-"""The latest result of every (flow, variant), kept in memory for the API, the page and readiness."""
+"""The latest result of every (flow, variant), in memory for the API, the page and readiness."""
 
 from __future__ import annotations
 

@@ -16,11 +16,12 @@ from typing import Any
 from urllib.parse import quote
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from monitor.errors import TemplateError
 from probes.base import RenderMode, Untrusted
 from probes.errors import ExtractFailed
-from monitor.errors import TemplateError
 
 SECRET_REF = re.compile(r"\$\{(env|file):([^}]+)\}")
 
@@ -45,7 +46,7 @@ class Redactor:
 
 
 def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
-    """Replace `${env:NAME}` / `${file:/path}` by their values; KeyError/OSError name the reference."""
+    """Replace `${env:NAME}` / `${file:/path}` by their values; errors name the reference only."""
 
     def value(match: re.Match[str]) -> str:
         source, ref = match.group(1), match.group(2).strip()
@@ -77,13 +78,25 @@ def _finalizer(mode: RenderMode) -> Any:
     return {"url": url, "header": header}.get(mode, lambda v: v)
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """Dotted names on mappings mean keys first: `steps.get.id` is step "get", not dict.get."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+        return super().getattr(obj, attribute)
+
+
 class Templates:
     """Compiles each distinct template once and renders it in a mode (text, url, header)."""
 
     def __init__(self, redactor: Redactor | None = None) -> None:
         self.redactor = redactor or Redactor()
         self._envs = {
-            mode: ImmutableSandboxedEnvironment(
+            mode: _Environment(
                 undefined=StrictUndefined, finalize=_finalizer(mode), autoescape=False
             )
             for mode in ("text", "url", "header")

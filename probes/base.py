@@ -1,4 +1,4 @@
-"""The one small interface between the engine and a probe kind: context in, outcome or StepFailed out.
+"""The one small interface between engine and probe kind: context in, outcome or StepFailed out.
 
 The engine (`monitor/`) owns long-lived resources and lends them through `StepContext`;
 a probe never opens or closes a session, never exports a metric and never owns time:
@@ -100,9 +100,13 @@ class StepContext:
     def variables(self) -> dict[str, Any]:
         """The names templates see: run, variant, steps, public_url."""
         return {
-            "run": {"id": self.run.id, "correlation": self.run.correlation,
-                    "flow": self.run.flow, "variant": self.run.variant,
-                    "location": self.run.location},
+            "run": {
+                "id": self.run.id,
+                "correlation": self.run.correlation,
+                "flow": self.run.flow,
+                "variant": self.run.variant,
+                "location": self.run.location,
+            },
             "variant": {"name": self.run.variant, **self.variant},
             "steps": self.steps,
             "public_url": self.public_url,

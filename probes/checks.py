@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 from jsonpath_ng.exceptions import JsonPathParserError
-from jsonpath_ng.ext import parse as jsonpath_parse
+from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.base import Untrusted
@@ -129,7 +129,8 @@ class ExtractRule(BaseModel):
     json_: str | None = Field(default=None, alias="json", description="JSON path; default: none.")
     header: str | None = Field(default=None, description="Header name; default: none.")
     regex: str | None = Field(
-        default=None, description="Regex on the body; its first group (or the match); default: none."
+        default=None,
+        description="Regex on the body; its first group (or the match); default: none.",
     )
 
     @model_validator(mode="after")
@@ -145,7 +146,11 @@ class ExtractRule(BaseModel):
 
 
 def check_status(want: int | list[int] | None, status: int) -> None:
-    ok = 200 <= status < 300 if want is None else status in ([want] if isinstance(want, int) else want)
+    ok = (
+        200 <= status < 300
+        if want is None
+        else status in ([want] if isinstance(want, int) else want)
+    )
     if not ok:
         wanted = "2xx" if want is None else str(want)
         raise HttpStatusError(f"status {status}, want {wanted}")
@@ -171,11 +176,23 @@ def check(
         if _compile(pattern).fullmatch(value) is None:
             raise AssertionFailed(f"header {name} is {value!r}, want /{pattern}/")
     wanted_json = expect.json_ if rendered_json is None else rendered_json
-    doc: Any = _MISSING
     if wanted_json or expect.json_schema is not None:
-        doc = parse_json(body)
-        if doc is _MISSING:
-            raise AssertionFailed("body is not JSON, want JSON")
+        _check_json(expect, wanted_json, body)
+    if (
+        expect.body is not None
+        and _compile(expect.body).search(body.decode("utf-8", "replace")) is None
+    ):
+        raise AssertionFailed(f"body does not contain /{expect.body}/")
+    if expect.max_latency is not None and latency_s is not None and latency_s > expect.max_latency:
+        raise AssertionFailed(
+            f"latency {latency_s * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
+        )
+
+
+def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> None:
+    doc = parse_json(body)
+    if doc is _MISSING:
+        raise AssertionFailed("body is not JSON, want JSON")
     for path, want in wanted_json.items():
         found = json_path_get(doc, path)
         if not found:
@@ -183,18 +200,11 @@ def check(
         if not any(_equal(v, want) for v in found):
             raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
     if expect.json_schema is not None:
-        error = jsonschema.exceptions.best_match(
-            jsonschema.validators.validator_for(expect.json_schema)(expect.json_schema).iter_errors(doc)
-        )
+        validator = jsonschema.validators.validator_for(expect.json_schema)(expect.json_schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             raise AssertionFailed(f"body fails JSON Schema at {where}: {error.message}")
-    if expect.body is not None and _compile(expect.body).search(body.decode("utf-8", "replace")) is None:
-        raise AssertionFailed(f"body does not contain /{expect.body}/")
-    if expect.max_latency is not None and latency_s is not None and latency_s > expect.max_latency:
-        raise AssertionFailed(
-            f"latency {latency_s * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
-        )
 
 
 def _equal(found: Any, want: Any) -> bool:

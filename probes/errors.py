@@ -116,4 +116,4 @@ class ConfigError(Exception):
 
 
 class TemplateError(Exception):
-    """A template could not be rendered (unknown variable, bad syntax): a flow bug, not the target's."""
+    """A template could not be rendered (unknown name, bad syntax): a flow bug, not the target's."""

@@ -1,4 +1,4 @@
-"""The `http` kind: one request, checked against expectations, with values extracted for later steps."""
+"""The `http` kind: one request, checked against expectations, values extracted for later steps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import Field
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, check, excerpt, extract
 from probes.errors import StepFailed
-from probes.http_common import RequestConfig, send
+from probes.http_common import HTTP_REASONS, RequestConfig, send
 
 
 class Config(StepConfigBase, RequestConfig):
@@ -20,6 +20,8 @@ class Config(StepConfigBase, RequestConfig):
 
 
 class HttpProbe:
+    reasons = HTTP_REASONS
+
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         resp = await send(config, ctx)
         attributes = {"http.response.status_code": resp.status}

@@ -6,6 +6,7 @@ aiohttp's exceptions are translated to the reason vocabulary here and only here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import json
 import ssl
@@ -20,6 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from probes.base import StepContext
 from probes.checks import ExtractRule
 from probes.errors import ConnectError, DnsError, OtherFailure, StepFailed, Timeout, TlsError
+
+HTTP_REASONS = (
+    "timeout", "dns_error", "connect_error", "tls_error", "http_status", "assertion", "extract",
+    "error",
+)  # fmt: skip
 
 _current_timer: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar(
     "hopwatch_phase_timer", default=None
@@ -82,7 +88,9 @@ class TlsConfig(BaseModel):
 
     verify: bool = Field(default=True, description="Verify the server certificate; default true.")
     ca_file: str | None = Field(default=None, description="CA bundle (PEM); default: system CAs.")
-    cert_file: str | None = Field(default=None, description="Client certificate (PEM); default none.")
+    cert_file: str | None = Field(
+        default=None, description="Client certificate (PEM); default none."
+    )
     key_file: str | None = Field(default=None, description="Client key (PEM); default none.")
 
 
@@ -161,8 +169,12 @@ class RequestConfig(BaseModel):
         default="GET", description="HTTP method; default GET."
     )
     url: str = Field(description="URL template, e.g. {{ variant.base_url }}/orders.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers; default none.")
-    query: dict[str, str] = Field(default_factory=dict, description="Query parameters; default none.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers; default none."
+    )
+    query: dict[str, str] = Field(
+        default_factory=dict, description="Query parameters; default none."
+    )
     json_: Any = Field(default=None, alias="json", description="JSON body template; default none.")
     body: str | None = Field(default=None, description="Raw body template; default none.")
     auth: Auth | None = Field(default=None, description="basic or bearer auth; default none.")
@@ -214,10 +226,10 @@ def _headers(config: RequestConfig, ctx: StepContext) -> dict[str, str]:
         if config.auth.bearer is not None:
             headers["Authorization"] = "Bearer " + ctx.render(config.auth.bearer, "header")
         elif config.auth.basic is not None:
-            basic = aiohttp.BasicAuth(
-                ctx.render(config.auth.basic.username), ctx.render(config.auth.basic.password)
-            )
-            headers["Authorization"] = basic.encode()
+            user = ctx.render(config.auth.basic.username)
+            password = ctx.render(config.auth.basic.password)
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
     return headers
 
 
@@ -258,4 +270,3 @@ async def send(config: RequestConfig, ctx: StepContext) -> Response:
         raise translate(exc, url, timer.phases()) from exc
     finally:
         _current_timer.reset(token)
-

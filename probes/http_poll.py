@@ -16,7 +16,7 @@ from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, check, excerpt, extract
 from probes.durations import Duration
 from probes.errors import StepFailed, Timeout
-from probes.http_common import RequestConfig, Response, send
+from probes.http_common import HTTP_REASONS, RequestConfig, Response, send
 
 
 class Config(StepConfigBase, RequestConfig):
@@ -29,6 +29,8 @@ class Config(StepConfigBase, RequestConfig):
 
 
 class HttpPollProbe:
+    reasons = HTTP_REASONS
+
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
         deadline = started + config.within

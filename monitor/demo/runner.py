@@ -9,8 +9,8 @@ from aiohttp import web
 from rich.console import Console
 
 from monitor.config import load
-from monitor.engine import Engine, Options, split_hostport
 from monitor.demo.shop import build_shop_app
+from monitor.engine import Engine, Options, split_hostport
 
 FLOWS = Path(__file__).with_name("flows.yaml")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ class Faults:
 FAULTS_KEY = web.AppKey("faults", Faults)
 ORDERS_KEY = web.AppKey("orders", dict)
 HOOKS_KEY = web.AppKey("order_hooks", list)
-IDS_KEY = web.AppKey("ids", itertools.count)
+IDS_KEY: web.AppKey[Iterator[int]] = web.AppKey("ids")
 
 
 @web.middleware
@@ -62,7 +62,8 @@ async def create_order(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "body must be JSON"}, status=400)
     if not isinstance(payload, dict):
         return web.json_response({"error": "body must be a JSON object"}, status=400)
-    order_id = f"ord-{next(request.app[IDS_KEY])}"
+    ids: Iterator[int] = request.app[IDS_KEY]
+    order_id = f"ord-{next(ids)}"
     order = {
         "id": order_id,
         "status": "pending",

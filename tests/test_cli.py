@@ -1,0 +1,115 @@
+"""The command line as a pipeline uses it: exit codes 0/1/2, the hop table, JSON and JUnit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from monitor.demo.shop import FAULTS_KEY
+from tests.fixtures.core import free_port
+
+ROOT = Path(__file__).parent.parent
+EXAMPLE = ROOT / "examples" / "shop.yaml"
+HOPWATCH = [sys.executable, "-m", "monitor"]
+
+
+async def hopwatch(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        *HOPWATCH, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def example_for(shop: TestServer, tmp_path: Path) -> Path:
+    path = tmp_path / "shop.yaml"
+    path.write_text(EXAMPLE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{shop.port}"))
+    return path
+
+
+async def test_check_passes_with_a_hop_table(shop: TestServer, tmp_path: Path) -> None:
+    code, out, _ = await hopwatch("check", str(example_for(shop, tmp_path)))
+    assert code == 0, out
+    assert "create_order" in out and "read_back" in out and "passed" in out
+    assert "1/1 runs passed" in out
+
+
+async def test_check_fails_naming_the_broken_step_and_reason(
+    shop: TestServer, tmp_path: Path
+) -> None:
+    shop.app[FAULTS_KEY].status = 503
+    code, out, _ = await hopwatch("check", str(example_for(shop, tmp_path)))
+    assert code == 1
+    assert "broken: checkout/stable:create_order (http_status)" in out
+    shop.app[FAULTS_KEY].status = None
+    shop.app[FAULTS_KEY].wrong_body = True
+    code, out, _ = await hopwatch("check", str(example_for(shop, tmp_path)), "--output", "json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["passed"] is False
+    [run] = report["runs"]
+    assert (run["broken_step"], run["reason"]) == ("create_order", "assertion")
+    assert run["steps"][1]["status"] == "skipped"
+
+
+async def test_check_junit_and_repeat(shop: TestServer, tmp_path: Path) -> None:
+    code, out, _ = await hopwatch(
+        "check", str(example_for(shop, tmp_path)), "--output", "junit", "--repeat", "2"
+    )
+    assert code == 0
+    suites = ET.fromstring(out.split("?>", 1)[1])
+    assert len(suites.findall("testsuite")) == 2
+    assert {c.get("name") for c in suites.iter("testcase")} == {"create_order", "read_back"}
+
+
+async def test_bad_config_exits_2_with_file_and_line(tmp_path: Path) -> None:
+    bad = ROOT / "tests" / "configs" / "invalid" / "unknown-field.yaml"
+    for command in ("check", "validate"):
+        code, _, err = await hopwatch(command, str(bad))
+        assert code == 2
+        assert f"{bad}:7: flow 'checkout' step 'a': expekt: Extra inputs are not permitted" in err
+
+
+async def test_validate_ok_and_schema() -> None:
+    code, out, _ = await hopwatch("validate", str(EXAMPLE))
+    assert code == 0 and "ok: 1 flows" in out
+    code, out, _ = await hopwatch("schema")
+    assert code == 0
+    assert "flows" in json.loads(out)["properties"]
+
+
+async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
+    admin, shop, public = free_port(), free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *HOPWATCH, "demo", "--duration", "30",
+        "--admin-listen", f"127.0.0.1:{admin}", "--shop-listen", f"127.0.0.1:{shop}",
+        "--listen", f"127.0.0.1:{public}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        text = ""
+        async with aiohttp.ClientSession() as http:
+            for _ in range(150):  # up to ~15 s for the first runs to land
+                await asyncio.sleep(0.1)
+                try:
+                    async with http.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                        text = await resp.text()
+                except aiohttp.ClientConnectionError:
+                    continue
+                if 'hopwatch_step_duration_seconds_count{flow="checkout"' in text:
+                    break
+        assert 'hopwatch_step_duration_seconds_count{flow="checkout",kind="http"' in text
+        assert 'location="local",step="create_order",variant="stable"' in text
+        assert "# TYPE hopwatch_step_failures_total counter" in text
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)

@@ -1,0 +1,312 @@
+"""The http and http_poll kinds through the real runner against a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trustme
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config
+from monitor.engine import Engine
+from monitor.results import RunResult
+from tests.fixtures.core import free_port, serve
+
+STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
+
+
+def target_app() -> web.Application:
+    app = web.Application()
+    app[STARTED] = asyncio.Event()
+    hits: dict[str, int] = {}
+
+    async def json_(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"id": "a/b c", "status": "ok", "n": 3, "items": [{"sku": "x"}]},
+            headers={"X-Trace": "t-1"},
+        )
+
+    async def headers(request: web.Request) -> web.Response:
+        return web.json_response(dict(request.headers) | {"query": dict(request.query)})
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(await request.json(), status=201)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="nope")
+
+    async def hang(request: web.Request) -> web.Response:
+        request.app[STARTED].set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    async def slow(request: web.Request) -> web.Response:
+        request.app[STARTED].set()
+        await asyncio.sleep(int(request.query.get("ms", "100")) / 1000)
+        return web.json_response({"ok": True})
+
+    async def eventually(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        hits[key] = hits.get(key, 0) + 1
+        if hits[key] < 3:
+            return web.json_response({"status": "pending"})
+        return web.json_response({"status": "done"})
+
+    async def item(request: web.Request) -> web.Response:
+        return web.json_response({"path": request.path, "raw": request.raw_path})
+
+    app.router.add_get("/json", json_)
+    app.router.add_get("/headers", headers)
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/hang", hang)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/eventually/{key}", eventually)
+    app.router.add_get("/items/{id}", item)
+    return app
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[TestServer]:
+    server = await serve(target_app())
+    yield server
+    await server.close()
+
+
+def flow_yaml(base: str, steps: str, extra: str = "", cleanup: str = "") -> str:
+    text = (
+        "flows:\n  - name: f\n    timeout: 5s\n"
+        f"    variants: {{stable: {{base_url: '{base}'}}}}\n{extra}    steps:\n{steps}"
+    )
+    return text + (f"    cleanup:\n{cleanup}" if cleanup else "")
+
+
+async def run_flow(config: Config, registry: CollectorRegistry | None = None) -> RunResult:
+    engine = Engine(config, registry=registry or CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        [result] = await engine.run_once(engine.select())
+        return result
+    finally:
+        await engine.stop()
+
+
+def base(target: TestServer) -> str:
+    return f"http://127.0.0.1:{target.port}"
+
+
+async def test_chain_passes_with_assertions_extraction_and_phases(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    steps = """\
+      - name: get
+        kind: http
+        url: "{{ variant.base_url }}/json"
+        expect:
+          status: 200
+          headers: {X-Trace: "t-\\\\d+"}
+          json: {"$.status": "ok", "$.n": 3, "$.items[0].sku": "x"}
+          body: '"n": 3'
+          json_schema: {type: object, required: [id, status]}
+          max_latency: 2s
+        extract:
+          id: {json: "$.id"}
+          trace: {header: X-Trace}
+          num: {regex: '"n": (\\d+)'}
+      - name: use
+        kind: http
+        url: "{{ variant.base_url }}/items/{{ steps.get.id }}"
+        expect:
+          json: {"$.path": "/items/a/b c", "$.raw": "/items/a%2Fb%20c"}
+      - name: post
+        kind: http
+        method: POST
+        url: "{{ variant.base_url | replace('127.0.0.1', 'localhost') }}/echo"
+        json: {ref: "{{ run.correlation }}", trace: "{{ steps.get.trace }}"}
+        expect: {status: 201, json: {"$.trace": "t-1"}}
+"""
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    assert result.outcome == "success", [s.message for s in result.steps]
+    get = result.steps[0]
+    assert set(get.phases) >= {"connect", "processing", "transfer"}  # an IP: no DNS lookup
+    assert all(v >= 0 for v in get.phases.values())
+    assert get.latency_s is not None and 0 < get.latency_s < 2
+    assert get.attributes["http.response.status_code"] == 200
+    assert "dns" in result.steps[2].phases  # a name: looked up afresh in each run
+
+
+@pytest.mark.parametrize(
+    ("expect", "reason", "message"),
+    [
+        ("{status: 201}", "http_status", "status 200, want 201"),
+        ('{json: {"$.status": "pending"}}', "assertion", "$.status is 'ok', want 'pending'"),
+        ('{json: {"$.missing": 1}}', "assertion", "$.missing missing, want 1"),
+        ("{headers: {X-Trace: 'z.*'}}", "assertion", "header X-Trace is 't-1', want /z.*/"),
+        ("{body: 'absent'}", "assertion", "body does not contain /absent/"),
+        ("{json_schema: {type: object, required: [nope]}}", "assertion",
+         "body fails JSON Schema at (root): 'nope' is a required property"),
+        ("{max_latency: 1ms}", "assertion", "want <= 1ms"),
+    ],
+)  # fmt: skip
+async def test_broken_link_reason_and_message(
+    target: TestServer, load_flows: Callable[[str], Config], expect: str, reason: str, message: str
+) -> None:
+    steps = f"""\
+      - name: get
+        kind: http
+        url: "{{{{ variant.base_url }}}}/{"slow?ms=20" if "latency" in expect else "json"}"
+        expect: {expect}
+      - name: after
+        kind: http
+        url: "{{{{ variant.base_url }}}}/json"
+"""
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    broken = result.broken
+    assert result.outcome == "failure"
+    assert broken is not None and broken.name == "get"
+    assert broken.reason == reason
+    assert message in (broken.message or "")
+    assert result.steps[1].status == "skipped"  # one break is counted once
+
+
+async def test_connect_error_timeout_and_extract(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    closed = free_port()
+    cases = {
+        f"http://127.0.0.1:{closed}/": "connect_error",
+        f"{base(target)}/hang": "timeout",
+    }
+    for url, reason in cases.items():
+        steps = f"      - {{name: s, kind: http, url: '{url}', timeout: 300ms}}\n"
+        result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+        assert result.steps[0].reason == reason, result.steps[0].message
+    steps = (
+        "      - {name: s, kind: http, url: '{{ variant.base_url }}/json',"
+        " extract: {x: {json: '$.nope'}}}\n"
+    )
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    assert (result.steps[0].reason, result.steps[0].message) == ("extract", "x: $.nope not in body")
+    assert result.steps[0].excerpt and '"status": "ok"' in result.steps[0].excerpt
+
+
+async def test_marker_header_auth_query_and_variant_headers(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HW_PASS", "pa55word")
+    creds = base64.b64encode(b"probe:pa55word").decode()
+    steps = f"""\
+      - name: basic
+        kind: http
+        url: "{{{{ variant.base_url }}}}/headers"
+        query: {{q: "{{{{ run.correlation }}}}"}}
+        headers: {{X-Extra: "yes"}}
+        auth: {{basic: {{username: probe, password: "${{env:HW_PASS}}"}}}}
+        expect:
+          json:
+            "$.X-Hopwatch-Run": "{{{{ run.id }}}}"
+            "$.query.q": "{{{{ run.correlation }}}}"
+            "$.X-Canary": always
+            "$.X-Extra": "yes"
+            "$.Authorization": "Basic {creds}"
+"""
+    text = flow_yaml(base(target), steps).replace(
+        "{stable: {base_url", "{canary: {headers: {X-Canary: always}, base_url"
+    )
+    result = await run_flow(load_flows(text))
+    assert result.variant == "canary"
+    assert result.outcome == "success", result.steps[0].message
+
+
+async def test_poll_reports_time_to_appear_and_fails_with_last_reason(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    steps = """\
+      - name: wait
+        kind: http_poll
+        url: "{{ variant.base_url }}/eventually/{{ run.id }}"
+        until: {json: {"$.status": "done"}}
+        every: 50ms
+        within: 3s
+"""
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    step = result.steps[0]
+    assert step.status == "passed" and step.attributes["attempts"] == 3
+    assert step.latency_s is not None and step.latency_s >= 0.1  # two pauses of 50ms
+    steps = steps.replace('"done"', '"never"').replace("within: 3s", "within: 300ms")
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    step = result.steps[0]
+    assert step.reason == "assertion"
+    assert "$.status is 'done', want 'never' (still, after" in (step.message or "")
+
+
+async def test_cleanup_always_runs_and_is_not_a_hop(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    steps = "      - {name: s, kind: http, url: '{{ variant.base_url }}/status/503'}\n"
+    cleanup = (
+        "      - {name: c1, kind: http, url: '{{ variant.base_url }}/json'}\n"
+        "      - {name: c2, kind: http, url: '{{ variant.base_url }}/status/500'}\n"
+    )
+    registry = CollectorRegistry()
+    result = await run_flow(load_flows(flow_yaml(base(target), steps, cleanup=cleanup)), registry)
+    assert [(s.name, s.status, s.cleanup) for s in result.steps] == [
+        ("s", "failed", False),
+        ("c1", "passed", True),
+        ("c2", "failed", True),
+    ]
+    assert result.broken is not None and result.broken.name == "s"
+    labels = {"flow": "f", "step": "c2", "variant": "stable", "location": "local"}
+    assert registry.get_sample_value("hopwatch_cleanup_failures_total", labels) == 1
+    assert registry.get_sample_value("hopwatch_link_up", {**labels, "step": "c2"}) is None
+
+
+async def test_tls_verification_phases_and_custom_ca(
+    load_flows: Callable[[str], Config], tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    runner = web.AppRunner(target_app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_ctx).start()
+    try:
+        url = f"https://127.0.0.1:{port}/json"
+        trusted = f"      - {{name: s, kind: http, url: '{url}', tls: {{ca_file: '{ca_file}'}}}}\n"
+        result = await run_flow(load_flows(flow_yaml("x", trusted)))
+        assert result.outcome == "success", result.steps[0].message
+        assert result.steps[0].phases["tls"] > 0
+        untrusted = f"      - {{name: s, kind: http, url: '{url}'}}\n"
+        result = await run_flow(load_flows(flow_yaml("x", untrusted)))
+        assert result.steps[0].reason == "tls_error"
+    finally:
+        await runner.cleanup()
+
+
+async def test_secrets_never_reach_results(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HW_TOKEN", "tok-very-secret")
+    steps = """\
+      - name: s
+        kind: http
+        url: "{{ variant.base_url }}/headers"
+        auth: {bearer: "${env:HW_TOKEN}"}
+        expect: {json: {"$.nothing": 1}}
+"""
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))
+    dumped = json.dumps(result.to_dict())
+    assert result.steps[0].reason == "assertion"
+    assert "tok-very-secret" not in dumped
+    assert "Bearer ***" in dumped  # the echoed header is in the excerpt, masked

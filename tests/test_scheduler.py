@@ -1,0 +1,122 @@
+"""Scheduler: a hanging target never delays another flow, no overlap, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config
+from monitor.engine import Engine, Options
+from monitor.results import RunResult
+from tests.fixtures.core import serve
+from tests.test_http import STARTED, target_app
+
+
+class Collect:
+    """A sink that records results and wakes waiters when a flow reaches a count."""
+
+    def __init__(self) -> None:
+        self.results: list[RunResult] = []
+        self._waiters: list[tuple[str, int, asyncio.Event]] = []
+
+    def submit(self, result: RunResult) -> None:
+        self.results.append(result)
+        for flow, count, event in self._waiters:
+            if len(self.of(flow)) >= count:
+                event.set()
+
+    def of(self, flow: str) -> list[RunResult]:
+        return [r for r in self.results if r.flow == flow]
+
+    async def wait_for(self, flow: str, count: int, timeout: float = 10.0) -> None:
+        event = asyncio.Event()
+        self._waiters.append((flow, count, event))
+        if len(self.of(flow)) >= count:
+            event.set()
+        await asyncio.wait_for(event.wait(), timeout)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[TestServer]:
+    server = await serve(target_app())
+    yield server
+    await server.close()
+
+
+def flows(base: str, *specs: tuple[str, str, str, str]) -> str:
+    text = "flows:\n"
+    for name, interval, timeout, path in specs:
+        text += (
+            f"  - name: {name}\n    interval: {interval}\n    timeout: {timeout}\n"
+            f"    jitter: 0s\n    steps: [{{name: s, kind: http, url: '{base}{path}'}}]\n"
+        )
+    return text
+
+
+async def start(config: Config, sink: Collect, grace: float = 5.0) -> Engine:
+    engine = Engine(config, Options(grace=grace, extra_sinks=[sink]), CollectorRegistry())
+    await engine.start(admin=False)
+    return engine
+
+
+async def test_hanging_target_does_not_delay_other_flows(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    base = f"http://127.0.0.1:{target.port}"
+    config = load_flows(
+        flows(base, ("stuck", "200ms", "3s", "/hang"), ("quick", "100ms", "1s", "/json"))
+    )
+    sink = Collect()
+    engine = await start(config, sink, grace=0.1)
+    try:
+        await sink.wait_for("quick", 6, timeout=3.0)  # six runs while "stuck" hangs
+        assert not sink.of("stuck")
+        assert all(r.outcome == "success" for r in sink.of("quick"))
+        runs = sink.of("quick")
+        for earlier, later in itertools.pairwise(runs):  # never overlapping itself
+            assert earlier.started_at + earlier.duration_s <= later.started_at + 1e-3
+    finally:
+        await engine.stop()
+
+
+async def test_shutdown_lets_runs_finish_then_aborts_the_rest(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    base = f"http://127.0.0.1:{target.port}"
+    config = load_flows(flows(base, ("stuck", "10s", "20s", "/hang")))
+    sink = Collect()
+    engine = await start(config, sink, grace=0.2)
+    assert engine.scheduler is not None
+    await asyncio.wait_for(target.app[STARTED].wait(), 5)
+    await asyncio.wait_for(engine.stop(), 5)
+    [result] = sink.results
+    assert result.outcome == "aborted"
+    assert result.steps[0].status == "aborted"
+    registry = engine.registry
+    labels = {"flow": "stuck", "variant": "default", "location": "local"}
+    assert registry.get_sample_value("hopwatch_runs_total", {**labels, "outcome": "aborted"}) == 1
+    assert registry.get_sample_value("hopwatch_flow_up", labels) is None  # not counted as failure
+
+
+async def test_shutdown_grace_lets_a_slow_run_finish(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    base = f"http://127.0.0.1:{target.port}"
+    config = load_flows(flows(base, ("slow", "10s", "5s", "/slow?ms=300")))
+    sink = Collect()
+    engine = await start(config, sink, grace=5.0)
+    assert engine.scheduler is not None
+    await asyncio.wait_for(target.app[STARTED].wait(), 5)
+    await engine.stop()
+    assert [r.outcome for r in sink.results] == ["success"]

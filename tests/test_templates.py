@@ -1,0 +1,59 @@
+"""Templates: sandboxed and strict; untrusted values encoded or refused; secrets redacted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from monitor.templates import Templates
+from probes.base import Untrusted
+from probes.errors import ExtractFailed, TemplateError
+
+VARS = {
+    "run": {"id": "r1", "correlation": "hw-r1"},
+    "variant": {"base_url": "http://127.0.0.1:8000"},
+    "steps": {"create": {"id": Untrusted("a/b?c=d&e"), "n": 7, "evil": Untrusted("x\r\nSet: 1")}},
+}
+
+
+def test_untrusted_values_are_url_encoded_in_urls_but_trusted_ones_are_not() -> None:
+    t = Templates()
+    url = t.render("{{ variant.base_url }}/orders/{{ steps.create.id }}", VARS, "url")
+    assert url == "http://127.0.0.1:8000/orders/a%2Fb%3Fc%3Dd%26e"
+
+
+def test_untrusted_crlf_is_refused_in_headers() -> None:
+    with pytest.raises(ExtractFailed, match="CR/LF"):
+        Templates().render("{{ steps.create.evil }}", VARS, "header")
+
+
+def test_text_mode_keeps_values_as_they_are() -> None:
+    assert Templates().render("{{ steps.create.n }}-{{ run.id }}", VARS, "text") == "7-r1"
+
+
+def test_unknown_variables_are_errors_not_empty_strings() -> None:
+    with pytest.raises(TemplateError, match="nope"):
+        Templates().render("{{ steps.nope.id }}", VARS, "text")
+
+
+def test_sandbox_refuses_attribute_escapes() -> None:
+    with pytest.raises(TemplateError):
+        Templates().render("{{ ''.__class__.__mro__[1].__subclasses__() }}", VARS, "text")
+
+
+def test_secret_references_resolve_and_are_redacted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HW_TOKEN", "s3cr3t-token")
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("file-password\n")
+    t = Templates()
+    assert t.render("Bearer ${env:HW_TOKEN}", VARS, "header") == "Bearer s3cr3t-token"
+    assert t.render(f"${{file:{secret_file}}}", VARS, "text") == "file-password"
+    assert t.redactor("got 401 for s3cr3t-token and file-password") == "got 401 for *** and ***"
+
+
+def test_missing_secret_names_the_reference_not_a_value() -> None:
+    with pytest.raises(TemplateError, match="HW_DOES_NOT_EXIST"):
+        Templates().render("${env:HW_DOES_NOT_EXIST}", VARS, "text")
