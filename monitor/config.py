@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from monitor.kafka import KafkaCluster
 from probes import StepConfig
 from probes.durations import Duration
 from probes.errors import ConfigError
@@ -96,7 +97,7 @@ class Settings(BaseModel):
 class KafkaSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    clusters: dict[str, dict[str, Any]] = Field(
+    clusters: dict[str, KafkaCluster] = Field(
         default_factory=dict, description="Kafka clusters by name; default none."
     )
 
@@ -244,6 +245,7 @@ def semantic_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str
     """Rules across steps (unique names, references to earlier steps), with error locations."""
     problems: list[tuple[tuple[int | str, ...], str]] = []
     for i, flow in enumerate(file.flows):
+        problems.extend(_cluster_problems(file, i, flow))
         seen: set[str] = set()
         for group in ("steps", "cleanup"):
             for j, step in enumerate(getattr(flow, group)):
@@ -256,6 +258,22 @@ def semantic_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str
                         what = "an earlier step" if group == "steps" else "a step of this flow"
                         problems.append((loc, f"uses steps.{ref}, which is not {what}"))
                 seen.add(step.name)
+    return problems
+
+
+def _cluster_problems(file: FileConfig, i: int, flow: Flow) -> list[tuple[tuple[Any, ...], str]]:
+    """A Kafka step names a cluster of its own file (files are merged later, so look there)."""
+    known = set(file.kafka.clusters) if file.kafka else set()
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for group in ("steps", "cleanup"):
+        for j, step in enumerate(getattr(flow, group)):
+            cluster = getattr(step, "cluster", None)
+            if cluster is not None and cluster not in known:
+                names = ", ".join(sorted(known)) or "none"
+                problems.append(
+                    (("flows", i, group, j, "cluster"),
+                     f"unknown Kafka cluster {cluster!r} (kafka.clusters has: {names})")
+                )  # fmt: skip
     return problems
 
 
@@ -289,7 +307,7 @@ def load(paths: Iterable[str | Path]) -> Config:
     if not files and not problems:
         problems.append("no flow files given")
     settings: Settings | None = None
-    clusters: dict[str, dict[str, Any]] = {}
+    clusters: dict[str, KafkaCluster] = {}
     flows: list[Flow] = []
     sources: dict[str, str] = {}
     for path, file in files:

@@ -7,6 +7,7 @@ resource (HTTP pools, Kafka clients, the correlator, sinks) and closes them in r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from monitor.admin import build_admin_app, is_loopback
 from monitor.config import Config, Flow
+from monitor.correlator import Correlator
 from monitor.http_clients import HttpClientPool
+from monitor.kafka import KafkaClients
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
@@ -68,8 +72,8 @@ class Engine:
         metrics_sink = MetricsSink(self.metrics)
         metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut([metrics_sink, self.last_runs, *self.options.extra_sinks])
-        self.correlator: Any = None
-        self.kafka: Any = None
+        self.correlator = Correlator(self.metrics.arrivals)
+        self.kafka: KafkaClients | None = None
         self.store: Any = None
         self.scheduler: Scheduler | None = None
         self._runners: list[web.AppRunner] = []
@@ -85,6 +89,7 @@ class Engine:
                 marker_header=config.settings.marker_header,
                 public_url=public_url.rstrip("/"),
                 release_run=self.http.release_run,
+                correlator=self.correlator,
             )
         )
 
@@ -95,6 +100,7 @@ class Engine:
         await self._start_optional_parts()
         await self.sinks.start()
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
+        self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
             await self._serve(self.build_public_app(), self.options.listen)
         if admin:
@@ -110,8 +116,22 @@ class Engine:
         self._ready = True
 
     async def _start_optional_parts(self) -> None:
-        """Correlator, Kafka clients and the store, when the config or options ask for them."""
-        return None
+        """Kafka clients (with their shared consumers) and the store, when asked for."""
+        steps = [s for f in self.config.flows for s in f.all_steps()]
+        if self.config.kafka.clusters:
+            self.kafka = KafkaClients(
+                self.config.kafka.clusters,
+                on_arrival=self.correlator.offer,
+                arrivals_counter=self.metrics.arrivals,
+            )
+            self.kafka.watch_steps(steps)
+            self.runner.deps.kafka = self.kafka
+            await self.kafka.start()
+            # Shared consumers read from the end: let them reach it before the first run
+            # produces, so nothing is missed. A broker that is down does not hold us up long.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await self.kafka.wait_consumer()
 
     async def stop(self) -> None:
         self._ready = False
@@ -124,6 +144,8 @@ class Engine:
             await runner.cleanup()
         await self.sinks.close()
         await self.http.close()
+        if self.kafka is not None:
+            await self.kafka.close()
 
     async def __aenter__(self) -> Engine:
         return self
@@ -137,7 +159,13 @@ class Engine:
         return any(s.kind == "webhook_await" for f in self.config.flows for s in f.all_steps())
 
     def build_public_app(self) -> web.Application:
-        return web.Application(client_max_size=1024 * 1024)
+        """Webhook routes only: the public listener never serves an admin route."""
+        app = web.Application()
+        steps = [s for f in self.config.flows for s in f.all_steps() if s.kind == "webhook_await"]
+        install_webhook_routes(
+            app, routes_from_steps(steps), self.correlator, self.metrics.arrivals
+        )
+        return app
 
     def build_admin_app(self) -> web.Application:
         host, _ = split_hostport(self.options.admin_listen)

@@ -8,10 +8,7 @@ URLs and refused in headers when they carry CR or LF.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,8 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from monitor.errors import TemplateError
 from probes.base import RenderMode, Untrusted
 from probes.errors import ExtractFailed
-
-SECRET_REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+from probes.secrets import SecretUnavailable, resolve_secret
 
 
 class Redactor:
@@ -46,24 +42,11 @@ class Redactor:
 
 
 def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
-    """Replace `${env:NAME}` / `${file:/path}` by their values; errors name the reference only."""
-
-    def value(match: re.Match[str]) -> str:
-        source, ref = match.group(1), match.group(2).strip()
-        if source == "env":
-            if ref not in os.environ:
-                raise TemplateError(f"environment variable {ref} is not set")
-            resolved = os.environ[ref]
-        else:
-            try:
-                resolved = Path(ref).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise TemplateError(f"secret file {ref}: {exc.strerror}") from exc
-        if redactor is not None:
-            redactor.add(resolved)
-        return resolved
-
-    return SECRET_REF.sub(value, text)
+    """Replace secret references by their values, remembering each value for redaction."""
+    try:
+        return resolve_secret(text, redactor.add if redactor is not None else None)
+    except SecretUnavailable as exc:
+        raise TemplateError(str(exc)) from exc
 
 
 def _finalizer(mode: RenderMode) -> Any:

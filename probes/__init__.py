@@ -6,14 +6,21 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from probes import http, http_poll
+from probes import http, http_poll, kafka_consume, kafka_produce, webhook_await
 
 StepConfig = Annotated[
-    http.Config | http_poll.Config,
+    http.Config
+    | http_poll.Config
+    | webhook_await.Config
+    | kafka_produce.Config
+    | kafka_consume.Config,
     Field(discriminator="kind"),
 ]
 
 PROBES: dict[str, Any] = {
     "http": http.HttpProbe(),
     "http_poll": http_poll.HttpPollProbe(),
+    "webhook_await": webhook_await.WebhookAwaitProbe(),
+    "kafka_produce": kafka_produce.KafkaProduceProbe(),
+    "kafka_consume": kafka_consume.KafkaConsumeProbe(),
 }

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from monitor.signatures import SignatureConfig
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import (
     Expect,
@@ -34,6 +33,7 @@ from probes.checks import (
 )
 from probes.durations import Duration
 from probes.errors import AssertionFailed, Duplicate, NotReceived, StepFailed
+from probes.signatures import SignatureConfig
 
 # Stop waiting this much before the run's own deadline so the step fails with what happened
 # (not_received) rather than with the runner's generic timeout.

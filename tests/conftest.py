@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.core",
+    "tests.fixtures.kafka",
+    "tests.fixtures.webhooks",
 ]

@@ -1,0 +1,240 @@
+"""The webhook receiver: aiohttp routes on the public listener that authenticate deliveries and
+hand them to the correlator without ever waiting on a run.
+
+Answers, in the order they are decided:
+
+    413  body over `max_body` bytes                        counted malformed
+    401  missing or bad signature (no config verifies)     counted bad_signature, never offered
+    500  a signature secret cannot be resolved (ours)      counted bad_signature, logged
+    415  content type not JSON (application/json, +json)   counted malformed
+    400  body is not JSON                                  counted malformed
+    404  unknown path (aiohttp's router); 405 not POST     not counted
+    the configured answer (default 202) otherwise, whatever the correlation outcome: a late,
+         duplicate or unmatched delivery is still acknowledged, because senders retry non-2xx
+         answers and a retry storm would only turn one fault into many. The correlator counts
+         the outcome (matched, unmatched, duplicate, late).
+
+Several steps (of one flow or several) may share a path: a delivery is accepted if any of the
+path's distinct signature configs verifies it; if any step on the path declares no signature,
+the path accepts unsigned deliveries (logged at install). Trace-context headers (`traceparent`,
+`tracestate`, `baggage`) stay in `Arrival.headers` as received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+from monitor.correlator import Arrival, Correlator
+from probes.errors import ConfigError
+from probes.signatures import (
+    SecretUnavailable,
+    SignatureConfig,
+    SignatureError,
+    VerifiedDelivery,
+    verify,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from prometheus_client import Counter
+
+    from probes.webhook_await import Config as WebhookAwaitConfig
+
+log = logging.getLogger(__name__)
+
+MAX_BODY: Final = 1024 * 1024
+_UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRoute:
+    """One path's signature and answer, as one `webhook_await` step declares them."""
+
+    path: str
+    signature: SignatureConfig | None = None
+    respond_status: int = 202
+    respond_body: str | dict[str, Any] | list[Any] | None = None
+    step: str = ""  # for messages only
+
+
+def routes_from_steps(steps: Iterable[WebhookAwaitConfig]) -> list[WebhookRoute]:
+    """One route per distinct (path, signature, answer) among the `webhook_await` steps."""
+    routes: list[WebhookRoute] = []
+    for step in steps:
+        route = WebhookRoute(
+            path=step.path,
+            signature=step.signature,
+            respond_status=step.respond.status,
+            respond_body=step.respond.body,
+            step=step.name,
+        )
+        if not any(_same_route(route, r) for r in routes):
+            routes.append(route)
+    return routes
+
+
+def _same_route(a: WebhookRoute, b: WebhookRoute) -> bool:
+    return (a.path, a.signature, a.respond_status, a.respond_body) == (
+        b.path,
+        b.signature,
+        b.respond_status,
+        b.respond_body,
+    )
+
+
+def install_webhook_routes(
+    app: web.Application,
+    routes: Iterable[WebhookRoute],
+    correlator: Correlator,
+    arrivals_counter: Counter | None,
+    *,
+    max_body: int = MAX_BODY,
+) -> None:
+    """Add one POST route per distinct path. Raises ConfigError when steps sharing a path want
+    different answers (one delivery can get only one)."""
+    by_path: dict[str, list[WebhookRoute]] = {}
+    for route in routes:
+        by_path.setdefault(route.path, []).append(route)
+    for path, group in by_path.items():
+        handler = _PathHandler(path, group, correlator, arrivals_counter, max_body)
+        app.router.add_post(path, handler.handle)
+
+
+class _PathHandler:
+    """Receives every delivery on one path."""
+
+    def __init__(
+        self,
+        path: str,
+        routes: list[WebhookRoute],
+        correlator: Correlator,
+        counter: Counter | None,
+        max_body: int,
+    ) -> None:
+        answers = {(r.respond_status, json.dumps(r.respond_body, sort_keys=True)) for r in routes}
+        if len(answers) > 1:
+            steps = ", ".join(r.step or "?" for r in routes)
+            raise ConfigError(
+                [f"webhook path {path}: steps {steps} give different respond answers"]
+            )
+        self.path = path
+        self.correlator = correlator
+        self.counter = counter
+        self.max_body = max_body
+        self.answer = routes[0]
+        self.signatures: list[SignatureConfig] = []
+        for route in routes:
+            if route.signature is not None and route.signature not in self.signatures:
+                self.signatures.append(route.signature)
+        unsigned = [r.step or "?" for r in routes if r.signature is None]
+        self.unsigned_ok = bool(unsigned)
+        if unsigned and self.signatures:
+            log.warning(
+                "webhook path %s accepts unsigned deliveries: step(s) %s declare no signature",
+                path,
+                ", ".join(unsigned),
+            )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
+        received_unix = time.time()
+        body = await _read_body(request, self.max_body)
+        if body is None:
+            return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
+        try:
+            verified = self._verify(request.headers, body, received_unix)
+        except SignatureError as exc:
+            return self._refuse(401, "bad_signature", f"signature: {exc.message}")
+        except SecretUnavailable as exc:
+            log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
+            return self._refuse(500, "bad_signature", "signature secret unavailable")
+        if not _is_json_type(request.content_type):
+            return self._refuse(
+                415, "malformed", f"content type {request.content_type!r}, want application/json"
+            )
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._refuse(400, "malformed", f"body is not JSON: {exc}")
+        arrival = Arrival(
+            source="webhook",
+            channel=self.path,
+            received_at=received_at,
+            received_unix=received_unix,
+            headers=request.headers,
+            body=body,
+            json=doc,
+            delivery_id=verified.delivery_id,
+            meta={"remote": request.remote, "sender_timestamp": verified.timestamp},
+        )
+        self.correlator.offer(arrival)
+        return _answer(self.answer)
+
+    def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> VerifiedDelivery:
+        """The first verifying config's delivery; raises the first config's error otherwise."""
+        if self.unsigned_ok:
+            return VerifiedDelivery(_unsigned_delivery_id(headers), None)
+        first: SignatureError | None = None
+        unavailable: SecretUnavailable | None = None
+        for config in self.signatures:
+            try:
+                return verify(config, headers, body, now)
+            except SignatureError as exc:
+                first = first or exc
+            except SecretUnavailable as exc:
+                unavailable = unavailable or exc
+        if unavailable is not None:
+            raise unavailable
+        assert first is not None  # self.signatures is never empty when unsigned_ok is False
+        raise first
+
+    def _refuse(self, status: int, outcome: str, text: str) -> web.Response:
+        if self.counter is not None:
+            self.counter.labels(source="webhook", outcome=outcome).inc()
+        return web.Response(status=status, text=text + "\n")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The raw body, or None as soon as it is known to exceed `limit` (not read further)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+def _unsigned_delivery_id(headers: Mapping[str, str]) -> str | None:
+    """Unsigned senders may still name their deliveries; use the common headers for replays."""
+    for name in _UNSIGNED_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return None
+
+
+def _answer(route: WebhookRoute) -> web.Response:
+    body = route.respond_body
+    if body is None:
+        return web.Response(status=route.respond_status)
+    if isinstance(body, str):
+        return web.Response(status=route.respond_status, text=body)
+    return web.json_response(body, status=route.respond_status)
