@@ -205,6 +205,9 @@ def demo(
     kafka: Annotated[
         str | None, typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")
     ] = None,
+    kafka_listen: Annotated[
+        str, typer.Option(help="Where the demo's own broker listens.")
+    ] = "127.0.0.1:9092",
     store: Store = None,
     duration: Annotated[
         float | None, typer.Option(help="Stop by itself after this many seconds.")
@@ -221,6 +224,7 @@ def demo(
             admin_listen=admin_listen,
             shop_listen=shop_listen,
             kafka=kafka,
+            kafka_listen=kafka_listen,
             store=store,
             duration=duration,
             console=err,

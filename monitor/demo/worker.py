@@ -1,0 +1,216 @@
+"""The demo's event side: the shop publishes orders to Kafka; a worker fulfils them and calls back.
+
+shop API ──► topic `orders` ──► worker ──► PATCH /orders/{id} (fulfilled) ──► signed webhook
+topic `order-commands` ──► worker ──► POST /orders (then the same chain)
+
+Faults (in `Faults.extra`): `worker_stopped` (the worker consumes nothing), `worker_delay_ms`
+(a slow consumer). The broker itself is stopped and started by the demo runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from monitor.demo.shop import Faults
+from monitor.demo.webhooks import WebhookSender
+
+log = logging.getLogger(__name__)
+
+ORDERS_TOPIC = "orders"
+COMMANDS_TOPIC = "order-commands"
+KafkaHeaders = list[tuple[str, bytes]]
+
+
+class OrderPublisher:
+    """The shop's outbox: publishes each new order to `orders` without making the API wait."""
+
+    def __init__(
+        self, bootstrap: str, inject: Callable[[KafkaHeaders], None] | None = None
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.inject = inject
+        self._producer: AIOKafkaProducer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def hook(self, order: dict[str, Any], request: web.Request) -> None:
+        headers: KafkaHeaders = []
+        if self.inject is not None:
+            self.inject(headers)
+        marker = request.headers.get("X-Hopwatch-Run")
+        if marker:
+            headers.append(("X-Hopwatch-Run", marker.encode()))
+        task = asyncio.create_task(self._publish(order, headers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, order: dict[str, Any], headers: KafkaHeaders) -> None:
+        event = {k: order[k] for k in ("id", "sku", "ref", "callback_url")}
+        event["order_id"] = event.pop("id")
+        try:
+            producer = await self._ensure()
+            await asyncio.wait_for(
+                producer.send_and_wait(
+                    ORDERS_TOPIC, json.dumps(event).encode(), key=event["order_id"].encode(),
+                    headers=headers,
+                ),
+                5,
+            )  # fmt: skip
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("could not publish order %s: %s", event["order_id"], exc)
+            await self._reset()
+
+    async def _ensure(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, request_timeout_ms=5000, acks="all"
+            )
+            await asyncio.wait_for(producer.start(), 5)
+            self._producer = producer
+        return self._producer
+
+    async def _reset(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reset()
+
+
+class Worker:
+    """Consumes orders and commands; heals by itself when the broker comes back."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        shop_url: str,
+        sender: WebhookSender,
+        faults: Faults,
+        extract: Callable[[KafkaHeaders], Any] | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.shop_url = shop_url
+        self.sender = sender
+        self.faults = faults
+        self.extract = extract
+        self.processed = 0
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._task = asyncio.create_task(self._supervise(), name="demo-worker")
+
+    async def _supervise(self) -> None:
+        while True:
+            consumer = AIOKafkaConsumer(
+                ORDERS_TOPIC,
+                COMMANDS_TOPIC,
+                bootstrap_servers=self.bootstrap,
+                group_id="demo-worker",
+                auto_offset_reset="earliest",  # a new group: take orders placed while joining
+                metadata_max_age_ms=2000,
+            )
+            try:
+                # Joining a group waits for the rebalance; aiokafka's request timeout covers it.
+                await asyncio.wait_for(consumer.start(), 60)
+                await self._consume(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker gone: start over when it is back
+                log.info("demo worker lost the broker (%s); retrying", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            await asyncio.sleep(1.0)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            if self.faults.extra.get("worker_stopped"):
+                await asyncio.sleep(0.2)
+                continue
+            batches = await consumer.getmany(timeout_ms=500, max_records=50)
+            for records in batches.values():
+                for record in records:
+                    await self._handle(record)
+
+    async def _handle(self, record: Any) -> None:
+        delay = float(self.faults.extra.get("worker_delay_ms") or 0)
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        try:
+            event = json.loads(record.value)
+        except (TypeError, ValueError):
+            log.warning("demo worker: record at %s is not JSON", record.offset)
+            return
+        headers = list(record.headers or [])
+        marker = dict(headers).get("X-Hopwatch-Run", b"").decode()
+        forward = {"X-Hopwatch-Run": marker} if marker else {}
+        context = self.extract(headers) if self.extract is not None else None
+        token = _attach(context)
+        try:
+            if record.topic == COMMANDS_TOPIC:
+                await self._create(event, forward)
+            else:
+                await self._fulfil(event, forward)
+            self.processed += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("demo worker could not process %s: %s", record.topic, exc)
+        finally:
+            _detach(token)
+
+    async def _create(self, command: dict[str, Any], headers: dict[str, str]) -> None:
+        assert self._http is not None
+        body = {k: command.get(k) for k in ("sku", "ref", "callback_url")}
+        async with self._http.post(f"{self.shop_url}/orders", json=body, headers=headers) as resp:
+            resp.raise_for_status()
+
+    async def _fulfil(self, event: dict[str, Any], headers: dict[str, str]) -> None:
+        assert self._http is not None
+        order_id = event["order_id"]
+        url = f"{self.shop_url}/orders/{order_id}"
+        async with self._http.patch(url, json={"status": "fulfilled"}, headers=headers) as resp:
+            if resp.status == 404:
+                return  # deleted by the probe's cleanup before we got to it
+            resp.raise_for_status()
+        self.sender.send(
+            {"type": "order.fulfilled", "order_id": order_id, "ref": event.get("ref"),
+             "status": "fulfilled"},
+            url=event.get("callback_url"),
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+
+def _attach(context: Any) -> Any:
+    if context is None:
+        return None
+    from opentelemetry import context as otel_context
+
+    return otel_context.attach(context)
+
+
+def _detach(token: Any) -> None:
+    if token is not None:
+        from opentelemetry import context as otel_context
+
+        otel_context.detach(token)
