@@ -17,6 +17,7 @@ from prometheus_client.exposition import choose_encoder
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+COOKIE = "hopwatch_token"
 
 
 def is_loopback(host: str) -> bool:
@@ -29,20 +30,33 @@ def is_loopback(host: str) -> bool:
 
 
 def token_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+    """Bearer header for machines; `?token=` once (then a cookie) for browsers and Flagger,
+    whose webhooks carry no headers."""
+    expected = token.encode()
+
+    def given(request: web.Request) -> tuple[bytes, bool]:
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return auth.removeprefix("Bearer ").encode(), False
+        if "token" in request.query:
+            return request.query["token"].encode(), True
+        return request.cookies.get(COOKIE, "").encode(), False
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        value, from_query = given(request)
+        if not hmac.compare_digest(value, expected):
             return web.json_response(
                 {"error": "bearer token required"},
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="hopwatch"'},
             )
-        return await handler(request)
+        response = await handler(request)
+        if from_query and request.method == "GET" and not request.path.startswith("/api/"):
+            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+        return response
 
     return require_token
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from monitor import __version__
 from monitor.config import Config, FileConfig, load
 from monitor.engine import Engine, Options
+from monitor.gate.command import gate
 from monitor.output import as_json, as_junit, table
 from probes.errors import ConfigError
 
@@ -46,8 +47,11 @@ AdminToken = Annotated[
     typer.Option(envvar="HOPWATCH_ADMIN_TOKEN", help="Bearer token for a non-loopback admin."),
 ]
 Store = Annotated[
-    str | None,
-    typer.Option(help="Store URL: sqlite+aiosqlite:///hopwatch.db or postgresql+asyncpg://…"),
+    str,
+    typer.Option(
+        help="Run history: a SQLite file, sqlite+aiosqlite:///path.db, "
+        "postgresql+asyncpg://user@host/db, or 'none'."
+    ),
 ]
 
 
@@ -70,6 +74,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def _load_or_exit(paths: list[Path]) -> Config:
     try:
         return load(paths)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(problem + "\n")
+        raise typer.Exit(2) from None
+
+
+def _engine(config: Config, options: Options) -> Engine:
+    """An Engine, or exit 2 when the environment's settings (OTEL_*) cannot be honoured."""
+    try:
+        return Engine(config, options)
     except ConfigError as exc:
         for problem in exc.problems:
             sys.stderr.write(problem + "\n")
@@ -118,7 +132,7 @@ def check(
     options = Options(listen=listen, public_url=public_url, location=location)
 
     async def main() -> list[Any]:
-        engine = Engine(config, options)
+        engine = _engine(config, options)
         pairs = engine.select(flow or (), variant or ())
         if not pairs:
             err.print("no flow matches --flow/--variant")
@@ -165,7 +179,7 @@ def run(
     public_url: PublicUrl = None,
     location: Location = None,
     admin_token: AdminToken = None,
-    store: Store = None,
+    store: Store = "hopwatch.db",
     grace: Annotated[float, typer.Option(help="Seconds in-flight runs get at shutdown.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
@@ -178,12 +192,12 @@ def run(
         public_url=public_url,
         location=location,
         admin_token=admin_token,
-        store_url=store,
+        store_url=None if store == "none" else store,
         grace=grace,
     )
 
     async def main() -> None:
-        engine = Engine(config, options)
+        engine = _engine(config, options)
         try:
             await engine.start()
         except (ValueError, OSError) as exc:
@@ -208,7 +222,7 @@ def demo(
     kafka_listen: Annotated[
         str, typer.Option(help="Where the demo's own broker listens.")
     ] = "127.0.0.1:9092",
-    store: Store = None,
+    store: Store = "temporary",
     duration: Annotated[
         float | None, typer.Option(help="Stop by itself after this many seconds.")
     ] = None,
@@ -230,6 +244,9 @@ def demo(
             console=err,
         )
     )
+
+
+app.command()(gate)
 
 
 @app.command()

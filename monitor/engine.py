@@ -17,8 +17,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from monitor.admin import build_admin_app, is_loopback
+from monitor.api import install_api_routes
 from monitor.config import Config, Flow
 from monitor.correlator import Correlator
+from monitor.gate.routes import install_gate_routes
 from monitor.http_clients import HttpClientPool
 from monitor.kafka import KafkaClients
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
@@ -28,7 +30,10 @@ from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
 from monitor.sinks import FanOut, Sink
 from monitor.state import LastRuns
+from monitor.status_page import install_status_routes
+from monitor.store import Store
 from monitor.templates import Templates
+from monitor.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +74,13 @@ class Engine:
         self.http = HttpClientPool()
         self.last_runs = LastRuns()
         self.location = self.options.location or config.settings.location
+        self.tracing = Tracing.from_env(location=self.location)
         metrics_sink = MetricsSink(self.metrics)
         metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut([metrics_sink, self.last_runs, *self.options.extra_sinks])
         self.correlator = Correlator(self.metrics.arrivals)
         self.kafka: KafkaClients | None = None
-        self.store: Any = None
+        self.store: Store | None = None
         self.scheduler: Scheduler | None = None
         self._runners: list[web.AppRunner] = []
         self._background: list[asyncio.Task[Any]] = []
@@ -90,6 +96,7 @@ class Engine:
                 public_url=public_url.rstrip("/"),
                 release_run=self.http.release_run,
                 correlator=self.correlator,
+                tracing=self.tracing,
             )
         )
 
@@ -118,6 +125,10 @@ class Engine:
     async def _start_optional_parts(self) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
         steps = [s for f in self.config.flows for s in f.all_steps()]
+        if self.options.store_url:
+            self.store = Store(self.options.store_url, registry=self.registry)
+            await self.store.migrate()
+            self.sinks.add(self.store)
         if self.config.kafka.clusters:
             self.kafka = KafkaClients(
                 self.config.kafka.clusters,
@@ -146,6 +157,8 @@ class Engine:
         await self.http.close()
         if self.kafka is not None:
             await self.kafka.close()
+        if self.tracing is not None:
+            await self.tracing.aclose()
 
     async def __aenter__(self) -> Engine:
         return self
@@ -175,7 +188,14 @@ class Engine:
                 f"the admin listener on {host} is not loopback: give --admin-token "
                 "(or HOPWATCH_ADMIN_TOKEN)"
             )
-        return build_admin_app(self.registry, ready=lambda: self._ready, token=token)
+        app = build_admin_app(self.registry, ready=lambda: self._ready, token=token)
+        flows, last = self.config.flows, self.last_runs
+        install_api_routes(
+            app, store=self.store, flows=flows, last_runs=last, bearer_auth=token is not None
+        )
+        install_status_routes(app, store=self.store, flows=flows, last_runs=last)
+        install_gate_routes(app, engine=self, store=self.store, metrics_registry=self.registry)
+        return app
 
     async def _serve(self, app: web.Application, listen: str) -> None:
         host, port = split_hostport(listen)

@@ -39,6 +39,8 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_scheduler_lag_seconds": "histogram",
     "hopwatch_sink_errors_total": "counter",
     "hopwatch_build_info": "gauge",
+    "hopwatch_gate_verdicts_total": "counter",  # monitor/gate/service.py
+    "hopwatch_gate_score": "gauge",
 }
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 RenderMode = Literal["text", "url", "header"]
+ARRIVAL_KEY = "trace_arrival"
 
 
 class Untrusted(str):
@@ -131,6 +132,10 @@ class StepContext:
         headers = {self.marker_header: self.run.id}
         headers.update(self.propagation())
         return headers
+
+    def note_arrival(self, arrival: Any) -> None:
+        """Tell the engine which arrival this step took (its span links to the sender's)."""
+        self.run_state[(ARRIVAL_KEY, self.step)] = arrival
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

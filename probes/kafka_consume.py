@@ -173,6 +173,7 @@ class KafkaConsumeProbe:
             deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
         try:
             arrival = await expectation.wait(_matcher(*rule), deadline=deadline)
+            ctx.note_arrival(arrival)
         except NotReceived as missing:
             raise _why_missing(config, clients, rule, missing) from None
         attributes = _attributes(config, arrival, started)

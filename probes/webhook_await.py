@@ -177,6 +177,7 @@ class WebhookAwaitProbe:
             deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
         try:
             arrival = await expectation.wait(_matcher(headers, paths), deadline=deadline)
+            ctx.note_arrival(arrival)
         except NotReceived:
             rule = _describe(headers, paths)
             raise NotReceived(

@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.kafka",
     "tests.fixtures.webhooks",
+    "tests.fixtures.otlp",
+    "tests.fixtures.store",
 ]

@@ -16,7 +16,7 @@ from monitor.demo.shop import FAULTS_KEY
 from tests.fixtures.core import free_port
 
 ROOT = Path(__file__).parent.parent
-EXAMPLE = ROOT / "examples" / "shop.yaml"
+EXAMPLE = ROOT / "examples" / "http-only.yaml"
 HOPWATCH = [sys.executable, "-m", "monitor"]
 
 

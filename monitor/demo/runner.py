@@ -18,11 +18,13 @@ from rich.console import Console
 from monitor.broker import TansuBroker
 from monitor.config import load
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, build_shop_app
+from monitor.demo.telemetry import Telemetry, inject_kafka_headers
 from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
 from monitor.demo.worker import OrderPublisher, Worker
-from monitor.engine import Engine, Options, split_hostport
+from monitor.engine import Options, split_hostport
 
 FLOWS = Path(__file__).with_name("flows.yaml")
+DEMO_SERVICES = ("shop-api", "shop-worker", "shop-webhooks")
 SECRET_ENV = "HOPWATCH_DEMO_WEBHOOK_SECRET"
 
 
@@ -63,17 +65,24 @@ class DemoSystem:
     """The shop, its outbox publisher, the worker and its webhook sender, with faults."""
 
     def __init__(self, shop_url: str, bootstrap: str, subscriber: str) -> None:
+        self.telemetry = [Telemetry.from_env(name) for name in DEMO_SERVICES]
+        shop_tel, worker_tel, hooks_tel = self.telemetry
         self.faults = Faults()
         self.app = build_shop_app(self.faults)
-        self.sender = WebhookSender(subscriber, self.faults, DEMO_SECRET)
-        self.publisher = OrderPublisher(bootstrap)
-        self.worker = Worker(bootstrap, shop_url, self.sender, self.faults)
+        shop_tel.instrument(self.app)
+        self.sender = WebhookSender(
+            subscriber, self.faults, DEMO_SECRET, trace_configs=[hooks_tel.client_trace_config()]
+        )
+        self.publisher = OrderPublisher(bootstrap, inject=inject_kafka_headers)
+        self.worker = Worker(bootstrap, shop_url, self.sender, self.faults, worker_tel)
         self.app[HOOKS_KEY].append(self.publisher.hook)
 
     async def close(self) -> None:
         await self.worker.close()
         await self.publisher.close()
         await self.sender.close()
+        for telemetry in self.telemetry:
+            await telemetry.aclose()
 
 
 def broker_switch(broker: TansuBroker | None) -> object:
@@ -102,7 +111,7 @@ async def run_demo(
     duration: float | None,
     console: Console,
 ) -> None:
-    from monitor.cli import serve_until_signal
+    from monitor.cli import _engine, serve_until_signal
 
     os.environ.setdefault(SECRET_ENV, DEMO_SECRET)
     shop_url = f"http://{shop_listen}"
@@ -115,7 +124,11 @@ async def run_demo(
         try:
             with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
                 config = load([demo_flows_file(shop_url, bootstrap, Path(tmp))])
-                engine = Engine(
+                if store == "temporary":
+                    store = str(Path(tmp) / "demo-history.db")
+                elif store == "none":
+                    store = None
+                engine = _engine(
                     config, Options(listen=listen, admin_listen=admin_listen, store_url=store)
                 )
                 await engine.start()

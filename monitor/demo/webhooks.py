@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -44,22 +44,20 @@ class WebhookSender:
         url: str,
         faults: Faults,
         secret: str = DEMO_SECRET,
-        inject: Callable[[dict[str, str]], None] | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self.url = url
         self.faults = faults
         self.secret = secret
-        self.inject = inject
+        self.trace_configs = list(trace_configs)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
 
     def send(self, event: dict[str, Any], url: str | None = None) -> None:
         """Deliver `event` to `url` (a per-order callback URL) or the default subscriber."""
-        headers: dict[str, str] = {}
-        if self.inject is not None:
-            self.inject(headers)  # trace context of the current span, captured now
-        task = asyncio.create_task(self._deliver(event, headers, url or self.url))
+        # The task copies the current context: each attempt's span is a child of the caller's.
+        task = asyncio.create_task(self._deliver(event, {}, url or self.url))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -90,7 +88,9 @@ class WebhookSender:
 
     async def _post_with_retries(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=5), trace_configs=self.trace_configs
+            )
         for attempt in range(3):
             try:
                 async with self._session.post(url, data=body, headers=headers) as resp:

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from monitor.demo.shop import Faults
+from monitor.demo.telemetry import Telemetry
 from monitor.demo.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class OrderPublisher:
     """The shop's outbox: publishes each new order to `orders` without making the API wait."""
 
     def __init__(
-        self, bootstrap: str, inject: Callable[[KafkaHeaders], None] | None = None
+        self, bootstrap: str, inject: Callable[[KafkaHeaders], object] | None = None
     ) -> None:
         self.bootstrap = bootstrap
         self.inject = inject
@@ -100,19 +101,22 @@ class Worker:
         shop_url: str,
         sender: WebhookSender,
         faults: Faults,
-        extract: Callable[[KafkaHeaders], Any] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.shop_url = shop_url
         self.sender = sender
         self.faults = faults
-        self.extract = extract
+        self.telemetry = telemetry or Telemetry.from_env("shop-worker", exporters=())
         self.processed = 0
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=5),
+            trace_configs=[self.telemetry.client_trace_config()],
+        )
         self._task = asyncio.create_task(self._supervise(), name="demo-worker")
 
     async def _supervise(self) -> None:
@@ -160,18 +164,19 @@ class Worker:
         headers = list(record.headers or [])
         marker = dict(headers).get("X-Hopwatch-Run", b"").decode()
         forward = {"X-Hopwatch-Run": marker} if marker else {}
-        context = self.extract(headers) if self.extract is not None else None
-        token = _attach(context)
-        try:
-            if record.topic == COMMANDS_TOPIC:
-                await self._create(event, forward)
-            else:
-                await self._fulfil(event, forward)
-            self.processed += 1
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("demo worker could not process %s: %s", record.topic, exc)
-        finally:
-            _detach(token)
+        span = self.telemetry.consumer_span(
+            record.topic, headers, partition=record.partition, offset=record.offset,
+            key=record.key, group="demo-worker",
+        )  # fmt: skip
+        with span:
+            try:
+                if record.topic == COMMANDS_TOPIC:
+                    await self._create(event, forward)
+                else:
+                    await self._fulfil(event, forward)
+                self.processed += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("demo worker could not process %s: %s", record.topic, exc)
 
     async def _create(self, command: dict[str, Any], headers: dict[str, str]) -> None:
         assert self._http is not None
@@ -199,18 +204,3 @@ class Worker:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
-
-
-def _attach(context: Any) -> Any:
-    if context is None:
-        return None
-    from opentelemetry import context as otel_context
-
-    return otel_context.attach(context)
-
-
-def _detach(token: Any) -> None:
-    if token is not None:
-        from opentelemetry import context as otel_context
-
-        otel_context.detach(token)

@@ -1,0 +1,134 @@
+"""The status page at / on the admin listener: link grid, open incidents, recent runs, waterfalls.
+
+Server-rendered with Jinja2 (autoescaped) and inline SVG; a few lines of inline JS refresh the
+live part of the page. Reads the same data as the API: the runner's last results and the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from monitor.api import FlowLike, FlowView, flow_views
+from monitor.results import RunResult
+from monitor.status_page.svg import Spark, format_seconds, sparkline, waterfall
+from monitor.store import IncidentView, RunDetail, RunSummary, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["install_status_routes"]
+
+
+def _timestamp(unix: float | None) -> str:
+    if unix is None:
+        return "\u2013"  # an en dash: "no value"
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _ago(unix: float | None, now: float) -> str:
+    if unix is None:
+        return "\u2013"  # an en dash: "no value"
+    seconds = max(now - unix, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def make_environment() -> jinja2.Environment:
+    """The page's template environment: autoescaped, strict about undefined names."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("monitor.status_page", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["ts"] = _timestamp
+    env.filters["secs"] = format_seconds
+    env.globals["ago"] = _ago
+    return env
+
+
+@dataclass(slots=True)
+class _Overview:
+    flows: list[FlowView]
+    sparks: dict[tuple[str, str, str], Spark | None]
+    incidents: list[IncidentView]
+    runs: list[RunSummary]
+    store_error: str | None
+
+
+@dataclass(slots=True)
+class _StatusPage:
+    store: Store | None
+    flows: Sequence[FlowLike]
+    last_runs: Mapping[tuple[str, str], RunResult]
+    refresh_s: float
+    env: jinja2.Environment
+
+    def _render(self, template: str, status: int = 200, **context: Any) -> web.Response:
+        html = self.env.get_template(template).render(
+            now=time.time(), refresh_s=self.refresh_s, has_store=self.store is not None, **context
+        )
+        return web.Response(text=html, status=status, content_type="text/html")
+
+    async def index(self, request: web.Request) -> web.Response:
+        overview = await self._overview()
+        return self._render("index.html.j2", view=overview)
+
+    async def _overview(self) -> _Overview:
+        views = await flow_views(self.flows, self.last_runs, self.store)
+        overview = _Overview(views, {}, [], [], None)
+        if self.store is None:
+            return overview
+        pairs = [(f.name, v.variant) for f in views for v in f.variants]
+        try:
+            history = await self.store.link_history(pairs, 30)
+            overview.incidents = (await self.store.list_incidents(status="open")).incidents
+            overview.runs = (await self.store.list_runs(limit=25)).runs
+        except Exception as exc:  # show what we have; the store may come back
+            log.warning("status page: store unavailable: %s", exc)
+            overview.store_error = f"{type(exc).__name__}: {exc}"
+            return overview
+        overview.sparks = {key: sparkline(points) for key, points in history.items()}
+        return overview
+
+    async def run(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        run = self._in_memory(run_id)
+        if run is None and self.store is not None and "\x00" not in run_id:
+            try:
+                run = await self.store.get_run(run_id)
+            except Exception as exc:
+                return self._render("missing.html.j2", 503, message=f"store unavailable: {exc}")
+        if run is None:
+            return self._render("missing.html.j2", 404, message=f"no run {run_id!r}")
+        return self._render("run.html.j2", run=run, fall=waterfall(run))
+
+    def _in_memory(self, run_id: str) -> RunDetail | None:
+        for result in self.last_runs.values():
+            if result.run_id == run_id:
+                return RunDetail.model_validate(result.to_dict())
+        return None
+
+
+def install_status_routes(
+    app: web.Application,
+    *,
+    store: Store | None,
+    flows: Sequence[FlowLike],
+    last_runs: Mapping[tuple[str, str], RunResult],
+    refresh_s: float = 10.0,
+) -> None:
+    """Add the status page (`/`) and run waterfalls (`/runs/{run_id}`) to the admin app."""
+    page = _StatusPage(store, flows, last_runs, refresh_s, make_environment())
+    app.router.add_get("/", page.index)
+    app.router.add_get("/runs/{run_id}", page.run)

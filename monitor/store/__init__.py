@@ -1,0 +1,34 @@
+"""Run history in SQL (SQLite by default, PostgreSQL by URL): runs, hops, incidents, samples."""
+
+from monitor.store.incidents import Incident, IncidentBook
+from monitor.store.queries import BadCursor
+from monitor.store.rows import EXCERPT_LIMIT
+from monitor.store.store import Store, StoreStats, normalize_url
+from monitor.store.views import (
+    IncidentPage,
+    IncidentView,
+    LinkPoint,
+    RunDetail,
+    RunPage,
+    RunSummary,
+    StepSamples,
+    StepView,
+)
+
+__all__ = [
+    "EXCERPT_LIMIT",
+    "BadCursor",
+    "Incident",
+    "IncidentBook",
+    "IncidentPage",
+    "IncidentView",
+    "LinkPoint",
+    "RunDetail",
+    "RunPage",
+    "RunSummary",
+    "StepSamples",
+    "StepView",
+    "Store",
+    "StoreStats",
+    "normalize_url",
+]

@@ -1,0 +1,112 @@
+"""Turns a RunResult into the rows the store writes, bounded against what a target sends us."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from monitor.results import RunResult, StepResult
+from monitor.store.incidents import Incident
+
+EXCERPT_LIMIT = 2048  # bytes of a failing response kept per hop
+MESSAGE_LIMIT = 1024  # bytes of a failure message kept per hop
+ATTRIBUTES_LIMIT = 4096  # bytes of a hop's attributes, as JSON
+_ELLIPSIS = "…"
+
+
+def clip_utf8(text: str | None, limit: int) -> str | None:
+    """`text` cut to at most `limit` UTF-8 bytes, marked with an ellipsis when cut."""
+    if text is None:
+        return None
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    room = max(limit - len(_ELLIPSIS.encode()), 0)
+    return raw[:room].decode("utf-8", "ignore") + _ELLIPSIS
+
+
+def _clip_id(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[:limit]
+
+
+def _clip_opt(value: str | None, limit: int) -> str | None:
+    return None if value is None else _clip_id(value, limit)
+
+
+def _finite(value: float | None) -> float | None:
+    # NaN and infinities are not JSON and would make API responses invalid.
+    return value if value is None or math.isfinite(value) else None
+
+
+def _phases(phases: dict[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in phases.items() if math.isfinite(v)}
+
+
+def _attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    # Attributes are free-form: keep only what JSON can hold, and not too much of it.
+    text = json.dumps(attributes, default=str, allow_nan=False, sort_keys=True)
+    if len(text.encode()) > ATTRIBUTES_LIMIT:
+        return {"truncated": clip_utf8(text, ATTRIBUTES_LIMIT)}
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _step_row(run_id: str, position: int, step: StepResult, excerpt_limit: int) -> dict[str, Any]:
+    try:
+        attributes = _attributes(step.attributes)
+    except (TypeError, ValueError):
+        attributes = {"unserialisable": True}
+    return {
+        "run_id": run_id,
+        "position": position,
+        "name": _clip_id(step.name, 200),
+        "kind": _clip_id(step.kind, 64),
+        "status": step.status,
+        "started_at": step.started_at,
+        "offset_s": _finite(step.offset_s) or 0.0,
+        "latency_s": _finite(step.latency_s),
+        "reason": _clip_opt(step.reason, 64),
+        "message": clip_utf8(step.message, MESSAGE_LIMIT),
+        "phases": _phases(step.phases),
+        "attributes": attributes,
+        "excerpt": clip_utf8(step.excerpt, excerpt_limit),
+        "cleanup": step.cleanup,
+    }
+
+
+def run_rows(
+    result: RunResult, excerpt_limit: int = EXCERPT_LIMIT
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The `runs` row and the `step_results` rows of one result."""
+    broken = result.broken
+    run_id = _clip_id(result.run_id, 64)
+    run = {
+        "id": run_id,
+        "flow": _clip_id(result.flow, 200),
+        "variant": _clip_id(result.variant, 200),
+        "location": _clip_id(result.location, 200),
+        "correlation": _clip_id(result.correlation, 200),
+        "started_at": result.started_at,
+        "finished_at": result.started_at + result.duration_s,
+        "duration_s": result.duration_s,
+        "outcome": result.outcome,
+        "broken_step": _clip_id(broken.name, 200) if broken else None,
+        "reason": _clip_opt(broken.reason, 64) if broken else None,
+        "trace_id": _clip_opt(result.trace_id, 64),
+    }
+    steps = [_step_row(run_id, i, s, excerpt_limit) for i, s in enumerate(result.steps)]
+    return run, steps
+
+
+def incident_row(incident: Incident) -> dict[str, Any]:
+    """The `incidents` row of an incident, clipped like the runs it came from."""
+    row = incident.to_row()
+    for name in ("flow", "variant", "location", "step"):
+        row[name] = _clip_id(row[name], 200)
+    for name in ("first_run_id", "last_failed_run_id"):
+        row[name] = _clip_id(row[name], 64)
+    row["closing_run_id"] = _clip_opt(row["closing_run_id"], 64)
+    row["reason"] = _clip_opt(row["reason"], 64)
+    row["last_reason"] = _clip_opt(row["last_reason"], 64)
+    return row

@@ -1,0 +1,483 @@
+"""The store on SQLite and on the machine's PostgreSQL: migrations, writes, incidents, queries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from sqlalchemy import func, inspect, select
+
+from monitor.results import RunResult
+from monitor.sinks import Sink
+from monitor.store import EXCERPT_LIMIT, IncidentBook, Store, normalize_url
+from monitor.store import migrate as migrations
+from monitor.store.schema import incidents, metadata, runs, step_results
+from tests.fixtures.store import PG_HOST, PG_PORT, T0, TcpProxy, make_run
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+def _schema_diff(connection: Any) -> list[Any]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "version_table": "hopwatch_alembic_version"}
+    )
+    return list(compare_metadata(context, metadata))
+
+
+def _tables(connection: Any) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+async def test_migrations_build_exactly_the_declared_schema(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        await store.migrate()
+        await store.migrate()  # idempotent: a restart migrates again
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+            assert {"runs", "step_results", "incidents"} <= await conn.run_sync(_tables)
+        await migrations.downgrade(store.engine, "base")
+        async with store.engine.connect() as conn:
+            assert not {"runs", "step_results", "incidents"} & await conn.run_sync(_tables)
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+    finally:
+        await store.engine.dispose()
+
+
+async def test_concurrent_migrations_do_not_collide(store_url: str) -> None:
+    """Several replicas starting together against one database."""
+    stores = [Store(store_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.migrate() for s in stores))
+        async with stores[0].engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+    finally:
+        for s in stores:
+            await s.engine.dispose()
+
+
+_MIGRATE = """
+import asyncio, sys
+from monitor.store import Store
+
+async def main() -> None:
+    store = Store(sys.argv[1])
+    async with store.engine.connect():
+        pass
+    print("ready", flush=True)
+    sys.stdin.readline()  # all replicas start migrating together
+    await store.migrate()
+    await store.engine.dispose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.postgres
+async def test_replicas_migrating_one_database_at_once(pg_url: str) -> None:
+    """Separate processes (as replicas are) serialise on PostgreSQL's advisory lock; without
+    it, all but one fail creating the same tables."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _MIGRATE,
+            pg_url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    async with asyncio.timeout(60):
+        for proc in procs:
+            assert proc.stdout is not None
+            assert await proc.stdout.readline() == b"ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+        results = [await p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err.decode() for _, err in results]
+    store = Store(pg_url)
+    try:
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+    finally:
+        await store.engine.dispose()
+
+
+# --- writing and reading runs ------------------------------------------------------------------
+
+
+async def test_run_round_trip_keeps_hops_timings_and_a_bounded_excerpt(store: Store) -> None:
+    huge = "é" * 10_000  # 2 bytes each in UTF-8
+    run = make_run(fail_at="read_back", excerpt=huge, cleanup=["delete_order"], trace_id="ab" * 16)
+    run.steps[0].attributes = {"status": 201, "url": "http://127.0.0.1/orders", "obj": object()}
+    store.submit(run)
+    assert await store.flush()
+
+    got = await store.get_run(run.run_id)
+    assert got is not None
+    assert (got.flow, got.outcome, got.broken_step, got.reason) == (
+        "checkout",
+        "failure",
+        "read_back",
+        "http_status",
+    )
+    assert got.trace_id == "ab" * 16
+    assert [(s.name, s.status, s.cleanup) for s in got.steps] == [
+        ("create_order", "passed", False),
+        ("read_back", "failed", False),
+        ("delete_order", "passed", True),
+    ]
+    first, failed = got.steps[0], got.steps[1]
+    assert first.phases == pytest.approx(run.steps[0].phases)
+    assert first.attributes["status"] == 201
+    assert isinstance(first.attributes["obj"], str)  # made JSON-safe, not dropped
+    assert failed.message == "status 503, want 200 at read_back"
+    assert failed.excerpt is not None
+    assert len(failed.excerpt.encode()) <= EXCERPT_LIMIT
+    assert failed.excerpt.endswith("…")
+    assert failed.offset_s == pytest.approx(0.02)
+    assert await store.get_run("no-such-run") is None
+
+
+async def test_writer_task_writes_without_an_explicit_flush(store: Store) -> None:
+    for i in range(5):
+        store.submit(make_run(started_at=T0 + i))
+    async with asyncio.timeout(10):
+        await store.wait_written(5)
+    page = await store.list_runs()
+    assert len(page.runs) == 5
+
+
+async def test_list_runs_filters_and_paginates_without_gaps_or_repeats(store: Store) -> None:
+    expected = []
+    for i in range(23):
+        run = make_run(
+            started_at=T0 + i // 2,  # pairs share a start time: the cursor must break ties
+            variant="canary" if i % 3 == 0 else "stable",
+            fail_at="read_back" if i % 4 == 0 else None,
+        )
+        store.submit(run)
+        expected.append(run)
+    store.submit(make_run(flow="other", started_at=T0 + 100))
+    assert await store.flush()
+
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        page = await store.list_runs(flow="checkout", limit=5, cursor=cursor)
+        seen += [r.run_id for r in page.runs]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(r.run_id for r in expected)
+    assert len(seen) == len(set(seen))
+
+    canary_failures = await store.list_runs(variant="canary", outcome="failure", limit=500)
+    assert {r.run_id for r in canary_failures.runs} == {
+        r.run_id for r in expected if r.variant == "canary" and r.outcome == "failure"
+    }
+    window = await store.list_runs(since=T0 + 3, until=T0 + 5, limit=500)
+    assert {r.run_id for r in window.runs} == {
+        r.run_id for r in expected if T0 + 3 <= r.started_at < T0 + 5
+    }
+    newest = await store.list_runs(limit=1)
+    assert newest.runs[0].flow == "other"
+
+
+async def test_samples_give_per_hop_lists_for_a_variant_and_window(store: Store) -> None:
+    for i in range(6):
+        store.submit(
+            make_run(
+                variant="canary",
+                started_at=T0 + i,
+                latency_s=0.01 * (i + 1),
+                fail_at="read_back" if i == 2 else None,
+                cleanup=["delete_order"],
+            )
+        )
+        store.submit(make_run(variant="stable", started_at=T0 + i, latency_s=0.5))
+    assert await store.flush()
+
+    got = await store.samples("checkout", "canary", T0 + 1, T0 + 5)
+    assert set(got) == {"create_order", "read_back"}  # cleanup is not a hop
+    read_back = got["read_back"]
+    assert read_back.started_at == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
+    assert read_back.status == ["passed", "failed", "passed", "passed"]
+    assert read_back.latency_s == pytest.approx([0.02, 0.03, 0.04, 0.05])
+    assert read_back.passed_latencies() == pytest.approx([0.02, 0.04, 0.05])
+    assert got["create_order"].kind == "http"
+
+
+async def test_a_refused_row_is_dropped_alone(store: Store) -> None:
+    dup = make_run(run_id="same")
+    store.submit(dup)
+    assert await store.flush()
+    others = [make_run(started_at=T0 + i) for i in range(3)]
+    store.submit(make_run(run_id="same"))  # primary key clash: the database refuses it
+    for run in others:
+        store.submit(run)
+    assert await store.flush()
+    assert store.stats.rejected == 1
+    page = await store.list_runs(limit=500)
+    assert {r.run_id for r in page.runs} == {"same", *(r.run_id for r in others)}
+
+
+async def test_retention_deletes_old_runs_and_old_closed_incidents(store_url: str) -> None:
+    store = Store(store_url, retention_s=3600, clock=lambda: T0 + 10_000)
+    await store.migrate()
+    try:
+        store.submit(make_run(run_id="old-fail", started_at=T0, fail_at="read_back"))
+        store.submit(make_run(run_id="old-pass", started_at=T0 + 10))
+        store.submit(make_run(run_id="new", started_at=T0 + 9_000, fail_at="create_order"))
+        assert await store.flush()
+        assert await store.prune() == 2
+        assert [r.run_id for r in (await store.list_runs()).runs] == ["new"]
+        left = (await store.list_incidents()).incidents
+        assert [(i.step, i.status) for i in left] == [("create_order", "open")]
+        async with store.engine.connect() as conn:
+            orphans = await conn.scalar(select(func.count()).select_from(step_results))
+        assert orphans == 2  # only the new run's hops
+    finally:
+        await store.close()
+
+
+# --- incidents ---------------------------------------------------------------------------------
+
+
+async def test_incident_opens_counts_and_closes(store: Store) -> None:
+    store.submit(make_run(run_id="ok0", started_at=T0))
+    store.submit(make_run(run_id="bad1", started_at=T0 + 30, fail_at="read_back", reason="timeout"))
+    store.submit(make_run(run_id="bad2", started_at=T0 + 60, fail_at="read_back"))
+    assert await store.flush()
+
+    (incident,) = (await store.list_incidents(status="open")).incidents
+    assert (incident.flow, incident.variant, incident.location, incident.step) == (
+        "checkout",
+        "default",
+        "local",
+        "read_back",
+    )
+    assert (incident.first_run_id, incident.last_failed_run_id) == ("bad1", "bad2")
+    assert (incident.opened_at, incident.failures, incident.reason, incident.last_reason) == (
+        T0 + 30,
+        2,
+        "timeout",
+        "http_status",
+    )
+    assert [i.id for i in store.open_incidents()] == [incident.id]
+
+    store.submit(make_run(run_id="ok3", started_at=T0 + 90))
+    assert await store.flush()
+    assert (await store.list_incidents(status="open")).incidents == []
+    (closed,) = (await store.list_incidents(status="closed")).incidents
+    assert (closed.id, closed.closed_at, closed.closing_run_id) == (incident.id, T0 + 90, "ok3")
+
+
+async def test_a_skipped_hop_neither_opens_nor_closes(store: Store) -> None:
+    # create_order broken: read_back is skipped, so nothing is known about read_back.
+    store.submit(make_run(started_at=T0, fail_at="create_order"))
+    assert await store.flush()
+    (incident,) = (await store.list_incidents()).incidents
+    assert incident.step == "create_order"
+
+
+async def test_incident_state_is_reloaded_at_start(store_url: str) -> None:
+    first = Store(store_url, flap_window_s=600)
+    await first.migrate()
+    await first.start()
+    first.submit(make_run(run_id="bad", started_at=T0, fail_at="read_back"))
+    await first.close()
+
+    second = Store(store_url, flap_window_s=600, clock=lambda: T0 + 100)
+    await second.start()
+    try:
+        assert [i.first_run_id for i in second.open_incidents()] == ["bad"]
+        second.submit(make_run(run_id="ok", started_at=T0 + 60))
+        assert await second.flush()
+        (incident,) = (await second.list_incidents()).incidents
+        assert (incident.status, incident.closing_run_id) == ("closed", "ok")
+    finally:
+        await second.close()
+
+
+def _feed(book: IncidentBook, seq: list[tuple[float, bool]]) -> None:
+    for i, (at, failed) in enumerate(seq):
+        book.apply(make_run(run_id=f"r{i}", started_at=at, fail_at="read_back" if failed else None))
+
+
+@pytest.mark.parametrize(
+    ("sequence", "incidents_expected", "flaps", "failures"),
+    [
+        pytest.param([(0, True), (30, False), (60, True), (90, False)], 1, 1, 2, id="flap"),
+        pytest.param([(0, True), (30, False), (1000, True)], 2, 0, 1, id="after-window"),
+        pytest.param([(0, True), (30, True), (60, True)], 1, 0, 3, id="steady"),
+        pytest.param([(0, False), (30, False)], 0, 0, 0, id="healthy"),
+    ],
+)
+def test_flapping_reopens_the_recent_incident(
+    sequence: list[tuple[float, bool]], incidents_expected: int, flaps: int, failures: int
+) -> None:
+    ids = iter(range(100))
+    book = IncidentBook(300.0, new_id=lambda: f"i{next(ids)}")
+    _feed(book, sequence)
+    dirty = book.take_dirty()
+    assert len(dirty) == incidents_expected
+    if dirty:
+        last = max(dirty, key=lambda i: i.opened_at)
+        assert (last.flaps, last.failures) == (flaps, failures)
+
+
+def test_a_late_passing_result_does_not_close_a_newer_failure() -> None:
+    book = IncidentBook(60)
+    _feed(book, [(100, True), (50, False)])
+    assert len(book.open_incidents()) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.booleans(), st.integers(1, 400)), max_size=40
+    ),
+    st.sampled_from([0.0, 120.0, 1e9]),
+)
+def test_incident_book_invariants(events: list[tuple[str, bool, int]], window: float) -> None:
+    """At most one open incident per link, open iff the link's last result failed, and every
+    failure is counted in exactly one incident."""
+    book = IncidentBook(window)
+    all_incidents: dict[str, Any] = {}
+    at = T0
+    last_failed: dict[str, bool] = {}
+    for flow, failed, gap in events:
+        at += gap
+        book.apply(make_run(flow=flow, started_at=at, fail_at="read_back" if failed else None))
+        for incident in book.take_dirty():
+            all_incidents[incident.id] = incident
+        last_failed[flow] = failed
+    open_links = [i.flow for i in book.open_incidents()]
+    assert len(open_links) == len(set(open_links))
+    assert set(open_links) == {f for f, failed in last_failed.items() if failed}
+    assert sum(i.failures for i in all_incidents.values()) == sum(f for _, f, _ in events)
+
+
+# --- a store that is away ------------------------------------------------------------------------
+
+
+async def test_submit_never_blocks_and_drops_oldest_when_database_is_unreachable() -> None:
+    with socket.socket() as sock:  # a port nobody listens on: connections are refused, fast
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = Store(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x", max_buffer=50, retry_min_s=5)
+    started = time.monotonic()
+    await store.start()  # does not fail, does not hang
+    for i in range(200):
+        store.submit(make_run(started_at=T0 + i))
+    assert time.monotonic() - started < 5
+    assert store.buffered == 50
+    assert store.stats.dropped == 150
+    assert not await store.flush()
+    assert store.stats.reachable is False
+    assert store.stats.last_error
+    await store.close(timeout_s=1)
+    assert store.stats.dropped == 200  # the 50 still buffered are lost at close, and counted
+
+
+@pytest.mark.postgres
+async def test_outage_buffers_bounded_and_recovers(pg_url: str) -> None:
+    setup = Store(pg_url)
+    await setup.migrate()
+    await setup.engine.dispose()
+
+    proxy = TcpProxy(PG_HOST, PG_PORT)
+    await proxy.start()
+    via_proxy = pg_url.replace(f"{PG_HOST}:{PG_PORT}", f"127.0.0.1:{proxy.port}")
+    registry = CollectorRegistry()
+    store = Store(via_proxy, max_buffer=20, batch_size=5, retry_min_s=0.05, registry=registry)
+    await store.start()
+    try:
+        store.submit(make_run(run_id="before", started_at=T0))
+        assert await store.flush()
+
+        await proxy.stop()  # the database goes away
+        runs_during: list[RunResult] = [
+            make_run(started_at=T0 + 1 + i, fail_at="read_back" if i >= 25 else None)
+            for i in range(30)
+        ]
+        for run in runs_during:
+            store.submit(run)
+        assert not await store.flush()
+        assert store.buffered == 20
+        assert store.stats.dropped == 10
+        assert registry.get_sample_value("hopwatch_store_dropped_runs_total") == 10
+        assert registry.get_sample_value("hopwatch_store_up") == 0
+
+        await proxy.start()  # it comes back on the same port
+        assert await store.flush()
+        assert registry.get_sample_value("hopwatch_store_up") == 1
+        stored = await store.list_runs(limit=500)
+        assert {r.run_id for r in stored.runs} == {"before"} | {r.run_id for r in runs_during[10:]}
+        # The incident was decided in memory and written once the database was back.
+        (incident,) = (await store.list_incidents(status="open")).incidents
+        assert (incident.first_run_id, incident.failures) == (runs_during[25].run_id, 5)
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+async def test_store_metrics_are_exported(sqlite_url: str) -> None:
+    registry = CollectorRegistry()
+    store = Store(sqlite_url, registry=registry)
+    await store.migrate()
+    store.submit(make_run())
+    assert await store.flush()
+    assert registry.get_sample_value("hopwatch_store_written_runs_total") == 1
+    assert registry.get_sample_value("hopwatch_store_buffered_runs") == 0
+    await store.close()
+
+
+async def test_rows_in_the_database_match_what_was_submitted(store: Store) -> None:
+    store.submit(make_run(fail_at="create_order"))
+    assert await store.flush()
+    async with store.engine.connect() as conn:
+        counts = [
+            await conn.scalar(select(func.count()).select_from(t))
+            for t in (runs, step_results, incidents)
+        ]
+    assert counts == [1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("given_url", "driver"),
+    [
+        ("postgresql://u@h/db", "postgresql+asyncpg"),
+        ("postgres://u@h/db", "postgresql+asyncpg"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+        ("sqlite:///x.db", "sqlite+aiosqlite"),
+        ("hopwatch.db", "sqlite+aiosqlite"),
+    ],
+)
+def test_urls_are_made_async(given_url: str, driver: str) -> None:
+    assert normalize_url(given_url).drivername == driver
+
+
+async def test_store_is_a_sink_and_counts_results_after_close(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    assert isinstance(store, Sink)
+    await store.migrate()
+    await store.start()
+    await store.close()
+    store.submit(make_run())
+    assert (store.buffered, store.stats.dropped) == (0, 1)
