@@ -153,21 +153,25 @@ def check(
     raise typer.Exit(0 if all(r.outcome == "success" for r in results) else 1)
 
 
-async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
-    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
+async def wait_for_signal(duration: float | None = None) -> None:
+    """Return on SIGINT/SIGTERM, or after `duration` seconds when given."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        if duration is None:
-            await stop.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), duration)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
+    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
+    try:
+        await wait_for_signal(duration)
+    finally:
         await engine.stop()
 
 
@@ -223,6 +227,9 @@ def demo(
         str, typer.Option(help="Where the demo's own broker listens.")
     ] = "127.0.0.1:9092",
     store: Store = "temporary",
+    shop_only: Annotated[
+        bool, typer.Option(help="Run only the demo system (shop, worker, webhooks), no monitor.")
+    ] = False,
     duration: Annotated[
         float | None, typer.Option(help="Stop by itself after this many seconds.")
     ] = None,
@@ -242,6 +249,7 @@ def demo(
             store=store,
             duration=duration,
             console=err,
+            shop_only=shop_only,
         )
     )
 

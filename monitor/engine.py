@@ -77,7 +77,9 @@ class Engine:
         self.tracing = Tracing.from_env(location=self.location)
         metrics_sink = MetricsSink(self.metrics)
         metrics_sink.init_series(config.flows, self.location)
-        self.sinks = FanOut([metrics_sink, self.last_runs, *self.options.extra_sinks])
+        self.sinks = FanOut(
+            [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
+        )
         self.correlator = Correlator(self.metrics.arrivals)
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None

@@ -133,6 +133,8 @@ class MetricsSink:
                     self._child(self.m.runs, flow.name, variant, loc, outcome)
                 if links > max_links:
                     continue
+                for step in flow.cleanup:
+                    self._child(self.m.cleanup_failures, flow.name, step.name, variant, loc)
                 for step in flow.steps:
                     for reason in getattr(PROBES[step.kind], "reasons", REASONS):
                         self._child(

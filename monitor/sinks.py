@@ -10,6 +10,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from prometheus_client import Counter
+
 from monitor.results import RunResult
 
 log = logging.getLogger(__name__)
@@ -26,22 +28,32 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+def sink_name(sink: Sink) -> str:
+    """The `sink` label: the class name without a Sink suffix, lower case (metrics, store…)."""
+    return type(sink).__name__.removesuffix("Sink").lower() or "sink"
+
+
 class FanOut:
     """Hands each result to every sink, isolating their failures from each other and the run."""
 
-    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
-        self.sinks: list[Sink] = list(sinks)
-        self.errors = 0
+    def __init__(self, sinks: Sequence[Sink] = (), errors: Counter | None = None) -> None:
+        self.sinks: list[Sink] = []
+        self._errors = errors
+        for sink in sinks:
+            self.add(sink)
 
     def add(self, sink: Sink) -> None:
         self.sinks.append(sink)
+        if self._errors is not None:
+            self._errors.labels(sink_name(sink))  # at 0 from the start, so rate() sees the first
 
     def submit(self, result: RunResult) -> None:
         for sink in self.sinks:
             try:
                 sink.submit(result)
             except Exception:  # a sink's bug must not break probing
-                self.errors += 1
+                if self._errors is not None:
+                    self._errors.labels(sink_name(sink)).inc()
                 log.exception("sink %s failed on run %s", type(sink).__name__, result.run_id)
 
     async def start(self) -> None:

@@ -6,4 +6,6 @@ pytest_plugins = [
     "tests.fixtures.webhooks",
     "tests.fixtures.otlp",
     "tests.fixtures.store",
+    "tests.fixtures.demo",
+    "tests.fixtures.prometheus",
 ]

@@ -88,11 +88,11 @@ async def test_validate_ok_and_schema() -> None:
 
 
 async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
-    admin, shop, public = free_port(), free_port(), free_port()
+    admin, shop, public, kafka = free_port(), free_port(), free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         *HOPWATCH, "demo", "--duration", "30",
         "--admin-listen", f"127.0.0.1:{admin}", "--shop-listen", f"127.0.0.1:{shop}",
-        "--listen", f"127.0.0.1:{public}",
+        "--listen", f"127.0.0.1:{public}", "--kafka-listen", f"127.0.0.1:{kafka}",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

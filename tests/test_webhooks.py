@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from monitor.correlator import Correlator
 from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes, routes_from_steps
-from probes.signatures import StandardWebhooksSignature
 from probes.base import StepContext, StepOutcome
 from probes.errors import AssertionFailed, ConfigError, Duplicate, ExtractFailed, NotReceived
+from probes.signatures import StandardWebhooksSignature
 from probes.webhook_await import Config, WebhookAwaitProbe, expectation_key
 from tests.fixtures.webhooks import (
     SW_SECRET,

@@ -110,8 +110,9 @@ async def run_demo(
     store: str | None,
     duration: float | None,
     console: Console,
+    shop_only: bool = False,
 ) -> None:
-    from monitor.cli import _engine, serve_until_signal
+    from monitor.cli import _engine, serve_until_signal, wait_for_signal
 
     os.environ.setdefault(SECRET_ENV, DEMO_SECRET)
     shop_url = f"http://{shop_listen}"
@@ -122,6 +123,10 @@ async def run_demo(
         shop = await start_site(system.app, shop_listen)
         system.worker.start()
         try:
+            if shop_only:  # the system under watch alone, e.g. as its own container
+                console.print(f"demo shop on {shop_url}, Kafka {bootstrap}; Ctrl-C stops it.")
+                await wait_for_signal(duration)
+                return
             with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
                 config = load([demo_flows_file(shop_url, bootstrap, Path(tmp))])
                 if store == "temporary":

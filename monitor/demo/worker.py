@@ -75,7 +75,12 @@ class OrderPublisher:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap, request_timeout_ms=5000, acks="all"
             )
-            await asyncio.wait_for(producer.start(), 5)
+            try:
+                await asyncio.wait_for(producer.start(), 5)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
             self._producer = producer
         return self._producer
 
@@ -109,6 +114,7 @@ class Worker:
         self.faults = faults
         self.telemetry = telemetry or Telemetry.from_env("shop-worker", exporters=())
         self.processed = 0
+        self.joined = asyncio.Event()  # set once the consumer has joined its group
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -132,6 +138,7 @@ class Worker:
             try:
                 # Joining a group waits for the rebalance; aiokafka's request timeout covers it.
                 await asyncio.wait_for(consumer.start(), 60)
+                self.joined.set()
                 await self._consume(consumer)
             except asyncio.CancelledError:
                 raise
@@ -148,7 +155,10 @@ class Worker:
                 await asyncio.sleep(0.2)
                 continue
             batches = await consumer.getmany(timeout_ms=500, max_records=50)
-            for records in batches.values():
+            for partition, records in batches.items():
+                if self.faults.extra.get("worker_stopped"):  # stopped while fetching
+                    consumer.seek(partition, records[0].offset)  # handle them when resumed
+                    continue
                 for record in records:
                     await self._handle(record)
 

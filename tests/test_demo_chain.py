@@ -1,0 +1,144 @@
+"""The demo chain end to end (API → Kafka → worker → signed webhook → read-back) on a real broker,
+with each fault showing as the right broken link and reason."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+
+from monitor.demo.webhooks import DEMO_SECRET, sign_standard_webhook
+from tests.fixtures.demo import Demo, wait_until
+
+CHAIN = ["create_order", "order_event", "fulfilment_webhook", "read_back"]
+
+
+def arrivals(demo: Demo, source: str, outcome: str) -> float:
+    labels = {"source": source, "outcome": outcome}
+    return demo.registry.get_sample_value("hopwatch_arrivals_total", labels) or 0.0
+
+
+async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
+    for flow in ("checkout", "order_via_kafka", "shop_health"):
+        result = await demo.run(flow)
+        assert result.outcome == "success", [(s.name, s.reason, s.message) for s in result.steps]
+    result = await demo.run("checkout")
+    assert [s.name for s in result.hops] == CHAIN
+    assert all(s.latency_s is not None and s.latency_s > 0 for s in result.hops)
+    labels = {"flow": "checkout", "variant": "stable", "location": "local"}
+    for step, kind in zip(
+        CHAIN, ["http", "kafka_consume", "webhook_await", "http_poll"], strict=True
+    ):
+        count = demo.registry.get_sample_value(
+            "hopwatch_step_duration_seconds_count", {**labels, "step": step, "kind": kind}
+        )
+        assert count == 2
+    assert arrivals(demo, "kafka", "matched") >= 2
+    assert arrivals(demo, "webhook", "matched") >= 3
+
+
+@pytest.mark.parametrize(
+    ("faults", "step", "reason"),
+    [
+        ({"webhook_drop": True}, "fulfilment_webhook", "not_received"),
+        ({"webhook_bad_signature": True}, "fulfilment_webhook", "not_received"),
+        ({"webhook_duplicate": True}, "fulfilment_webhook", "duplicate"),
+        ({"worker_stopped": True}, "fulfilment_webhook", "not_received"),
+        ({"status": 503}, "create_order", "http_status"),
+        ({"wrong_body": True}, "create_order", "assertion"),
+    ],
+)
+async def test_a_fault_breaks_the_right_link_for_the_right_reason(
+    demo: Demo, faults: dict[str, object], step: str, reason: str
+) -> None:
+    await demo.set_faults(**faults)
+    result = await demo.run("checkout")
+    broken = result.broken
+    assert broken is not None, [(s.name, s.status) for s in result.steps]
+    assert (broken.name, broken.reason) == (step, reason), broken.message
+    later = [s.status for s in result.hops[result.hops.index(broken) + 1 :]]
+    assert set(later) <= {"skipped"}
+    if "webhook_bad_signature" in faults:
+        assert arrivals(demo, "webhook", "bad_signature") >= 1
+    await demo.clear_faults()
+    result = await demo.run("checkout")
+    assert result.outcome == "success", [(s.name, s.reason, s.message) for s in result.steps]
+
+
+async def test_a_forged_webhook_gets_401_and_is_counted(demo: Demo) -> None:
+    body = b'{"order_id": "ord-1"}'
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": "msg_forged",
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": sign_standard_webhook(
+            "whsec_" + "QUJD" * 8, "msg_forged", int(time.time()), body
+        ),
+    }
+    async with aiohttp.ClientSession() as http:
+        url = f"{demo.public_url}/hooks/fulfilment"
+        async with http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 401
+        good = dict(headers)
+        good["webhook-signature"] = sign_standard_webhook(
+            DEMO_SECRET, "msg_forged", int(headers["webhook-timestamp"]), body
+        )
+        async with http.post(url, data=body, headers=good) as resp:
+            assert resp.status == 202  # authentic but unmatched: senders must not retry
+    assert arrivals(demo, "webhook", "bad_signature") == 1
+    await wait_until(lambda: arrivals(demo, "webhook", "unmatched") == 1)
+
+
+async def test_a_delayed_webhook_is_not_received_then_late_never_credited(demo: Demo) -> None:
+    await demo.set_faults(webhook_delay_ms=4000)  # the step waits 3s
+    result = await demo.run("checkout")
+    assert result.broken is not None
+    assert (result.broken.name, result.broken.reason) == ("fulfilment_webhook", "not_received")
+    await demo.clear_faults()
+    await wait_until(lambda: arrivals(demo, "webhook", "late") >= 1, timeout=10)
+    result = await demo.run("checkout")
+    assert result.outcome == "success"
+
+
+async def test_a_retried_webhook_passes_with_the_retry_in_its_latency(demo: Demo) -> None:
+    await demo.set_faults(webhook_retry_first=True)
+    result = await demo.run("checkout")
+    assert result.outcome == "success"
+    hop = next(s for s in result.steps if s.name == "fulfilment_webhook")
+    assert hop.latency_s is not None and hop.latency_s >= 0.5  # the sender's backoff
+
+
+async def test_a_slow_consumer_shows_in_the_webhook_hop(demo: Demo) -> None:
+    await demo.set_faults(worker_delay_ms=1000)
+    result = await demo.run("checkout")
+    assert result.outcome == "success"
+    hop = next(s for s in result.steps if s.name == "fulfilment_webhook")
+    assert hop.latency_s is not None and hop.latency_s >= 1.0
+
+
+async def test_broker_down_breaks_only_kafka_links_and_heals_without_restart(demo: Demo) -> None:
+    await demo.set_faults(broker_stopped=True)
+    assert not demo.broker.running
+    assert (await demo.run("shop_health")).outcome == "success"
+    via_kafka = await demo.run("order_via_kafka")
+    assert via_kafka.broken is not None
+    assert (via_kafka.broken.name, via_kafka.broken.reason) in {
+        ("command", "connect_error"),
+        ("command", "timeout"),
+    }
+    checkout = await demo.run("checkout")
+    assert checkout.broken is not None
+    assert checkout.broken.name == "order_event"  # the API still answers: HTTP passed
+    assert checkout.broken.reason in {"connect_error", "not_received"}
+    assert checkout.steps[0].status == "passed"
+
+    await demo.clear_faults()  # the broker comes back (empty, as a replaced broker would)
+    assert demo.broker.running
+    healed = set()
+    deadline = time.monotonic() + 90
+    while healed != {"checkout", "order_via_kafka"} and time.monotonic() < deadline:
+        for flow in ("checkout", "order_via_kafka"):
+            if flow not in healed and (await demo.run(flow)).outcome == "success":
+                healed.add(flow)
+    assert healed == {"checkout", "order_via_kafka"}

