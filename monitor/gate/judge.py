@@ -24,7 +24,6 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.stats import mannwhitneyu, norm
 
 __all__ = [
     "Classification",
@@ -412,6 +411,8 @@ def mann_whitney_ci(
     above = pairs - np.cumsum(counts)[:-1].astype(np.float64)
     dz = above - pairs / 2.0
     corrected = (dz - 0.5 * np.sign(dz)) / sigma
+    from scipy.stats import norm  # scipy costs ~0.6 s to import: only when judging
+
     z = float(norm.ppf(1.0 - (1.0 - confidence) / 2.0))
     lower = _root(levels, corrected - z)
     upper = _root(levels, corrected + z)
@@ -430,6 +431,8 @@ def mann_whitney(canary: Samples, baseline: Samples, confidence: float) -> MannW
     """The two-sided test (p-value from scipy) together with :func:`mann_whitney_ci`."""
     x, y = _thin(_as_array(canary)), _thin(_as_array(baseline))
     lower, upper, estimate = mann_whitney_ci(x, y, confidence)
+    from scipy.stats import mannwhitneyu
+
     p_value = float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
     return MannWhitneyResult(p_value, lower, upper, estimate, confidence)
 
