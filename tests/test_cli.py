@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -113,3 +114,31 @@ async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_run_serves_metrics_and_stops_on_sigterm_within_grace(tmp_path: Path) -> None:
+    """A hanging target keeps a run in flight; SIGTERM ends it after the grace, as aborted."""
+    from tests.fixtures.core import serve
+    from tests.test_http import STARTED, target_app
+
+    target = await serve(target_app())
+    flows = tmp_path / "hang.yaml"
+    flows.write_text(
+        "flows:\n  - name: stuck\n    interval: 1m\n    jitter: 0s\n    timeout: 30s\n"
+        f"    steps: [{{name: s, kind: http, url: 'http://127.0.0.1:{target.port}/hang'}}]\n"
+    )
+    admin = f"127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        *HOPWATCH, "run", str(flows), "--admin-listen", admin, "--store", "none",
+        "--grace", "0.5", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(target.app[STARTED].wait(), 15)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 10)
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await target.close()
