@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from monitor import __version__
-from monitor.config import Config, FileConfig, load
+from monitor.config import Config, FileConfig, load, unresolved_secrets
 from monitor.engine import Engine, Options
 from monitor.gate.command import gate
 from monitor.output import as_json, as_junit, table
@@ -99,8 +99,14 @@ def _setup_logging(level: str) -> None:
 
 @app.command()
 def validate(paths: ConfigPaths) -> None:
-    """Check flow files; print every problem as file:line and exit 2 if there is one."""
+    """Check flow files (and that their secret references resolve here); print every problem
+    as file:line and exit 2 if there is one."""
     config = _load_or_exit(paths)
+    secrets = unresolved_secrets(config)
+    for problem in secrets:
+        sys.stderr.write(problem + "\n")
+    if secrets:
+        raise typer.Exit(2)
     steps = sum(len(f.steps) for f in config.flows)
     out.print(
         f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from monitor.kafka import KafkaCluster
 from probes import StepConfig
@@ -281,6 +281,54 @@ def _kinds_hint() -> str:
     from probes import PROBES
 
     return "known kinds: " + ", ".join(sorted(PROBES))
+
+
+def unresolved_secrets(config: Config) -> list[str]:
+    """Secret references that would fail at run time (unset variable, unreadable file),
+    as `file:line: flow 'x' step 'y': message`, for `hopwatch validate`."""
+    from probes.secrets import SECRET_REF, SecretUnavailable, resolve_secret
+
+    problems: list[str] = []
+    for flow in config.flows:
+        source = Path(config.sources[flow.name])
+        lines = source.read_text(encoding="utf-8").splitlines()
+        for step in flow.all_steps():
+            text = "\n".join(_strings(step))
+            for match in SECRET_REF.finditer(text):
+                try:
+                    resolve_secret(match.group(0))
+                except SecretUnavailable as exc:
+                    line = _line_after(lines, [flow.name, step.name, match.group(0)])
+                    problems.append(
+                        f"{source}:{line}: flow {flow.name!r} step {step.name!r}: {exc}"
+                    )
+    return problems
+
+
+def _line_after(lines: Sequence[str], needles: Sequence[str]) -> int:
+    """The 1-based line of the last needle, each searched after the line of the one before."""
+    at = 0
+    for needle in needles:
+        at = next((i for i in range(at, len(lines)) if needle in lines[i]), at)
+    return at + 1
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string inside a config value, secret ones included (model dumps mask those)."""
+    if isinstance(value, SecretStr):
+        yield value.get_secret_value()
+    elif isinstance(value, str):
+        yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _strings(getattr(value, name))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -96,3 +96,19 @@ def test_json_schema_is_valid_and_accepts_the_examples() -> None:
 
     doc = yaml.safe_load((ROOT / "examples" / "shop.yaml").read_text())
     jsonschema.validate(doc, json.loads(json.dumps(schema)))
+
+
+def test_validate_reports_secret_references_that_do_not_resolve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from monitor.config import unresolved_secrets
+
+    monkeypatch.delenv("HOPWATCH_DEMO_WEBHOOK_SECRET", raising=False)
+    path = ROOT / "examples" / "shop.yaml"
+    problem = "environment variable HOPWATCH_DEMO_WEBHOOK_SECRET is not set"
+    assert unresolved_secrets(load([path])) == [
+        f"{path}:37: flow 'checkout' step 'fulfilment_webhook': {problem}",
+        f"{path}:72: flow 'order_via_kafka' step 'confirmation': {problem}",
+    ]
+    monkeypatch.setenv("HOPWATCH_DEMO_WEBHOOK_SECRET", "whsec_QUJD")
+    assert unresolved_secrets(load([path])) == []
