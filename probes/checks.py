@@ -10,12 +10,12 @@ import json
 import re
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import jsonschema
 from jsonpath_ng.exceptions import JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.base import Untrusted
 from probes.durations import Duration
@@ -38,9 +38,48 @@ def validate_json_path(path: str) -> str:
     return path
 
 
+PathsT = TypeVar("PathsT", bound=Mapping[str, Any])
+
+
+def validate_json_paths(paths: PathsT) -> PathsT:
+    """Refuse a mapping keyed by JSON paths when one of them does not parse."""
+    for path in paths:
+        validate_json_path(path)
+    return paths
+
+
+# Mark a `JSON path → wanted value` field: `Annotated[dict[str, Any], JSON_PATH_KEYS]`.
+JSON_PATH_KEYS = AfterValidator(validate_json_paths)
+
+
 def json_path_get(doc: Any, path: str) -> list[Any]:
     """Every value at `path` in `doc` (JSONPath, e.g. `$.items[0].id`); empty when none."""
     return [match.value for match in _compiled_path(path).find(doc)]
+
+
+def same_value(found: Any, want: Any) -> bool:
+    """Whether a JSON value equals a wanted one, letting a rendered template (always text)
+    stand for a number, bool or null ("42" for 42.0, "true" for true) while never taking
+    a bool for a number (true is not 1)."""
+    if isinstance(want, str):
+        if isinstance(found, str):
+            return found == want
+        # A float taken by an earlier step renders as Python does ("3.0"): accept that too.
+        return as_text(found) == want or (isinstance(found, float) and str(found) == want)
+    if isinstance(want, bool) or isinstance(found, bool):
+        return type(found) is type(want) and found == want
+    return bool(found == want)
+
+
+def as_text(value: Any) -> str:
+    """How a JSON scalar reads in a template: true, 42, null (not Python's True, 42.0, None)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def parse_json(body: bytes) -> Any:
@@ -70,7 +109,7 @@ class Expect(BaseModel):
         default_factory=dict,
         description="Header name → regular expression the value must fully match; default: none.",
     )
-    json_: dict[str, Any] = Field(
+    json_: Annotated[dict[str, Any], JSON_PATH_KEYS] = Field(
         default_factory=dict,
         alias="json",
         description="JSON path → wanted value (exact, after template rendering); default: none.",
@@ -84,13 +123,6 @@ class Expect(BaseModel):
     max_latency: Duration | None = Field(
         default=None, description="Latency budget, e.g. 500ms; default: none."
     )
-
-    @field_validator("json_")
-    @classmethod
-    def _paths_parse(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for path in value:
-            validate_json_path(path)
-        return value
 
     @field_validator("headers")
     @classmethod
@@ -197,7 +229,7 @@ def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> 
         found = json_path_get(doc, path)
         if not found:
             raise AssertionFailed(f"{path} missing, want {want!r}")
-        if not any(_equal(v, want) for v in found):
+        if not any(same_value(v, want) for v in found):
             raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
     if expect.json_schema is not None:
         validator = jsonschema.validators.validator_for(expect.json_schema)(expect.json_schema)
@@ -205,15 +237,6 @@ def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> 
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             raise AssertionFailed(f"body fails JSON Schema at {where}: {error.message}")
-
-
-def _equal(found: Any, want: Any) -> bool:
-    """Equal, allowing a rendered template string to stand for a number or bool."""
-    if found == want:
-        return True
-    if isinstance(want, str) and not isinstance(found, str):
-        return json.dumps(found) == want or str(found) == want
-    return False
 
 
 def extract(

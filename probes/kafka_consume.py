@@ -19,65 +19,49 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import (
-    Expect,
-    ExtractRule,
-    check,
-    excerpt,
-    extract,
-    json_path_get,
-    validate_json_path,
-)
+from probes.checks import Expect, ExtractRule
 from probes.durations import Duration
-from probes.errors import (
-    AssertionFailed,
-    ConnectError,
-    Duplicate,
-    NotReceived,
-    OutOfOrder,
-    StepFailed,
-)
+from probes.errors import AssertionFailed, ConnectError, NotReceived, OutOfOrder, StepFailed
 from probes.kafka_produce import CORRELATION_HEADER
+from probes.waiting import (
+    MatchBase,
+    Rule,
+    Scalar,
+    annotate,
+    assess,
+    await_arrival,
+    latency_from_form,
+    no_duplicate,
+    no_status,
+    register,
+    render_rule,
+    run_state_key,
+    since_sent,
+    since_step,
+)
 
 if TYPE_CHECKING:  # types only: at run time the engine lends these through ctx
-    from monitor.correlator import Arrival, Expectation, Matcher
+    from monitor.correlator import Arrival, Expectation
     from monitor.kafka import KafkaClients
 
-# Stop waiting this much before the run's own deadline so the step fails with what happened
-# (not_received) rather than with the runner's generic timeout.
-_DEADLINE_MARGIN: Final = 0.01
+__all__ = ["Config", "KafkaConsumeProbe", "Match", "Scalar", "channel_of", "expectation_key"]
 
-Scalar = str | int | float | bool
+KIND: Final = "kafka_consume"
 
 
-class Match(BaseModel):
+class Match(MatchBase):
     """Which record belongs to this run: every given header, JSON value and the key must equal."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     header: dict[str, Scalar] = Field(
         default_factory=dict,
         description="Record header name → wanted value (a template); default: none.",
     )
-    json_: dict[str, Scalar] = Field(
-        default_factory=dict,
-        alias="json",
-        description="JSON path → wanted value (a template), e.g. "
-        '`{"$.order_id": "{{ steps.create_order.order_id }}"}`; default: none.',
-    )
     key: str | None = Field(
         default=None, description="Wanted record key (a template); default: any key."
     )
-
-    @field_validator("json_")
-    @classmethod
-    def _paths_parse(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        for path in value:
-            validate_json_path(path)
-        return value
 
 
 class Config(StepConfigBase):
@@ -133,22 +117,17 @@ class Config(StepConfigBase):
     @field_validator("latency_from")
     @classmethod
     def _latency_from_form(cls, value: str) -> str:
-        source, _, arg = value.partition(":")
-        if value in ("trigger", "record") or (source == "step" and arg):
-            return value
-        raise ValueError(f"latency_from {value!r}: want trigger, step:<name> or record")
+        return latency_from_form(value, ("trigger", "step:<name>", "record"))
 
     @field_validator("expect")
     @classmethod
     def _no_status(cls, value: Expect) -> Expect:
-        if value.status is not None:
-            raise ValueError("expect.status does not apply to a Kafka record")
-        return value
+        return no_status(value, "a Kafka record")
 
 
 def expectation_key(step: str) -> tuple[str, str]:
     """Where a step's Expectation lives in `ctx.run_state`."""
-    return ("kafka_consume", step)
+    return run_state_key(KIND, step)
 
 
 def channel_of(config: Config) -> str:
@@ -166,14 +145,12 @@ class KafkaConsumeProbe:
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
         clients = _clients(config, ctx)
-        expectation = ctx.run_state.get(expectation_key(ctx.step)) or _register(config, ctx)
+        expectation = _register(config, ctx)
         rule = _rendered_rule(config, ctx)
-        deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
-        if config.timeout is not None:
-            deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
         try:
-            arrival = await expectation.wait(_matcher(*rule), deadline=deadline)
-            ctx.note_arrival(arrival)
+            arrival = await await_arrival(
+                config, ctx, expectation, rule.matcher(_record_header), started
+            )
         except NotReceived as missing:
             raise _why_missing(config, clients, rule, missing) from None
         attributes = _attributes(config, arrival, started)
@@ -181,21 +158,10 @@ class KafkaConsumeProbe:
         try:
             latency = _latency(config, ctx, arrival, started)
             _in_order(arrival)
-            rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
-            check(
-                config.expect,
-                status=None,
-                headers=arrival.headers,
-                body=arrival.body,
-                latency_s=latency,
-                rendered_json=rendered,
-            )
-            values = extract(config.extract, headers=arrival.headers, body=arrival.body)
-            await _no_duplicate(expectation, config.duplicate_window)
+            values = assess(config, ctx, arrival, latency)
+            await no_duplicate(expectation, config.duplicate_window, "record", "")
         except StepFailed as failed:
-            failed.excerpt = failed.excerpt or excerpt(arrival.body)
-            failed.latency_s = latency
-            failed.attributes.update(attributes)
+            annotate(failed, arrival, latency, attributes)
             raise
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
 
@@ -213,82 +179,19 @@ def _clients(config: Config, ctx: StepContext) -> KafkaClients:
 
 
 def _register(config: Config, ctx: StepContext) -> Expectation:
-    if ctx.correlator is None:
-        raise RuntimeError("kafka_consume needs the engine's correlator")
-    expectation: Expectation = ctx.correlator.expect(
-        channel_of(config), ctx.run.id, ctx.step, ctx.deadline
-    )
-    ctx.run_state[expectation_key(ctx.step)] = expectation
-    # A step that never runs (skipped after a broken link) must not hold its registration.
-    ctx.run_state.setdefault("_on_release", []).append(expectation.cancel)
-    return expectation
-
-
-Rule = tuple[dict[str, str], dict[str, Scalar], bytes | None]
+    return register(ctx, KIND, channel_of(config))
 
 
 def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
     """The match rule with its templates rendered for this run."""
     if config.match is None:
-        return {CORRELATION_HEADER: ctx.run.correlation}, {}, None
-    headers = {
-        name: ctx.render(v) if isinstance(v, str) else _as_text(v)
-        for name, v in config.match.header.items()
-    }
-    paths: dict[str, Scalar] = {
-        path: ctx.render(v) if isinstance(v, str) else v for path, v in config.match.json_.items()
-    }
-    key = ctx.render(config.match.key).encode() if config.match.key is not None else None
-    return headers, paths, key
+        return Rule({CORRELATION_HEADER: ctx.run.correlation}, {})
+    return render_rule(config.match, ctx, "text", key=config.match.key)
 
 
-def _matcher(headers: Mapping[str, str], paths: Mapping[str, Scalar], key: bytes | None) -> Matcher:
-    """A total predicate on an Arrival: never raises, so a junk record is just a non-match."""
-
-    def match(arrival: Arrival) -> bool:
-        if key is not None and arrival.key != key:
-            return False
-        if any(arrival.headers.get(name) != want for name, want in headers.items()):
-            return False
-        if not paths:
-            return True
-        doc = arrival.json
-        if doc is None:
-            return False
-        return all(
-            any(_same(found, want) for found in json_path_get(doc, path))
-            for path, want in paths.items()
-        )
-
-    return match
-
-
-def _same(found: Any, want: Scalar) -> bool:
-    """Equal, letting a rendered template (always text) stand for a number, bool or null."""
-    if isinstance(want, str):
-        return found == want if isinstance(found, str) else _as_text(found) == want
-    if isinstance(want, bool) or isinstance(found, bool):
-        return type(found) is type(want) and found == want
-    return bool(found == want)
-
-
-def _as_text(value: Any) -> str:
-    """How a JSON scalar reads in a template: true, 42, null (not Python's True, 42.0, None)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _describe(rule: Rule) -> str:
-    headers, paths, key = rule
-    parts = [f"key={key.decode('utf-8', 'replace')!r}"] if key is not None else []
-    parts += [f"header {k}={v!r}" for k, v in headers.items()]
-    parts += [f"{k}={v!r}" for k, v in paths.items()]
-    return ", ".join(parts) or "any record"
+def _record_header(headers: Mapping[str, str], name: str) -> str | None:
+    # Kafka header names are case-sensitive, unlike HTTP's: match them exactly.
+    return headers.get(name)
 
 
 def _why_missing(
@@ -303,7 +206,7 @@ def _why_missing(
             f" ({health.last_error or 'no connection yet'})"
         )
     return NotReceived(
-        f"no record with {_describe(rule)} within {config.within:g}s: {missing.message}"
+        f"no record with {rule.describe('any record')} within {config.within:g}s: {missing.message}"
     )
 
 
@@ -318,37 +221,14 @@ def _in_order(arrival: Arrival) -> None:
         )
 
 
-async def _no_duplicate(expectation: Expectation, window: float) -> None:
-    duplicate = await expectation.duplicate(window)
-    if duplicate is not None:
-        which = f" ({duplicate.delivery_id})" if duplicate.delivery_id else ""
-        raise Duplicate(f"a second record matching this run came{which}")
-
-
 def _latency(config: Config, ctx: StepContext, arrival: Arrival, started: float) -> float:
     """Produce → observe latency: from a step's start (monotonic) or the record's timestamp."""
-    if config.latency_from == "record":
-        stamped = arrival.meta.get("timestamp_unix")
-        if stamped is None:
-            raise AssertionFailed("latency_from record: the record has no timestamp")
-        # Wall clocks of two machines: a small negative skew is reported as zero.
-        return max(0.0, arrival.received_unix - float(stamped))
-    _, _, name = config.latency_from.partition(":")
-    return max(0.0, arrival.received_at - _step_start(ctx, name or None, started))
-
-
-def _step_start(ctx: StepContext, name: str | None, fallback: float) -> float:
-    """The named step's start, or the previous step's (the trigger), else this step's own."""
-    if name is not None:
-        if name not in ctx.step_started:
-            raise RuntimeError(f"latency_from step:{name}: no step {name} started before")
-        return ctx.step_started[name]
-    previous: float | None = None
-    for step, began in ctx.step_started.items():
-        if step == ctx.step:
-            break
-        previous = began
-    return fallback if previous is None else previous
+    if config.latency_from != "record":
+        return since_step(ctx, arrival, config.latency_from, started)
+    stamped = arrival.meta.get("timestamp_unix")
+    if stamped is None:
+        raise AssertionFailed("latency_from record: the record has no timestamp")
+    return since_sent(arrival, float(stamped))
 
 
 def _attributes(config: Config, arrival: Arrival, started: float) -> dict[str, Any]:

@@ -15,59 +15,53 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import (
-    Expect,
-    ExtractRule,
-    check,
-    excerpt,
-    extract,
-    json_path_get,
-    validate_json_path,
-)
+from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
-from probes.errors import AssertionFailed, Duplicate, NotReceived, StepFailed
+from probes.errors import AssertionFailed, NotReceived, StepFailed
 from probes.signatures import SignatureConfig
-
-# Stop waiting this much before the run's own deadline so the step fails with what happened
-# (not_received) rather than with the runner's generic timeout.
-_DEADLINE_MARGIN: Final = 0.01
-_MS_THRESHOLD: Final = 1e11  # a numeric sender timestamp above this is in milliseconds
+from probes.waiting import (
+    MatchBase,
+    Rule,
+    Scalar,
+    annotate,
+    assess,
+    await_arrival,
+    header_value,
+    latency_from_form,
+    no_duplicate,
+    no_status,
+    register,
+    render_rule,
+    run_state_key,
+    since_sent,
+    since_step,
+)
 
 if TYPE_CHECKING:  # types only: at run time the engine lends the correlator through ctx
-    from monitor.correlator import Arrival, Expectation, Matcher
+    from monitor.correlator import Arrival, Expectation
 
-Scalar = str | int | float | bool
+__all__ = [
+    "Config",
+    "Match",
+    "Respond",
+    "Scalar",
+    "WebhookAwaitProbe",
+    "expectation_key",
+    "header_value",
+]
+
+KIND: Final = "webhook_await"
+_MS_THRESHOLD: Final = 1e11  # a numeric sender timestamp above this is in milliseconds
 
 
-class Match(BaseModel):
+class Match(MatchBase):
     """Which delivery belongs to this run: every given header and JSON value must be equal."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    header: dict[str, Scalar] = Field(
-        default_factory=dict,
-        description="Header name → wanted value (a template); default: none.",
-    )
-    json_: dict[str, Scalar] = Field(
-        default_factory=dict,
-        alias="json",
-        description="JSON path → wanted value (a template), e.g. "
-        '`{"$.order_id": "{{ steps.create_order.order_id }}"}`; default: none.',
-    )
-
-    @field_validator("json_")
-    @classmethod
-    def _paths_parse(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        for path in value:
-            validate_json_path(path)
-        return value
 
 
 class Respond(BaseModel):
@@ -138,27 +132,17 @@ class Config(StepConfigBase):
     @field_validator("latency_from")
     @classmethod
     def _latency_from_form(cls, value: str) -> str:
-        source, _, arg = value.partition(":")
-        if value == "trigger" or (source in ("step", "header") and arg):
-            return value
-        if source == "json" and arg:
-            validate_json_path(arg)
-            return value
-        raise ValueError(
-            f"latency_from {value!r}: want trigger, step:<name>, header:<name> or json:<path>"
-        )
+        return latency_from_form(value, ("trigger", "step:<name>", "header:<name>", "json:<path>"))
 
     @field_validator("expect")
     @classmethod
     def _no_status(cls, value: Expect) -> Expect:
-        if value.status is not None:
-            raise ValueError("expect.status does not apply to a received webhook")
-        return value
+        return no_status(value, "a received webhook")
 
 
 def expectation_key(step: str) -> tuple[str, str]:
     """Where a step's Expectation lives in `ctx.run_state`."""
-    return ("webhook_await", step)
+    return run_state_key(KIND, step)
 
 
 class WebhookAwaitProbe:
@@ -170,18 +154,16 @@ class WebhookAwaitProbe:
 
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
-        expectation = ctx.run_state.get(expectation_key(ctx.step)) or _register(config, ctx)
-        headers, paths = _rendered_rule(config, ctx)
-        deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
-        if config.timeout is not None:
-            deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
+        expectation = _register(config, ctx)
+        rule = _rendered_rule(config, ctx)
         try:
-            arrival = await expectation.wait(_matcher(headers, paths), deadline=deadline)
-            ctx.note_arrival(arrival)
+            arrival = await await_arrival(
+                config, ctx, expectation, rule.matcher(header_value), started
+            )
         except NotReceived:
-            rule = _describe(headers, paths)
             raise NotReceived(
-                f"no delivery on {config.path} with {rule} within {config.within:g}s"
+                f"no delivery on {config.path} with {rule.describe('any body')}"
+                f" within {config.within:g}s"
             ) from None
         attributes: dict[str, Any] = {
             "webhook.path": config.path,
@@ -191,149 +173,41 @@ class WebhookAwaitProbe:
         latency: float | None = None
         try:
             latency = _latency(config, ctx, arrival, started)
-            rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
-            check(
-                config.expect,
-                status=None,
-                headers=arrival.headers,
-                body=arrival.body,
-                latency_s=latency,
-                rendered_json=rendered,
-            )
-            values = extract(config.extract, headers=arrival.headers, body=arrival.body)
+            values = assess(config, ctx, arrival, latency)
+            # A window of 0 means no duplicate check in the step, not even of one already seen.
             if config.duplicate_window > 0:
-                await _no_duplicate(expectation, config.duplicate_window)
+                await no_duplicate(expectation, config.duplicate_window, "delivery", "delivery id ")
         except StepFailed as failed:
-            failed.excerpt = failed.excerpt or excerpt(arrival.body)
-            failed.latency_s = latency
-            failed.attributes.update(attributes)
+            annotate(failed, arrival, latency, attributes)
             raise
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
 
 
 def _register(config: Config, ctx: StepContext) -> Expectation:
-    if ctx.correlator is None:
-        raise RuntimeError("webhook_await needs the engine's correlator (the public listener)")
-    expectation: Expectation = ctx.correlator.expect(
-        config.path, ctx.run.id, ctx.step, ctx.deadline
-    )
-    ctx.run_state[expectation_key(ctx.step)] = expectation
-    # A step that never runs (skipped after a broken link) must not hold its registration.
-    ctx.run_state.setdefault("_on_release", []).append(expectation.cancel)
-    return expectation
+    return register(ctx, KIND, config.path, " (the public listener)")
 
 
-async def _no_duplicate(expectation: Expectation, window: float) -> None:
-    duplicate = await expectation.duplicate(window)
-    if duplicate is not None:
-        which = f" (delivery id {duplicate.delivery_id})" if duplicate.delivery_id else ""
-        raise Duplicate(f"a second delivery matching this run came{which}")
-
-
-def _rendered_rule(config: Config, ctx: StepContext) -> tuple[dict[str, str], dict[str, Scalar]]:
+def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
     """The match rule with its templates rendered for this run."""
     if config.match is None:
-        return {ctx.marker_header: ctx.run.id}, {}
-    headers = {
-        name: ctx.render(v, "header") if isinstance(v, str) else _as_text(v)
-        for name, v in config.match.header.items()
-    }
-    paths: dict[str, Scalar] = {
-        path: ctx.render(v) if isinstance(v, str) else v for path, v in config.match.json_.items()
-    }
-    return headers, paths
-
-
-def _matcher(headers: Mapping[str, str], paths: Mapping[str, Scalar]) -> Matcher:
-    """A total predicate on an Arrival: never raises, so a junk delivery is just a non-match."""
-
-    def match(arrival: Arrival) -> bool:
-        for name, want in headers.items():
-            if header_value(arrival.headers, name) != want:
-                return False
-        if not paths:
-            return True
-        doc = arrival.json
-        if doc is None:
-            return False
-        return all(
-            any(_same(found, want) for found in json_path_get(doc, path))
-            for path, want in paths.items()
-        )
-
-    return match
-
-
-def header_value(headers: Mapping[str, str], name: str) -> str | None:
-    """A header's value, case-insensitively, from an aiohttp CIMultiDict or a plain mapping."""
-    value = headers.get(name)
-    if value is not None:
-        return value
-    lower = name.lower()
-    for key, candidate in headers.items():
-        if key.lower() == lower:
-            return candidate
-    return None
-
-
-def _same(found: Any, want: Scalar) -> bool:
-    """Equal, letting a rendered template (always text) stand for a number, bool or null."""
-    if isinstance(want, str):
-        return found == want if isinstance(found, str) else _as_text(found) == want
-    if isinstance(want, bool) or isinstance(found, bool):
-        return type(found) is type(want) and found == want
-    return bool(found == want)
-
-
-def _as_text(value: Any) -> str:
-    """How a JSON scalar reads in a template: true, 42, null (not Python's True, 42.0, None)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _describe(headers: Mapping[str, str], paths: Mapping[str, Scalar]) -> str:
-    parts = [f"header {k}={v!r}" for k, v in headers.items()]
-    parts += [f"{k}={v!r}" for k, v in paths.items()]
-    return ", ".join(parts) or "any body"
+        return Rule({ctx.marker_header: ctx.run.id}, {})
+    return render_rule(config.match, ctx, "header")
 
 
 def _latency(config: Config, ctx: StepContext, arrival: Arrival, started: float) -> float:
     """Delivery latency: from the trigger's start (monotonic) or from a sender timestamp (wall)."""
     source, _, arg = config.latency_from.partition(":")
     if source in ("trigger", "step"):
-        origin = _step_start(ctx, arg or None, started)
-        return max(0.0, arrival.received_at - origin)
+        return since_step(ctx, arrival, config.latency_from, started)
     if source == "header":
         text = header_value(arrival.headers, arg)
         if text is None:
             raise AssertionFailed(f"latency_from: header {arg} missing")
-        sent = _sender_time(text, config.latency_from)
-    else:
-        found = json_path_get(arrival.json, arg) if arrival.json is not None else []
-        if not found:
-            raise AssertionFailed(f"latency_from: {arg} missing in the delivery")
-        sent = _sender_time(found[0], config.latency_from)
-    # Wall clocks of two machines: a small negative skew is reported as zero, not as a failure.
-    return max(0.0, float(arrival.received_unix) - sent)
-
-
-def _step_start(ctx: StepContext, name: str | None, fallback: float) -> float:
-    """The named step's start, or the previous step's (the trigger), else this step's own."""
-    if name is not None:
-        if name not in ctx.step_started:
-            raise RuntimeError(f"latency_from step:{name}: no step {name} started before")
-        return ctx.step_started[name]
-    previous: float | None = None
-    for step, started in ctx.step_started.items():
-        if step == ctx.step:
-            break
-        previous = started
-    return fallback if previous is None else previous
+        return since_sent(arrival, _sender_time(text, config.latency_from))
+    found = json_path_get(arrival.json, arg) if arrival.json is not None else []
+    if not found:
+        raise AssertionFailed(f"latency_from: {arg} missing in the delivery")
+    return since_sent(arrival, _sender_time(found[0], config.latency_from))
 
 
 def _sender_time(value: Any, where: str) -> float:

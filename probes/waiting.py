@@ -1,0 +1,255 @@
+"""What the waiting kinds (webhook_await, kafka_consume) share, so each of their rules lives once.
+
+Both register an expectation with the correlator when the run starts, render a match rule,
+wait for a matching arrival until `within` after the step's start, time it from a step's start
+or a sender's clock, then check, extract and look for duplicates the same way. A kind keeps
+only what differs: where arrivals come from, its default rule, and how a sender stamps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from probes.base import RenderMode, StepContext
+from probes.checks import (
+    JSON_PATH_KEYS,
+    Expect,
+    ExtractRule,
+    as_text,
+    check,
+    excerpt,
+    extract,
+    json_path_get,
+    same_value,
+    validate_json_path,
+)
+from probes.errors import Duplicate, StepFailed
+
+if TYPE_CHECKING:  # types only: at run time the engine lends the correlator through ctx
+    from monitor.correlator import Arrival, Expectation, Matcher
+
+# Stop waiting this much before the run's own deadline so the step fails with what happened
+# (not_received) rather than with the runner's generic timeout.
+_DEADLINE_MARGIN: Final = 0.01
+
+Scalar = str | int | float | bool
+HeaderLookup = Callable[[Mapping[str, str], str], str | None]
+
+
+class WaitingConfig(Protocol):
+    """The fields every waiting kind's Config has (read-only: configs are frozen)."""
+
+    @property
+    def within(self) -> float: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def expect(self) -> Expect: ...
+    @property
+    def extract(self) -> Mapping[str, ExtractRule]: ...
+    @property
+    def latency_from(self) -> str: ...
+
+
+class MatchBase(BaseModel):
+    """Header and JSON values an arrival must have to belong to this run; a kind adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    header: dict[str, Scalar] = Field(
+        default_factory=dict,
+        description="Header name → wanted value (a template); default: none.",
+    )
+    json_: Annotated[dict[str, Scalar], JSON_PATH_KEYS] = Field(
+        default_factory=dict,
+        alias="json",
+        description="JSON path → wanted value (a template), e.g. "
+        '`{"$.order_id": "{{ steps.create_order.order_id }}"}`; default: none.',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A match rule with its templates rendered for this run."""
+
+    headers: dict[str, str]
+    paths: dict[str, Scalar]
+    key: bytes | None = None
+
+    def matcher(self, header_of: HeaderLookup) -> Matcher:
+        """A total predicate on an Arrival: never raises, so a junk arrival is just a non-match."""
+
+        def match(arrival: Arrival) -> bool:
+            if self.key is not None and arrival.key != self.key:
+                return False
+            if any(header_of(arrival.headers, name) != want for name, want in self.headers.items()):
+                return False
+            if not self.paths:
+                return True
+            doc = arrival.json
+            if doc is None:
+                return False
+            return all(
+                any(same_value(found, want) for found in json_path_get(doc, path))
+                for path, want in self.paths.items()
+            )
+
+        return match
+
+    def describe(self, anything: str) -> str:
+        """The rule as a failure message shows it; `anything` when it asks for nothing."""
+        parts = [f"key={self.key.decode('utf-8', 'replace')!r}"] if self.key is not None else []
+        parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
+        parts += [f"{k}={v!r}" for k, v in self.paths.items()]
+        return ", ".join(parts) or anything
+
+
+def render_rule(
+    match: MatchBase, ctx: StepContext, header_mode: RenderMode, key: str | None = None
+) -> Rule:
+    """`match` with its templates rendered for this run; non-text values read as in a template."""
+    headers = {
+        name: ctx.render(v, header_mode) if isinstance(v, str) else as_text(v)
+        for name, v in match.header.items()
+    }
+    paths: dict[str, Scalar] = {
+        path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()
+    }
+    return Rule(headers, paths, ctx.render(key).encode() if key is not None else None)
+
+
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, case-insensitively, from an aiohttp CIMultiDict or a plain mapping."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lower = name.lower()
+    for key, candidate in headers.items():
+        if key.lower() == lower:
+            return candidate
+    return None
+
+
+def run_state_key(kind: str, step: str) -> tuple[str, str]:
+    """Where a step's Expectation lives in `ctx.run_state`."""
+    return (kind, step)
+
+
+def register(ctx: StepContext, kind: str, channel: str, listener: str = "") -> Expectation:
+    """The step's registration with the correlator, made now unless the run's start made it.
+    `listener` names what offers arrivals, for the error when the engine lent no correlator."""
+    registered: Expectation | None = ctx.run_state.get(run_state_key(kind, ctx.step))
+    if registered is not None:
+        return registered
+    if ctx.correlator is None:
+        raise RuntimeError(f"{kind} needs the engine's correlator{listener}")
+    made: Expectation = ctx.correlator.expect(channel, ctx.run.id, ctx.step, ctx.deadline)
+    ctx.run_state[run_state_key(kind, ctx.step)] = made
+    # A step that never runs (skipped after a broken link) must not hold its registration.
+    ctx.run_state.setdefault("_on_release", []).append(made.cancel)
+    return made
+
+
+async def await_arrival(
+    config: WaitingConfig,
+    ctx: StepContext,
+    expectation: Expectation,
+    matcher: Matcher,
+    started: float,
+) -> Arrival:
+    """The matching arrival, waited for until `within` after the step's start (capped by the
+    step's timeout and the run's deadline); raises NotReceived."""
+    deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
+    if config.timeout is not None:
+        deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
+    arrival: Arrival = await expectation.wait(matcher, deadline=deadline)
+    ctx.note_arrival(arrival)
+    return arrival
+
+
+def assess(
+    config: WaitingConfig, ctx: StepContext, arrival: Arrival, latency: float | None
+) -> dict[str, Any]:
+    """Check the arrival against `expect` (templates rendered for this run); return `extract`'s
+    values."""
+    rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
+    check(
+        config.expect,
+        status=None,
+        headers=arrival.headers,
+        body=arrival.body,
+        latency_s=latency,
+        rendered_json=rendered,
+    )
+    return extract(config.extract, headers=arrival.headers, body=arrival.body)
+
+
+def annotate(
+    failed: StepFailed, arrival: Arrival, latency: float | None, attributes: Mapping[str, Any]
+) -> None:
+    """Attach the arrival's body excerpt, the latency and the attributes to a failure found
+    after it came."""
+    failed.excerpt = failed.excerpt or excerpt(arrival.body)
+    failed.latency_s = latency
+    failed.attributes.update(attributes)
+
+
+async def no_duplicate(expectation: Expectation, window: float, what: str, id_label: str) -> None:
+    """Fail with `duplicate` if a second arrival matching this run came or comes in `window`."""
+    duplicate = await expectation.duplicate(window)
+    if duplicate is not None:
+        which = f" ({id_label}{duplicate.delivery_id})" if duplicate.delivery_id else ""
+        raise Duplicate(f"a second {what} matching this run came{which}")
+
+
+def no_status(expect: Expect, what: str) -> Expect:
+    """Refuse `expect.status` on an arrival, which has no status (`what`: what arrives)."""
+    if expect.status is not None:
+        raise ValueError(f"expect.status does not apply to {what}")
+    return expect
+
+
+def latency_from_form(value: str, forms: Sequence[str]) -> str:
+    """Accept a `latency_from` of one of `forms`: a bare word (`trigger`) or a source with a
+    non-empty argument (`step:<name>`); a `json:` argument must be a JSON path."""
+    source, _, arg = value.partition(":")
+    for form in forms:
+        wanted, takes_arg, _ = form.partition(":")
+        if takes_arg and source == wanted and arg:
+            if source == "json":
+                validate_json_path(arg)
+            return value
+        if not takes_arg and value == wanted:
+            return value
+    raise ValueError(f"latency_from {value!r}: want {', '.join(forms[:-1])} or {forms[-1]}")
+
+
+def since_step(ctx: StepContext, arrival: Arrival, latency_from: str, started: float) -> float:
+    """Latency (monotonic) from the start of the step `latency_from` names: `step:<name>`,
+    else the trigger (`trigger`: the previous step, or this step when it is the first)."""
+    _, _, name = latency_from.partition(":")
+    return max(0.0, arrival.received_at - _step_start(ctx, name or None, started))
+
+
+def since_sent(arrival: Arrival, sent_unix: float) -> float:
+    """Latency (wall clock) from a time the sender or broker stamped on the arrival."""
+    # Wall clocks of two machines: a small negative skew is reported as zero, not as a failure.
+    return max(0.0, float(arrival.received_unix) - sent_unix)
+
+
+def _step_start(ctx: StepContext, name: str | None, fallback: float) -> float:
+    """The named step's start, or the previous step's (the trigger), else this step's own."""
+    if name is not None:
+        if name not in ctx.step_started:
+            raise RuntimeError(f"latency_from step:{name}: no step {name} started before")
+        return ctx.step_started[name]
+    previous: float | None = None
+    for step, began in ctx.step_started.items():
+        if step == ctx.step:
+            break
+        previous = began
+    return fallback if previous is None else previous
