@@ -17,7 +17,7 @@ from jsonpath_ng.exceptions import JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from probes.base import Untrusted
+from probes.base import StepContext, Untrusted
 from probes.durations import Duration
 from probes.errors import AssertionFailed, ExtractFailed, HttpStatusError
 
@@ -175,6 +175,11 @@ class ExtractRule(BaseModel):
         if self.regex is not None:
             _compile(self.regex)
         return self
+
+
+def rendered_json(expect: Expect, ctx: StepContext) -> dict[str, Any]:
+    """`expect.json` with its wanted values rendered (they may name run or step values)."""
+    return {path: ctx.render_value(want) for path, want in expect.json_.items()}
 
 
 def check_status(want: int | list[int] | None, status: int) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import Expect, check, excerpt, extract
+from probes.checks import Expect, check, excerpt, extract, rendered_json
 from probes.errors import StepFailed
 from probes.http_common import HTTP_REASONS, RequestConfig, send
 
@@ -26,7 +26,7 @@ class HttpProbe:
         resp = await send(config, ctx)
         attributes = {"http.response.status_code": resp.status}
         try:
-            rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
+            rendered = rendered_json(config.expect, ctx)
             check(
                 config.expect,
                 status=resp.status,

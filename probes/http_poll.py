@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import Expect, check, excerpt, extract
+from probes.checks import Expect, check, excerpt, extract, rendered_json
 from probes.durations import Duration
 from probes.errors import StepFailed, Timeout
 from probes.http_common import HTTP_REASONS, RequestConfig, Response, send
@@ -37,7 +37,7 @@ class HttpPollProbe:
         attempts = 0
         last: StepFailed | None = None
         last_resp: Response | None = None
-        rendered = {k: ctx.render_value(v) for k, v in config.until.json_.items()}
+        rendered = rendered_json(config.until, ctx)
         while True:
             attempts += 1
             try:

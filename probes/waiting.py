@@ -24,6 +24,7 @@ from probes.checks import (
     excerpt,
     extract,
     json_path_get,
+    rendered_json,
     same_value,
     validate_json_path,
 )
@@ -176,7 +177,7 @@ def assess(
 ) -> dict[str, Any]:
     """Check the arrival against `expect` (templates rendered for this run); return `extract`'s
     values."""
-    rendered = {k: ctx.render_value(v) for k, v in config.expect.json_.items()}
+    rendered = rendered_json(config.expect, ctx)
     check(
         config.expect,
         status=None,
