@@ -209,6 +209,8 @@ class Runner:
             result.phases = failed.phases
             result.attributes = failed.attributes
             result.latency_s = failed.latency_s
+            if failed.vars:
+                ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
         except TimeoutError:
             result.status = "failed"
             result.reason = "timeout"

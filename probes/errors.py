@@ -57,6 +57,7 @@ class StepFailed(Exception):
         self.phases = phases or {}
         self.attributes = attributes or {}
         self.latency_s = latency_s
+        self.vars: dict[str, Any] = {}  # values taken despite the failure, for cleanup steps
 
 
 class Timeout(StepFailed):

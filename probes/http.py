@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 from pydantic import Field
@@ -37,6 +38,9 @@ class HttpProbe:
             )
             values = extract(config.extract, headers=resp.headers, body=resp.body)
         except StepFailed as failed:
+            # Keep what can be taken, so cleanup can still undo what this request created.
+            with contextlib.suppress(StepFailed):
+                failed.vars = extract(config.extract, headers=resp.headers, body=resp.body)
             failed.excerpt = excerpt(resp.body)
             failed.phases = resp.phases
             failed.latency_s = resp.latency_s

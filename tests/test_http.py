@@ -310,3 +310,19 @@ async def test_secrets_never_reach_results(
     assert result.steps[0].reason == "assertion"
     assert "tok-very-secret" not in dumped
     assert "Bearer ***" in dumped  # the echoed header is in the excerpt, masked
+
+
+async def test_cleanup_still_gets_values_from_a_step_whose_checks_failed(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """The request created something even though its answer was wrong: cleanup must undo it."""
+    steps = (
+        "      - {name: create, kind: http, url: '{{ variant.base_url }}/json',"
+        " expect: {status: 201}, extract: {id: {json: '$.id'}}}\n"
+    )
+    cleanup = (
+        "      - {name: undo, kind: http,"
+        " url: '{{ variant.base_url }}/items/{{ steps.create.id }}'}\n"
+    )
+    result = await run_flow(load_flows(flow_yaml(base(target), steps, cleanup=cleanup)))
+    assert [(s.name, s.status) for s in result.steps] == [("create", "failed"), ("undo", "passed")]

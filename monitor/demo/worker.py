@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from monitor.demo.shop import Faults
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 ORDERS_TOPIC = "orders"
 COMMANDS_TOPIC = "order-commands"
 KafkaHeaders = list[tuple[str, bytes]]
+
+
+async def ensure_topics(bootstrap: str, partitions: int = 3) -> None:
+    """Create the demo's topics, as a deployment would, so the worker's group is assigned their
+    partitions at once (instead of after a metadata refresh and a second rebalance)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        topics = [NewTopic(t, partitions, 1) for t in (ORDERS_TOPIC, COMMANDS_TOPIC)]
+        await asyncio.wait_for(admin.create_topics(topics), 5)  # existing ones: error code 36
+    except (KafkaError, OSError, TimeoutError) as exc:
+        log.info("demo topics not created (%s); the broker will create them on first use", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
 
 
 class OrderPublisher:
@@ -127,6 +143,7 @@ class Worker:
 
     async def _supervise(self) -> None:
         while True:
+            await ensure_topics(self.bootstrap)
             consumer = AIOKafkaConsumer(
                 ORDERS_TOPIC,
                 COMMANDS_TOPIC,
