@@ -204,6 +204,7 @@ def run(
         admin_token=admin_token,
         store_url=None if store == "none" else store,
         grace=grace,
+        settle_gc=True,
     )
 
     async def main() -> None:

@@ -32,7 +32,9 @@ class HttpClientPool:
             ctx = self._ssl[tls] = build_ssl_context(tls)
         return ctx
 
-    def _new_session(self, tls: TlsConfig, *, shared: bool) -> aiohttp.ClientSession:
+    def _new_session(
+        self, tls: TlsConfig, *, shared: bool, cookies: bool = False
+    ) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             ssl=self._ssl_for(tls),
             use_dns_cache=shared,
@@ -43,7 +45,9 @@ class HttpClientPool:
             connector=connector,
             timeout=self._timeout,
             trace_configs=[self._trace_config],
-            cookie_jar=aiohttp.DummyCookieJar() if shared else None,
+            # A cookie jar per run only when asked for: building one costs more than the
+            # rest of the session, and shared sessions must not carry cookies across runs.
+            cookie_jar=None if cookies and not shared else aiohttp.DummyCookieJar(),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
             headers={"User-Agent": "hopwatch"},
@@ -58,7 +62,7 @@ class HttpClientPool:
         sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.setdefault(_CLOSERS, {})
         session = sessions.get(tls)
         if session is None:
-            session = sessions[tls] = self._new_session(tls, shared=False)
+            session = sessions[tls] = self._new_session(tls, shared=False, cookies=ctx.cookies)
         return session
 
     @staticmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +29,11 @@ CLEANUP_BUDGET = 5.0  # seconds cleanup may take beyond an exhausted run timeout
 
 
 def new_run_id() -> str:
-    return secrets.token_hex(8)
+    """16 hex digits; unique enough to correlate, and not a secret (so no os.urandom per run)."""
+    return f"{_ids.getrandbits(64):016x}"
+
+
+_ids = random.Random()
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Runner:
             public_url=d.public_url,
             deadline=deadline,
             reuse_connections=flow.reuse_connections,
+            cookies=flow.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
             services=d.services,

@@ -20,6 +20,8 @@ from monitor.runner import Runner
 
 log = logging.getLogger(__name__)
 
+FIRST_STARTS_PER_S = 100.0
+
 
 class Scheduler:
     def __init__(
@@ -38,6 +40,7 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._tasks: dict[asyncio.Task[None], bool] = {}  # task → running a run now
         self._stopping = False
+        self._pairs = sum(len(f.variants) for f in self.flows)
 
     def start(self) -> None:
         for flow in self.flows:
@@ -48,7 +51,11 @@ class Scheduler:
     async def _loop(self, flow: Flow, variant: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        tick = time.monotonic() + self._rng.uniform(0, min(flow.spread, flow.interval))
+        # First runs spread over the jitter, widened so that all flows together start at most
+        # FIRST_STARTS_PER_S on average (up to the whole interval, as Prometheus spreads
+        # scrapes): a few flows report at once, 10,000 never start in one burst.
+        window = max(flow.spread, self._pairs / FIRST_STARTS_PER_S)
+        tick = time.monotonic() + self._rng.uniform(0, min(window, flow.interval))
         planned = tick
         while not self._stopping:
             delay = planned - time.monotonic()
@@ -68,12 +75,13 @@ class Scheduler:
                     log.exception("run of %s/%s raised", flow.name, variant)
                 finally:
                     self._tasks[task] = False
-            # Next tick on the grid after now; skip ticks missed during a long run.
             tick += flow.interval
             now = time.monotonic()
-            if tick < now:
-                tick += math.ceil((now - tick) / flow.interval) * flow.interval
-            planned = tick + self._rng.uniform(0, flow.spread)
+            # Skip ticks whose whole jitter window passed while the run overran; a run that
+            # is merely late (inside its window) still happens, right away.
+            if tick + flow.spread < now:
+                tick += math.ceil((now - tick - flow.spread) / flow.interval) * flow.interval
+            planned = max(tick + self._rng.uniform(0, flow.spread), now)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Let in-flight runs finish within `grace`; then cancel them (they end as aborted)."""

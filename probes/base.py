@@ -90,6 +90,7 @@ class StepContext:
     public_url: str
     deadline: float  # monotonic seconds; the run's end
     reuse_connections: bool = False
+    cookies: bool = False  # keep cookies between this run's steps
     correlator: Any = None
     kafka: Any = None
     services: dict[str, Any] = field(default_factory=dict)

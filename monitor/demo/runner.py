@@ -134,7 +134,10 @@ async def run_demo(
                 elif store == "none":
                     store = None
                 engine = _engine(
-                    config, Options(listen=listen, admin_listen=admin_listen, store_url=store)
+                    config,
+                    Options(
+                        listen=listen, admin_listen=admin_listen, store_url=store, settle_gc=True
+                    ),
                 )
                 await engine.start()
                 console.print(
