@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 RenderMode = Literal["text", "url", "header"]
 ARRIVAL_KEY = "trace_arrival"
+_VARIABLES = "_template_variables"
 
 
 class Untrusted(str):
@@ -100,19 +101,24 @@ class StepContext:
     step: str = ""
 
     def variables(self) -> dict[str, Any]:
-        """The names templates see: run, variant, steps, public_url."""
-        return {
-            "run": {
-                "id": self.run.id,
-                "correlation": self.run.correlation,
-                "flow": self.run.flow,
-                "variant": self.run.variant,
-                "location": self.run.location,
-            },
-            "variant": {"name": self.run.variant, **self.variant},
-            "steps": self.steps,
-            "public_url": self.public_url,
-        }
+        """The names templates see: run, variant, steps, public_url. Built once per run: its
+        parts are references, and `steps` fills in as the run goes."""
+        cached = self.run_state.get(_VARIABLES)
+        if cached is None:
+            run = self.run
+            cached = self.run_state[_VARIABLES] = {
+                "run": {
+                    "id": run.id,
+                    "correlation": run.correlation,
+                    "flow": run.flow,
+                    "variant": run.variant,
+                    "location": run.location,
+                },
+                "variant": {"name": run.variant, **self.variant},
+                "steps": self.steps,
+                "public_url": self.public_url,
+            }
+        return cached
 
     def render(self, template: str, mode: RenderMode = "text") -> str:
         return self.renderer.render(template, self.variables(), mode)
