@@ -47,8 +47,16 @@ def test_histogram_quantile_matches_promql_interpolation() -> None:
 
 def test_quick_throughput_run_prints_and_writes_its_figures(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "throughput",
-         "--out", str(tmp_path / "bench.json")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "throughput",
+            "--out",
+            str(tmp_path / "bench.json"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
