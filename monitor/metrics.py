@@ -1,20 +1,24 @@
 """The Prometheus metrics of DESIGN.md's contract, and the sink that turns run results into them.
 
-Instruments live on an injected registry (a fresh one per test); label children are cached
-because `labels()` is costly on the probing path at 10,000 flows.
+Instruments live on an injected registry (a fresh one per test). The per-flow families are the
+compact ones of monitor/metric_types.py (one float array per family instead of ~100 objects and
+locks per flow, same exposition); the engine is single-threaded, so they take no locks. The
+sink looks up one pre-built record per (flow, variant, location) per run instead of a label
+lookup per update; the records of configured flows are built at start-up by `init_series`, so
+they are in place before `gc.freeze()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Info
 
 from monitor import __version__
 from monitor.config import Flow
-from monitor.results import RunResult
+from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily
+from monitor.results import RunResult, StepResult
 from probes import PROBES
 from probes.errors import REASONS
 
@@ -22,7 +26,12 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
 )  # fmt: skip
+# The phases keep the latency buckets: with compact histograms they cost 8 bytes a bucket, and
+# changing them would change the `le` series that dashboards and recorded data already use.
+PHASE_BUCKETS = LATENCY_BUCKETS
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+OUTCOMES = ("success", "failure", "aborted")
+EXEMPLAR_TRACE_ID_MAX = 120  # OpenMetrics caps exemplar labels at 128 runes; "trace_id" is 8
 
 METRIC_NAMES: dict[str, str] = {
     "hopwatch_runs_total": "counter",
@@ -45,55 +54,58 @@ METRIC_NAMES: dict[str, str] = {
 
 
 class Metrics:
-    """Every instrument hopwatch exports, registered on one registry."""
+    """Every instrument hopwatch exports, registered on one registry.
+
+    `arrivals` and `sink_errors` stay prometheus_client Counters: a handful of series each,
+    and the receivers and FanOut are typed against `Counter`.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         flow = ["flow", "variant", "location"]
         step = ["flow", "step", "kind", "variant", "location"]
-        self.runs = Counter("hopwatch_runs", "Runs by outcome.", [*flow, "outcome"],
-                            registry=registry)  # fmt: skip
-        self.run_duration = Histogram(
-            "hopwatch_run_duration_seconds", "End-to-end duration of a run.", flow,
-            buckets=LATENCY_BUCKETS, registry=registry,
+        self.runs = CounterFamily("hopwatch_runs", "Runs by outcome.", [*flow, "outcome"],
+                                  registry)  # fmt: skip
+        self.run_duration = HistogramFamily(
+            "hopwatch_run_duration_seconds", "End-to-end duration of a run.", flow, registry,
+            buckets=LATENCY_BUCKETS,
         )  # fmt: skip
-        self.step_duration = Histogram(
-            "hopwatch_step_duration_seconds", "Per-hop latency.", step,
-            buckets=LATENCY_BUCKETS, registry=registry,
+        self.step_duration = HistogramFamily(
+            "hopwatch_step_duration_seconds", "Per-hop latency.", step, registry,
+            buckets=LATENCY_BUCKETS,
         )  # fmt: skip
-        self.step_failures = Counter(
-            "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"],
-            registry=registry,
-        )  # fmt: skip
-        self.cleanup_failures = Counter(
+        self.step_failures = CounterFamily(
+            "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry
+        )
+        self.cleanup_failures = CounterFamily(
             "hopwatch_cleanup_failures", "Cleanup steps that failed (not hops).",
-            ["flow", "step", "variant", "location"], registry=registry,
+            ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
-        self.link_up = Gauge(
+        self.link_up = GaugeFamily(
             "hopwatch_link_up", "1 if the hop passed in the last run, else 0.",
-            ["flow", "step", "variant", "location"], registry=registry,
+            ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
-        self.flow_up = Gauge("hopwatch_flow_up", "1 if the last run succeeded.", flow,
-                             registry=registry)  # fmt: skip
-        self.last_success = Gauge(
+        self.flow_up = GaugeFamily("hopwatch_flow_up", "1 if the last run succeeded.", flow,
+                                   registry)  # fmt: skip
+        self.last_success = GaugeFamily(
             "hopwatch_last_success_timestamp_seconds", "Unix time of the last good run.", flow,
-            registry=registry,
+            registry,
         )  # fmt: skip
-        self.http_phase = Histogram(
+        self.http_phase = HistogramFamily(
             "hopwatch_http_phase_duration_seconds", "HTTP phase timings.",
-            ["flow", "step", "phase"], buckets=LATENCY_BUCKETS, registry=registry,
+            ["flow", "step", "phase"], registry, buckets=PHASE_BUCKETS,
         )  # fmt: skip
         self.arrivals = Counter(
             "hopwatch_arrivals", "Webhooks and messages by outcome.", ["source", "outcome"],
             registry=registry,
         )  # fmt: skip
-        self.loop_lag = Histogram(
+        self.loop_lag = HistogramFamily(
             "hopwatch_event_loop_lag_seconds", "How late the monitor's event loop wakes up.",
-            buckets=LAG_BUCKETS, registry=registry,
+            registry=registry, buckets=LAG_BUCKETS,
         )  # fmt: skip
-        self.scheduler_lag = Histogram(
+        self.scheduler_lag = HistogramFamily(
             "hopwatch_scheduler_lag_seconds", "How late runs start against their schedule.",
-            buckets=LAG_BUCKETS, registry=registry,
+            registry=registry, buckets=LAG_BUCKETS,
         )  # fmt: skip
         self.sink_errors = Counter(
             "hopwatch_sink_errors", "Results a sink failed to take.", ["sink"], registry=registry
@@ -102,19 +114,48 @@ class Metrics:
         build.info({"version": __version__})
 
 
+class _Hop:
+    """Where one hop's updates go, as offsets into the families (see metric_types.Family)."""
+
+    __slots__ = ("duration", "failures", "kind", "link_up", "phases")
+
+    def __init__(self, m: Metrics, flow: str, step: str, kind: str, variant: str, loc: str):
+        self.kind = kind
+        self.link_up = m.link_up.reserve((flow, step, variant, loc))
+        self.duration = m.step_duration.reserve((flow, step, kind, variant, loc))
+        self.failures: dict[str, int] = {}  # reason → offset, filled when first needed
+        self.phases: dict[str, int] = {}  # phase → offset, filled when first seen
+
+
+class _Run:
+    """Every series one (flow, variant, location) run touches: built once, looked up once."""
+
+    __slots__ = ("cleanup", "duration", "flow", "flow_up", "hops", "last_success", "loc",
+                 "outcomes", "variant")  # fmt: skip
+
+    def __init__(self, m: Metrics, flow: str, variant: str, loc: str) -> None:
+        self.flow, self.variant, self.loc = flow, variant, loc
+        key = (flow, variant, loc)
+        self.outcomes = {o: m.runs.reserve((*key, o)) for o in OUTCOMES}
+        self.duration = m.run_duration.reserve(key)
+        self.flow_up = m.flow_up.reserve(key)
+        self.last_success = m.last_success.reserve(key)
+        self.hops: dict[str, _Hop] = {}
+        self.cleanup: dict[str, int] = {}  # cleanup step → offset of its failure counter
+
+    def hop(self, m: Metrics, step: str, kind: str) -> _Hop:
+        hop = self.hops.get(step)
+        if hop is None or hop.kind != kind:
+            hop = self.hops[step] = _Hop(m, self.flow, step, kind, self.variant, self.loc)
+        return hop
+
+
 class MetricsSink:
-    """Turns each RunResult into metric updates; label children are looked up once."""
+    """Turns each RunResult into metric updates through one pre-built record per run key."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._runs: dict[tuple[str, str, str], _Run] = {}
 
     async def start(self) -> None:
         return None
@@ -122,57 +163,120 @@ class MetricsSink:
     async def close(self) -> None:
         return None
 
+    def _run(self, flow: str, variant: str, loc: str) -> _Run:
+        key = (flow, variant, loc)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = _Run(self.m, flow, variant, loc)
+        return run
+
     def init_series(self, flows: Sequence[Flow], location: str, max_links: int = 2000) -> None:
-        """Create every flow's run counters and each link's failure counters at 0, so the first
-        failure is an increase that rate() and alerts see (up to `max_links`, to bound memory)."""
+        """Build every configured run's record, and export each flow's run counters and each
+        link's failure counters at 0, so the first failure is an increase that rate() and
+        alerts see (the failure counters up to `max_links`, to bound the series scraped)."""
+        m = self.m
         links = sum(len(f.steps) * len(f.variants) for f in flows)
         for flow in flows:
             loc = flow.location or location
             for variant in flow.variants:
-                for outcome in ("success", "failure", "aborted"):
-                    self._child(self.m.runs, flow.name, variant, loc, outcome)
+                run = self._run(flow.name, variant, loc)
+                for offset in run.outcomes.values():
+                    m.runs.show(offset)
+                hops = [run.hop(m, step.name, step.kind) for step in flow.steps]
                 if links > max_links:
                     continue
                 for step in flow.cleanup:
-                    self._child(self.m.cleanup_failures, flow.name, step.name, variant, loc)
-                for step in flow.steps:
+                    m.cleanup_failures.show(self._cleanup(run, step.name))
+                for step, hop in zip(flow.steps, hops, strict=True):
                     for reason in getattr(PROBES[step.kind], "reasons", REASONS):
-                        self._child(
-                            self.m.step_failures, flow.name, step.name, step.kind, variant, loc,
-                            reason,
-                        )  # fmt: skip
+                        m.step_failures.show(self._failure(run, hop, step.name, reason))
+
+    def _cleanup(self, run: _Run, step: str) -> int:
+        offset = run.cleanup.get(step)
+        if offset is None:
+            key = (run.flow, step, run.variant, run.loc)
+            offset = run.cleanup[step] = self.m.cleanup_failures.reserve(key)
+        return offset
+
+    def _failure(self, run: _Run, hop: _Hop, step: str, reason: str) -> int:
+        offset = hop.failures.get(reason)
+        if offset is None:
+            key = (run.flow, step, hop.kind, run.variant, run.loc, reason)
+            offset = hop.failures[reason] = self.m.step_failures.reserve(key)
+        return offset
 
     def submit(self, result: RunResult) -> None:
-        f, v, loc = result.flow, result.variant, result.location
-        exemplar = {"trace_id": result.trace_id} if result.trace_id else None
-        self._child(self.m.runs, f, v, loc, result.outcome).inc()
+        m = self.m
+        run = self._runs.get((result.flow, result.variant, result.location))
+        if run is None:  # a flow init_series was not told about (tests, `check`)
+            run = self._run(result.flow, result.variant, result.location)
+        outcome = run.outcomes.get(result.outcome)
+        if outcome is None:  # not one of OUTCOMES: counted all the same, as before
+            key = (run.flow, run.variant, run.loc, result.outcome)
+            outcome = run.outcomes[result.outcome] = m.runs.reserve(key)
+        m.runs.inc_at(outcome)
         if result.outcome == "aborted":
             return  # a run cut short by shutdown says nothing about the target
-        self._child(self.m.run_duration, f, v, loc).observe(result.duration_s, exemplar)
+        trace_id = result.trace_id
+        if trace_id is not None and len(trace_id) > EXEMPLAR_TRACE_ID_MAX:
+            raise ValueError(f"trace id too long for an exemplar: {len(trace_id)} characters")
+        m.run_duration.observe_at(run.duration, result.duration_s, trace_id)
         up = result.outcome == "success"
-        self._child(self.m.flow_up, f, v, loc).set(1 if up else 0)
+        m.flow_up.set_at(run.flow_up, 1.0 if up else 0.0)
         if up:
-            self._child(self.m.last_success, f, v, loc).set(result.started_at + result.duration_s)
+            m.last_success.set_at(run.last_success, result.started_at + result.duration_s)
         for step in result.steps:
             if step.cleanup:
                 if step.status == "failed":
-                    self._child(self.m.cleanup_failures, f, step.name, v, loc).inc()
-                continue
-            self._child(self.m.link_up, f, step.name, v, loc).set(1 if step.passed else 0)
-            if step.status == "failed":
-                reason = step.reason or "error"
-                self._child(self.m.step_failures, f, step.name, step.kind, v, loc, reason).inc()
-            if step.status in ("passed", "failed") and step.latency_s is not None:
-                child = self._child(self.m.step_duration, f, step.name, step.kind, v, loc)
-                child.observe(step.latency_s, exemplar)
+                    m.cleanup_failures.inc_at(self._cleanup(run, step.name))
+            else:
+                self._hop(run, step, trace_id)
+
+    def _hop(self, run: _Run, step: StepResult, trace_id: str | None) -> None:
+        m = self.m
+        hop = run.hops.get(step.name)
+        if hop is None or hop.kind != step.kind:
+            hop = run.hop(m, step.name, step.kind)
+        status = step.status
+        m.link_up.set_at(hop.link_up, 1.0 if status == "passed" else 0.0)
+        if status == "failed":
+            m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
+        if (status == "passed" or status == "failed") and step.latency_s is not None:
+            m.step_duration.observe_at(hop.duration, step.latency_s, trace_id)
+        if step.phases:
+            phases = hop.phases
             for phase, seconds in step.phases.items():
-                self._child(self.m.http_phase, f, step.name, phase).observe(seconds)
+                offset = phases.get(phase)
+                if offset is None:
+                    offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
+                m.http_phase.observe_at(offset, seconds)
 
 
-async def watch_event_loop(metrics: Metrics, interval: float = 0.25) -> None:
-    """Measure how late the loop wakes up: a monitor too busy to measure says so."""
+async def watch_event_loop(metrics: Metrics, interval: float = 0.25, every: float = 0.05) -> None:
+    """Measure how late the loop wakes up: a monitor too busy to measure says so.
+
+    The loop is sampled every `every` seconds (a timer callback, cheaper than a sleeping
+    task) and the worst lag of each `interval` is observed: a 100 ms garbage-collection pause
+    between two 250 ms samples is not missed, and the histogram still gets one value per
+    `interval`. Runs until cancelled.
+    """
     loop = asyncio.get_running_loop()
-    while True:
-        planned = loop.time() + interval
-        await asyncio.sleep(interval)
-        metrics.loop_lag.observe(max(0.0, loop.time() - planned))
+    observe = metrics.loop_lag.observe
+    handle: asyncio.TimerHandle | None = None
+    worst = 0.0
+    window_end = loop.time() + interval
+
+    def tick(planned: float) -> None:
+        nonlocal handle, worst, window_end
+        now = loop.time()
+        worst = max(worst, now - planned)
+        if now >= window_end:
+            observe(worst)
+            worst, window_end = 0.0, now + interval
+        handle = loop.call_at(now + every, tick, now + every)
+
+    handle = loop.call_at(loop.time() + every, tick, loop.time() + every)
+    try:
+        await loop.create_future()  # the timer chain does the work; wait to be cancelled
+    finally:
+        handle.cancel()
