@@ -60,6 +60,7 @@ def build_engine(
         admin_listen=f"127.0.0.1:{free_port()}",
         grace=2.0,
         extra_sinks=list(sinks or []),
+        settle_gc=True,  # as `hopwatch run` does
     )
     return Engine(config, options, registry=CollectorRegistry())
 

@@ -45,7 +45,7 @@ async def hopwatch_scale(args: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     memory["config_loaded"] = rss_mib()
     sink = CollectSink()
-    engine = Engine(config, Options(grace=2.0, extra_sinks=[sink]))
+    engine = Engine(config, Options(grace=2.0, extra_sinks=[sink], settle_gc=True))  # as `run`
     clock = CpuClock()
     t0 = time.perf_counter()
     await engine.start(schedule=True, admin=False)
