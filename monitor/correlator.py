@@ -29,8 +29,11 @@ CorrelatorOverflow, an internal error), early arrivals (`max_early`,
 expectations remembered for late/duplicate detection (`max_late`, `late_memory`) and delivery
 ids (`max_delivery_ids`). Every overflow is counted in `Correlator.overflow`, never raised from
 `offer`. Call `purge()` (or run `janitor()` as a task) so ageing happens without traffic too.
-Matching is a linear scan of one channel's expectations, which is fine for the thousands of
-concurrent expectations a monitor has; matchers must be cheap and total.
+
+Matching: matchers must be cheap and total. A matcher that also has `keys` (an IndexedMatcher:
+equalities it requires, as `(selector, text)` pairs) is indexed, per channel, under one of them,
+so an arrival reads each selector once and runs only the matchers filed under what it holds;
+a matcher without keys is checked against every arrival on its channel.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import count
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, Protocol, TypeVar
 
 from probes.errors import NotReceived
 
@@ -81,12 +84,52 @@ Matcher = Callable[[Arrival], bool]
 State = Literal["registered", "waiting", "fulfilled", "expired", "cancelled"]
 
 
+class Selector(Hashable, Protocol):
+    """A place an IndexedMatcher looks in an arrival; equal selectors must read the same place."""
+
+    def texts(self, arrival: Arrival) -> Collection[str]:
+        """The texts `arrival` holds there: for every key `(self, text)` of a matcher that
+        accepts `arrival`, `text` must be among them (more is fine: matchers confirm)."""
+        ...
+
+
+class IndexedMatcher(Protocol):
+    """A Matcher that names equalities it requires, so the correlator can index it."""
+
+    keys: tuple[tuple[Selector, str], ...]
+
+    def __call__(self, arrival: Arrival) -> bool: ...
+
+
 class CorrelatorOverflow(RuntimeError):
     """The pending table is full: an internal error (an overloaded monitor), not the target's."""
 
 
 class Expectation:
     """One step of one run waiting for one arrival on one channel."""
+
+    # Slots: up to `max_late` finished ones live on, and each object the collector tracks
+    # makes every full collection longer.
+    __slots__ = (
+        "_dup_future",
+        "_duplicates",
+        "_filed",
+        "_future",
+        "_keys",
+        "_order",
+        "_owner",
+        "_seen_on_channel",
+        "channel",
+        "deadline",
+        "delivery_id",
+        "duplicate_count",
+        "finished_at",
+        "match",
+        "run_id",
+        "seq",
+        "state",
+        "step",
+    )
 
     def __init__(
         self, owner: Correlator, seq: int, channel: str, run_id: str, step: str, deadline: float
@@ -103,12 +146,21 @@ class Expectation:
         # expectation lives on for `late_memory`, and holding bodies that long would defeat
         # the memory bounds.
         self.delivery_id: str | None = None
-        self.duplicates: list[Arrival] = []
+        self._duplicates: list[Arrival] | None = None  # made for the first one
         self.duplicate_count = 0
         self.finished_at = 0.0
         self._future: asyncio.Future[Arrival] | None = None
         self._dup_future: asyncio.Future[Arrival] | None = None
         self._seen_on_channel = 0
+        self._keys: tuple[_Key, ...] | None = None  # the matcher's, once read
+        # where an index holds it: its order there and the key it is filed under
+        self._order = -1
+        self._filed: _Key | None = None
+
+    @property
+    def duplicates(self) -> list[Arrival]:
+        """The first duplicate(s) of this expectation's arrival, remembered without bodies."""
+        return [] if self._duplicates is None else self._duplicates
 
     def __repr__(self) -> str:
         return f"<Expectation {self.channel} run={self.run_id} step={self.step} {self.state}>"
@@ -129,6 +181,7 @@ class Expectation:
         if claimed is not None:
             return claimed
         loop = asyncio.get_running_loop()
+        self._owner._start_waiting(self)
         self.state = "waiting"
         self._owner._flush_unclaimable(self.channel)
         self._future = loop.create_future()
@@ -176,8 +229,10 @@ class Expectation:
     def _add_duplicate(self, arrival: Arrival) -> None:
         self.duplicate_count += 1
         remembered = _without_body(arrival)
-        if len(self.duplicates) < _KEEP_DUPLICATES:
-            self.duplicates.append(remembered)
+        if self._duplicates is None:
+            self._duplicates = []
+        if len(self._duplicates) < _KEEP_DUPLICATES:
+            self._duplicates.append(remembered)
         if self._dup_future is not None and not self._dup_future.done():
             self._dup_future.set_result(remembered)
 
@@ -217,15 +272,184 @@ class _Table(Generic[T]):
         return None if entry is None else entry[1]
 
     def oldest(self) -> tuple[int, T] | None:
-        for seq, (_, item) in self._all.items():
-            return seq, item
-        return None
+        first = next(iter(self._all.items()), None)
+        return None if first is None else (first[0], first[1][1])
 
     def channel(self, channel: str) -> list[tuple[int, T]]:
         return list(self._by_channel.get(channel, {}).items())
 
+    def holds(self, channel: str) -> bool:
+        return channel in self._by_channel
+
     def items(self) -> Iterator[tuple[int, T]]:
         return ((seq, item) for seq, (_, item) in list(self._all.items()))
+
+
+_Key = tuple[Selector, str]
+
+
+class _Texts:
+    """One arrival's texts per selector, each read once however many expectations ask."""
+
+    __slots__ = ("_read", "arrival")
+
+    def __init__(self, arrival: Arrival) -> None:
+        self.arrival = arrival
+        self._read: dict[Selector, Collection[str] | None] = {}
+
+    def get(self, selector: Selector) -> Collection[str] | None:
+        """The texts at `selector`, or None when reading them failed (then scan its buckets)."""
+        try:
+            return self._read[selector]
+        except KeyError:
+            pass
+        texts: Collection[str] | None
+        try:
+            texts = selector.texts(self.arrival)
+        except Exception:
+            log.exception("selector %r failed on an arrival", selector)
+            texts = None
+        self._read[selector] = texts
+        return texts
+
+
+_Bucket = Expectation | dict[int, Expectation]  # one, or several by order
+
+
+@dataclass(slots=True)
+class _ChannelIndex:
+    """One channel's indexed expectations: each filed under one key, or unkeyed. Where each
+    is filed lives on the expectation (`_order`, `_filed`): an expectation is in at most one
+    index at a time, and no object per entry is made."""
+
+    buckets: dict[_Key, _Bucket] = field(default_factory=dict)
+    selectors: dict[Selector, int] = field(default_factory=dict)  # selector → items under it
+    unkeyed: dict[int, Expectation] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, expectation: Expectation, order: int, keys: tuple[_Key, ...]) -> None:
+        # File under the key whose bucket is smallest now: a key every run shares (an event
+        # type) fills its bucket at once, so later expectations go under their own value.
+        if len(keys) > 1:
+            key: _Key | None = min(keys, key=self._bucket_size)
+        else:
+            key = keys[0] if keys else None
+        expectation._order, expectation._filed = order, key
+        self.size += 1
+        if key is None:
+            self.unkeyed[order] = expectation
+            return
+        held = self.buckets.get(key)
+        if held is None:
+            self.buckets[key] = expectation
+        elif isinstance(held, Expectation):
+            self.buckets[key] = {held._order: held, order: expectation}
+        else:
+            held[order] = expectation
+        self.selectors[key[0]] = self.selectors.get(key[0], 0) + 1
+
+    def _bucket_size(self, key: _Key) -> int:
+        held = self.buckets.get(key)
+        return 0 if held is None else 1 if isinstance(held, Expectation) else len(held)
+
+    def discard(self, expectation: Expectation) -> None:
+        """Take `expectation` out; the caller knows it is filed here."""
+        order, key = expectation._order, expectation._filed
+        expectation._order, expectation._filed = -1, None
+        self.size -= 1
+        if key is None:
+            del self.unkeyed[order]
+            return
+        held = self.buckets[key]
+        if isinstance(held, Expectation):
+            del self.buckets[key]
+        else:
+            del held[order]
+            if len(held) == 1:
+                self.buckets[key] = next(iter(held.values()))
+        left = self.selectors[key[0]] - 1
+        if left:
+            self.selectors[key[0]] = left
+        else:
+            del self.selectors[key[0]]
+
+    def candidates(self, texts: _Texts) -> Iterator[_Bucket]:
+        """The buckets an arrival may match in, unkeyed ones last."""
+        for selector in list(self.selectors):
+            found = texts.get(selector)
+            if found is None:
+                yield from [b for k, b in self.buckets.items() if k[0] == selector]
+                continue
+            for text in found:
+                held = self.buckets.get((selector, text))
+                if held is not None:
+                    yield held
+        if self.unkeyed:
+            yield self.unkeyed
+
+    def expectations(self) -> Iterator[Expectation]:
+        for held in self.buckets.values():
+            yield from [held] if isinstance(held, Expectation) else held.values()
+        yield from self.unkeyed.values()
+
+
+class _Index:
+    """A table's expectations that have a matcher, per channel, found by their matcher's keys.
+
+    Each is filed under one key it requires (or unkeyed), with an order: the first accepting
+    expectation in that order wins, as a scan of the table in that order would find."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, _ChannelIndex] = {}
+
+    def add(self, expectation: Expectation, order: int) -> None:
+        index = self._channels.get(expectation.channel)
+        if index is None:
+            index = self._channels[expectation.channel] = _ChannelIndex()
+        keys = expectation._keys
+        if keys is None:
+            keys = expectation._keys = _keys_of(expectation.match)
+        index.add(expectation, order, keys)
+
+    def discard(self, expectation: Expectation) -> None:
+        if expectation._order < 0:  # not indexed: no matcher (yet)
+            return
+        index = self._channels[expectation.channel]
+        index.discard(expectation)
+        if not index.size:  # keep the index as small as the table
+            del self._channels[expectation.channel]
+
+    def find(self, texts: _Texts) -> Expectation | None:
+        """The first expectation (lowest order) whose matcher accepts the arrival."""
+        index = self._channels.get(texts.arrival.channel)
+        if index is None:
+            return None
+        best: Expectation | None = None
+        for held in index.candidates(texts):
+            for candidate in [held] if isinstance(held, Expectation) else list(held.values()):
+                if (best is None or candidate._order < best._order) and _accepts(
+                    candidate, texts.arrival
+                ):
+                    best = candidate
+        return best
+
+    def seqs(self) -> set[int]:
+        """The seqs of the expectations indexed, for tests of the index's consistency."""
+        return {e.seq for index in self._channels.values() for e in index.expectations()}
+
+
+class _Expectations(_Table[Expectation]):
+    """A table of expectations with an index of those that have a matcher, kept in step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = _Index()
+
+    def pop(self, seq: int) -> Expectation | None:
+        item = super().pop(seq)
+        if item is not None:
+            self.index.discard(item)
+        return item
 
 
 @dataclass(slots=True)
@@ -260,13 +484,16 @@ class Correlator:
         self.max_early_bytes = max_early_bytes
         self._early_bytes = 0
         self._seq = count()
-        self._pending: _Table[Expectation] = _Table()
+        self._finish_order = count()
+        self._pending = _Expectations()
         self._early: _Table[_Early] = _Table()
-        self._finished: _Table[Expectation] = _Table()
+        self._finished = _Expectations()
+        self._registered: dict[str, int] = {}  # channel -> expectations without a matcher yet
         # (channel, delivery id) -> the seq of whoever holds its first arrival (an expectation
         # or a kept early arrival; seqs are unique across tables), or None when nobody does
         self._ids: OrderedDict[tuple[str, str], int | None] = OrderedDict()
         self._channel_seen: dict[str, int] = {}
+        self._children: dict[tuple[str, str], Any] = {}  # the counter's child per label pair
         self.overflow: dict[str, int] = {"pending": 0, "early": 0, "late": 0, "delivery_ids": 0}
 
     # -- the waiting side ------------------------------------------------------------------
@@ -282,6 +509,7 @@ class Correlator:
             )
         expectation = Expectation(self, next(self._seq), channel, run_id, step, deadline)
         self._pending.add(expectation.seq, channel, expectation)
+        self._registered[channel] = self._registered.get(channel, 0) + 1
         return expectation
 
     def _drop_stale_pending(self, now: float) -> None:
@@ -291,7 +519,22 @@ class Correlator:
                 self._drop_pending(expectation, "cancelled")
                 log.warning("dropped stale expectation %r (never waited on)", expectation)
 
+    def _start_waiting(self, expectation: Expectation) -> None:
+        """The matcher is known and no kept arrival matched: index it for arrivals to come."""
+        self._leave_registered(expectation)
+        self._pending.index.add(expectation, expectation.seq)  # first registered wins
+
+    def _leave_registered(self, expectation: Expectation) -> None:
+        if expectation.state != "registered":
+            return
+        left = self._registered[expectation.channel] - 1
+        if left:
+            self._registered[expectation.channel] = left
+        else:
+            del self._registered[expectation.channel]
+
     def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None:
+        self._leave_registered(expectation)
         expectation.state = state
         self._pending.pop(expectation.seq)
         if flush:
@@ -299,6 +542,8 @@ class Correlator:
 
     def _claim_early(self, expectation: Expectation) -> Arrival | None:
         """Hand `expectation` the oldest kept arrival it matches; other matches are duplicates."""
+        if not self._early.holds(expectation.channel):
+            return None
         matching = [
             (seq, kept)
             for seq, kept in self._early.channel(expectation.channel)
@@ -341,6 +586,8 @@ class Correlator:
                 self._finished.pop(oldest[0])
                 self.overflow["late"] += 1
         self._finished.add(expectation.seq, expectation.channel, expectation)
+        if expectation.match is not None:  # first finished wins, as a scan in age order would
+            self._finished.index.add(expectation, next(self._finish_order))
 
     # -- the arriving side -----------------------------------------------------------------
 
@@ -355,14 +602,15 @@ class Correlator:
             self._ids.move_to_end(id_key)
             self._note_id_duplicate(self._ids[id_key], arrival)
             return self._count(arrival, "duplicate")
-        finished = self._find(self._finished, arrival)
+        texts = _Texts(arrival)
+        finished = self._finished.index.find(texts)
         if finished is not None:
             self._hold_id(arrival, None)
             if finished.state == "fulfilled":
                 finished._add_duplicate(arrival)
                 return self._count(arrival, "duplicate")
             return self._count(arrival, "late")
-        waiter = self._find(self._pending, arrival)
+        waiter = self._pending.index.find(texts)
         if waiter is not None:
             self._finish(waiter, "fulfilled")
             waiter._fulfil(arrival)
@@ -373,15 +621,9 @@ class Correlator:
             return self._count(arrival, "unmatched")
         return self._keep_early(arrival, now)
 
-    def _find(self, table: _Table[Expectation], arrival: Arrival) -> Expectation | None:
-        for _, expectation in table.channel(arrival.channel):
-            if _accepts(expectation, arrival):
-                return expectation
-        return None
-
     def _claimable(self, channel: str) -> bool:
         """Whether an expectation without a matcher yet could still claim an arrival here."""
-        return any(e.state == "registered" for _, e in self._pending.channel(channel))
+        return channel in self._registered
 
     def _keep_early(self, arrival: Arrival, now: float) -> str:
         size = len(arrival.body)
@@ -416,7 +658,7 @@ class Correlator:
 
     def _flush_unclaimable(self, channel: str) -> None:
         """Count kept arrivals as unmatched as soon as no expectation can claim them any more."""
-        if self._claimable(channel):
+        if self._claimable(channel) or not self._early.holds(channel):
             return
         for seq, _ in self._early.channel(channel):
             self._drop_early(seq)
@@ -444,7 +686,13 @@ class Correlator:
 
     def _count(self, arrival: Arrival, outcome: Outcome) -> Outcome:
         if self._counter is not None:
-            self._counter.labels(source=arrival.source, outcome=outcome).inc()
+            labels = (arrival.source, outcome)
+            child = self._children.get(labels)
+            if child is None:  # labels() costs more than the increment: look it up once
+                child = self._children[labels] = self._counter.labels(
+                    source=arrival.source, outcome=outcome
+                )
+            child.inc()
         return outcome
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -488,6 +736,21 @@ def _accepts(expectation: Expectation, arrival: Arrival) -> bool:
     except Exception:
         log.exception("matcher of %r failed", expectation)
         return False
+
+
+def _keys_of(match: Matcher | None) -> tuple[_Key, ...]:
+    """An IndexedMatcher's keys; none (so it is checked against every arrival) for a plain
+    matcher or keys of the wrong shape."""
+    keys = getattr(match, "keys", None)
+    if not isinstance(keys, tuple):
+        return ()
+    try:
+        hash(keys)
+    except Exception:  # an unhashable selector: scan rather than fail the waiter
+        return ()
+    if all(isinstance(k, tuple) and len(k) == 2 and isinstance(k[1], str) for k in keys):
+        return keys
+    return ()
 
 
 def _id_key(arrival: Arrival) -> tuple[str, str] | None:

@@ -1,17 +1,21 @@
 """What the waiting kinds (webhook_await, kafka_consume) share, so each of their rules lives once.
 
-Both register an expectation with the correlator when the run starts, render a match rule,
-wait for a matching arrival until `within` after the step's start, time it from a step's start
-or a sender's clock, then check, extract and look for duplicates the same way. A kind keeps
-only what differs: where arrivals come from, its default rule, and how a sender stamps them.
+Both register an expectation with the correlator when the run starts, render a match rule
+(whose matcher names its equalities, so the correlator finds it by index), wait for a matching
+arrival until `within` after the step's start, time it from a step's start or a sender's
+clock, then check, extract and look for duplicates the same way. A kind keeps only what
+differs: where arrivals come from, its default rule, and how a sender stamps them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 
+from jsonpath_ng import jsonpath as jsonpath_ast
+from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 from pydantic import BaseModel, ConfigDict, Field
 
 from probes.base import RenderMode, StepContext
@@ -31,7 +35,7 @@ from probes.checks import (
 from probes.errors import Duplicate, StepFailed
 
 if TYPE_CHECKING:  # types only: at run time the engine lends the correlator through ctx
-    from monitor.correlator import Arrival, Expectation, Matcher
+    from monitor.correlator import Arrival, Expectation, Matcher, Selector
 
 # Stop waiting this much before the run's own deadline so the step fails with what happened
 # (not_received) rather than with the runner's generic timeout.
@@ -81,25 +85,10 @@ class Rule:
     paths: dict[str, Scalar]
     key: bytes | None = None
 
-    def matcher(self, header_of: HeaderLookup) -> Matcher:
-        """A total predicate on an Arrival: never raises, so a junk arrival is just a non-match."""
-
-        def match(arrival: Arrival) -> bool:
-            if self.key is not None and arrival.key != self.key:
-                return False
-            if any(header_of(arrival.headers, name) != want for name, want in self.headers.items()):
-                return False
-            if not self.paths:
-                return True
-            doc = arrival.json
-            if doc is None:
-                return False
-            return all(
-                any(same_value(found, want) for found in json_path_get(doc, path))
-                for path, want in self.paths.items()
-            )
-
-        return match
+    def matcher(self, header_of: HeaderLookup) -> RuleMatcher:
+        """A total predicate on an Arrival (never raises, so a junk arrival is just a
+        non-match) that names its equalities for the correlator's index."""
+        return RuleMatcher(self, header_of)
 
     def describe(self, anything: str) -> str:
         """The rule as a failure message shows it; `anything` when it asks for nothing."""
@@ -107,6 +96,150 @@ class Rule:
         parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
         parts += [f"{k}={v!r}" for k, v in self.paths.items()]
         return ", ".join(parts) or anything
+
+
+class RuleMatcher:
+    """Whether an arrival has a rule's key, headers (read with `header_of`) and JSON values;
+    its equalities are its `keys` (monitor.correlator.IndexedMatcher): every arrival it
+    accepts holds each key's text at that key's selector."""
+
+    __slots__ = ("header_of", "keys", "paths", "rule")
+
+    def __init__(self, rule: Rule, header_of: HeaderLookup) -> None:
+        self.rule = rule
+        self.header_of = header_of
+        self.paths = tuple((_reader(path), want) for path, want in rule.paths.items())
+        keys: list[tuple[Selector, str]] = []
+        if rule.key is not None:
+            keys.append((_KEY, _key_text(rule.key)))
+        keys += [(_header(name, header_of), want) for name, want in rule.headers.items()]
+        keys += [(_json_path(path), wanted_text(want)) for path, want in rule.paths.items()]
+        self.keys = tuple(keys)
+
+    def __call__(self, arrival: Arrival) -> bool:
+        rule = self.rule
+        if rule.key is not None and arrival.key != rule.key:
+            return False
+        header_of = self.header_of
+        if any(header_of(arrival.headers, name) != want for name, want in rule.headers.items()):
+            return False
+        if not self.paths:
+            return True
+        doc = arrival.json
+        if doc is None:
+            return False
+        return all(any(same_value(found, want) for found in read(doc)) for read, want in self.paths)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySelector:
+    """An arrival's (Kafka) key, read as Latin-1 so every byte string has its own text."""
+
+    def texts(self, arrival: Arrival) -> tuple[str, ...]:
+        return () if arrival.key is None else (_key_text(arrival.key),)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSelector:
+    """One header, read as the rule reads it (case-insensitively for HTTP, exactly for Kafka)."""
+
+    name: str
+    header_of: HeaderLookup
+
+    def texts(self, arrival: Arrival) -> tuple[str, ...]:
+        value = self.header_of(arrival.headers, self.name)
+        return () if value is None else (value,)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonPathSelector:
+    """The values at one JSON path, as texts any wanted value they are `same_value` to has."""
+
+    path: str
+
+    def texts(self, arrival: Arrival) -> set[str]:
+        doc = arrival.json
+        if doc is None:
+            return set()
+        texts: set[str] = set()
+        for found in path_reader(self.path)(doc):
+            texts.update(found_texts(found))
+        return texts
+
+
+# Selectors are shared by every matcher that reads the same place (fewer objects to keep).
+_KEY: Final = KeySelector()
+_header = lru_cache(maxsize=1024)(HeaderSelector)
+_json_path = lru_cache(maxsize=1024)(JsonPathSelector)
+
+PathReader = Callable[[Any], list[Any]]
+_NOT_SET: Final = object()
+
+
+@lru_cache(maxsize=4096)
+def path_reader(path: str) -> PathReader:
+    """`json_path_get` for one path: plain dictionary look-ups when the path is a chain of
+    names (`$.data.order_id`, the common case, many times cheaper), else jsonpath-ng."""
+    names = _plain_names(jsonpath_parse(path))
+    if names is None or jsonpath_ast.auto_id_field is not None:
+        return lambda doc: json_path_get(doc, path)
+
+    def read(doc: Any) -> list[Any]:
+        value = doc
+        for name in names:
+            try:  # as jsonpath-ng's Fields does: anything with .get() is an object
+                value = value.get(name, _NOT_SET)
+            except (TypeError, AttributeError):
+                return []
+            if value is _NOT_SET:
+                return []
+        return [value]
+
+    return read
+
+
+def _reader(path: str) -> PathReader:
+    """`path_reader(path)`; a path that does not parse (configs are checked, so only a hand-made
+    Rule) fails when it is read, as `json_path_get` does."""
+    try:
+        return path_reader(path)
+    except Exception:
+        return lambda doc: json_path_get(doc, path)
+
+
+def _plain_names(node: Any) -> tuple[str, ...] | None:
+    """The names of a path made only of `$` (leftmost) and single plain field names."""
+    if type(node) is jsonpath_ast.Root:
+        return ()
+    if type(node) is jsonpath_ast.Fields:
+        fields = node.fields
+        plain = len(fields) == 1 and not getattr(node, "_deprecated_wildcard_use", True)
+        return (fields[0],) if plain else None
+    if type(node) is jsonpath_ast.Child:
+        left = _plain_names(node.left)
+        right = _plain_names(node.right) if type(node.right) is jsonpath_ast.Fields else None
+        return None if left is None or right is None else left + right
+    return None
+
+
+def wanted_text(want: Scalar) -> str:
+    """The text a wanted value is indexed under: one of `found_texts(v)` for every JSON value
+    v that `same_value(v, want)` accepts."""
+    return want if isinstance(want, str) else as_text(want)
+
+
+def found_texts(found: Any) -> tuple[str, ...]:
+    """The texts of a JSON value: as a template reads it, and a float's Python spelling too
+    ("3" and "3.0"), since `same_value` takes either for a float."""
+    if isinstance(found, str):
+        return (found,)
+    if isinstance(found, float):
+        return (as_text(found), str(found))
+    return (as_text(found),)
+
+
+def _key_text(key: bytes) -> str:
+    return key.decode("latin-1")
 
 
 def render_rule(

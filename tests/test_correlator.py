@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 
 from monitor.correlator import Arrival, Correlator, CorrelatorOverflow, Expectation
+from probes.checks import json_path_get, same_value
 from probes.errors import NotReceived
+from probes.waiting import Rule, found_texts, header_value, path_reader, wanted_text
 from tests.fixtures.webhooks import arrivals_count
 
 CHANNEL = "/hooks/orders"
@@ -410,3 +413,422 @@ def test_every_arrival_is_counted_exactly_once(ops: list[Op]) -> None:
     offered, total, stats = asyncio.run(_play(ops))
     assert total == offered
     assert stats["early"] == 0 and stats["pending"] == 0 and stats["early_bytes"] == 0
+
+
+# -- the index: indexed matchers behave exactly as a scan of every expectation would ---------
+
+
+def exact_header(headers: Mapping[str, str], name: str) -> str | None:
+    return headers.get(name)  # as Kafka reads its headers
+
+
+WANTS = [3, 3.0, "3", "3.0", 3.5, "3.5", True, False, "true", 1, "1", 1.0, "1.0", "null", "A"]
+FOUND = [3, 3.0, "3", "3.0", 3.5, True, False, "true", 1, "1", None, "A", "a", -0.0, 0, 1e16]
+PATHS = ["$.ref", "$.amount", "$.data.id", "$.items[0]"]  # the last one goes via jsonpath-ng
+rules = st.builds(
+    Rule,
+    headers=st.dictionaries(
+        st.sampled_from(["X-Run", "x-run", "X-Kind"]), st.sampled_from(["r1", "R1"]), max_size=2
+    ),
+    paths=st.dictionaries(st.sampled_from(PATHS), st.sampled_from(WANTS), max_size=2),
+    key=st.sampled_from([None, b"k1", b"\xff"]),
+)
+found_values = st.sampled_from(FOUND)
+docs = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "ref": found_values,
+            "amount": found_values,
+            "data": st.one_of(st.fixed_dictionaries({"id": found_values}), found_values),
+            "items": st.lists(found_values, max_size=2),
+        },
+    ),
+    st.lists(found_values, max_size=2),
+)
+RULES = [  # a pool, so that several runs want the same (first wins, duplicate, late)
+    Rule({}, {"$.ref": "A"}),
+    Rule({}, {"$.ref": "3"}),
+    Rule({}, {"$.amount": "3"}),
+    Rule({}, {"$.amount": 3.0}),
+    Rule({}, {"$.amount": "3.0"}),
+    Rule({}, {"$.amount": True}),
+    Rule({}, {"$.amount": "true"}),
+    Rule({"X-Run": "r1"}, {"$.ref": "A"}),
+    Rule({"x-run": "r1", "X-Kind": "R1"}, {}),
+    Rule({}, {"$.data.id": 1, "$.ref": "A"}),
+    Rule({}, {"$.items[0]": "A"}),
+    Rule({}, {}, b"k1"),
+    Rule({"X-Kind": "r1"}, {"$.ref": "A"}, b"\xff"),
+    Rule({}, {}),  # no keys: checked against every arrival, beside the indexed ones
+]
+some_rules = st.sampled_from(RULES) | rules
+deliveries = st.sampled_from([None, "d1", "d2", "d3"])
+random_arrivals = st.tuples(
+    docs,
+    st.dictionaries(
+        st.sampled_from(["X-Run", "x-run", "X-RUN", "X-Kind"]),
+        st.sampled_from(["r1", "R1"]),
+        max_size=3,
+    ),
+    st.sampled_from([None, b"k1", b"\xff"]),
+    deliveries,
+)
+
+
+ArrivalParts = tuple[Any, dict[str, str], bytes | None, str | None]
+
+
+def fitting(rule: Rule, rng: random.Random, delivery: str | None) -> ArrivalParts:
+    """An arrival made to fit `rule` (values `same_value` accepts, header names in any case),
+    sometimes with one thing spoiled."""
+    doc: dict[str, Any] = {}
+    for path, want in rule.paths.items():
+        value = rng.choice([v for v in [*FOUND, want] if same_value(v, want)])
+        if path == "$.data.id":
+            doc["data"] = {"id": value}
+        elif path == "$.items[0]":
+            doc["items"] = [value]
+        else:
+            doc[path.removeprefix("$.")] = value
+    headers = {
+        rng.choice([name, name.lower(), name.upper()]): value
+        for name, value in rule.headers.items()
+    }
+    spoil = rng.choice(["nothing", "nothing", "nothing", "doc", "header", "key"])
+    if spoil == "doc" and doc:
+        doc[rng.choice(sorted(doc))] = rng.choice(FOUND)
+    if spoil == "header" and headers:
+        headers[rng.choice(sorted(headers))] = "R1"
+    key = rng.choice([None, b"k1", b"\xff"]) if spoil == "key" else rule.key
+    return doc, headers, key, delivery
+
+
+pool_arrivals = st.builds(
+    lambda rule, seed, delivery: fitting(rule, random.Random(seed), delivery),
+    st.sampled_from(RULES),
+    st.integers(0, 2**32),
+    deliveries,
+)
+channels = st.sampled_from([0, 0, 0, 1])
+expect_ops = st.tuples(st.just("expect"), channels, st.none())
+wait_ops = st.tuples(st.just("wait"), st.integers(0, 20), some_rules)
+reply_ops = st.tuples(
+    st.just("reply"), st.integers(0, 20), st.tuples(st.integers(0, 2**32), deliveries)
+)
+IndexOp = tuple[str, int, Any]
+index_ops = st.lists(
+    st.one_of(
+        expect_ops,
+        st.tuples(st.just("expect"), channels, some_rules),
+        st.tuples(st.just("expect"), channels, some_rules),
+        wait_ops,
+        st.tuples(st.just("offer"), channels, pool_arrivals | random_arrivals),
+        reply_ops,
+        reply_ops,
+        st.tuples(st.sampled_from(["cancel", "cancel", "age"]), st.integers(0, 20), st.none()),
+    ),
+    max_size=60,
+)
+
+
+def keyed_arrival(channel: str, doc: Any, headers: dict[str, str], key: bytes | None) -> Arrival:
+    return Arrival(
+        source="kafka" if key is not None else "webhook",
+        channel=channel,
+        received_at=time.monotonic(),
+        received_unix=time.time(),
+        headers=headers,
+        body=json.dumps(doc).encode(),
+        json=doc,
+        delivery_id=None,
+        key=key,
+    )
+
+
+def index_matches_tables(correlator: Correlator) -> None:
+    """The index holds exactly the waiting and finished expectations that have a matcher."""
+    pending = correlator._pending
+    waiting_seqs = {seq for seq, e in pending.items() if e.state == "waiting"}
+    assert pending.index.seqs() == waiting_seqs
+    finished = correlator._finished
+    assert finished.index.seqs() == {seq for seq, e in finished.items() if e.match is not None}
+    registered: dict[str, int] = {}
+    for _, e in pending.items():
+        if e.state == "registered":
+            registered[e.channel] = registered.get(e.channel, 0) + 1
+    assert correlator._registered == registered
+
+
+class _Side:
+    """One correlator under test, with everything it was asked and answered."""
+
+    def __init__(self, indexed: bool, lookup: Any) -> None:
+        self.registry = CollectorRegistry()
+        counter = Counter("hopwatch_arrivals", "", ["source", "outcome"], registry=self.registry)
+        self.correlator = Correlator(
+            counter, max_early=3, max_pending=6, max_late=2, late_memory=10, early_ttl=1_000
+        )
+        self.indexed, self.lookup = indexed, lookup
+        self.expectations: list[Expectation] = []
+        self.tasks: list[asyncio.Task[Arrival]] = []
+        self.rules: list[tuple[Expectation, Rule]] = []
+        self.log: list[Any] = []
+
+    def matcher(self, rule: Rule) -> Any:
+        if self.indexed:
+            return rule.matcher(self.lookup)
+        match = rule.matcher(self.lookup)
+        return lambda a: match(a)  # no keys: a scan of every expectation, as before the index
+
+    def wait(self, exp: Expectation, rule: Rule) -> None:
+        self.tasks.append(asyncio.create_task(exp.wait(self.matcher(rule), deadline=soon(60))))
+        self.rules.append((exp, rule))
+
+    async def play(self, op: str, a: int, arg: Any, offered: list[Arrival]) -> None:
+        correlator = self.correlator
+        if op == "expect":  # with a rule: and wait at once
+            try:
+                self.expectations.append(correlator.expect(f"/c{a}", "r", "h", soon(60)))
+            except CorrelatorOverflow:
+                self.log.append("overflow")
+            else:
+                if arg is not None:
+                    self.wait(self.expectations[-1], arg)
+        elif op == "offer":
+            self.log.append(correlator.offer(offered[-1]))
+        elif op == "age":
+            correlator.purge(time.monotonic() + correlator.late_memory + 1)
+        elif self.expectations:
+            exp = self.expectations[a % len(self.expectations)]
+            if op == "cancel":
+                exp.cancel()
+            elif exp.state == "registered":
+                self.wait(exp, arg)
+        await asyncio.sleep(0)
+        if self.indexed:
+            index_matches_tables(correlator)
+
+    async def outcome(self, offered: list[Arrival]) -> list[Any]:
+        states = [(e.state, e.duplicate_count) for e in self.expectations]
+        for exp in self.expectations:
+            exp.cancel()
+        got = await asyncio.gather(*self.tasks, return_exceptions=True)
+        which = [offered.index(g) if isinstance(g, Arrival) else type(g).__name__ for g in got]
+        counted = {o: arrivals_count(self.registry, o, s) for o in OUTCOMES for s in SOURCES}
+        return [self.log, states, which, counted, self.correlator.stats()]
+
+
+SOURCES = ("webhook", "kafka")
+OUTCOMES = ("matched", "unmatched", "duplicate", "late")
+
+
+async def _play_both(ops: list[IndexOp], lookup: Any) -> tuple[list[Any], list[Any]]:
+    indexed, scanned = _Side(True, lookup), _Side(False, lookup)
+    offered: list[Arrival] = []
+    for op, a, arg in ops:
+        if op == "reply":  # an arrival made for a run that waits or waited
+            if not indexed.rules:
+                continue
+            exp, rule = indexed.rules[a % len(indexed.rules)]
+            seed, delivery = arg
+            op, a, arg = "offer", int(exp.channel[2:]), fitting(rule, random.Random(seed), delivery)
+        if op == "offer":
+            doc, headers, key, delivery = arg
+            offered.append(keyed_arrival(f"/c{a}", doc, headers, key))
+            offered[-1].delivery_id = delivery
+        for side in (indexed, scanned):
+            await side.play(op, a, arg, offered)
+    return await indexed.outcome(offered), await scanned.outcome(offered)
+
+
+@settings(max_examples=300, deadline=None)
+@given(index_ops, st.sampled_from([header_value, exact_header]))
+def test_index_agrees_with_a_scan_of_every_expectation(ops: list[IndexOp], lookup: Any) -> None:
+    indexed, scanned = asyncio.run(_play_both(ops, lookup))
+    assert indexed == scanned
+
+
+@given(found_values | st.floats(allow_nan=False), st.sampled_from(WANTS) | st.text(max_size=4))
+@example(3.0, "3.0")
+@example(1e16, "1e+16")
+@example(-0.0, 0)
+def test_every_value_same_value_accepts_is_in_the_wanted_bucket(found: Any, want: Any) -> None:
+    if same_value(found, want):
+        assert wanted_text(want) in found_texts(found)
+    for text in found_texts(found):  # and a value's own spellings are wanted texts of it
+        assert same_value(found, text)
+
+
+json_leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+json_docs = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "a.b", "*"]), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(
+    json_docs,
+    st.sampled_from(
+        ["$", "$.a", "$.a.b", "a", '$."a.b"', '$["a"].b', "$.*", "$..a", "$.a[0]", "$['a','b']"]
+    ),
+)
+def test_path_reader_reads_as_jsonpath_ng_does(doc: Any, path: str) -> None:
+    assert path_reader(path)(doc) == json_path_get(doc, path)
+
+
+@pytest.mark.parametrize(
+    ("want", "found", "matches"),
+    [
+        ("3", 3, True),
+        ("3", 3.0, True),
+        ("3.0", 3.0, True),
+        ("3.0", 3, False),
+        (3, 3.0, True),
+        (3.0, "3", False),
+        ("true", True, True),
+        (True, "true", False),
+        (True, 1, False),
+        (1, True, False),
+        ("null", None, True),
+        ("1e+16", 1e16, True),
+    ],
+)
+async def test_indexed_json_match_keeps_same_value_rules(
+    correlator: Correlator, want: Any, found: Any, matches: bool
+) -> None:
+    exp = correlator.expect(CHANNEL, "r1", "hook", soon())
+    rule = Rule({}, {"$.amount": want})
+    task = asyncio.create_task(exp.wait(rule.matcher(header_value), deadline=soon()))
+    await asyncio.sleep(0)
+    got = correlator.offer(keyed_arrival(CHANNEL, {"amount": found}, {}, None))
+    assert got == ("matched" if matches else "unmatched")
+    exp.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_first_registered_wins_across_buckets(correlator: Correlator) -> None:
+    # Both want the same; the first is filed under the shared event type (its bucket was
+    # empty), the second under its ref (the type's bucket held one): still, first wins.
+    rule = Rule({"X-Event": "paid"}, {"$.ref": "A"})
+    one = correlator.expect(CHANNEL, "r1", "hook", soon())
+    two = correlator.expect(CHANNEL, "r2", "hook", soon())
+    t1 = asyncio.create_task(one.wait(rule.matcher(header_value)))
+    t2 = asyncio.create_task(two.wait(rule.matcher(header_value)))
+    await asyncio.sleep(0)
+    delivered = keyed_arrival(CHANNEL, {"ref": "A"}, {"x-event": "paid"}, None)
+    assert correlator.offer(delivered) == "matched"
+    assert await t1 is delivered and not t2.done()
+    again = keyed_arrival(CHANNEL, {"ref": "A"}, {"x-event": "paid"}, None)
+    assert correlator.offer(again) == "duplicate"  # the finished first one still wins
+    two.cancel()
+    await asyncio.gather(t2, return_exceptions=True)
+
+
+class _Broken:
+    """A selector that cannot read an arrival: its bucket is scanned whole instead."""
+
+    def texts(self, arrival: Arrival) -> Collection[str]:
+        raise ValueError("unreadable")
+
+
+async def test_selector_that_raises_falls_back_to_a_scan(
+    correlator: Correlator, caplog: pytest.LogCaptureFixture
+) -> None:
+    selector = _Broken()
+
+    def match(a: Arrival) -> bool:
+        return a.json is not None and a.json.get("ref") == "A"
+
+    match.keys = ((selector, "A"),)  # type: ignore[attr-defined]
+    exp = correlator.expect(CHANNEL, "r1", "hook", soon())
+    task = asyncio.create_task(exp.wait(match))
+    await asyncio.sleep(0)
+    assert correlator.offer(arrival("A")) == "matched"
+    assert (await task).json == {"ref": "A"}
+    assert "selector" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "keys", [[("not", "a tuple")], (("unhashable", ["list"]),), (("selector", 42),), "text"]
+)
+async def test_matcher_keys_of_the_wrong_shape_are_scanned(
+    correlator: Correlator, keys: Any
+) -> None:
+    def match(a: Arrival) -> bool:
+        return a.json is not None and a.json.get("ref") == "A"
+
+    match.keys = keys  # type: ignore[attr-defined]
+    exp = correlator.expect(CHANNEL, "r1", "hook", soon())
+    task = asyncio.create_task(exp.wait(match))
+    await asyncio.sleep(0)
+    assert correlator.offer(arrival("A")) == "matched"
+    await task
+
+
+def ref_rule(ref: str) -> Any:
+    return Rule({}, {"$.ref": ref}).matcher(header_value)
+
+
+async def test_index_follows_every_removal_path(
+    arrivals: Counter, registry: CollectorRegistry
+) -> None:
+    correlator = Correlator(arrivals, max_pending=3, max_late=2, late_memory=10)
+
+    async def waiter(ref: str, deadline: float | None = None) -> tuple[Expectation, Any]:
+        exp = correlator.expect(CHANNEL, ref, "hook", soon())
+        task = asyncio.create_task(exp.wait(ref_rule(ref), deadline=deadline or soon()))
+        await asyncio.sleep(0)
+        index_matches_tables(correlator)
+        return exp, task
+
+    # finish: matched, then its duplicates and its late arrivals are found in the finished table
+    exp, task = await waiter("A")
+    assert correlator.offer(arrival("A")) == "matched"
+    await task
+    index_matches_tables(correlator)
+    assert correlator.offer(arrival("A")) == "duplicate"
+    # expire: by its deadline; later arrivals are late
+    exp, task = await waiter("B", deadline=soon(0.01))
+    with pytest.raises(NotReceived):
+        await task
+    index_matches_tables(correlator)
+    assert correlator.offer(arrival("B")) == "late"
+    # eviction: a third finished expectation pushes the oldest (A) out of max_late = 2
+    exp, task = await waiter("C")
+    exp.cancel()  # cancel while waiting: expired, remembered
+    await asyncio.gather(task, return_exceptions=True)
+    index_matches_tables(correlator)
+    assert correlator.overflow["late"] == 1
+    assert correlator.offer(arrival("A")) == "unmatched"
+    assert correlator.offer(arrival("C")) == "late"
+    # purge: finished expectations age out of the index with the table
+    correlator.purge(time.monotonic() + 11)
+    index_matches_tables(correlator)
+    assert correlator.offer(arrival("B")) == "unmatched"
+    # cancel before waiting, and the pending table's overflow (a stale one is dropped)
+    stale = correlator.expect(CHANNEL, "r-stale", "hook", time.monotonic() - 1)
+    kept = correlator.expect(CHANNEL, "r-kept", "hook", soon())
+    exp, task = await waiter("D")
+    room = correlator.expect(CHANNEL, "r-room", "hook", soon())
+    assert stale.state == "cancelled"
+    with pytest.raises(CorrelatorOverflow):
+        correlator.expect(CHANNEL, "r-over", "hook", soon())
+    index_matches_tables(correlator)
+    kept.cancel()
+    room.cancel()
+    index_matches_tables(correlator)
+    # a waiter that claims a kept arrival is never indexed as pending, only as finished
+    late_claimer = correlator.expect(CHANNEL, "E", "hook", soon())
+    assert correlator.offer(arrival("E")) == "early"
+    assert (await late_claimer.wait(ref_rule("E"))).json == {"ref": "E"}
+    index_matches_tables(correlator)
+    assert correlator.offer(arrival("D")) == "matched"
+    await task
+    index_matches_tables(correlator)
+    assert correlator._pending.index.seqs() == set()

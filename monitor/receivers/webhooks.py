@@ -129,6 +129,7 @@ class _PathHandler:
         self.correlator = correlator
         self.counter = counter
         self.max_body = max_body
+        self._refused: dict[str, Any] = {}  # the counter's child per outcome, looked up once
         self.answer = routes[0]
         self.signatures: list[SignatureConfig] = []
         for route in routes:
@@ -198,7 +199,12 @@ class _PathHandler:
 
     def _refuse(self, status: int, outcome: str, text: str) -> web.Response:
         if self.counter is not None:
-            self.counter.labels(source="webhook", outcome=outcome).inc()
+            child = self._refused.get(outcome)
+            if child is None:
+                child = self._refused[outcome] = self.counter.labels(
+                    source="webhook", outcome=outcome
+                )
+            child.inc()
         return web.Response(status=status, text=text + "\n")
 
 
@@ -206,9 +212,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     """The raw body, or None as soon as it is known to exceed `limit` (not read further)."""
     if request.content_length is not None and request.content_length > limit:
         return None
+    content = request.content
+    if content.is_eof():  # the usual small delivery came whole with its head: take it as is
+        body = content.read_nowait()
+        return None if len(body) > limit else body
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    async for chunk in content.iter_any():
         size += len(chunk)
         if size > limit:
             return None
