@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 
-from jsonpath_ng import jsonpath as jsonpath_ast
-from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 from pydantic import BaseModel, ConfigDict, Field
 
 from probes.base import RenderMode, StepContext
@@ -23,11 +21,13 @@ from probes.checks import (
     JSON_PATH_KEYS,
     Expect,
     ExtractRule,
+    PathReader,
     as_text,
     check,
     excerpt,
     extract,
     json_path_get,
+    path_reader,
     rendered_json,
     same_value,
     validate_json_path,
@@ -172,31 +172,6 @@ _KEY: Final = KeySelector()
 _header = lru_cache(maxsize=1024)(HeaderSelector)
 _json_path = lru_cache(maxsize=1024)(JsonPathSelector)
 
-PathReader = Callable[[Any], list[Any]]
-_NOT_SET: Final = object()
-
-
-@lru_cache(maxsize=4096)
-def path_reader(path: str) -> PathReader:
-    """`json_path_get` for one path: plain dictionary look-ups when the path is a chain of
-    names (`$.data.order_id`, the common case, many times cheaper), else jsonpath-ng."""
-    names = _plain_names(jsonpath_parse(path))
-    if names is None or jsonpath_ast.auto_id_field is not None:
-        return lambda doc: json_path_get(doc, path)
-
-    def read(doc: Any) -> list[Any]:
-        value = doc
-        for name in names:
-            try:  # as jsonpath-ng's Fields does: anything with .get() is an object
-                value = value.get(name, _NOT_SET)
-            except (TypeError, AttributeError):
-                return []
-            if value is _NOT_SET:
-                return []
-        return [value]
-
-    return read
-
 
 def _reader(path: str) -> PathReader:
     """`path_reader(path)`; a path that does not parse (configs are checked, so only a hand-made
@@ -205,21 +180,6 @@ def _reader(path: str) -> PathReader:
         return path_reader(path)
     except Exception:
         return lambda doc: json_path_get(doc, path)
-
-
-def _plain_names(node: Any) -> tuple[str, ...] | None:
-    """The names of a path made only of `$` (leftmost) and single plain field names."""
-    if type(node) is jsonpath_ast.Root:
-        return ()
-    if type(node) is jsonpath_ast.Fields:
-        fields = node.fields
-        plain = len(fields) == 1 and not getattr(node, "_deprecated_wildcard_use", True)
-        return (fields[0],) if plain else None
-    if type(node) is jsonpath_ast.Child:
-        left = _plain_names(node.left)
-        right = _plain_names(node.right) if type(node.right) is jsonpath_ast.Fields else None
-        return None if left is None or right is None else left + right
-    return None
 
 
 def wanted_text(want: Scalar) -> str:

@@ -57,3 +57,26 @@ def test_secret_references_resolve_and_are_redacted(
 def test_missing_secret_names_the_reference_not_a_value() -> None:
     with pytest.raises(TemplateError, match="HW_DOES_NOT_EXIST"):
         Templates().render("${env:HW_DOES_NOT_EXIST}", VARS, "text")
+
+
+@pytest.mark.parametrize("mode", ["text", "url", "header"])
+@pytest.mark.parametrize(
+    "value", ["plain", Untrusted("a/b c?"), 7, 3.0, True, None, Untrusted("x"), "ünï"]
+)
+def test_the_fast_path_renders_exactly_as_jinja(value: object, mode: str) -> None:
+    """Simple `{{ a.b }}` templates skip Jinja; they must render byte for byte the same."""
+    from monitor.templates import _simple_parts
+
+    variables = {"steps": {"s": {"v": value}}, "variant": {"base_url": "http://h:1"}}
+    template = "{{ variant.base_url }}/x/{{ steps.s.v }}?q={{steps.s.v}}"
+    assert _simple_parts(template) is not None
+    fast = Templates().render(template, variables, mode)  # type: ignore[arg-type]
+    jinja = str(Templates()._compiled(template, mode).render(variables))
+    assert fast == jinja
+
+
+def test_templates_with_filters_still_go_through_jinja() -> None:
+    from monitor.templates import _simple_parts
+
+    assert _simple_parts("{{ run.id | upper }}") is None
+    assert Templates().render("{{ run.id | upper }}", VARS, "text") == "R1"
