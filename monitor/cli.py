@@ -12,7 +12,7 @@ import sys
 from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -72,12 +72,22 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _load_or_exit(paths: list[Path]) -> Config:
+    """The merged config, or exit 2 printing every problem, unresolvable secrets included:
+    a run would only fail later, on every delivery or request that needs them."""
     try:
-        return load(paths)
+        config = load(paths)
     except ConfigError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(problem + "\n")
-        raise typer.Exit(2) from None
+        _exit_with(exc.problems)
+    problems = unresolved_secrets(config)
+    if problems:
+        _exit_with(problems)
+    return config
+
+
+def _exit_with(problems: list[str]) -> NoReturn:
+    for problem in problems:
+        sys.stderr.write(problem + "\n")
+    raise typer.Exit(2)
 
 
 def _engine(config: Config, options: Options) -> Engine:
@@ -85,9 +95,7 @@ def _engine(config: Config, options: Options) -> Engine:
     try:
         return Engine(config, options)
     except ConfigError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(problem + "\n")
-        raise typer.Exit(2) from None
+        _exit_with(exc.problems)
 
 
 def _setup_logging(level: str) -> None:
@@ -95,6 +103,9 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if level.lower() != "debug":
+        # aiokafka logs every reconnect attempt at ERROR; monitor.kafka reports outages once.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -102,11 +113,6 @@ def validate(paths: ConfigPaths) -> None:
     """Check flow files (and that their secret references resolve here); print every problem
     as file:line and exit 2 if there is one."""
     config = _load_or_exit(paths)
-    secrets = unresolved_secrets(config)
-    for problem in secrets:
-        sys.stderr.write(problem + "\n")
-    if secrets:
-        raise typer.Exit(2)
     steps = sum(len(f.steps) for f in config.flows)
     out.print(
         f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files"
@@ -143,7 +149,11 @@ def check(
         if not pairs:
             err.print("no flow matches --flow/--variant")
             raise typer.Exit(2)
-        await engine.start(schedule=False, admin=False)
+        try:
+            await engine.start(schedule=False, admin=False)
+        except OSError as exc:  # the public listener's port is taken, most likely
+            await engine.stop()
+            _exit_with([f"cannot listen on {listen}: {exc.strerror}; choose another with --listen"])
         try:
             return await engine.run_once(pairs, repeat=repeat)
         finally:
