@@ -9,10 +9,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,6 +20,7 @@ from monitor import __version__
 from monitor.config import Config, FileConfig, load, unresolved_secrets
 from monitor.engine import Engine, Options
 from monitor.gate.command import gate
+from monitor.loop import run_async
 from monitor.output import as_json, as_junit, table
 from probes.errors import ConfigError
 
@@ -33,7 +33,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-T = TypeVar("T")
 
 ConfigPaths = Annotated[list[Path], typer.Argument(help="Flow files or folders of them.")]
 Listen = Annotated[str, typer.Option(help="Public listener (webhooks), HOST:PORT.")]
@@ -59,16 +58,6 @@ class OutputFormat(StrEnum):
     table = "table"
     json = "json"
     junit = "junit"
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where available: cheaper I/O for the probing hot path."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(coro)
 
 
 def _load_or_exit(paths: list[Path]) -> Config:
@@ -159,7 +148,7 @@ def check(
         finally:
             await engine.stop()
 
-    results = _run(main())
+    results = run_async(main())
     if output is OutputFormat.json:
         sys.stdout.write(as_json(results) + "\n")
     elif output is OutputFormat.junit:
@@ -229,7 +218,7 @@ def run(
                   f"http://{admin_listen}/metrics")  # fmt: skip
         await serve_until_signal(engine)
 
-    _run(main())
+    run_async(main())
 
 
 @app.command()
@@ -256,7 +245,7 @@ def demo(
     from monitor.demo.runner import run_demo
 
     _setup_logging(log_level)
-    _run(
+    run_async(
         run_demo(
             listen=listen,
             admin_listen=admin_listen,

@@ -7,13 +7,11 @@ Exit codes: 0 pass (or marginal with --allow-marginal, with a warning), 1 fail o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -25,11 +23,11 @@ from monitor.config import Config, load
 from monitor.engine import Engine, Options
 from monitor.gate.judge import JudgeConfig, MetricResult
 from monitor.gate.service import GateError, GateRequest, GateResult, SourceUnavailable, evaluate
+from monitor.loop import run_async
 from probes.errors import ConfigError
 
 __all__ = ["GateOutput", "gate", "render_table"]
 
-T = TypeVar("T")
 EXIT_UNANSWERED = 2
 CLASS_STYLE = {"pass": "green", "high": "bold red", "low": "cyan", "nodata": "yellow"}
 VERDICT_STYLE = {"pass": "bold green", "marginal": "bold yellow", "fail": "bold red"}
@@ -38,16 +36,6 @@ VERDICT_STYLE = {"pass": "bold green", "marginal": "bold yellow", "fail": "bold 
 class GateOutput(StrEnum):
     table = "table"
     json = "json"
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """As `hopwatch check`: on uvloop where available."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(coro)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -214,7 +202,7 @@ def gate(
         raise _fail(_problems(exc)) from None
     options = Options(listen=listen, public_url=public_url, location=location)
     try:
-        result = _run(_evaluate(config, options, request, store))
+        result = run_async(_evaluate(config, options, request, store))
     except (GateError, SourceUnavailable) as exc:
         raise _fail(str(exc)) from None
     if output is GateOutput.json:
