@@ -107,8 +107,8 @@ def test_validate_reports_secret_references_that_do_not_resolve(
     path = ROOT / "examples" / "shop.yaml"
     problem = "environment variable HOPWATCH_DEMO_WEBHOOK_SECRET is not set"
     assert unresolved_secrets(load([path])) == [
-        f"{path}:37: flow 'checkout' step 'fulfilment_webhook': {problem}",
-        f"{path}:72: flow 'order_via_kafka' step 'confirmation': {problem}",
+        f"{path}:38: flow 'checkout' step 'fulfilment_webhook': {problem}",
+        f"{path}:73: flow 'order_via_kafka' step 'confirmation': {problem}",
     ]
     monkeypatch.setenv("HOPWATCH_DEMO_WEBHOOK_SECRET", "whsec_QUJD")
     assert unresolved_secrets(load([path])) == []

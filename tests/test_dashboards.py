@@ -395,7 +395,6 @@ async def test_every_panel_shows_data_from_a_real_prometheus(
 # Panels the bundled demo leaves empty today, and why. The demo test fails when one of them
 # shows data, so that this list only shrinks.
 DEMO_GAPS = {
-    "hopwatch-flow.json: Canary / stable hop latency p95 [A]": "the demo flows have no canary",
     "hopwatch-flow.json: Canary gate verdicts [A]": "nothing asks the gate during the demo",
     "hopwatch-flow.json: Canary gate score [A]": "nothing asks the gate during the demo",
 }

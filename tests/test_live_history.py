@@ -24,10 +24,11 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed"),
 ]
 
-# `wrong_body` garbles the shop's order JSON and nothing else: checkout's create_order fails its
-# `$.status` assertion and its later hops are skipped; shop_health reads a 404 (no body check)
-# and the worker only checks status codes, so order_via_kafka keeps passing.
-BROKEN = ("checkout", "stable", "create_order")
+# `wrong_body` for canary requests only garbles the shop's order JSON for checkout's canary
+# variant and nothing else: its create_order fails its `$.status` assertion and its later hops
+# are skipped; stable is untouched, shop_health reads a 404 (no body check) and the worker only
+# checks status codes, so order_via_kafka keeps passing.
+BROKEN = ("checkout", "canary", "create_order")
 REASON = "assertion"
 CHECKOUT_HOPS = ["create_order", "order_event", "fulfilment_webhook", "read_back"]
 RED = "rgb(207, 34, 46)"  # --down in monitor/status_page/templates/base.html.j2
@@ -50,14 +51,16 @@ class FaultAfterRun:
     poll instead, and read_back (skipped from then on) would keep a second incident open.
     """
 
-    def __init__(self, flow: str, switch: Callable[[], None]) -> None:
+    def __init__(self, flow: str, switch: Callable[[], None], variant: str) -> None:
         self.flow = flow
+        self.variant = variant
         self.switch = switch
         self.armed = False
         self.fired = asyncio.Event()
 
     def submit(self, result: RunResult) -> None:
-        if self.armed and result.flow == self.flow and not self.fired.is_set():
+        mine = result.flow == self.flow and result.variant == self.variant
+        if self.armed and mine and not self.fired.is_set():
             self.switch()
             self.fired.set()
 
@@ -127,7 +130,7 @@ async def test_a_fault_opens_one_incident_shown_on_the_page_and_closed_after(
             20,
             "every link of every flow passing",
         )
-        assert len(link_states(flows)) == 7  # 4 checkout hops, command + confirmation, lookup
+        assert len(link_states(flows)) == 11  # 4 checkout hops x 2 variants, 2 via Kafka, lookup
         # The first runs after start may fail (3s deadlines while the worker's consumer picks
         # up the new topics); wait for the store to have closed those incidents too.
         await poll(
@@ -138,11 +141,15 @@ async def test_a_fault_opens_one_incident_shown_on_the_page_and_closed_after(
             "no open incident before the fault",
         )
 
-        switch = FaultAfterRun("checkout", lambda: setattr(live.faults, "wrong_body", True))
+        def canary_garbled() -> None:
+            live.faults.canary_only = True
+            live.faults.wrong_body = True
+
+        switch = FaultAfterRun("checkout", canary_garbled, variant="canary")
         live.engine.sinks.add(switch)
         switch.armed = True
         await asyncio.wait_for(switch.fired.wait(), 10)
-        await live.set_faults(wrong_body=True)  # already on; this tells the fault listeners
+        await live.set_faults(wrong_body=True, canary_only=True)  # already on; tell listeners
 
         opened = await poll(
             http,

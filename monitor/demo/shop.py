@@ -2,7 +2,7 @@
 
 POST /orders → 201 {id, status: "pending"}; GET, PATCH {status}, DELETE /orders/{id}.
 Faults: POST /faults {"latency_ms": 300, "status": 503, "wrong_body": true, "hang": true,
-"paths": ["/orders"]}, DELETE /faults to clear, GET /faults to read.
+"paths": ["/orders"], "canary_only": true}, DELETE /faults to clear, GET /faults to read.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ class Faults:
     wrong_body: bool = False
     hang: bool = False
     paths: list[str] = field(default_factory=list)  # empty: every API path
+    canary_only: bool = False  # only requests marked X-Canary (the demo's canary variant)
     extra: dict[str, Any] = field(default_factory=dict)  # switches for the worker and webhooks
 
-    def applies(self, path: str) -> bool:
-        return not self.paths or any(path.startswith(p) for p in self.paths)
+    def applies(self, request: web.Request) -> bool:
+        if self.canary_only and "X-Canary" not in request.headers:
+            return False
+        return not self.paths or any(request.path.startswith(p) for p in self.paths)
 
 
 FAULTS_KEY = web.AppKey("faults", Faults)
@@ -46,7 +49,7 @@ LISTENERS_KEY = web.AppKey("fault_listeners", list)  # called after every change
 @web.middleware
 async def fault_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     faults = request.app[FAULTS_KEY]
-    if request.path.startswith("/faults") or not faults.applies(request.path):
+    if request.path.startswith("/faults") or not faults.applies(request):
         return await handler(request)
     if faults.hang:
         await asyncio.sleep(3600)  # the client's timeout ends it
@@ -78,7 +81,7 @@ async def create_order(request: web.Request) -> web.StreamResponse:
     for hook in request.app[HOOKS_KEY]:
         await hook(order, request)
     body = dict(order)
-    if request.app[FAULTS_KEY].wrong_body:
+    if request.app[FAULTS_KEY].wrong_body and request.app[FAULTS_KEY].applies(request):
         body["status"] = "garbled"
     return web.json_response(body, status=201)
 
@@ -88,7 +91,7 @@ async def read_order(request: web.Request) -> web.StreamResponse:
     if order is None:
         return web.json_response({"error": "no such order"}, status=404)
     body = dict(order)
-    if request.app[FAULTS_KEY].wrong_body:
+    if request.app[FAULTS_KEY].wrong_body and request.app[FAULTS_KEY].applies(request):
         body["status"] = "garbled"
     return web.json_response(body)
 
