@@ -554,9 +554,12 @@ class KafkaClients:
                 partitions = list(consumer.assignment())
                 if not partitions:
                     await consumer.topics()  # still prove the broker answers
+                # Positions first: the end can only grow after them, so `end < position` then
+                # means the log really went backwards, not that records came in between.
+                positions = {tp: await consumer.position(tp) for tp in partitions}
                 ends = await consumer.end_offsets(partitions) if partitions else {}
                 for tp, end in ends.items():
-                    position = await consumer.position(tp)
+                    position = positions[tp]
                     if end < position:
                         starts = await consumer.beginning_offsets([tp])
                         consumer.seek(tp, max(starts[tp], end - _REPLAY_LIMIT))
