@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from monitor.broker import free_port
 
 RESULT_MARK = "BENCH-RESULT "
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +71,6 @@ def machine_info(uvloop_on: bool) -> dict[str, Any]:
 
         info["uvloop_version"] = getattr(uvloop, "__version__", "?")
     return info
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -46,6 +46,15 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def serve_app(app: web.Application, listen: str) -> web.AppRunner:
+    """Serve `app` on HOST:PORT; the caller cleans the returned runner up."""
+    host, port = split_hostport(listen)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
 @dataclass
 class Options:
     """Command-line settings that override the flow files' `settings`."""
@@ -212,12 +221,7 @@ class Engine:
         return app
 
     async def _serve(self, app: web.Application, listen: str) -> None:
-        host, port = split_hostport(listen)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runners.append(runner)
+        self._runners.append(await serve_app(app, listen))
 
     # -- one-shot runs (check, gate bursts) ------------------------------------------------
 

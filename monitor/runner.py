@@ -56,10 +56,13 @@ class RunnerDeps:
 class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
+        self._variants: dict[tuple[str, str], dict[str, Any]] = {}  # flows are frozen
 
     def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
-        values = flow.variants[variant].model_dump()
+        values = self._variants.get((flow.name, variant))
+        if values is None:
+            values = self._variants[(flow.name, variant)] = flow.variants[variant].model_dump()
         return StepContext(
             run=RunInfo(
                 id=run_id,

@@ -17,9 +17,8 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from monitor.errors import TemplateError
 from probes.base import RenderMode, Untrusted
-from probes.errors import ExtractFailed
+from probes.errors import ExtractFailed, TemplateError
 from probes.secrets import SecretUnavailable, resolve_secret
 
 

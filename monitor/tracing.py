@@ -50,8 +50,8 @@ from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 from yarl import URL
 
 from monitor import __version__
-from monitor.errors import ConfigError
 from probes.base import ARRIVAL_KEY
+from probes.errors import ConfigError
 
 if TYPE_CHECKING:
     from monitor.results import RunResult, StepResult

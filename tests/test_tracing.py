@@ -33,7 +33,6 @@ from monitor.demo.telemetry import (
     inject_kafka_headers,
 )
 from monitor.engine import Engine, Options
-from monitor.errors import ConfigError
 from monitor.output import as_json
 from monitor.results import RunResult, StepResult
 from monitor.templates import Templates
@@ -47,6 +46,7 @@ from monitor.tracing import (
     redact_url,
 )
 from probes.base import RunInfo, StepContext
+from probes.errors import ConfigError
 from tests.fixtures.core import free_port, serve
 from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
 

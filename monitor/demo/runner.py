@@ -12,7 +12,6 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
 from rich.console import Console
 
 from monitor.broker import TansuBroker
@@ -21,7 +20,7 @@ from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, buil
 from monitor.demo.telemetry import Telemetry, inject_kafka_headers
 from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
 from monitor.demo.worker import OrderPublisher, Worker
-from monitor.engine import Options, split_hostport
+from monitor.engine import Options, serve_app, split_hostport
 
 FLOWS = Path(__file__).with_name("flows.yaml")
 DEMO_SERVICES = ("shop-api", "shop-worker", "shop-webhooks")
@@ -34,14 +33,6 @@ def demo_flows_file(shop_url: str, bootstrap: str, folder: Path) -> Path:
     path = folder / "demo-flows.yaml"
     path.write_text(text.replace("SHOP_URL", shop_url).replace("KAFKA_BOOTSTRAP", bootstrap))
     return path
-
-
-async def start_site(app: web.Application, listen: str) -> web.AppRunner:
-    host, port = split_hostport(listen)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
 
 
 @contextlib.asynccontextmanager
@@ -120,7 +111,7 @@ async def run_demo(
         system = DemoSystem(shop_url, bootstrap, f"http://{listen}/hooks/fulfilment")
         system.app[LISTENERS_KEY].append(broker_switch(broker))
         assert system.app[FAULTS_KEY] is system.faults
-        shop = await start_site(system.app, shop_listen)
+        shop = await serve_app(system.app, shop_listen)
         system.worker.start()
         try:
             if shop_only:  # the system under watch alone, e.g. as its own container
