@@ -97,7 +97,3 @@ class Scheduler:
             if still:
                 await asyncio.wait(still)
         self._tasks.clear()
-
-    @property
-    def running(self) -> int:
-        return sum(1 for r in self._tasks.values() if r)
