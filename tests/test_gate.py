@@ -146,7 +146,11 @@ async def test_identical_variants_pass(flow_file: Path) -> None:
         "flow.duration",
         "flow.error_ratio",
     ]  # cleanup is never a hop
-    assert all(m["classification"] == "pass" for m in report["metrics"])
+    # A canary that happens to be faster on a hop is "low", which passes for latency (direction
+    # "increase"); with 12 samples of identical systems that happens now and then, so only a
+    # failing classification would be wrong here.
+    assert not any(m["failed"] for m in report["metrics"]), report
+    assert all(m["classification"] in ("pass", "low") for m in report["metrics"])
 
 
 async def test_slower_canary_fails_naming_the_hop(shops: Shops, flow_file: Path) -> None:
