@@ -1,6 +1,6 @@
 """HTTP sessions lent to probes: fresh connections per run by default, kept across runs on request.
 
-What is costly to build (SSL contexts, trace hooks) is built once and shared; what makes a run
+What is costly to build (SSL contexts, the resolver) is built once and shared; what makes a run
 look like a new client (DNS lookup, TCP and TLS handshakes) is done per run unless the flow
 opts into `reuse_connections`.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from probes.base import StepContext
-from probes.http_common import TlsConfig, build_ssl_context, build_trace_config
+from probes.http_common import TimedConnector, TimedResolver, TlsConfig, build_ssl_context
 
 _CLOSERS = "_http_sessions"
 
@@ -21,9 +21,13 @@ class HttpClientPool:
     """Implements probes.base.HttpClients for the engine."""
 
     def __init__(self) -> None:
-        self._trace_config = build_trace_config()
+        self._resolver = TimedResolver()
         self._ssl: dict[TlsConfig, Any] = {}
         self._shared: dict[TlsConfig, aiohttp.ClientSession] = {}
+        # Step configs are frozen and live as long as the engine: the shared session is found
+        # by the TlsConfig object's identity first (hashing a pydantic model costs more than
+        # the rest of the lookup), by value when a config comes new.
+        self._by_id: dict[int, tuple[TlsConfig, aiohttp.ClientSession]] = {}
         self._timeout = aiohttp.ClientTimeout(total=None)  # the runner owns time
 
     def _ssl_for(self, tls: TlsConfig) -> Any:
@@ -35,8 +39,9 @@ class HttpClientPool:
     def _new_session(
         self, tls: TlsConfig, *, shared: bool, cookies: bool = False
     ) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = TimedConnector(
             ssl=self._ssl_for(tls),
+            resolver=self._resolver,
             use_dns_cache=shared,
             limit=0 if shared else 10,
             enable_cleanup_closed=False,
@@ -44,7 +49,6 @@ class HttpClientPool:
         return aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            trace_configs=[self._trace_config],
             # A cookie jar per run only when asked for: building one costs more than the
             # rest of the session, and shared sessions must not carry cookies across runs.
             cookie_jar=None if cookies and not shared else aiohttp.DummyCookieJar(),
@@ -55,9 +59,13 @@ class HttpClientPool:
 
     def session_for(self, ctx: StepContext, tls: TlsConfig) -> aiohttp.ClientSession:
         if ctx.reuse_connections:
+            known = self._by_id.get(id(tls))
+            if known is not None and known[0] is tls and not known[1].closed:
+                return known[1]
             session = self._shared.get(tls)
             if session is None or session.closed:
                 session = self._shared[tls] = self._new_session(tls, shared=True)
+            self._by_id[id(tls)] = (tls, session)
             return session
         sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.setdefault(_CLOSERS, {})
         session = sessions.get(tls)
@@ -76,3 +84,5 @@ class HttpClientPool:
         for session in self._shared.values():
             await session.close()
         self._shared.clear()
+        self._by_id.clear()
+        await self._resolver.close()

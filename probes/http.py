@@ -27,7 +27,7 @@ class HttpProbe:
         resp = await send(config, ctx)
         attributes = {"http.response.status_code": resp.status}
         try:
-            rendered = rendered_json(config.expect, ctx)
+            rendered = rendered_json(config.expect, ctx) if config.expect.json_ else None
             check(
                 config.expect,
                 status=resp.status,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from monitor.config import Config
 from monitor.engine import Engine
 from monitor.results import RunResult
+from probes.http_common import TimedResponseHandler
 from tests.fixtures.core import free_port, serve
 
 STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
@@ -140,6 +142,48 @@ async def test_chain_passes_with_assertions_extraction_and_phases(
     assert get.latency_s is not None and 0 < get.latency_s < 2
     assert get.attributes["http.response.status_code"] == 200
     assert "dns" in result.steps[2].phases  # a name: looked up afresh in each run
+
+
+async def test_reused_connection_has_no_connect_phase(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """The connector marks a connection it makes; a run on a kept one shows only
+    processing and transfer (tests the private hook aiohttp's TimedConnector overrides)."""
+    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/json'}\n"
+    config = load_flows(flow_yaml(base(target), step, extra="    reuse_connections: true\n"))
+    engine = Engine(config, registry=CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        first, second = await engine.run_once(engine.select(), repeat=2, concurrency=1)
+    finally:
+        await engine.stop()
+    assert set(first.steps[0].phases) == {"connect", "processing", "transfer"}
+    assert set(second.steps[0].phases) == {"processing", "transfer"}
+    assert 0 < second.steps[0].phases["processing"] <= second.steps[0].latency_s
+
+
+async def test_latency_ends_when_the_response_arrives_not_when_the_loop_gets_to_it(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy loop delays the request's task, not the protocol's arrival stamp: the step
+    reports the target's 50 ms, not the 300 ms the loop was busy after the bytes came."""
+    arrived = TimedResponseHandler.data_received
+    hogged: list[bool] = []
+
+    def busy_after_arrival(self: TimedResponseHandler, data: bytes) -> None:
+        if not hogged and data.endswith(b"}"):  # the body's last bytes: the response is in
+            hogged.append(True)  # queued ahead of the task's wake-up, as another run would be
+            asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+        arrived(self, data)
+
+    monkeypatch.setattr(TimedResponseHandler, "data_received", busy_after_arrival)
+    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/slow?ms=50'}\n"
+    result = await run_flow(load_flows(flow_yaml(base(target), step)))
+    assert hogged and result.outcome == "success", result.steps[0].message
+    assert result.duration_s >= 0.3
+    latency = result.steps[0].latency_s
+    assert latency is not None and 0.05 <= latency < 0.25
+    assert result.steps[0].phases["processing"] >= 0.05
 
 
 @pytest.mark.parametrize(
