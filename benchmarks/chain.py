@@ -4,7 +4,7 @@ The system under watch (benchmarks.senders chain, on the target's core with a Ta
 `POST /orders`, produces `{"order_id": ref}` to a topic and calls back with a signed webhook;
 the flow checks all three hops: `http` (201), `kafka_consume` (the record, matched on
 `$.order_id`), `webhook_await` (Standard Webhooks signature, matched on `$.order_id`).
-Driven through `Engine.run_once` like the http throughput benchmark.
+Driven through `Engine.run_once` in batches.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 connection per run and with connections reused, and the CPU each step costs; a bare aiohttp
 client loop on the same core as the ceiling to compare with.
 
-hopwatch is driven through `Engine.run_once` (the runner, the real MetricsSink, the HTTP pool),
-over 100 distinct flows so label lookups are not one hot cache entry.
+hopwatch is driven through the engine's runner (the real MetricsSink and HTTP pool), over 100
+distinct flows so label lookups are not one hot cache entry.
 """
 
 from __future__ import annotations
 
-import time
+import itertools
 from typing import Any
 
 import aiohttp
@@ -18,32 +18,34 @@ from benchmarks.harness import build_engine, http_flow
 from benchmarks.loadgen import closed_loop
 
 FLOWS = 100
-BATCH = 2000
 
 
 async def hopwatch_http(args: dict[str, Any]) -> dict[str, Any]:
-    """Closed loop through Engine.run_once for `duration` seconds at `concurrency`."""
+    """Closed loop through the engine's runner for `duration` seconds at `concurrency`.
+
+    Workers call `Runner.run` back to back, as the scheduler's loops do when every flow is
+    due (the scheduler's own sleep is left out; its lag is measured by the scale part),
+    cycling over the flows so each run looks up its own series."""
     url = args["target"] + "/ok"
     flows = [http_flow(f"tp{i}", url, reuse=args["reuse"]) for i in range(FLOWS)]
     engine = build_engine(flows, max_concurrency=args["concurrency"])
     await engine.start(schedule=False, admin=False)
-    pairs = engine.select()
+    pairs = itertools.cycle(engine.select())
+    run = engine.runner.run
+
+    async def once() -> bool:
+        flow, variant = next(pairs)
+        return (await run(flow, variant)).outcome == "success"
+
     try:
-        await engine.run_once(pairs, repeat=max(1, args["warmup"] // FLOWS), concurrency=16)
+        await closed_loop(16, args["warmup"], once)  # seconds
         clock = CpuClock()
-        runs = failed = 0
         clock.start()
-        deadline = time.perf_counter() + args["duration"]
-        while time.perf_counter() < deadline:
-            results = await engine.run_once(
-                pairs, repeat=BATCH // FLOWS, concurrency=args["concurrency"]
-            )
-            runs += len(results)
-            failed += sum(1 for r in results if r.outcome != "success")
+        ok, failed = await closed_loop(args["concurrency"], args["duration"], once)
         clock.stop()
     finally:
         await engine.stop()
-    return _rates(runs, failed, clock, steps_per_run=1)
+    return _rates(ok + failed, failed, clock, steps_per_run=1)
 
 
 async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +89,7 @@ def part(ctx: Ctx) -> None:
     for reuse, case in CASES:
         result = ctx.child(
             "throughput.hopwatch_http",
-            {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 300},
+            {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 0.5},
         )
         rows.append({"tool": "hopwatch", "case": f"http flow, {case}", "reuse": reuse, **result})
         ctx.log(f"  hopwatch http, {case}: {result['steps_per_s']:,.0f} steps/s")
@@ -107,7 +109,7 @@ def max_rate(ctx: Ctx, reuse: bool) -> float:
             return float(row["steps_per_s"])
     result = ctx.child(
         "throughput.hopwatch_http",
-        {"reuse": reuse, "concurrency": CONCURRENCY, "duration": 2.0, "warmup": 300},
+        {"reuse": reuse, "concurrency": CONCURRENCY, "duration": 2.0, "warmup": 0.5},
     )
     ctx.results.setdefault("calibration", []).append({"reuse": reuse, **result})
     return float(result["steps_per_s"])
