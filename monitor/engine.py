@@ -70,9 +70,6 @@ class Options:
     extra_sinks: list[Sink] = field(default_factory=list)
 
 
-GC_YOUNG_THRESHOLD = 10_000  # net container allocations between young collections
-
-
 class Engine:
     def __init__(
         self,
@@ -141,11 +138,6 @@ class Engine:
             # collections from walking them again and again (100 ms+ pauses at 10,000 flows).
             gc.collect()
             gc.freeze()
-            # A run's objects die by reference counting, but runs in flight keep enough alive
-            # that at the default 700 net allocations a young collection ran every few
-            # milliseconds under load, each a 1-4 ms pause inside someone's timing. At
-            # 10,000 they are rare (measured: 74 in 6 s at 1,000 probes/s became 1).
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self._ready = True
 
     async def _start_optional_parts(self) -> None:
