@@ -181,7 +181,7 @@ def part(ctx: Ctx) -> None:
         )  # fmt: skip
         ctx.log(f"  blackbox_exporter: {result['steps_per_s']:,.0f} probes/s")
         base = {**common, "delay_ms": DELAY_MS, "duration": ctx.seconds(2.5, 6.0)}
-        for label, rate in loads(ctx, result["steps_per_s"], fixed=True):
+        for label, rate in loads(ctx, result["steps_per_s"]):
             fid = ctx.child("blackbox.fidelity", {**base, "rate": rate}, core=ctx.target_core)
             ctx.rows("fidelity").append(
                 {"tool": "blackbox_exporter", "case": "fresh connection per probe",

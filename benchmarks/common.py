@@ -400,12 +400,11 @@ class Ctx:
 DELAY_MS = 50
 
 
-def loads(ctx: Ctx, max_rate: float, *, fixed: bool) -> list[tuple[str, float]]:
+def loads(ctx: Ctx, max_rate: float) -> list[tuple[str, float]]:
     """10 / 50 / 90 % of the maximum (and 150 %, overloaded, in a full run), plus 1,000/s."""
     shares = (0.1, 0.5, 0.9) if ctx.quick else (0.1, 0.5, 0.9, 1.5)
     out: list[tuple[str, float]] = [
         (f"{share:.0%} of max", float(round(share * max_rate))) for share in shares
     ]
-    if fixed:
-        out.append(("1,000/s", 1000.0))
+    out.append(("1,000/s", 1000.0))
     return out

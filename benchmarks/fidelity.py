@@ -47,10 +47,6 @@ async def hopwatch_fidelity(args: dict[str, Any]) -> dict[str, Any]:
     await engine.start(schedule=True, admin=False)
     try:
         await asyncio.sleep(args["warmup"])
-        if args.get("gc_freeze"):  # experiment: what a gc.freeze() once warm would give
-            gc.collect()
-            gc.freeze()
-            await asyncio.sleep(0.5)  # let the runs the collection delayed finish first
         fine = LagProbe()
         fine.start()
         await fetch_json(args["target"] + "/lag")  # start the target's own lag window
@@ -116,17 +112,10 @@ def part(ctx: Ctx) -> None:
     base = {"delay_ms": DELAY_MS, "duration": ctx.seconds(2.0, 6.0), "warmup": 2.0}
     for reuse, case in CASES:
         top = max_rate(ctx, reuse)
-        for label, rate in loads(ctx, top, fixed=not (ctx.quick and reuse)):
+        for label, rate in loads(ctx, top):
             result = ctx.child("fidelity.hopwatch_fidelity", {**base, "reuse": reuse, "rate": rate})
             rows.append({"tool": "hopwatch", "case": case, "load": label, "reuse": reuse, **result})
             _log(ctx, f"hopwatch, {case}, {label}", result)
-    if not ctx.quick:  # what the proposed gc.freeze() once warm would change
-        args = {**base, "reuse": False, "rate": 1000.0, "gc_freeze": True}
-        result = ctx.child("fidelity.hopwatch_fidelity", args)
-        case = "fresh connection per run, gc.freeze() once warm (proposed)"
-        rows.append({"tool": "hopwatch", "case": case, "load": "1,000/s", "reuse": False,
-                     "experiment": "gc_freeze", **result})  # fmt: skip
-        _log(ctx, f"hopwatch, {case}", result)
 
 
 def _log(ctx: Ctx, what: str, result: dict[str, Any]) -> None:
