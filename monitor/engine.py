@@ -32,6 +32,7 @@ from monitor.sinks import FanOut, Sink
 from monitor.state import LastRuns
 from monitor.templates import Templates
 from monitor.tracing import Tracing
+from probes.http_common import TlsConfig
 
 if TYPE_CHECKING:
     from monitor.store import Store
@@ -119,6 +120,8 @@ class Engine:
         """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
         await self._start_optional_parts()
         await self.sinks.start()
+        steps = [s for f in self.config.flows for s in f.all_steps()]
+        self.http.prepare({s.tls for s in steps if isinstance(getattr(s, "tls", None), TlsConfig)})
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
@@ -132,12 +135,14 @@ class Engine:
                 max_concurrency=self.config.settings.max_concurrency,
                 metrics=self.metrics,
             )
-            self.scheduler.start()
         if self.options.settle_gc:
             # Config, label children and modules live as long as the process: keep full
             # collections from walking them again and again (100 ms+ pauses at 10,000 flows).
+            # Before the first runs are planned: the collection itself takes that long.
             gc.collect()
             gc.freeze()
+        if self.scheduler is not None:
+            self.scheduler.start()
         self._ready = True
 
     async def _start_optional_parts(self) -> None:

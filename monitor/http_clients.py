@@ -7,6 +7,7 @@ opts into `reuse_connections`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,12 @@ class HttpClientPool:
         # the rest of the lookup), by value when a config comes new.
         self._by_id: dict[int, tuple[TlsConfig, aiohttp.ClientSession]] = {}
         self._timeout = aiohttp.ClientTimeout(total=None)  # the runner owns time
+
+    def prepare(self, configs: Iterable[TlsConfig]) -> None:
+        """Build the SSL contexts up front: loading the system CAs takes tens of milliseconds,
+        which the first run would otherwise spend blocking the loop (and every run's timing)."""
+        for tls in configs:
+            self._ssl_for(tls)
 
     def _ssl_for(self, tls: TlsConfig) -> Any:
         ctx = self._ssl.get(tls)

@@ -1,18 +1,21 @@
-"""Scheduler: a hanging target never delays another flow, no overlap, clean shutdown."""
+"""Scheduler: a hanging target never delays another flow, no overlap, clean shutdown, the grid
+kept with missed ticks skipped, and no task per waiting flow."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from monitor.config import Config
+from monitor.config import Config, Flow
 from monitor.engine import Engine, Options
 from monitor.results import RunResult
+from monitor.scheduler import Scheduler
 from tests.fixtures.core import serve
 from tests.test_http import STARTED, target_app
 
@@ -120,3 +123,56 @@ async def test_shutdown_grace_lets_a_slow_run_finish(
     await asyncio.wait_for(target.app[STARTED].wait(), 5)
     await engine.stop()
     assert [r.outcome for r in sink.results] == ["success"]
+
+
+class FakeRunner:
+    """Records when each run starts and takes `seconds`: the scheduling logic alone."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.starts: list[tuple[str, float]] = []
+        self.third = asyncio.Event()
+
+    async def run(self, flow: Flow, variant: str) -> None:
+        self.starts.append((flow.name, time.monotonic()))
+        if len(self.starts) == 3:
+            self.third.set()
+        await asyncio.sleep(self.seconds)
+
+
+def quick_flow(name: str, interval: str, jitter: str = "0s") -> Flow:
+    step = {"name": "s", "kind": "http", "url": "http://127.0.0.1:9/"}
+    return Flow.model_validate(
+        {"name": name, "interval": interval, "jitter": jitter, "steps": [step]}
+    )
+
+
+async def test_an_overrunning_flow_keeps_its_grid_and_skips_missed_ticks() -> None:
+    """Interval 100 ms, runs of 250 ms: the next runs start on the grid at 300 and 600 ms,
+    not back to back at 250 and 500 ms (and never overlap)."""
+    runner = FakeRunner(seconds=0.25)
+    scheduler = Scheduler([quick_flow("slow", "100ms")], runner)
+    scheduler.start()
+    try:
+        await asyncio.wait_for(runner.third.wait(), 5)
+    finally:
+        await scheduler.stop(grace=0.0)
+    first, second, third = (t for _, t in runner.starts[:3])
+    assert 0.29 <= second - first < 0.40
+    assert 0.29 <= third - second < 0.40
+
+
+async def test_waiting_flows_hold_no_task_each() -> None:
+    """2,000 flows planned over the next 20 s: one heap entry each, tasks only for runs."""
+    runner = FakeRunner()
+    flows_ = [quick_flow(f"f{i}", "60s") for i in range(2000)]
+    scheduler = Scheduler(flows_, runner)
+    before = len(asyncio.all_tasks())
+    scheduler.start()
+    try:
+        await asyncio.sleep(0)
+        assert scheduler.waiting + len(runner.starts) >= 1990
+        assert len(asyncio.all_tasks()) - before < 20
+    finally:
+        await scheduler.stop(grace=0.0)
+    assert scheduler.waiting == 0
