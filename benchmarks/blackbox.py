@@ -165,23 +165,30 @@ async def fidelity(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _max_rate(ctx: Ctx, common: dict[str, Any]) -> float:
+    """Its probes/s from the throughput part, or measured now if that part did not run."""
+    for row in ctx.results.get("throughput", []):
+        if row["tool"] == "blackbox_exporter":
+            return float(row["steps_per_s"])
+    args = {**common, "concurrency": 32, "duration": ctx.seconds(2.0, 6.0)}
+    result = ctx.child("blackbox.throughput", args, core=ctx.target_core)
+    ctx.results.setdefault("calibration", []).append({"tool": "blackbox_exporter", **result})
+    ctx.log(f"  blackbox_exporter: {result['steps_per_s']:,.0f} probes/s")
+    return float(result["steps_per_s"])
+
+
 def part(ctx: Ctx) -> None:
-    """Throughput, then fidelity at 10/50/90 % of its own maximum and at 1,000/s."""
+    """Fidelity at 10/50/90 % of its own maximum (measured side by side with hopwatch by the
+    throughput part) and at 1,000/s."""
     if binary() is None:
         ctx.log(f"  {BINARY} not found: install it with `{INSTALL_HINT}`; skipping this part")
         ctx.results.setdefault("skipped", {})["blackbox"] = f"not installed: {INSTALL_HINT}"
         return
     with exporter(ctx.monitor_core) as (url, pid):
         common = {"exporter": url, "pid": pid}
-        args = {**common, "concurrency": 32, "duration": ctx.seconds(2.0, 6.0)}
-        result = ctx.child("blackbox.throughput", args, core=ctx.target_core)
-        ctx.rows("throughput").append(
-            {"tool": "blackbox_exporter", "case": "/probe, fresh connection per probe",
-             "reuse": False, **result}
-        )  # fmt: skip
-        ctx.log(f"  blackbox_exporter: {result['steps_per_s']:,.0f} probes/s")
+        top = _max_rate(ctx, common)
         base = {**common, "delay_ms": DELAY_MS, "duration": ctx.seconds(2.5, 6.0)}
-        for label, rate in loads(ctx, result["steps_per_s"]):
+        for label, rate in loads(ctx, top):
             fid = ctx.child("blackbox.fidelity", {**base, "rate": rate}, core=ctx.target_core)
             ctx.rows("fidelity").append(
                 {"tool": "blackbox_exporter", "case": "fresh connection per probe",

@@ -8,11 +8,14 @@ distinct flows so label lookups are not one hot cache entry.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import statistics
 from typing import Any
 
 import aiohttp
 
+from benchmarks import blackbox
 from benchmarks.common import CpuClock, Ctx
 from benchmarks.harness import build_engine, http_flow
 from benchmarks.loadgen import closed_loop
@@ -83,23 +86,50 @@ CASES = ((False, "fresh connection per run"), (True, "connections reused"))
 
 
 def part(ctx: Ctx) -> None:
-    """hopwatch's http flow, then a bare aiohttp loop, each with fresh and reused connections."""
-    duration = ctx.seconds(2.0, 6.0)
+    """hopwatch (fresh and reused connections), blackbox_exporter and a bare aiohttp loop, in
+    rounds: every tool is measured once per round, so a machine whose speed drifts (a shared
+    VM: 2x between minutes, seen here) slows each tool alike. A row is the tool's median round;
+    the ratios against blackbox_exporter are taken round by round (see `paired_ratios`)."""
+    rounds = 2 if ctx.quick else 3
+    duration = ctx.seconds(1.5, 3.0)
+    plan: list[tuple[str, str, bool, str, dict[str, Any], int | None]] = []
+    for reuse, case in CASES:
+        args = {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 0.5}
+        plan.append(("hopwatch", f"http flow, {case}", reuse, "throughput.hopwatch_http", args,
+                     None))  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if blackbox.binary() is None:
+            ctx.log(f"  {blackbox.BINARY} not found: `{blackbox.INSTALL_HINT}`; not compared")
+        else:
+            url, pid = stack.enter_context(blackbox.exporter(ctx.monitor_core))
+            args = {"exporter": url, "pid": pid, "concurrency": CONCURRENCY, "duration": duration}
+            plan.append(("blackbox_exporter", "/probe, fresh connection per probe", False,
+                         "blackbox.throughput", args, ctx.target_core))  # fmt: skip
+        for reuse, case in CASES:
+            args = {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration}
+            plan.append(("bare aiohttp loop", f"GET, {case}", reuse, "throughput.bare_aiohttp",
+                         args, None))  # fmt: skip
+        measured: list[list[dict[str, Any]]] = [[] for _ in plan]
+        for n in range(rounds):
+            for (tool, case, _reuse, func, args, core), results in zip(plan, measured, strict=True):
+                result = ctx.child(func, args, core=core)
+                results.append(result)
+                ctx.log(f"  round {n + 1}, {tool}, {case}: {result['steps_per_s']:,.0f}/s")
     rows = ctx.rows("throughput")
-    for reuse, case in CASES:
-        result = ctx.child(
-            "throughput.hopwatch_http",
-            {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 0.5},
-        )
-        rows.append({"tool": "hopwatch", "case": f"http flow, {case}", "reuse": reuse, **result})
-        ctx.log(f"  hopwatch http, {case}: {result['steps_per_s']:,.0f} steps/s")
-    for reuse, case in CASES:
-        result = ctx.child(
-            "throughput.bare_aiohttp",
-            {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration},
-        )
-        rows.append({"tool": "bare aiohttp loop", "case": f"GET, {case}", "reuse": reuse, **result})
-        ctx.log(f"  bare aiohttp, {case}: {result['steps_per_s']:,.0f} req/s")
+    for (tool, case, reuse, _func, _args, _core), results in zip(plan, measured, strict=True):
+        middle = sorted(results, key=lambda r: r["steps_per_s"])[(len(results) - 1) // 2]
+        rows.append({"tool": tool, "case": case, "reuse": reuse, **middle, "rounds": results})
+
+
+def paired_ratios(tool: dict[str, Any], base: dict[str, Any]) -> tuple[float, float]:
+    """(rate ratio, CPU-per-step ratio) of `tool` over `base`: the median of the per-round
+    ratios when both were measured in the same rounds, else of their rows."""
+    a, b = tool.get("rounds") or [tool], base.get("rounds") or [base]
+    if len(a) != len(b):
+        a, b = [tool], [base]
+    rates = [x["steps_per_s"] / y["steps_per_s"] for x, y in zip(a, b, strict=True)]
+    cpus = [y["cpu_us_per_step"] / x["cpu_us_per_step"] for x, y in zip(a, b, strict=True)]
+    return statistics.median(rates), statistics.median(cpus)
 
 
 def max_rate(ctx: Ctx, reuse: bool) -> float:
