@@ -44,7 +44,10 @@ class PhaseTimer:
 
     `start` is moved to when the request reaches for a connection (before DNS and connect):
     building the request object is the monitor's own CPU, not the system's latency, and it
-    allocates enough to trigger garbage collections that would land inside the timing.
+    allocates enough to trigger garbage collections that would land inside the timing. For
+    the same reason `waited`, the time between a new connection being made (the protocol's
+    `connection_made`) and the request's task resuming to send on it, is the monitor's own
+    and left out of `latency`; on a loaded loop it was most of a fresh check's error.
     """
 
     start: float = 0.0
@@ -54,15 +57,23 @@ class PhaseTimer:
     conn_start: float | None = None
     tls_start: float | None = None
     conn_end: float | None = None
+    ready: float | None = None  # a new connection was made, not yet sent on
+    sent: float | None = None  # the request's task got its connection (and writes at once)
+    waited: float = 0.0
     response_start: float | None = None
     end: float | None = None
     proto: TimedResponseHandler | None = None  # the connection the request went out on
 
+    @property
+    def latency(self) -> float:
+        end = self.end if self.end is not None else time.monotonic()
+        return end - self.start - self.waited
+
     def phases(self) -> dict[str, float]:
         """dns · connect · tls · processing · transfer in seconds, for the phases that happened.
 
-        Processing runs from the connection being ready (or the request's start on a reused
-        one) to the response's head being parsed; writing a request head takes microseconds.
+        Processing runs from the request being sent on its connection to the response's head
+        reaching the protocol.
         """
         out: dict[str, float] = {}
         if self.dns_start is not None and self.dns_end is not None:
@@ -74,7 +85,7 @@ class PhaseTimer:
             if self.tls_start is not None:
                 out["tls"] = self.conn_end - self.tls_start
         if self.response_start is not None:
-            sent = self.conn_end if self.conn_end is not None else self.start
+            sent = self.sent if self.sent is not None else self.start
             out["processing"] = max(0.0, self.response_start - sent)
             if self.end is not None:
                 out["transfer"] = self.end - self.response_start
@@ -164,6 +175,11 @@ class TimedResponseHandler(ResponseHandler):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.data_at = 0.0
+        self.made_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made_at = time.monotonic()  # TCP (and TLS, when asked for) established
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if data:
@@ -192,7 +208,13 @@ class TimedConnector(aiohttp.TCPConnector):
             timer.on_wire = True
             timer.start = time.monotonic()
         conn = await super().connect(req, traces, timeout)
-        if timer is not None and isinstance(conn.protocol, TimedResponseHandler):
+        if timer is None:
+            return conn
+        timer.sent = time.monotonic()
+        if timer.ready is not None:
+            timer.waited += max(0.0, timer.sent - timer.ready)
+            timer.ready = None
+        if isinstance(conn.protocol, TimedResponseHandler):
             conn.protocol.data_at = 0.0  # what arrives from now on answers this request
             timer.proto = conn.protocol
         return conn
@@ -203,7 +225,8 @@ class TimedConnector(aiohttp.TCPConnector):
             return await super()._create_connection(req, traces, timeout)
         timer.conn_start = time.monotonic()
         proto = await super()._create_connection(req, traces, timeout)
-        timer.conn_end = time.monotonic()
+        made = proto.made_at if isinstance(proto, TimedResponseHandler) else 0.0
+        timer.conn_end = timer.ready = made if made >= timer.conn_start else time.monotonic()
         return proto
 
 
@@ -333,7 +356,7 @@ async def send(config: RequestConfig, ctx: StepContext) -> Response:
                 status=resp.status,
                 headers=resp.headers,
                 body=body,
-                latency_s=timer.end - timer.start,
+                latency_s=timer.latency,
                 phases=timer.phases(),
             )
     except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:

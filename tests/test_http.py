@@ -186,6 +186,27 @@ async def test_latency_ends_when_the_response_arrives_not_when_the_loop_gets_to_
     assert result.steps[0].phases["processing"] >= 0.05
 
 
+async def test_latency_leaves_out_the_wait_between_connect_and_send(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new connection is made, then the loop is busy 300 ms before the request's task can
+    send on it: that wait is the monitor's, not the target's, and is not reported."""
+    made = TimedResponseHandler.connection_made
+
+    def busy_after_connect(self: TimedResponseHandler, transport: asyncio.BaseTransport) -> None:
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # ahead of the task's wake-up
+        made(self, transport)
+
+    monkeypatch.setattr(TimedResponseHandler, "connection_made", busy_after_connect)
+    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/slow?ms=50'}\n"
+    result = await run_flow(load_flows(flow_yaml(base(target), step)))
+    assert result.outcome == "success", result.steps[0].message
+    assert result.duration_s >= 0.3
+    get = result.steps[0]
+    assert get.latency_s is not None and 0.05 <= get.latency_s < 0.25
+    assert get.phases["connect"] < 0.25 and get.phases["processing"] >= 0.05
+
+
 @pytest.mark.parametrize(
     ("expect", "reason", "message"),
     [
