@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from probes.durations import Duration
@@ -136,7 +137,9 @@ def verify(
 
     Raises SignatureError (safe to show to the sender) or SecretUnavailable (our config).
     """
-    lower = {k.lower(): v for k, v in headers.items()}
+    # aiohttp's headers already look up case-insensitively; other mappings are lowered once.
+    ci = isinstance(headers, CIMultiDictProxy | CIMultiDict)
+    lower = headers if ci else {k.lower(): v for k, v in headers.items()}
     if isinstance(config, StandardWebhooksSignature):
         return _standard_webhooks(config, lower, raw_body, now)
     if isinstance(config, StripeSignature):

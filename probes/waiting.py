@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,7 +131,7 @@ class RuleMatcher:
         return all(any(same_value(found, want) for found in read(doc)) for read, want in self.paths)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class KeySelector:
     """An arrival's (Kafka) key, read as Latin-1 so every byte string has its own text."""
 
@@ -139,7 +139,7 @@ class KeySelector:
         return () if arrival.key is None else (_key_text(arrival.key),)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class HeaderSelector:
     """One header, read as the rule reads it (case-insensitively for HTTP, exactly for Kafka)."""
 
@@ -151,7 +151,7 @@ class HeaderSelector:
         return () if value is None else (value,)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class JsonPathSelector:
     """The values at one JSON path, as texts any wanted value they are `same_value` to has."""
 
@@ -167,10 +167,13 @@ class JsonPathSelector:
         return texts
 
 
-# Selectors are shared by every matcher that reads the same place (fewer objects to keep).
+# Selectors are interned: one object per place read (header name, JSON path: from flow files,
+# so few), shared by every matcher, so they compare and hash by identity (eq=False). The
+# correlator's index hashes them many times per arrival, and a dataclass's field-wise hash
+# cost more than the rest of the look-up. Build them only through these three.
 _KEY: Final = KeySelector()
-_header = lru_cache(maxsize=1024)(HeaderSelector)
-_json_path = lru_cache(maxsize=1024)(JsonPathSelector)
+_header = cache(HeaderSelector)
+_json_path = cache(JsonPathSelector)
 
 
 def _reader(path: str) -> PathReader:
