@@ -171,6 +171,28 @@ def stat(
     }
 
 
+# The three health stats both dashboards show, each with its unit and thresholds in one place.
+
+
+def up_stat(title: str, description: str, expr: str, legend: str) -> dict[str, Any]:
+    """Whether the last run succeeded (hopwatch_flow_up): DOWN in red."""
+    return stat(title, description, [target(expr, legend)], "none", mappings=up_mappings("DOWN"),
+                threshold_steps=((None, "red"), (1, "green")))  # fmt: skip
+
+
+def since_good_stat(description: str, expr: str, legend: str) -> dict[str, Any]:
+    """Seconds since the last good run: orange after 5 minutes, red after 15."""
+    return stat("Since the last good run", description, [target(expr, legend)], "s",
+                threshold_steps=((None, "green"), (300, "orange"), (900, "red")))  # fmt: skip
+
+
+def success_stat(description: str, by: str, sel: str, legend: str) -> dict[str, Any]:
+    """Successful / finished runs: red below 99 %, orange below 99.5 %."""
+    return stat("Runs that succeeded", description, [target(success_ratio(by, sel), legend)],
+                "percentunit",
+                threshold_steps=((None, "red"), (0.99, "orange"), (0.995, "green")))  # fmt: skip
+
+
 def status_history(title: str, description: str, queries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "type": "status-history",
@@ -422,36 +444,31 @@ def overview() -> dict[str, Any]:
 def _overview_health(lay: Layout, sel: str) -> None:
     lay.row("Health")
     lay.add(
-        stat(
+        up_stat(
             "Flows",
             "hopwatch_flow_up: whether the last run of each flow and variant succeeded.",
-            [target(f"min by (flow, variant) (hopwatch_flow_up{{{sel}}})", FLOW_LEGEND)],
-            "none",
-            mappings=up_mappings("DOWN"),
-            threshold_steps=((None, "red"), (1, "green")),
+            f"min by (flow, variant) (hopwatch_flow_up{{{sel}}})",
+            FLOW_LEGEND,
         ),
         w=8,
         h=6,
     )
     last_ok = f"max by (flow, variant) (hopwatch_last_success_timestamp_seconds{{{sel}}})"
     lay.add(
-        stat(
-            "Since the last good run",
+        since_good_stat(
             "Time since each flow last succeeded (hopwatch_last_success_timestamp_seconds).",
-            [target(f"time() - {last_ok}", FLOW_LEGEND)],
-            "s",
-            threshold_steps=((None, "green"), (300, "orange"), (900, "red")),
+            f"time() - {last_ok}",
+            FLOW_LEGEND,
         ),
         w=8,
         h=6,
     )
     lay.add(
-        stat(
-            "Runs that succeeded",
+        success_stat(
             "Successful / finished runs over the time range; aborted runs are left out.",
-            [target(success_ratio("flow, variant", sel), FLOW_LEGEND)],
-            "percentunit",
-            threshold_steps=((None, "red"), (0.99, "orange"), (0.995, "green")),
+            "flow, variant",
+            sel,
+            FLOW_LEGEND,
         ),
         w=8,
         h=6,
@@ -695,36 +712,28 @@ def _flow_now(lay: Layout) -> None:
     lay.row("Now")
     where = "{{variant}} · {{location}}"
     lay.add(
-        stat(
+        up_stat(
             "Up",
             "Whether the last run succeeded, per variant and location.",
-            [target(f"max by (variant, location) (hopwatch_flow_up{{{FLOW_SEL}}})", where)],
-            "none",
-            mappings=up_mappings("DOWN"),
-            threshold_steps=((None, "red"), (1, "green")),
+            f"max by (variant, location) (hopwatch_flow_up{{{FLOW_SEL}}})",
+            where,
         ),
         w=6,
         h=5,
     )
     last_ok = f"hopwatch_last_success_timestamp_seconds{{{FLOW_SEL}}}"
     lay.add(
-        stat(
-            "Since the last good run",
+        since_good_stat(
             "Time since the flow last succeeded.",
-            [target(f"time() - max by (variant, location) ({last_ok})", where)],
-            "s",
-            threshold_steps=((None, "green"), (300, "orange"), (900, "red")),
+            f"time() - max by (variant, location) ({last_ok})",
+            where,
         ),
         w=6,
         h=5,
     )
     lay.add(
-        stat(
-            "Runs that succeeded",
-            "Successful / finished runs over the time range.",
-            [target(success_ratio("variant", FLOW_SEL), "{{variant}}")],
-            "percentunit",
-            threshold_steps=((None, "red"), (0.99, "orange"), (0.995, "green")),
+        success_stat(
+            "Successful / finished runs over the time range.", "variant", FLOW_SEL, "{{variant}}"
         ),
         w=6,
         h=5,
