@@ -83,6 +83,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.options = options or Options()
+        self.steps = [s for f in config.flows for s in f.all_steps()]  # the config is frozen
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.templates = Templates()
@@ -123,8 +124,8 @@ class Engine:
         """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
         await self._start_optional_parts()
         await self.sinks.start()
-        steps = [s for f in self.config.flows for s in f.all_steps()]
-        self.http.prepare({s.tls for s in steps if isinstance(getattr(s, "tls", None), TlsConfig)})
+        tls = {s.tls for s in self.steps if isinstance(getattr(s, "tls", None), TlsConfig)}
+        self.http.prepare(tls)
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
@@ -155,7 +156,6 @@ class Engine:
 
     async def _start_optional_parts(self) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
-        steps = [s for f in self.config.flows for s in f.all_steps()]
         if self.options.store_url:
             from monitor.store import Store  # SQLAlchemy and Alembic: only when storing
 
@@ -168,7 +168,7 @@ class Engine:
                 on_arrival=self.correlator.offer,
                 arrivals_counter=self.metrics.arrivals,
             )
-            self.kafka.watch_steps(steps)
+            self.kafka.watch_steps(self.steps)
             self.runner.deps.kafka = self.kafka
             await self.kafka.start()
             # Shared consumers read from the end: let them reach it before the first run
@@ -202,12 +202,12 @@ class Engine:
     # -- listeners -------------------------------------------------------------------------
 
     def needs_public_listener(self) -> bool:
-        return any(s.kind == "webhook_await" for f in self.config.flows for s in f.all_steps())
+        return any(s.kind == "webhook_await" for s in self.steps)
 
     def build_public_app(self) -> web.Application:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
-        steps = [s for f in self.config.flows for s in f.all_steps() if s.kind == "webhook_await"]
+        steps = [s for s in self.steps if s.kind == "webhook_await"]
         install_webhook_routes(
             app, routes_from_steps(steps), self.correlator, self.metrics.arrivals
         )

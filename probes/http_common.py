@@ -51,7 +51,6 @@ class PhaseTimer:
     """
 
     start: float = 0.0
-    on_wire: bool = False  # start was taken by the connector
     dns_start: float | None = None
     dns_end: float | None = None
     conn_start: float | None = None
@@ -206,8 +205,7 @@ class TimedConnector(aiohttp.TCPConnector):
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         timer = _current_timer.get()
-        if timer is not None and not timer.on_wire:  # the first hop, if redirects follow
-            timer.on_wire = True
+        if timer is not None and timer.sent is None:  # the first hop, if redirects follow
             timer.start = time.monotonic()
         conn = await super().connect(req, traces, timeout)
         if timer is None:
