@@ -12,10 +12,11 @@ import functools
 import json
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -48,6 +49,11 @@ class PhaseTimer:
     the same reason `waited`, the time between a new connection being made (the protocol's
     `connection_made`) and the request's task resuming to send on it, is the monitor's own
     and left out of `latency`; on a loaded loop it was most of a fresh check's error.
+
+    `handshake` is the TCP handshake's round trip as the kernel timed it (`handshake_rtt`).
+    The loop learns of a finished connect only when it gets round to it, behind every other
+    run's work, so the connect it observes is the handshake plus the monitor's own wait; with
+    the kernel's figure, the connect phase is the network's and the rest goes to `waited`.
     """
 
     start: float = 0.0
@@ -56,6 +62,7 @@ class PhaseTimer:
     conn_start: float | None = None
     tls_start: float | None = None
     conn_end: float | None = None
+    handshake: float | None = None  # the kernel's round trip of the TCP handshake
     ready: float | None = None  # a new connection was made, not yet sent on
     sent: float | None = None  # the request's task got its connection (and writes at once)
     waited: float = 0.0
@@ -78,9 +85,8 @@ class PhaseTimer:
         if self.dns_start is not None and self.dns_end is not None:
             out["dns"] = self.dns_end - self.dns_start
         if self.conn_start is not None and self.conn_end is not None:
-            tcp_end = self.tls_start if self.tls_start is not None else self.conn_end
-            dns = out.get("dns", 0.0)
-            out["connect"] = max(0.0, tcp_end - self.conn_start - dns)
+            connect = self.observed_connect()
+            out["connect"] = connect if self.handshake is None else min(connect, self.handshake)
             if self.tls_start is not None:
                 out["tls"] = self.conn_end - self.tls_start
         if self.response_start is not None:
@@ -89,6 +95,51 @@ class PhaseTimer:
             if self.end is not None:
                 out["transfer"] = self.end - self.response_start
         return out
+
+    def observed_connect(self) -> float:
+        """Connect as the loop saw it: from reaching for a connection (less DNS) to the TCP
+        connection being made (the TLS handshake's start, when there is one)."""
+        if self.conn_start is None or self.conn_end is None:
+            return 0.0
+        tcp_end = self.tls_start if self.tls_start is not None else self.conn_end
+        dns = 0.0
+        if self.dns_start is not None and self.dns_end is not None:
+            dns = self.dns_end - self.dns_start
+        return max(0.0, tcp_end - self.conn_start - dns)
+
+
+# struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; tcpi_rtt is the 16th u32
+# (microseconds, the smoothed round trip: after a handshake, the SYN to SYN-ACK time) and
+# tcpi_total_retrans the 24th. Both have been at these offsets since Linux 2.6.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_RTT_AND_RETRANS = struct.Struct("=60xI28xI")  # offsets 68 and 100 from byte 8
+_TCP_INFO_LEN: Final = 104
+
+
+def handshake_rtt(transport: asyncio.BaseTransport | None) -> float | None:
+    """The round trip of a connection's TCP handshake in seconds, as the kernel measured it
+    (Linux `TCP_INFO`), taken just after connecting; None where the kernel cannot say, or when
+    a segment was retransmitted (a lost SYN: then the loop's figure, seconds long, is right)."""
+    if _TCP_INFO is None or transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):
+        return None
+    return parse_handshake_rtt(raw)
+
+
+def parse_handshake_rtt(raw: bytes) -> float | None:
+    """`handshake_rtt`'s reading of a `struct tcp_info`."""
+    if len(raw) < _TCP_INFO_LEN:
+        return None
+    rtt_us, retransmitted = _TCP_INFO_RTT_AND_RETRANS.unpack_from(raw, 8)
+    if retransmitted or rtt_us == 0:
+        return None
+    return float(rtt_us) / 1e6
 
 
 class TimedSSLContext(ssl.SSLContext):
@@ -227,6 +278,9 @@ class TimedConnector(aiohttp.TCPConnector):
         proto = await super()._create_connection(req, traces, timeout)
         made = proto.made_at if isinstance(proto, TimedResponseHandler) else 0.0
         timer.conn_end = timer.ready = made if made >= timer.conn_start else time.monotonic()
+        timer.handshake = handshake_rtt(proto.transport)
+        if timer.handshake is not None:  # what the loop saw beyond the handshake was its own
+            timer.waited += max(0.0, timer.observed_connect() - timer.handshake)
         return proto
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohappyeyeballs
 import pytest
 import trustme
 from aiohttp import web
@@ -18,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from monitor.config import Config
 from monitor.engine import Engine
 from monitor.results import RunResult
-from probes.http_common import TimedResponseHandler
+from probes.http_common import TimedResponseHandler, parse_handshake_rtt
 from tests.fixtures.core import free_port, serve
 
 STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
@@ -205,6 +209,45 @@ async def test_latency_leaves_out_the_wait_between_connect_and_send(
     get = result.steps[0]
     assert get.latency_s is not None and 0.05 <= get.latency_s < 0.25
     assert get.phases["connect"] < 0.25 and get.phases["processing"] >= 0.05
+
+
+async def test_connect_is_the_kernels_handshake_not_the_loops_wait(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handshake is done, but the loop is busy 300 ms before it learns so (as behind other
+    runs' work): the connect phase is the kernel's round trip, and the wait is not reported."""
+    connect = aiohappyeyeballs.start_connection
+
+    async def busy_after_handshake(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = await connect(*args, **kwargs)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # ahead of this task's wake-up
+        await asyncio.sleep(0)
+        return sock
+
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", busy_after_handshake)
+    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/slow?ms=50'}\n"
+    result = await run_flow(load_flows(flow_yaml(base(target), step)))
+    assert result.outcome == "success", result.steps[0].message
+    assert result.duration_s >= 0.3
+    get = result.steps[0]
+    assert get.latency_s is not None and 0.05 <= get.latency_s < 0.25
+    assert 0 < get.phases["connect"] < 0.05
+
+
+def test_tcp_info_reading() -> None:
+    """tcpi_rtt (µs) at byte 68, tcpi_total_retrans at byte 100; a retransmitted handshake
+    (a lost SYN) or a kernel without a sample leaves the loop's figure in place."""
+
+    def tcp_info(rtt_us: int, retrans: int) -> bytes:
+        raw = bytearray(104)
+        struct.pack_into("=I", raw, 68, rtt_us)
+        struct.pack_into("=I", raw, 100, retrans)
+        return bytes(raw)
+
+    assert parse_handshake_rtt(tcp_info(31, 0)) == pytest.approx(31e-6)
+    assert parse_handshake_rtt(tcp_info(31, 1)) is None
+    assert parse_handshake_rtt(tcp_info(0, 0)) is None
+    assert parse_handshake_rtt(tcp_info(31, 0)[:90]) is None
 
 
 @pytest.mark.parametrize(
