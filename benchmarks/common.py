@@ -76,6 +76,11 @@ def machine_info(uvloop_on: bool) -> dict[str, Any]:
 # -- statistics ------------------------------------------------------------------------------
 
 
+def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose rate is the median (the lower middle of an even count)."""
+    return sorted(rounds, key=lambda r: r["steps_per_s"])[(len(rounds) - 1) // 2]
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (q in 0..100)."""
     if not sorted_values:

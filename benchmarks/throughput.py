@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks import blackbox
-from benchmarks.common import CpuClock, Ctx
+from benchmarks.common import CpuClock, Ctx, median_round
 from benchmarks.harness import build_engine, http_flow
 from benchmarks.loadgen import closed_loop
 
@@ -117,8 +117,9 @@ def part(ctx: Ctx) -> None:
                 ctx.log(f"  round {n + 1}, {tool}, {case}: {result['steps_per_s']:,.0f}/s")
     rows = ctx.rows("throughput")
     for (tool, case, reuse, _func, _args, _core), results in zip(plan, measured, strict=True):
-        middle = sorted(results, key=lambda r: r["steps_per_s"])[(len(results) - 1) // 2]
-        rows.append({"tool": tool, "case": case, "reuse": reuse, **middle, "rounds": results})
+        rows.append(
+            {"tool": tool, "case": case, "reuse": reuse, **median_round(results), "rounds": results}
+        )
 
 
 def paired_ratios(tool: dict[str, Any], base: dict[str, Any]) -> tuple[float, float]:

@@ -8,19 +8,35 @@ step, and the result goes through the real MetricsSink. Runs are started in batc
 once a batch is waiting, a sender on the other core (benchmarks.senders) delivers one webhook per
 run over kept-alive connections, while the next batch is registered. Run ids are made
 predictable (a counter instead of random hex) so the sender knows each run's correlation.
+
+Beside it, in the same rounds and with the same sender, a bare aiohttp server on the same core
+(one route that reads the body and parses its JSON, no signature, no run): the floor any
+receiver on aiohttp stands on, so the ratio between the two is measured on this machine rather
+than a rate compared with one measured elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from itertools import count
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
-from benchmarks.common import CpuClock, Ctx, free_port, start_pinned, stop_process, wait_http
+from benchmarks.common import (
+    CpuClock,
+    Ctx,
+    free_port,
+    median_round,
+    start_pinned,
+    stop_process,
+    wait_http,
+)
 from benchmarks.harness import build_engine
 from benchmarks.senders import SECRET
 from monitor.config import Flow
@@ -40,6 +56,45 @@ def webhook_flow() -> Flow:
     })  # fmt: skip
 
 
+Batch = Callable[[aiohttp.ClientSession, list[str]], Awaitable[tuple[int, int]]]
+
+
+async def _drive(args: dict[str, Any], batch: Batch) -> tuple[CpuClock, int, int]:
+    """Batches of `batch` refs, two in flight (one delivered while the next one registers),
+    a warm-up batch first, then for `duration` seconds: (clock, ok, failed)."""
+    next_id = 0
+    window = asyncio.Semaphore(2)
+
+    async def one(session: aiohttp.ClientSession) -> tuple[int, int]:
+        nonlocal next_id
+        first, next_id = next_id, next_id + args["batch"]
+        try:
+            return await batch(session, [f"hw-{i:016x}" for i in range(first, next_id)])
+        finally:
+            window.release()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await window.acquire()
+        await one(session)  # warm-up
+        clock = CpuClock()
+        clock.start()
+        deadline = time.perf_counter() + args["duration"]
+        jobs: list[asyncio.Task[tuple[int, int]]] = []
+        while time.perf_counter() < deadline:
+            await window.acquire()
+            jobs.append(asyncio.create_task(one(session)))
+        done = await asyncio.gather(*jobs)
+        clock.stop()
+    return clock, sum(ok for ok, _ in done), sum(bad for _, bad in done)
+
+
+async def _deliver(session: aiohttp.ClientSession, driver: str, url: str, refs: list[str]) -> int:
+    """Have the sender deliver one signed webhook per ref to `url`; the number it delivered."""
+    async with session.post(driver + "/go", json={"url": url, "refs": refs}) as resp:
+        sent: int = (await resp.json())["sent"]
+        return sent
+
+
 async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
     import monitor.runner
 
@@ -49,46 +104,23 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
     engine = build_engine([flow], max_concurrency=4 * args["batch"])
     await engine.start(schedule=False, admin=False)
     url = f"http://{engine.options.listen}{PATH}"
-    next_id = 0
     curve: list[tuple[int, float]] = []
-    window = asyncio.Semaphore(2)  # one batch delivered while the next one registers
 
-    async def batch(session: aiohttp.ClientSession, size: int) -> tuple[int, int]:
-        nonlocal next_id
-        first, next_id = next_id, next_id + size
-        try:
-            runs = [asyncio.create_task(engine.runner.run(flow, "default")) for _ in range(size)]
-            for _ in range(3):  # let every run register its expectation before anything is sent
-                await asyncio.sleep(0)
-            refs = [f"hw-{i:016x}" for i in range(first, first + size)]
-            job = {"url": url, "refs": refs}
-            async with session.post(args["driver"] + "/go", json=job) as resp:
-                await resp.read()
-            results = await asyncio.gather(*runs)
-        finally:
-            window.release()
+    async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
+        runs = [asyncio.create_task(engine.runner.run(flow, "default")) for _ in refs]
+        for _ in range(3):  # let every run register its expectation before anything is sent
+            await asyncio.sleep(0)
+        await _deliver(session, args["driver"], url, refs)
+        results = await asyncio.gather(*runs)
         ok = sum(1 for res in results if res.outcome == "success")
-        return ok, size - ok
+        return ok, len(refs) - ok
 
+    sampler = asyncio.create_task(_sample(engine, curve))
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            await window.acquire()
-            await batch(session, args["batch"])  # warm-up
-            clock = CpuClock()
-            clock.start()
-            sampler = asyncio.create_task(_sample(engine, curve))
-            deadline = time.perf_counter() + args["duration"]
-            jobs: list[asyncio.Task[tuple[int, int]]] = []
-            while time.perf_counter() < deadline:
-                await window.acquire()
-                jobs.append(asyncio.create_task(batch(session, args["batch"])))
-            done = await asyncio.gather(*jobs)
-            clock.stop()
-            sampler.cancel()
+        clock, matched, failed = await _drive(args, batch)
     finally:
+        sampler.cancel()
         await engine.stop()
-    matched = sum(ok for ok, _ in done)
-    failed = sum(bad for _, bad in done)
     outcomes = {
         outcome: engine.registry.get_sample_value(
             "hopwatch_arrivals_total", {"source": "webhook", "outcome": outcome}
@@ -104,6 +136,37 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
         "pending_max": 2 * args["batch"],
         "cost_curve": curve,
         **_growth(curve),
+    }
+
+
+async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:
+    """The same deliveries to a bare aiohttp server: one route, body read and parsed, 202."""
+
+    async def receive(request: web.Request) -> web.Response:
+        json.loads(await request.read())
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post(PATH, receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}{PATH}"
+
+    async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
+        sent = await _deliver(session, args["driver"], url, refs)
+        return sent, len(refs) - sent
+
+    try:
+        clock, ok, failed = await _drive(args, batch)
+    finally:
+        await runner.cleanup()
+    return clock.summary() | {
+        "runs": ok + failed,
+        "failed": failed,
+        "steps_per_s": round(ok / clock.wall, 1),
+        "cpu_us_per_step": round(clock.cpu / ok * 1e6, 1) if ok else None,
     }
 
 
@@ -148,23 +211,35 @@ def _growth(curve: list[tuple[int, float]]) -> dict[str, Any]:
 
 
 def part(ctx: Ctx) -> None:
-    """Start the sender on the target's core, then measure the monitor on its own core."""
+    """Start the sender on the target's core, then measure hopwatch and the bare server on the
+    monitor's core, once each per round (this VM's speed drifts; see throughput.part)."""
     port = free_port()
     sender = start_pinned(
         [sys.executable, "-m", "benchmarks.senders", "webhooks", "--port", str(port)],
         ctx.target_core,
     )
+    batch = 100
+    plan = [
+        ("hopwatch", f"Standard Webhooks signature, JSON-path match, ≤ {2 * batch} runs waiting",
+         "webhooks.hopwatch_webhooks", ctx.seconds(3.0, 8.0)),
+        ("bare aiohttp server", "one route: body read and JSON parsed, no signature, no run",
+         "webhooks.bare_aiohttp", ctx.seconds(2.0, 4.0)),
+    ]  # fmt: skip
+    measured: list[list[dict[str, Any]]] = [[] for _ in plan]
     try:
         driver = f"http://127.0.0.1:{port}"
         wait_http(driver + "/ready")
-        batch = 100
-        args = {"driver": driver, "batch": batch, "duration": ctx.seconds(3.0, 10.0)}
-        result = ctx.child("webhooks.hopwatch_webhooks", args)
+        for n in range(2 if ctx.quick else 3):
+            for (tool, _case, func, seconds), results in zip(plan, measured, strict=True):
+                args = {"driver": driver, "batch": batch, "duration": seconds}
+                result = ctx.child(func, args)
+                results.append(result)
+                ctx.log(
+                    f"  round {n + 1}, {tool}: {result['steps_per_s']:,.0f}/s, "
+                    f"{result['cpu_us_per_step']:,.0f} µs CPU each"
+                )
     finally:
         stop_process(sender)
-    case = f"Standard Webhooks signature, JSON-path match, ≤ {2 * batch} runs waiting"
-    ctx.rows("webhooks").append({"tool": "hopwatch", "case": case, **result})
-    ctx.log(
-        f"  webhooks: {result['steps_per_s']:,.0f}/s verified and matched, "
-        f"{result['cpu_us_per_step']:,.0f} µs CPU each"
-    )
+    rows = ctx.rows("webhooks")
+    for (tool, case, _func, _seconds), results in zip(plan, measured, strict=True):
+        rows.append({"tool": tool, "case": case, **median_round(results), "rounds": results})

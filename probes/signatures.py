@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
 from collections.abc import Mapping
@@ -169,7 +170,17 @@ def _timestamp(text: str, now: float, tolerance: float, what: str) -> float:
 
 
 def _digest(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
-    return hmac.new(key, message, algorithm).digest()
+    return hmac.digest(key, message, algorithm)  # one call into OpenSSL, no HMAC object
+
+
+@functools.lru_cache(maxsize=64)
+def _whsec_key(secret: str) -> bytes:
+    """A Standard Webhooks secret's key bytes; decoded once per secret value, which is read
+    afresh on every delivery (a rotated file or variable takes effect at once)."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise SecretUnavailable("standard_webhooks secret is not whsec_<base64>") from None
 
 
 def _standard_webhooks(
@@ -179,11 +190,7 @@ def _standard_webhooks(
     stamp_text = _header(headers, "webhook-timestamp")
     signatures = _header(headers, "webhook-signature")
     stamp = _timestamp(stamp_text, now, config.tolerance, "webhook-timestamp")
-    secret = resolve_secret(config.secret)
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except binascii.Error:
-        raise SecretUnavailable("standard_webhooks secret is not whsec_<base64>") from None
+    key = _whsec_key(resolve_secret(config.secret))
     expected = base64.b64encode(_digest(key, f"{msg_id}.{stamp_text}.".encode() + body))
     versions = set()
     for entry in signatures.split():
