@@ -168,6 +168,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if bare is not None:
             _, share = paired_ratios(wh, bare)
             measured += f"; {share:.0%} of a bare aiohttp server by CPU per request"
+            if wh.get("receiver_us"):
+                alone = 1e6 / (bare["cpu_us_per_step"] + wh["receiver_us"])
+                measured += f"; receiver alone (aiohttp + handler, no run) ≈ {alone:,.0f}/s"
         out.append({"target": "verified and matched webhooks per core", "wanted": "≥ 10,000/s",
                     "measured": measured, "verdict": _verdict(rate >= 10_000)})  # fmt: skip
     _scale_targets(results.get("scale", []), out)

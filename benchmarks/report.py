@@ -92,11 +92,12 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
 
 def webhooks_table(rows: list[dict[str, Any]]) -> str:
     return table(
-        ["server (one core)", "case", "webhooks/s", "CPU µs/webhook", "remembered finished at end",
-         "CPU µs per 1,000 remembered", "extrapolated at 10,000 remembered", "failed"],
+        ["server (one core)", "case", "webhooks/s", "CPU µs/webhook", "of which handler µs",
+         "remembered finished at end", "CPU µs per 1,000 remembered",
+         "extrapolated at 10,000 remembered", "failed"],
         [
             [r.get("tool", "hopwatch"), r["case"], fmt(r.get("steps_per_s")),
-             fmt(r.get("cpu_us_per_step")),
+             fmt(r.get("cpu_us_per_step")), fmt(r.get("receiver_us")),
              fmt(r["cost_curve"][-1][0] if r.get("cost_curve") else None),
              fmt(r.get("cpu_us_per_1000_finished")),
              (f"{fmt(r.get('cpu_us_at_10000_finished'))} µs ≈ "

@@ -101,6 +101,7 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
     issued = count()
     monitor.runner.new_run_id = lambda: f"{next(issued):016x}"  # known to the sender
     flow = webhook_flow()
+    receiver = _time_receiver()
     engine = build_engine([flow], max_concurrency=4 * args["batch"])
     await engine.start(schedule=False, admin=False)
     url = f"http://{engine.options.listen}{PATH}"
@@ -133,10 +134,33 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
         "steps_per_s": round(matched / clock.wall, 1),
         "cpu_us_per_step": round(clock.cpu / matched * 1e6, 1) if matched else None,
         "arrivals": {k: int(v or 0) for k, v in outcomes.items()},
+        "receiver_us": round(receiver[0] / receiver[1] * 1e6, 1) if receiver[1] else None,
         "pending_max": 2 * args["batch"],
         "cost_curve": curve,
         **_growth(curve),
     }
+
+
+def _time_receiver() -> list[float]:
+    """Time hopwatch's webhook handler (verify, parse, match, answer: what runs between
+    aiohttp's request parsing and its response writing) as [seconds, calls]. Its common path
+    never waits, so its wall time is CPU time; it is the receiver's own share of a webhook,
+    beside aiohttp's (the bare server) and the run's (the rest)."""
+    from monitor.receivers import webhooks as receiver
+
+    spent = [0.0, 0.0]
+    handle = receiver._PathHandler.handle
+
+    async def timed(self: Any, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            return await handle(self, request)
+        finally:
+            spent[0] += time.perf_counter() - started
+            spent[1] += 1
+
+    receiver._PathHandler.handle = timed  # type: ignore[method-assign]
+    return spent
 
 
 async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:

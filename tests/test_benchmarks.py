@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Histogram
 
 from benchmarks.common import HistSnapshot, percentile, summary_ms
+from benchmarks.senders import SECRET, RawSender, signed_request
+from probes.signatures import StandardWebhooksSignature, verify
 
 ROOT = Path(__file__).parent.parent
 
@@ -67,3 +72,31 @@ def test_quick_throughput_run_prints_and_writes_its_figures(tmp_path: Path) -> N
     assert "steps/s" in proc.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["machine"]
+
+
+async def test_webhook_sender_signs_what_hopwatch_verifies_and_counts_answers() -> None:
+    """The benchmark's bare-protocol sender: every delivery verifies with hopwatch's own
+    Standard Webhooks check, kept-alive connections are reused between batches, and a non-2xx
+    answer counts as failed."""
+    seen: list[str] = []
+    config = StandardWebhooksSignature(scheme="standard_webhooks", secret=SECRET)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        verify(config, request.headers, body, time.time())
+        seen.append(json.loads(body)["ref"])
+        return web.Response(status=202 if request.path == "/ok" else 500)
+
+    app = web.Application()
+    app.router.add_post("/ok", hook)
+    app.router.add_post("/fail", hook)
+    async with TestServer(app, host="127.0.0.1") as server:
+        ok = RawSender(f"http://127.0.0.1:{server.port}/ok", width=4)
+        refs = [f"hw-{i:016x}" for i in range(10)]
+        assert await ok.send_all([signed_request(ok.url, {"ref": r}) for r in refs]) == (10, 0)
+        kept = list(ok.idle)
+        assert await ok.send_all([signed_request(ok.url, {"ref": "again"})]) == (1, 0)
+        assert set(ok.idle) == set(kept)  # it went out on a connection kept from the last batch
+        failing = RawSender(f"http://127.0.0.1:{server.port}/fail", width=2)
+        assert await failing.send_all([signed_request(failing.url, {"ref": "x"})]) == (0, 1)
+    assert sorted(seen) == sorted([*refs, "again", "x"])
