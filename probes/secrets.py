@@ -22,6 +22,8 @@ def resolve_secret(ref: str | SecretStr, on_value: Callable[[str], None] | None 
     Raises SecretUnavailable naming the reference, never a value.
     """
     text = ref.get_secret_value() if isinstance(ref, SecretStr) else ref
+    if "${" not in text:  # a literal: nothing to resolve (this runs on every webhook)
+        return text
 
     def value(match: re.Match[str]) -> str:
         source, name = match.group(1), match.group(2).strip()
