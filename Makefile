@@ -17,7 +17,7 @@ test:
 	./scripts/test
 
 bench:
-	.venv/bin/python -m benchmarks
+	./scripts/bench
 
 demo:
 	.venv/bin/hopwatch demo

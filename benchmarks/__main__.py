@@ -27,7 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 NOTE_SHARED = (
     "CPU stolen = share of wall time the measured process was runnable but waiting for a CPU "
     "held by other processes (from /proc/PID/schedstat): high values mean the machine was busy "
-    "and rates are understated; CPU µs/step is the steadier figure."
+    "and rates are understated; CPU µs/step is the steadier figure. VM steal = share of wall "
+    "time the hypervisor gave the monitor core's virtual CPU to others (/proc/stat): stalls "
+    "of milliseconds that no process here can see, and that land in latency errors."
 )
 
 

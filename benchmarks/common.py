@@ -193,6 +193,18 @@ def runqueue_wait_s(pid: int | str = "self") -> float:
     return total / 1e9
 
 
+def cpu_steal_s(core: int) -> float:
+    """Seconds the hypervisor gave virtual CPU `core`'s time to others while it had work
+    (/proc/stat steal): on a VM, stalls that no process in this machine can see or avoid."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith(f"cpu{core} "):
+                return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0.0
+
+
 class CpuClock:
     """Wall time, CPU time and CPU-queue wait of this process between start() and stop()."""
 
@@ -395,7 +407,11 @@ class Ctx:
         """Run a measured child on the monitor core (or `core`), bounded in time."""
         args = {"uvloop": self.uvloop, "target": self.target.url, **args}
         budget = 90 + 4 * float(args.get("duration", 10)) + float(args.get("warmup", 0))
-        return run_child(func, args, self.monitor_core if core is None else core, budget)
+        steal, started = cpu_steal_s(self.monitor_core), time.perf_counter()
+        result = run_child(func, args, self.monitor_core if core is None else core, budget)
+        stolen = cpu_steal_s(self.monitor_core) - steal
+        result["vm_steal_share"] = round(stolen / (time.perf_counter() - started), 3)
+        return result
 
     def rows(self, part: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.results.setdefault(part, [])

@@ -45,11 +45,12 @@ def machine_line(info: dict[str, Any]) -> str:
 def throughput_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["tool (one core)", "case", "steps/s", "CPU µs/step", "CPU-bound capacity/s",
-         "CPU busy", "CPU stolen", "failed"],
+         "CPU busy", "CPU stolen", "VM steal", "failed"],
         [
             [r["tool"], r["case"], fmt(r.get("steps_per_s")), fmt(r.get("cpu_us_per_step")),
              fmt(1e6 / r["cpu_us_per_step"]) if r.get("cpu_us_per_step") else "—",
-             pct(r.get("cpu_share")), pct(r.get("cpu_wait_share")), fmt(r.get("failed"))]
+             pct(r.get("cpu_share")), pct(r.get("cpu_wait_share")), pct(r.get("vm_steal_share")),
+             fmt(r.get("failed"))]
             for r in rows
         ],
     )  # fmt: skip
@@ -59,7 +60,7 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["tool", "case", "load", "rate/s (wanted → done)", "error p50 ms", "error p99 ms",
          "error max ms", "loop lag p99 ms", "sched. lag p99 ms", "target stall max ms",
-         "CPU busy", "CPU stolen"],
+         "CPU busy", "CPU stolen", "VM steal"],
         [
             [r["tool"], r["case"], r["load"],
              f"{fmt(r.get('rate_target'))} → {fmt(r.get('rate_achieved'))}",
@@ -68,7 +69,7 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
              fmt(r.get("loop_lag", {}).get("p99_ms"), 1) if "loop_lag" in r else "n/a",
              fmt(r.get("scheduler_lag", {}).get("p99_ms"), 1) if "scheduler_lag" in r else "n/a",
              fmt(r.get("target_lag", {}).get("max_ms"), 1),
-             pct(r.get("cpu_share")), pct(r.get("cpu_wait_share"))]
+             pct(r.get("cpu_share")), pct(r.get("cpu_wait_share")), pct(r.get("vm_steal_share"))]
             for r in rows
         ],
     )  # fmt: skip
@@ -93,11 +94,13 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
 def webhooks_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["server (one core)", "case", "webhooks/s", "CPU µs/webhook", "of which handler µs",
+         "VM steal",
          "remembered finished at end", "CPU µs per 1,000 remembered",
          "extrapolated at 10,000 remembered", "failed"],
         [
             [r.get("tool", "hopwatch"), r["case"], fmt(r.get("steps_per_s")),
              fmt(r.get("cpu_us_per_step")), fmt(r.get("receiver_us")),
+             pct(r.get("vm_steal_share")),
              fmt(r["cost_curve"][-1][0] if r.get("cost_curve") else None),
              fmt(r.get("cpu_us_per_1000_finished")),
              (f"{fmt(r.get('cpu_us_at_10000_finished'))} µs ≈ "
