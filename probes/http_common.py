@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import aiohttp
+from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.resolver import DefaultResolver
@@ -54,6 +55,8 @@ class PhaseTimer:
     The loop learns of a finished connect only when it gets round to it, behind every other
     run's work, so the connect it observes is the handshake plus the monitor's own wait; with
     the kernel's figure, the connect phase is the network's and the rest goes to `waited`.
+    Only when one attempt made the connection: after a refused or slow first address (happy
+    eyeballs), the time spent on it is the client's too, and the loop's figure stands.
     """
 
     start: float = 0.0
@@ -63,6 +66,7 @@ class PhaseTimer:
     tls_start: float | None = None
     conn_end: float | None = None
     handshake: float | None = None  # the kernel's round trip of the TCP handshake
+    attempts: int = 0  # sockets made to connect (one per address tried)
     ready: float | None = None  # a new connection was made, not yet sent on
     sent: float | None = None  # the request's task got its connection (and writes at once)
     waited: float = 0.0
@@ -238,6 +242,15 @@ class TimedResponseHandler(ResponseHandler):
         super().data_received(data)
 
 
+def _counted_socket(addr_info: AddrInfoType) -> socket.socket:
+    """aiohttp's socket factory: the socket it would make, counted on the request's timer."""
+    timer = _current_timer.get()
+    if timer is not None:
+        timer.attempts += 1
+    family, type_, proto, _, _ = addr_info
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
 class TimedConnector(aiohttp.TCPConnector):
     """Marks when a new connection starts and is ready (TCP and TLS) on the request's timer,
     and makes connections whose protocol stamps response arrival (TimedResponseHandler).
@@ -250,7 +263,7 @@ class TimedConnector(aiohttp.TCPConnector):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(socket_factory=_counted_socket, **kwargs)
         factory = functools.partial(TimedResponseHandler, loop=self._loop)
         self._factory = cast("functools.partial[ResponseHandler]", factory)
 
@@ -278,7 +291,8 @@ class TimedConnector(aiohttp.TCPConnector):
         proto = await super()._create_connection(req, traces, timeout)
         made = proto.made_at if isinstance(proto, TimedResponseHandler) else 0.0
         timer.conn_end = timer.ready = made if made >= timer.conn_start else time.monotonic()
-        timer.handshake = handshake_rtt(proto.transport)
+        if timer.attempts == 1:
+            timer.handshake = handshake_rtt(proto.transport)
         if timer.handshake is not None:  # what the loop saw beyond the handshake was its own
             timer.waited += max(0.0, timer.observed_connect() - timer.handshake)
         return proto

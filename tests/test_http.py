@@ -16,13 +16,14 @@ import aiohappyeyeballs
 import pytest
 import trustme
 from aiohttp import web
+from aiohttp.abc import ResolveResult
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
 from monitor.engine import Engine
 from monitor.results import RunResult
-from probes.http_common import TimedResponseHandler, parse_handshake_rtt
+from probes.http_common import TimedResolver, TimedResponseHandler, parse_handshake_rtt
 from tests.fixtures.core import free_port, serve
 
 STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
@@ -232,6 +233,39 @@ async def test_connect_is_the_kernels_handshake_not_the_loops_wait(
     get = result.steps[0]
     assert get.latency_s is not None and 0.05 <= get.latency_s < 0.25
     assert 0 < get.phases["connect"] < 0.05
+
+
+async def test_a_refused_first_address_keeps_the_loops_connect_figure(
+    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name whose first address refuses (127.0.0.2: nothing listens there) and whose second
+    answers: the time spent on the first attempt is the client's too, so the connect phase is
+    what the loop saw, busy wait included, not the second handshake alone."""
+
+    async def two_addresses(
+        self: TimedResolver, host: str, port: int = 0, family: socket.AddressFamily = 0
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(hostname=host, host=ip, port=port, family=socket.AF_INET, proto=0,
+                          flags=socket.AI_NUMERICHOST)
+            for ip in ("127.0.0.2", "127.0.0.1")
+        ]  # fmt: skip
+
+    connect = aiohappyeyeballs.start_connection
+
+    async def busy_after_handshake(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = await connect(*args, **kwargs)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+        await asyncio.sleep(0)
+        return sock
+
+    monkeypatch.setattr(TimedResolver, "resolve", two_addresses)
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", busy_after_handshake)
+    url = f"http://twice.test:{target.port}/slow?ms=50"
+    step = f"      - {{name: get, kind: http, url: '{url}'}}\n"
+    result = await run_flow(load_flows(flow_yaml(base(target), step)))
+    assert result.outcome == "success", result.steps[0].message
+    assert result.steps[0].phases["connect"] >= 0.3
 
 
 def test_tcp_info_reading() -> None:
