@@ -67,6 +67,7 @@ class PhaseTimer:
     conn_end: float | None = None
     handshake: float | None = None  # the kernel's round trip of the TCP handshake
     attempts: int = 0  # sockets made to connect (one per address tried)
+    sock: socket.socket | None = None  # the last of them
     ready: float | None = None  # a new connection was made, not yet sent on
     sent: float | None = None  # the request's task got its connection (and writes at once)
     waited: float = 0.0
@@ -120,14 +121,13 @@ _TCP_INFO_RTT_AND_RETRANS = struct.Struct("=60xI28xI")  # offsets 68 and 100 fro
 _TCP_INFO_LEN: Final = 104
 
 
-def handshake_rtt(transport: asyncio.BaseTransport | None) -> float | None:
-    """The round trip of a connection's TCP handshake in seconds, as the kernel measured it
-    (Linux `TCP_INFO`), taken just after connecting; None where the kernel cannot say, or when
-    a segment was retransmitted (a lost SYN: then the loop's figure, seconds long, is right)."""
-    if _TCP_INFO is None or transport is None:
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+def handshake_rtt(sock: socket.socket | None) -> float | None:
+    """The round trip of a connected socket's TCP handshake in seconds, as the kernel measured
+    it (Linux `TCP_INFO`), taken just after connecting; None where the kernel cannot say, or
+    when a segment was retransmitted (a lost SYN: then the loop's figure, seconds long, is
+    right). The socket is the one `_counted_socket` made: the event loop's stand-in for it
+    costs four times as much per call."""
+    if _TCP_INFO is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
@@ -244,11 +244,13 @@ class TimedResponseHandler(ResponseHandler):
 
 def _counted_socket(addr_info: AddrInfoType) -> socket.socket:
     """aiohttp's socket factory: the socket it would make, counted on the request's timer."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
     timer = _current_timer.get()
     if timer is not None:
         timer.attempts += 1
-    family, type_, proto, _, _ = addr_info
-    return socket.socket(family=family, type=type_, proto=proto)
+        timer.sock = sock
+    return sock
 
 
 class TimedConnector(aiohttp.TCPConnector):
@@ -292,7 +294,7 @@ class TimedConnector(aiohttp.TCPConnector):
         made = proto.made_at if isinstance(proto, TimedResponseHandler) else 0.0
         timer.conn_end = timer.ready = made if made >= timer.conn_start else time.monotonic()
         if timer.attempts == 1:
-            timer.handshake = handshake_rtt(proto.transport)
+            timer.handshake = handshake_rtt(timer.sock)
         if timer.handshake is not None:  # what the loop saw beyond the handshake was its own
             timer.waited += max(0.0, timer.observed_connect() - timer.handshake)
         return proto
