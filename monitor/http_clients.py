@@ -60,8 +60,9 @@ class HttpClientPool:
             # rest of the session, and shared sessions must not carry cookies across runs.
             cookie_jar=None if cookies and not shared else aiohttp.DummyCookieJar(),
             auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-            headers={"User-Agent": "hopwatch"},
+            # No session-wide headers nor skipped ones: each request carries its own
+            # User-Agent (probes/http_common.py), which spares aiohttp a merge and a
+            # skip-list copy per request.
         )
 
     def session_for(self, ctx: StepContext, tls: TlsConfig) -> aiohttp.ClientSession:

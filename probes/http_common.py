@@ -379,8 +379,12 @@ def translate(exc: BaseException, url: str, phases: dict[str, float]) -> StepFai
     return OtherFailure(f"request to {url} failed: {type(exc).__name__}: {exc}", phases=phases)
 
 
+USER_AGENT: Final = "hopwatch"
+
+
 def _headers(config: RequestConfig, ctx: StepContext) -> dict[str, str]:
-    headers = ctx.outgoing_headers()
+    headers = {"User-Agent": USER_AGENT}  # first, so a variant or the step may set another
+    headers.update(ctx.outgoing_headers())
     headers.update(ctx.variant.get("headers") or {})
     for name, template in config.headers.items():
         headers[name] = ctx.render(template, "header")

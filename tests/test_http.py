@@ -358,13 +358,19 @@ async def test_marker_header_auth_query_and_variant_headers(
             "$.X-Canary": always
             "$.X-Extra": "yes"
             "$.Authorization": "Basic {creds}"
+            "$.User-Agent": hopwatch
+      - name: own_agent
+        kind: http
+        url: "{{{{ variant.base_url }}}}/headers"
+        headers: {{User-Agent: "shop-probe/1"}}
+        expect: {{json: {{"$.User-Agent": "shop-probe/1"}}}}
 """
     text = flow_yaml(base(target), steps).replace(
         "{stable: {base_url", "{canary: {headers: {X-Canary: always}, base_url"
     )
     result = await run_flow(load_flows(text))
     assert result.variant == "canary"
-    assert result.outcome == "success", result.steps[0].message
+    assert result.outcome == "success", [step.message for step in result.steps]
 
 
 async def test_poll_reports_time_to_appear_and_fails_with_last_reason(
