@@ -36,6 +36,41 @@ def new_run_id() -> str:
 _ids = random.Random()
 
 
+class StepTimeout:
+    """`asyncio.timeout(budget)` for one step, as a plain context manager: the same rules (a
+    timer cancels the task; on the way out its CancelledError becomes TimeoutError, unless
+    someone else cancelled the task too, e.g. shutdown), without the two coroutines and the
+    state machine that made asyncio's version 5 % of a reused-connection check's instructions
+    (callgrind, Python 3.11)."""
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
+
+    def __init__(self, budget: float) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("StepTimeout outside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._expired = False
+        self._handle = asyncio.get_running_loop().call_later(budget, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+    def __enter__(self) -> StepTimeout:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._handle.cancel()
+        if (
+            self._expired
+            and self._task.uncancel() <= self._cancelling
+            and exc_type is asyncio.CancelledError
+        ):
+            raise TimeoutError
+
+
 @dataclass
 class RunnerDeps:
     """Long-lived resources the engine lends to every run."""
@@ -205,7 +240,7 @@ class Runner:
         try:
             if budget <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(budget):
+            with StepTimeout(budget):
                 outcome: StepOutcome = await probe.run(step, ctx)
             result.latency_s = time.monotonic() - t0
             return outcome
