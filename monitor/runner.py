@@ -92,6 +92,8 @@ class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
         self._variants: dict[tuple[str, str], dict[str, Any]] = {}  # flows are frozen
+        # flow's identity → (the flow, its waiting steps and their `expect`), found once
+        self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
 
     def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
@@ -175,12 +177,17 @@ class Runner:
 
     def _register_expectations(self, flow: Flow, ctx: StepContext) -> None:
         """Waiting kinds register before any step runs, so a fast reply is never lost."""
-        for step in flow.steps:
-            probe = PROBES[step.kind]
-            expect = getattr(probe, "expect", None)
-            if expect is not None:
-                ctx.step = step.name
-                expect(step, ctx)
+        known = self._expecting.get(id(flow))
+        if known is None or known[0] is not flow:  # flows are frozen: look up once per flow
+            waiting = [
+                (step, expect)
+                for step in flow.steps
+                if (expect := getattr(PROBES[step.kind], "expect", None)) is not None
+            ]
+            known = self._expecting[id(flow)] = (flow, waiting)
+        for step, expect in known[1]:
+            ctx.step = step.name
+            expect(step, ctx)
 
     async def _release(self, ctx: StepContext) -> None:
         if self.deps.release_run is not None:
