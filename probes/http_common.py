@@ -66,7 +66,7 @@ class PhaseTimer:
     tls_start: float | None = None
     conn_end: float | None = None
     handshake: float | None = None  # the kernel's round trip of the TCP handshake
-    attempts: int = 0  # sockets made to connect (one per address tried)
+    attempts: int = 0  # sockets made for the last connection (one per address tried)
     sock: socket.socket | None = None  # the last of them
     ready: float | None = None  # a new connection was made, not yet sent on
     sent: float | None = None  # the request's task got its connection (and writes at once)
@@ -290,11 +290,11 @@ class TimedConnector(aiohttp.TCPConnector):
         if timer is None:
             return await super()._create_connection(req, traces, timeout)
         timer.conn_start = time.monotonic()
+        timer.attempts = 0  # of this connection (a redirect may make another)
         proto = await super()._create_connection(req, traces, timeout)
         made = proto.made_at if isinstance(proto, TimedResponseHandler) else 0.0
         timer.conn_end = timer.ready = made if made >= timer.conn_start else time.monotonic()
-        if timer.attempts == 1:
-            timer.handshake = handshake_rtt(timer.sock)
+        timer.handshake = handshake_rtt(timer.sock) if timer.attempts == 1 else None
         if timer.handshake is not None:  # what the loop saw beyond the handshake was its own
             timer.waited += max(0.0, timer.observed_connect() - timer.handshake)
         return proto
