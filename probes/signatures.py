@@ -152,9 +152,10 @@ def verify(
 
 def _header(headers: Mapping[str, str], name: str) -> str:
     value = headers.get(name.lower())
-    if value is None or not value.strip():
+    stripped = value.strip() if value is not None else ""
+    if not stripped:
         raise SignatureError(f"missing header {name}")
-    return value.strip()
+    return stripped
 
 
 def _timestamp(text: str, now: float, tolerance: float, what: str) -> float:

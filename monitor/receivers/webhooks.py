@@ -157,7 +157,9 @@ class _PathHandler:
         except SecretUnavailable as exc:
             log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
             return self._refuse(500, "bad_signature", "signature secret unavailable")
-        if not _is_json_type(request.content_type):
+        # The usual header is exactly application/json: skip aiohttp's parse of it then.
+        raw_type = request.headers.get("Content-Type")
+        if raw_type != "application/json" and not _is_json_type(request.content_type):
             return self._refuse(
                 415, "malformed", f"content type {request.content_type!r}, want application/json"
             )
