@@ -92,6 +92,19 @@ async def test_accepted_delivery_gets_the_default_answer(
 
 
 @pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", "Application/JSON", "application/cloudevents+json"],
+)
+async def test_json_content_types_beyond_the_usual_one_are_accepted(
+    signed_server: Client, registry: CollectorRegistry, content_type: str
+) -> None:
+    assert await post(
+        signed_server, {"order_id": 1}, "msg_1", **{"Content-Type": content_type}
+    ) == (202, "")
+    assert arrivals_count(registry, "malformed") == 0
+
+
+@pytest.mark.parametrize(
     ("headers", "body", "status", "outcome", "text"),
     [
         ({"webhook-signature": ""}, b'{"a":1}', 401, "bad_signature",
