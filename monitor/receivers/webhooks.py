@@ -157,9 +157,7 @@ class _PathHandler:
         except SecretUnavailable as exc:
             log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
             return self._refuse(500, "bad_signature", "signature secret unavailable")
-        # The usual header is exactly application/json: skip aiohttp's parse of it then.
-        raw_type = request.headers.get("Content-Type")
-        if raw_type != "application/json" and not _is_json_type(request.content_type):
+        if not _is_json(request):
             return self._refuse(
                 415, "malformed", f"content type {request.content_type!r}, want application/json"
             )
@@ -228,7 +226,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _is_json_type(content_type: str) -> bool:
+def _is_json(request: web.Request) -> bool:
+    """application/json or application/*+json; the usual exact header skips aiohttp's parse."""
+    if request.headers.get("Content-Type") == "application/json":
+        return True
+    content_type = request.content_type
     return content_type == "application/json" or (
         content_type.startswith("application/") and content_type.endswith("+json")
     )
