@@ -71,7 +71,7 @@ class Options:
     extra_sinks: list[Sink] = field(default_factory=list)
 
 
-GC_YOUNG_THRESHOLD = 5_000  # net container allocations between young collections
+GC_YOUNG_THRESHOLD = 50_000  # net container allocations between young collections
 
 
 class Engine:
@@ -145,10 +145,14 @@ class Engine:
             # Before the first runs are planned: the collection itself takes that long.
             gc.collect()
             gc.freeze()
-            # Runs in flight keep a few thousand objects alive, and the default 700 net
-            # allocations crossed that many times a second: ~15 young collections/s at
-            # 1,000 checks/s, each a 3-4 ms pause (the live objects, not the threshold, set
-            # its length). At 5,000 steady load rarely crosses it: 2 in 6 s instead of 90.
+            # Runs in flight keep ~50-70 objects each alive, so the default 700 net
+            # allocations are crossed many times a second, and every young collection walks
+            # every live run: ~15 pauses/s of 3-4 ms at 1,000 checks/s. Frees of older
+            # objects count against the threshold too, so the young list outgrows it: at
+            # 5,000 the pauses still came every few hundred ms, 5-21 ms long at 1,000
+            # checks/s (the p99 error's tail) and with 200 runs awaiting webhooks (7 % of
+            # the CPU). At 50,000 steady load does not reach it; growth or cyclic garbage
+            # (a few MB at most) still does.
             gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if self.scheduler is not None:
             self.scheduler.start()
