@@ -49,16 +49,26 @@ def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
         raise TemplateError(str(exc)) from exc
 
 
+def _url_value(value: Any) -> Any:
+    return quote(value, safe="") if isinstance(value, Untrusted) else value
+
+
+def _header_value(value: Any) -> Any:
+    if isinstance(value, Untrusted) and ("\r" in value or "\n" in value):
+        raise ExtractFailed(f"value {value[:40]!r} carries CR/LF; refused in a header")
+    return value
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+_FINALIZERS: dict[str, Any] = {"url": _url_value, "header": _header_value}
+
+
 def _finalizer(mode: RenderMode) -> Any:
-    def url(value: Any) -> Any:
-        return quote(value, safe="") if isinstance(value, Untrusted) else value
-
-    def header(value: Any) -> Any:
-        if isinstance(value, Untrusted) and ("\r" in value or "\n" in value):
-            raise ExtractFailed(f"value {value[:40]!r} carries CR/LF; refused in a header")
-        return value
-
-    return {"url": url, "header": header}.get(mode, lambda v: v)
+    """What a rendered value goes through in `mode`: made once, looked up per render."""
+    return _FINALIZERS.get(mode, _as_is)
 
 
 _UNSET = object()
