@@ -164,8 +164,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     wh = _find(results.get("webhooks", []), tool="hopwatch")
     if wh is not None:
         rate = wh["steps_per_s"]
-        steady = wh.get("steady_state_per_s")
-        measured = f"{rate:,.0f}/s" + (f" (≈ {steady:,.0f}/s at steady state)" if steady else "")
+        measured = f"{rate:,.0f}/s"
         bare = _find(results.get("webhooks", []), tool="bare aiohttp server")
         if bare is not None:
             _, share = paired_ratios(wh, bare)

@@ -94,18 +94,13 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
 def webhooks_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["server (one core)", "case", "webhooks/s", "CPU µs/webhook", "of which handler µs",
-         "VM steal",
-         "remembered finished at end", "CPU µs per 1,000 remembered",
-         "extrapolated at 10,000 remembered", "failed"],
+         "finished expectations remembered", "VM steal", "failed"],
         [
             [r.get("tool", "hopwatch"), r["case"], fmt(r.get("steps_per_s")),
              fmt(r.get("cpu_us_per_step")), fmt(r.get("receiver_us")),
-             pct(r.get("vm_steal_share")),
-             fmt(r["cost_curve"][-1][0] if r.get("cost_curve") else None),
-             fmt(r.get("cpu_us_per_1000_finished")),
-             (f"{fmt(r.get('cpu_us_at_10000_finished'))} µs ≈ "
-              f"{fmt(r.get('steady_state_per_s'))}/s") if r.get("steady_state_per_s") else "—",
-             fmt(r.get("failed"))]
+             (f"{fmt(r['finished_remembered'])} of {fmt(r['finished_max'])}"
+              if r.get("finished_max") else "—"),
+             pct(r.get("vm_steal_share")), fmt(r.get("failed"))]
             for r in rows
         ],
     )  # fmt: skip
