@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks.common import (
     DELAY_MS,
+    TARGET_RATE,
     CpuClock,
     Ctx,
     GcWatch,
@@ -31,6 +32,7 @@ INTERVAL = 1.0  # seconds; flows = rate x interval
 # Spread starts over most of the interval; at a full interval the scheduler skips the next tick
 # of a run that started late in its window (it counts as overrun), losing ~5 % of the rate.
 JITTER = 0.9
+TARGET_REPEATS = 3
 
 
 async def hopwatch_fidelity(args: dict[str, Any]) -> dict[str, Any]:
@@ -113,9 +115,19 @@ def part(ctx: Ctx) -> None:
     for reuse, case in CASES:
         top = max_rate(ctx, reuse)
         for label, rate in loads(ctx, top):
-            result = ctx.child("fidelity.hopwatch_fidelity", {**base, "reuse": reuse, "rate": rate})
+            # The target's load is measured TARGET_REPEATS times in a full run: one stall of
+            # the VM (steal, the target's core) moves a 6 s window's p99, so the row is the
+            # run with the median p99 and the others are kept beside it.
+            repeats = TARGET_REPEATS if rate == TARGET_RATE and not ctx.quick else 1
+            runs = []
+            for _ in range(repeats):
+                args = {**base, "reuse": reuse, "rate": rate}
+                runs.append(ctx.child("fidelity.hopwatch_fidelity", args))
+                _log(ctx, f"hopwatch, {case}, {label}", runs[-1])
+            result = sorted(runs, key=lambda r: r["error"]["p99_ms"])[(repeats - 1) // 2]
+            if repeats > 1:
+                result = result | {"p99_ms_of_repeats": [r["error"]["p99_ms"] for r in runs]}
             rows.append({"tool": "hopwatch", "case": case, "load": label, "reuse": reuse, **result})
-            _log(ctx, f"hopwatch, {case}, {label}", result)
 
 
 def _log(ctx: Ctx, what: str, result: dict[str, Any]) -> None:

@@ -94,7 +94,9 @@ def part(ctx: Ctx) -> None:
     duration = ctx.seconds(1.5, 3.0)
     plan: list[tuple[str, str, bool, str, dict[str, Any], int | None]] = []
     for reuse, case in CASES:
-        args = {"reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 0.5}
+        args: dict[str, Any] = {
+            "reuse": reuse, "concurrency": CONCURRENCY, "duration": duration, "warmup": 0.5
+        }  # fmt: skip
         plan.append(("hopwatch", f"http flow, {case}", reuse, "throughput.hopwatch_http", args,
                      None))  # fmt: skip
     with contextlib.ExitStack() as stack:
