@@ -49,6 +49,9 @@ async def hopwatch_fidelity(args: dict[str, Any]) -> dict[str, Any]:
     await engine.start(schedule=True, admin=False)
     try:
         await asyncio.sleep(args["warmup"])
+        # every flow has run by now; the collector settles right after (one pause, as in
+        # `hopwatch run` after its first round): measure what follows it
+        await asyncio.wait_for(engine.gc_settled.wait(), timeout=30)
         fine = LagProbe()
         fine.start()
         await fetch_json(args["target"] + "/lag")  # start the target's own lag window

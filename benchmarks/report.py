@@ -59,8 +59,8 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
 def fidelity_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["tool", "case", "load", "rate/s (wanted → done)", "error p50 ms", "error p99 ms",
-         "error max ms", "loop lag p99 ms", "sched. lag p99 ms", "target stall max ms",
-         "CPU busy", "CPU stolen", "VM steal"],
+         "error max ms", "loop lag p99 ms", "sched. lag p99 ms", "GC max ms",
+         "target stall max ms", "CPU busy", "CPU stolen", "VM steal"],
         [
             [r["tool"], r["case"], r["load"],
              f"{fmt(r.get('rate_target'))} → {fmt(r.get('rate_achieved'))}",
@@ -68,6 +68,7 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
              fmt(r["error"]["max_ms"], 1),
              fmt(r.get("loop_lag", {}).get("p99_ms"), 1) if "loop_lag" in r else "n/a",
              fmt(r.get("scheduler_lag", {}).get("p99_ms"), 1) if "scheduler_lag" in r else "n/a",
+             fmt(_gc_max_ms(r), 1) if "gc" in r else "n/a",
              fmt(r.get("target_lag", {}).get("max_ms"), 1),
              pct(r.get("cpu_share")), pct(r.get("cpu_wait_share")), pct(r.get("vm_steal_share"))]
             for r in rows
@@ -79,27 +80,34 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["flows", "jitter", "config load s", "RSS MiB (started → after runs)", "peak MiB",
          "runs", "sched. lag p50 ms", "sched. lag p99 ms", "loop lag p99 ms",
-         "GC gen2 max ms"],
+         "GC max ms", "VM steal"],
         [
             [fmt(r["flows"]), r["jitter"], fmt(r["load_s"], 1),
              f"{fmt(r['memory']['engine_started']['rss_mib'])} → {fmt(r['rss_mib'])}",
              fmt(r["peak_mib"]), fmt(r["runs"]),
              fmt(r["scheduler_lag"]["p50_ms"], 1), fmt(r["scheduler_lag"]["p99_ms"], 1),
-             fmt(r["loop_lag"]["p99_ms"], 1), fmt(r["gc"]["gen2"]["max_ms"], 0)]
+             fmt(r["loop_lag"]["p99_ms"], 1), fmt(_gc_max_ms(r), 0),
+             pct(r.get("vm_steal_share"))]
             for r in rows
         ],
     )  # fmt: skip
 
 
+def _gc_max_ms(row: dict[str, Any]) -> float:
+    """The longest collector pause of any generation while measured."""
+    return float(max(row["gc"][f"gen{g}"]["max_ms"] for g in range(3)))
+
+
 def webhooks_table(rows: list[dict[str, Any]]) -> str:
     return table(
         ["server (one core)", "case", "webhooks/s", "CPU µs/webhook", "of which handler µs",
-         "finished expectations remembered", "VM steal", "failed"],
+         "finished expectations remembered", "GC max ms", "VM steal", "failed"],
         [
             [r.get("tool", "hopwatch"), r["case"], fmt(r.get("steps_per_s")),
              fmt(r.get("cpu_us_per_step")), fmt(r.get("receiver_us")),
              (f"{fmt(r['finished_remembered'])} of {fmt(r['finished_max'])}"
               if r.get("finished_max") else "—"),
+             fmt(_gc_max_ms(r), 1) if "gc" in r else "—",
              pct(r.get("vm_steal_share")), fmt(r.get("failed"))]
             for r in rows
         ],

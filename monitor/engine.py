@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from monitor.admin import build_admin_app, is_loopback
 from monitor.config import Config, Flow
 from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
+from monitor.gc_settle import FirstRound, settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.kafka import KafkaClients
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
@@ -71,9 +71,6 @@ class Options:
     extra_sinks: list[Sink] = field(default_factory=list)
 
 
-GC_YOUNG_THRESHOLD = 50_000  # net container allocations between young collections
-
-
 class Engine:
     def __init__(
         self,
@@ -93,9 +90,12 @@ class Engine:
         self.tracing = Tracing.from_env(location=self.location)
         metrics_sink = MetricsSink(self.metrics)
         metrics_sink.init_series(config.flows, self.location)
-        self.sinks = FanOut(
-            [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
-        )
+        # tells the collector's settling when every flow has run once (long-running only)
+        self.first_round = FirstRound((f.name, v) for f in config.flows for v in f.variants)
+        sinks: list[Sink] = [metrics_sink, self.last_runs, *self.options.extra_sinks]
+        if self.options.settle_gc:
+            sinks.append(self.first_round)
+        self.sinks = FanOut(sinks, self.metrics.sink_errors)
         self.correlator = Correlator(self.metrics.arrivals)
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
@@ -103,6 +103,9 @@ class Engine:
         self._runners: list[web.AppRunner] = []
         self._background: list[asyncio.Task[Any]] = []
         self._ready = False
+        self.gc_settled = (
+            asyncio.Event()
+        )  # set once settled after the first round (tests, benchmarks)
         public_url = self.options.public_url or f"http://{self.options.listen}"
         self.runner = Runner(
             RunnerDeps(
@@ -140,20 +143,12 @@ class Engine:
                 metrics=self.metrics,
             )
         if self.options.settle_gc:
-            # Config, label children and modules live as long as the process: keep full
-            # collections from walking them again and again (100 ms+ pauses at 10,000 flows).
-            # Before the first runs are planned: the collection itself takes that long.
-            gc.collect()
-            gc.freeze()
-            # Runs in flight keep ~50-70 objects each alive, so the default 700 net
-            # allocations are crossed many times a second, and every young collection walks
-            # every live run: ~15 pauses/s of 3-4 ms at 1,000 checks/s. Frees of older
-            # objects count against the threshold too, so the young list outgrows it: at
-            # 5,000 the pauses still came every few hundred ms, 5-21 ms long at 1,000
-            # checks/s (the p99 error's tail) and with 200 runs awaiting webhooks (7 % of
-            # the CPU). At 50,000 steady load does not reach it; growth or cyclic garbage
-            # (a few MB at most) still does.
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            settle_start()  # before the first runs are planned
+            if self.scheduler is not None:
+                # every first run starts within its interval and ends within its timeout
+                cap = max(f.interval + f.timeout for f in self.config.flows)
+                settling = settle_after_first_round(self.first_round, cap, self.gc_settled)
+                self._background.append(asyncio.create_task(settling))
         if self.scheduler is not None:
             self.scheduler.start()
         self._ready = True
