@@ -45,6 +45,7 @@ from probes.errors import (
     StepFailed,
     Timeout,
     TlsError,
+    drop_frames,
 )
 from probes.secrets import SecretUnavailable, resolve_secret
 
@@ -178,6 +179,7 @@ def describe(exc: BaseException) -> str:
 
 def translate(exc: BaseException, what: str) -> StepFailed:
     """The one place aiokafka's (and the socket's) exceptions become step failures."""
+    drop_frames(exc)
     detail = f"{what}: {describe(exc)}"
     if isinstance(exc, KafkaTimeoutError | RequestTimedOutError | TimeoutError):
         return Timeout(detail)

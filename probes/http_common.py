@@ -14,7 +14,6 @@ import socket
 import ssl
 import struct
 import time
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -28,7 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from probes.base import StepContext
 from probes.checks import ExtractRule
-from probes.errors import ConnectError, DnsError, OtherFailure, StepFailed, Timeout, TlsError
+from probes.errors import (
+    ConnectError,
+    DnsError,
+    OtherFailure,
+    StepFailed,
+    Timeout,
+    TlsError,
+    drop_frames,
+)
 
 HTTP_REASONS = (
     "timeout", "dns_error", "connect_error", "tls_error", "http_status", "assertion", "extract",
@@ -398,22 +405,6 @@ def _headers(config: RequestConfig, ctx: StepContext) -> dict[str, str]:
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             headers["Authorization"] = f"Basic {token}"
     return headers
-
-
-def drop_frames(exc: BaseException) -> None:
-    """Clear the locals of the finished frames in `exc`'s tracebacks (and its causes'). Those
-    frames (aiohttp's, uvloop's, aiohappyeyeballs') hold futures and lists that hold the error:
-    reference cycles that only the garbage collector frees, ~100 objects per failed request,
-    and a dead target fails every run. What is reported keeps the exceptions and their lines."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        todo += (current.__cause__, current.__context__)
 
 
 async def send(config: RequestConfig, ctx: StepContext) -> Response:
