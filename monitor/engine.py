@@ -103,9 +103,8 @@ class Engine:
         self._runners: list[web.AppRunner] = []
         self._background: list[asyncio.Task[Any]] = []
         self._ready = False
-        self.gc_settled = (
-            asyncio.Event()
-        )  # set once settled after the first round (tests, benchmarks)
+        # set once the collector settled after the first round (for tests and benchmarks)
+        self.gc_settled = asyncio.Event()
         public_url = self.options.public_url or f"http://{self.options.listen}"
         self.runner = Runner(
             RunnerDeps(

@@ -11,7 +11,7 @@ hold at any time.
 
 Frozen objects are still freed when their last reference goes; only reference cycles among
 them would stay. Runs make none under uvloop, failed ones included (their library errors'
-frames are cleared: probes.http_common.drop_frames), so what the second settle catches in
+frames are cleared: probes.errors.drop_frames), so what the second settle catches in
 flight is freed when those runs end (tests/test_engine_gc.py counts cycles per run).
 """
 

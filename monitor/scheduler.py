@@ -106,9 +106,11 @@ class Scheduler:
         One start per loop iteration, not every due run: a task's first step (building the
         request, connecting) runs in the iteration after its start, and the loop reads sockets
         only between iterations. Starting the 3-9 runs that fall due together at 1,000 checks/s
-        made iterations of a few milliseconds in which no response was stamped: error p99 6.6-16
-        ms with fresh connections, 1.2-1.5 ms reused; one start per iteration, 1.2-1.4 and
-        0.8-1.0 ms (benchmarks/fidelity.py, alternated runs)."""
+        made iterations of a few milliseconds in which no response was stamped: error p99 1.9-16
+        ms with fresh connections, 1.2-1.5 ms reused; one start per iteration, 1.0-1.8 and
+        0.8-1.1 ms (benchmarks/fidelity.py, alternated runs). The price: more, shorter
+        iterations, up to ~15 % more CPU per fresh-connection check on a VM, and a start that
+        may come tens of milliseconds late under load (the scheduler-lag metric shows it)."""
         self._timer, self._timer_at = None, math.inf
         heap = self._heap
         if heap and heap[0][0] <= time.monotonic() + _EARLY:
