@@ -340,13 +340,6 @@ async def test_overlong_delivery_ids_are_kept_as_digests(correlator: Correlator)
     assert all(len(key) < 100 + len(CHANNEL) for key in correlator._ids)
 
 
-async def test_delivery_ids_are_per_channel(correlator: Correlator) -> None:
-    """Two senders may number their deliveries alike: the same id on another path is news."""
-    assert correlator.offer(arrival("A", "evt_1", channel="/hooks/a")) == "unmatched"
-    assert correlator.offer(arrival("A", "evt_1", channel="/hooks/b")) == "unmatched"
-    assert correlator.offer(arrival("A", "evt_1", channel="/hooks/a")) == "duplicate"
-
-
 async def test_janitor_counts_unclaimed_arrivals_without_traffic(
     arrivals: Counter, registry: CollectorRegistry
 ) -> None:
