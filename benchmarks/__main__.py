@@ -162,10 +162,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if fid.get("p99_ms_of_repeats"):
             each = ", ".join(f"{x:.2f}" for x in fid["p99_ms_of_repeats"])
             measured += f" (median of {len(fid['p99_ms_of_repeats'])} runs: {each} ms)"
-        measured += f" at {fid['cpu_share']:.0%} CPU"
+        done = fid["rate_achieved"]
+        measured += f", {done:,.0f}/s done at {fid['cpu_share']:.0%} CPU"
+        # "at 1,000 probes/s": an error figure from a monitor that fell behind does not count
+        kept_up = done >= 0.95 * fid["rate_target"]
         out.append({"target": f"error p99 at 1,000 probes/s ({case} connections)",
-                    "wanted": "≤ 2 ms", "measured": measured,
-                    "verdict": _verdict(p99 <= 2.0)})  # fmt: skip
+                    "wanted": "≤ 2 ms, keeping up", "measured": measured,
+                    "verdict": _verdict(p99 <= 2.0 and kept_up)})  # fmt: skip
     wh = _find(results.get("webhooks", []), tool="hopwatch")
     if wh is not None:
         rate = wh["steps_per_s"]
