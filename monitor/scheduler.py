@@ -107,7 +107,7 @@ class Scheduler:
         request, connecting) runs in the iteration after its start, and the loop reads sockets
         only between iterations. Starting the 3-9 runs that fall due together at 1,000 checks/s
         made iterations of a few milliseconds in which no response was stamped: error p99 1.9-16
-        ms with fresh connections, 1.2-1.5 ms reused; one start per iteration, 1.0-1.8 and
+        ms with fresh connections, 1.2-1.5 ms reused; one start per iteration, 1.0-2.8 and
         0.8-1.1 ms (benchmarks/fidelity.py, alternated runs). The price: more, shorter
         iterations, up to ~15 % more CPU per fresh-connection check on a VM, and a start that
         may come tens of milliseconds late under load (the scheduler-lag metric shows it)."""
