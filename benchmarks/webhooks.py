@@ -11,9 +11,9 @@ predictable (a counter instead of random hex) so the sender knows each run's cor
 
 Measured at the correlator's steady state: warm-up batches run until its table of finished
 expectations (kept for late and duplicate detection) is full, as in a monitor that has run for
-a while, so every measured webhook also pushes the oldest one out. While that table fills, the
-collector sees ~70 more objects live per webhook and young collections come every few dozen
-webhooks: a cost of the first minutes, not of a running monitor.
+a while, so every measured webhook also pushes the oldest one out. While that table fills,
+every webhook leaves objects alive (its finished expectation and matcher) that the garbage
+collector counts and walks: a cost of the first minutes, not of a running monitor.
 
 Beside it, in the same rounds and with the same sender, a bare aiohttp server on the same core
 (one route that reads the body and parses its JSON, no signature, no run): the floor any
