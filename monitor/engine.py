@@ -20,7 +20,7 @@ from monitor.admin import build_admin_app, is_loopback
 from monitor.config import Config, Flow
 from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
-from monitor.gc_settle import FirstRound, settle_after_first_round, settle_start
+from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.kafka import KafkaClients
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
@@ -85,17 +85,14 @@ class Engine:
         self.metrics = Metrics(self.registry)
         self.templates = Templates()
         self.http = HttpClientPool()
-        self.last_runs = LastRuns()
+        self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))
         self.location = self.options.location or config.settings.location
         self.tracing = Tracing.from_env(location=self.location)
         metrics_sink = MetricsSink(self.metrics)
         metrics_sink.init_series(config.flows, self.location)
-        # tells the collector's settling when every flow has run once (long-running only)
-        self.first_round = FirstRound((f.name, v) for f in config.flows for v in f.variants)
-        sinks: list[Sink] = [metrics_sink, self.last_runs, *self.options.extra_sinks]
-        if self.options.settle_gc:
-            sinks.append(self.first_round)
-        self.sinks = FanOut(sinks, self.metrics.sink_errors)
+        self.sinks = FanOut(
+            [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
+        )
         self.correlator = Correlator(self.metrics.arrivals)
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
@@ -145,8 +142,9 @@ class Engine:
             settle_start()  # before the first runs are planned
             if self.scheduler is not None:
                 # every first run starts within its interval and ends within its timeout
-                cap = max(f.interval + f.timeout for f in self.config.flows)
-                settling = settle_after_first_round(self.first_round, cap, self.gc_settled)
+                cap = max((f.interval + f.timeout for f in self.config.flows), default=0.0)
+                every_ran = self.last_runs.complete
+                settling = settle_after_first_round(every_ran, cap, self.gc_settled)
                 self._background.append(asyncio.create_task(settling))
         if self.scheduler is not None:
             self.scheduler.start()

@@ -22,11 +22,6 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from monitor.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +48,15 @@ def settle_start() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-class FirstRound:
-    """A sink: `done` is set once every expected (flow, variant) has finished a run."""
-
-    def __init__(self, expected: Iterable[tuple[str, str]]) -> None:
-        self.missing = set(expected)
-        self.done = asyncio.Event()
-        if not self.missing:
-            self.done.set()
-
-    def submit(self, result: RunResult) -> None:
-        if self.missing:
-            self.missing.discard((result.flow, result.variant))
-            if not self.missing:
-                self.done.set()
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
 async def settle_after_first_round(
-    first_round: FirstRound, cap_s: float, settled: asyncio.Event
+    every_flow_ran: asyncio.Event, cap_s: float, settled: asyncio.Event
 ) -> None:
     """Once every flow has finished a run (or after `cap_s`, should the scheduler fall behind),
     settle again: the flows' own state, made by their first runs, joins the start-up objects.
     One pause, at a known time, instead of young and older collections walking that state
     again and again."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(first_round.done.wait(), cap_s)
+        await asyncio.wait_for(every_flow_ran.wait(), cap_s)
     started = time.perf_counter()
     frozen = settle()
     log.info(
