@@ -372,6 +372,7 @@ class Response:
 
 def translate(exc: BaseException, url: str, phases: dict[str, float]) -> StepFailed:
     """aiohttp's exceptions mapped to the reason vocabulary, in this one place."""
+    drop_frames(exc)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientConnectorSSLError):
         return TlsError(f"TLS to {url}: {exc}", phases=phases)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -442,7 +443,6 @@ async def send(config: RequestConfig, ctx: StepContext) -> Response:
                 phases=timer.phases(),
             )
     except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
-        drop_frames(exc)
         raise translate(exc, url, timer.phases()) from exc
     finally:
         _current_timer.reset(token)
