@@ -489,8 +489,8 @@ class Correlator:
         self._early: _Table[_Early] = _Table()
         self._finished = _Expectations()
         self._registered: dict[str, int] = {}  # channel -> expectations without a matcher yet
-        # (channel, delivery id) -> the seq of whoever holds its first arrival (an expectation
-        # or a kept early arrival; seqs are unique across tables), or None when nobody does
+        # _id_key (channel and delivery id) -> the seq of whoever holds its first arrival (an
+        # expectation or a kept early arrival; seqs are unique across tables), or None
         self._ids: OrderedDict[str, int | None] = OrderedDict()
         self._channel_seen: dict[str, int] = {}
         self._children: dict[tuple[str, str], Any] = {}  # the counter's child per label pair

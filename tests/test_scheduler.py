@@ -183,7 +183,7 @@ async def test_runs_due_together_start_one_per_loop_iteration(
 ) -> None:
     """The loop reads sockets only between iterations: 20 runs started in one iteration would
     run their first steps back to back while responses wait unstamped (benchmarks/fidelity.py:
-    error p99 6.6-16 ms at 1,000 fresh checks/s, 1.2-1.4 ms one start per iteration)."""
+    error p99 1.9-16 ms at 1,000 fresh checks/s, 1.0-2.8 ms one start per iteration)."""
     monkeypatch.setattr("monitor.scheduler.FIRST_STARTS_PER_S", 1e9)  # all due at once
     loop = asyncio.get_running_loop()
     iteration = itertools.count()
