@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.common import Ctx, cores, machine_info, target_server
+from benchmarks.common import TARGET_LOAD, Ctx, cores, machine_info, target_server
 from benchmarks.throughput import paired_ratios
 
 PARTS = ("throughput", "blackbox", "fidelity", "webhooks", "chain", "scale")
@@ -153,7 +153,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "verdict": _verdict(min(rate, cpu) >= wanted),
         })  # fmt: skip
     for reuse in (False, True):
-        fid = _find(results.get("fidelity", []), tool="hopwatch", reuse=reuse, load="1,000/s")
+        fid = _find(results.get("fidelity", []), tool="hopwatch", reuse=reuse, load=TARGET_LOAD)
         if fid is None:
             continue
         p99 = fid["error"]["p99_ms"]
