@@ -90,10 +90,11 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
-    """p50 / p99 / max (and n) of seconds, in milliseconds."""
+    """min / p50 / p99 / max (and n) of seconds, in milliseconds."""
     ordered = sorted(values_s)
     return {
         "n": len(ordered),
+        "min_ms": round(ordered[0] * 1000, 3) if ordered else math.nan,
         "p50_ms": round(percentile(ordered, 50) * 1000, 3),
         "p99_ms": round(percentile(ordered, 99) * 1000, 3),
         "max_ms": round(ordered[-1] * 1000, 3) if ordered else math.nan,

@@ -4,9 +4,13 @@ short real run of one part through the command users run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Histogram
 
-from benchmarks.common import HistSnapshot, percentile, summary_ms
+from benchmarks.common import (
+    HistSnapshot,
+    free_port,
+    get_json,
+    percentile,
+    stop_process,
+    summary_ms,
+    wait_http,
+)
 from benchmarks.senders import SECRET, RawSender, signed_request
 from probes.signatures import StandardWebhooksSignature, verify
 
@@ -32,6 +44,7 @@ def test_nearest_rank_percentile(values: list[float], q: float, want: float) -> 
 def test_summary_in_milliseconds() -> None:
     assert summary_ms([0.001, 0.002, 0.010]) == {
         "n": 3,
+        "min_ms": 1.0,
         "p50_ms": 2.0,
         "p99_ms": 10.0,
         "max_ms": 10.0,
@@ -48,6 +61,65 @@ def test_histogram_quantile_matches_promql_interpolation() -> None:
     assert delta.quantile(0.5) == pytest.approx(0.01)  # the 50th of 100 ends bucket one
     assert delta.quantile(0.9) == pytest.approx(0.1)
     assert delta.quantile(0.95) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+@pytest.fixture
+def target() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """The benchmarks' target server, as a process of its own: (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.target", "--port", str(port)], cwd=ROOT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/stats")
+        yield proc, url
+    finally:
+        stop_process(proc)
+
+
+def _ask(url: str, request: bytes) -> bytes:
+    """Send one raw request on a fresh connection; the response once its body is in."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b'{"ok":true}' not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    return data
+
+
+def test_target_holds_a_delayed_request_and_reports_the_truth(
+    target: tuple[subprocess.Popen[str], str],
+) -> None:
+    _, url = target
+    response = _ask(url, b"GET /delay/20?id=a HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    held = get_json(url + "/truth")["a"]
+    assert 0.020 <= held < 1.0
+    assert get_json(url + "/truth") == {}  # handed back once
+
+
+def test_target_truth_counts_the_wait_before_it_read_the_request(
+    target: tuple[subprocess.Popen[str], str],
+) -> None:
+    """A request that waits in the target's socket while the target cannot run was held by the
+    system, as a perfect client would see: the truth's clock is the kernel's receive timestamp,
+    not the target's read, so that wait is not charged to the monitor as its error."""
+    proc, url = target
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            sock.sendall(b"GET /delay/5?id=stalled HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.2)  # the stall under test: the target cannot read for 200 ms
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    held = get_json(url + "/truth")["stalled"]
+    assert 0.2 <= held < 2.0  # read with recv, the truth was ~5 ms
 
 
 def test_quick_throughput_run_prints_and_writes_its_figures(tmp_path: Path) -> None:
