@@ -177,9 +177,12 @@ class TargetConnection:
         key = ids[0] if ids else (_header_value(lower, _RUN_HEADER) or b"").decode()
 
         def answer() -> None:
-            self.write(OK_CLOSE if close else OK_KEEP, close)
+            # Stamped as the answer is handed to the kernel, not after: a write that returns
+            # late (this process preempted, the loopback's softirq work) must not lengthen
+            # the truth past what the client saw, which would flatter the monitor.
             if key:
                 self.state.truth[key] = (time.time_ns() - arrived_ns) / 1e9
+            self.write(OK_CLOSE if close else OK_KEEP, close)
 
         # Loop timers are about a millisecond exact; the truth is what was really held.
         waited = (time.time_ns() - arrived_ns) / 1e9
