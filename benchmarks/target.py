@@ -238,7 +238,7 @@ def _accept(listener: socket.socket, state: State, loop: asyncio.AbstractEventLo
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:  # e.g. too many open files: the client sees a refused connection
+        except OSError:  # e.g. out of file descriptors: the connection waits in the backlog
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         TargetConnection(sock, state, loop)
