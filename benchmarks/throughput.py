@@ -19,6 +19,7 @@ from benchmarks import blackbox
 from benchmarks.common import CpuClock, Ctx, median_round
 from benchmarks.harness import build_engine, http_flow
 from benchmarks.loadgen import closed_loop
+from monitor.gc_settle import settle_start
 
 FLOWS = 100
 
@@ -52,7 +53,9 @@ async def hopwatch_http(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:
-    """The ceiling: aiohttp GETs back to back, nothing else (force_close = fresh connection)."""
+    """The ceiling: aiohttp GETs back to back, nothing else (force_close = fresh connection);
+    the collector settled as hopwatch settles its own, as in webhooks.bare_aiohttp."""
+    settle_start()
     url = args["target"] + "/ok"
     connector = aiohttp.TCPConnector(limit=0, force_close=not args["reuse"])
     async with aiohttp.ClientSession(connector=connector) as session:
