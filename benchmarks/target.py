@@ -133,8 +133,9 @@ class TargetConnection:
         if not data:
             self.close()
             return
+        stamp = arrival_ns(ancillary)
         if not self.buf:
-            self.arrived_ns = arrival_ns(ancillary)
+            self.arrived_ns = stamp
         self.buf += data
         while True:
             end = self.buf.find(b"\r\n\r\n")
@@ -148,7 +149,7 @@ class TargetConnection:
                 return
             self.buf = self.buf[total:]
             self.handle(head, lower, self.arrived_ns)
-            self.arrived_ns = arrival_ns(ancillary)  # a pipelined next request came in this read
+            self.arrived_ns = stamp  # a pipelined next request came in this read
 
     def handle(self, head: bytes, lower: bytes, arrived_ns: int) -> None:
         self.state.requests += 1
