@@ -20,12 +20,11 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from benchmarks.common import (
     HistSnapshot,
-    free_port,
+    Target,
     get_json,
     percentile,
-    stop_process,
     summary_ms,
-    wait_http,
+    target_server,
 )
 from benchmarks.senders import SECRET, RawSender, signed_request
 from probes.signatures import StandardWebhooksSignature, verify
@@ -64,61 +63,44 @@ def test_histogram_quantile_matches_promql_interpolation() -> None:
 
 
 @pytest.fixture
-def target() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """The benchmarks' target server, as a process of its own: (process, base URL)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.target", "--port", str(port)], cwd=ROOT, text=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/stats")
-        yield proc, url
-    finally:
-        stop_process(proc)
+def target() -> Iterator[Target]:
+    """The benchmarks' target server, as the benchmark starts it (a process of its own)."""
+    with target_server(core=0, uvloop_on=True) as server:
+        yield server
 
 
-def _ask(url: str, request: bytes) -> bytes:
-    """Send one raw request on a fresh connection; the response once its body is in."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while b'{"ok":true}' not in data:
+def _connect(target: Target) -> socket.socket:
+    host, port = target.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_target_holds_a_delayed_request_and_reports_the_truth(target: Target) -> None:
+    with _connect(target) as sock:
+        sock.sendall(b"GET /delay/20?id=a HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = b""
+        while b'{"ok":true}' not in response:
             chunk = sock.recv(4096)
-            assert chunk, data
-            data += chunk
-    return data
-
-
-def test_target_holds_a_delayed_request_and_reports_the_truth(
-    target: tuple[subprocess.Popen[str], str],
-) -> None:
-    _, url = target
-    response = _ask(url, b"GET /delay/20?id=a HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert chunk, response
+            response += chunk
     assert response.startswith(b"HTTP/1.1 200 OK")
-    held = get_json(url + "/truth")["a"]
+    held = get_json(target.url + "/truth")["a"]
     assert 0.020 <= held < 1.0
-    assert get_json(url + "/truth") == {}  # handed back once
+    assert get_json(target.url + "/truth") == {}  # handed back once
 
 
-def test_target_truth_counts_the_wait_before_it_read_the_request(
-    target: tuple[subprocess.Popen[str], str],
-) -> None:
+def test_target_truth_counts_the_wait_before_it_read_the_request(target: Target) -> None:
     """A request that waits in the target's socket while the target cannot run was held by the
     system, as a perfect client would see: the truth's clock is the kernel's receive timestamp,
     not the target's read, so that wait is not charged to the monitor as its error."""
-    proc, url = target
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        os.kill(proc.pid, signal.SIGSTOP)
+    with _connect(target) as sock:
+        os.kill(target.pid, signal.SIGSTOP)
         try:
             sock.sendall(b"GET /delay/5?id=stalled HTTP/1.1\r\nHost: t\r\n\r\n")
             time.sleep(0.2)  # the stall under test: the target cannot read for 200 ms
         finally:
-            os.kill(proc.pid, signal.SIGCONT)
+            os.kill(target.pid, signal.SIGCONT)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
-    held = get_json(url + "/truth")["stalled"]
+    held = get_json(target.url + "/truth")["stalled"]
     assert 0.2 <= held < 2.0  # read with recv, the truth was ~5 ms
 
 
