@@ -90,9 +90,7 @@ class CollectSink:
     async def close(self) -> None:
         return None
 
-    @property
-    def runs(self) -> list[tuple[str, float, float | None, str]]:
-        return list(zip(self.run_ids, self.started, self.latencies, self.outcomes, strict=True))
-
     def window(self, t0: float, t1: float) -> list[tuple[str, float, float | None, str]]:
-        return [r for r in self.runs if t0 <= r[1] < t1]
+        """The runs started in [t0, t1), as (run id, unix start, latency, outcome)."""
+        runs = zip(self.run_ids, self.started, self.latencies, self.outcomes, strict=True)
+        return [run for run in runs if t0 <= run[1] < t1]

@@ -61,13 +61,13 @@ async def hopwatch_scale(args: dict[str, Any]) -> dict[str, Any]:
         loop_lag = HistSnapshot.take(engine.metrics.loop_lag)
     finally:
         await engine.stop()
-    failed = sum(1 for r in sink.runs if r[3] != "success")
+    failed = sum(1 for outcome in sink.outcomes if outcome != "success")
     return {
         "flows": n,
         "jitter": args.get("jitter") or "default (10% of 1m)",
         "load_s": round(load_s, 2),
         "start_s": round(start_s, 2),
-        "runs": len(sink.runs),
+        "runs": len(sink.outcomes),
         "failed": failed,
         "flows_run": len(engine.last_runs),
         "memory": memory,
