@@ -101,7 +101,7 @@ def _pin_all_threads(pid: int, core: int) -> None:
 def part(ctx: Ctx) -> None:
     """Broker and chain target on the target's core; the monitor on its own."""
     try:
-        from monitor.broker import BrokerError, TansuBroker, resolve_tansu
+        from monitor.demo.broker import BrokerError, TansuBroker, resolve_tansu
 
         resolve_tansu()
     except (ImportError, BrokerError) as exc:

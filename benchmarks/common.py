@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monitor.broker import free_port as free_port  # re-exported for the parts
+from monitor.demo.broker import free_port as free_port  # re-exported for the parts
 
 RESULT_MARK = "BENCH-RESULT "
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ monitor under test, and the chain target (HTTP → Kafka record → signed webho
         POST /orders {"ref": r, "callback_url": u}: produce {"order_id": r} to the topic, send
         a signed webhook {"order_id": r, "status": "fulfilled"} to u, answer 201 {"id": r}
 
-Deliveries are signed with Standard Webhooks (shared/CONTRACTS.md) using SECRET.
+Deliveries are signed with Standard Webhooks (standardwebhooks.com) using SECRET.
 """
 
 from __future__ import annotations

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from monitor import __version__
 from monitor.config import Config, FileConfig, load, unresolved_secrets
-from monitor.engine import Engine, Options
+from monitor.engine import Options
 from monitor.gate.command import gate
-from monitor.loop import run_async
+from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
 from monitor.output import as_json, as_junit, table
 from probes.errors import ConfigError
 
@@ -66,25 +63,11 @@ def _load_or_exit(paths: list[Path]) -> Config:
     try:
         config = load(paths)
     except ConfigError as exc:
-        _exit_with(exc.problems)
+        exit_with(exc.problems)
     problems = unresolved_secrets(config)
     if problems:
-        _exit_with(problems)
+        exit_with(problems)
     return config
-
-
-def _exit_with(problems: list[str]) -> NoReturn:
-    for problem in problems:
-        sys.stderr.write(problem + "\n")
-    raise typer.Exit(2)
-
-
-def _engine(config: Config, options: Options) -> Engine:
-    """An Engine, or exit 2 when the environment's settings (OTEL_*) cannot be honoured."""
-    try:
-        return Engine(config, options)
-    except ConfigError as exc:
-        _exit_with(exc.problems)
 
 
 def _setup_logging(level: str) -> None:
@@ -133,7 +116,7 @@ def check(
     options = Options(listen=listen, public_url=public_url, location=location)
 
     async def main() -> list[Any]:
-        engine = _engine(config, options)
+        engine = engine_or_exit(config, options)
         pairs = engine.select(flow or (), variant or ())
         if not pairs:
             err.print("no flow matches --flow/--variant")
@@ -142,7 +125,7 @@ def check(
             await engine.start(schedule=False, admin=False)
         except OSError as exc:  # the public listener's port is taken, most likely
             await engine.stop()
-            _exit_with([f"cannot listen on {listen}: {exc.strerror}; choose another with --listen"])
+            exit_with([f"cannot listen on {listen}: {exc.strerror}; choose another with --listen"])
         try:
             return await engine.run_once(pairs, repeat=repeat)
         finally:
@@ -156,28 +139,6 @@ def check(
     else:
         table(results, out)
     raise typer.Exit(0 if all(r.outcome == "success" for r in results) else 1)
-
-
-async def wait_for_signal(duration: float | None = None) -> None:
-    """Return on SIGINT/SIGTERM, or after `duration` seconds when given."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), duration)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
-    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
-    try:
-        await wait_for_signal(duration)
-    finally:
-        await engine.stop()
 
 
 @app.command()
@@ -207,7 +168,7 @@ def run(
     )
 
     async def main() -> None:
-        engine = _engine(config, options)
+        engine = engine_or_exit(config, options)
         try:
             await engine.start()
         except (ValueError, OSError) as exc:

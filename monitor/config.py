@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from monitor.kafka import KafkaCluster
-from probes import StepConfig
+from monitor.kafka.settings import KafkaCluster
+from probes import KINDS, StepConfig
 from probes.durations import Duration
 from probes.errors import ConfigError
 
@@ -178,15 +178,31 @@ def _field(loc: Sequence[int | str]) -> str:
 
 def _is_union_tag(part: int | str) -> bool:
     """Pydantic puts the union member in error locations: a kind name or a type like list[int]."""
-    from probes import PROBES
-
     return isinstance(part, str) and (
-        part in PROBES or "[" in part or part in {"int", "str", "float", "bool", "dict", "list"}
+        part in KINDS or "[" in part or part in {"int", "str", "float", "bool", "dict", "list"}
     )
+
+
+_union_version = KINDS.version  # the registry's state the models' step union was built from
+
+
+def follow_kinds() -> None:
+    """Rebuild the models' step union after a kind registered since import (a kind from
+    outside the tree), so its flows validate like any other."""
+    global _union_version
+    if _union_version == KINDS.version:
+        return
+    steps = cast(Any, list)[KINDS.union()]  # a type built at run time
+    for name in ("steps", "cleanup"):
+        Flow.model_fields[name].annotation = steps
+    for model in (Flow, FileConfig, Config):
+        model.model_rebuild(force=True)
+    _union_version = KINDS.version
 
 
 def load_file(path: Path) -> FileConfig:
     """Parse and validate one flow file; ConfigError lists every problem with its line."""
+    follow_kinds()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -282,7 +298,8 @@ def _cluster_problems(file: FileConfig, i: int, flow: Flow) -> list[tuple[tuple[
     problems: list[tuple[tuple[Any, ...], str]] = []
     for group in ("steps", "cleanup"):
         for j, step in enumerate(getattr(flow, group)):
-            cluster = getattr(step, "cluster", None)
+            uses = KINDS[step.kind].cluster
+            cluster = uses(step) if uses is not None else None
             if cluster is not None and cluster not in known:
                 names = ", ".join(sorted(known)) or "none"
                 problems.append(
@@ -293,9 +310,7 @@ def _cluster_problems(file: FileConfig, i: int, flow: Flow) -> list[tuple[tuple[
 
 
 def _kinds_hint() -> str:
-    from probes import PROBES
-
-    return "known kinds: " + ", ".join(sorted(PROBES))
+    return "known kinds: " + ", ".join(sorted(KINDS))
 
 
 def unresolved_secrets(config: Config) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -22,7 +22,6 @@ from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
-from monitor.kafka import KafkaClients
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
 from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
 from monitor.results import RunResult
@@ -32,9 +31,11 @@ from monitor.sinks import FanOut, Sink
 from monitor.state import LastRuns
 from monitor.templates import Templates
 from monitor.tracing import Tracing
-from probes.http_common import TlsConfig
+from probes import KINDS
+from probes.kinds import KindSpec
 
 if TYPE_CHECKING:
+    from monitor.kafka.clients import KafkaClients
     from monitor.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,21 @@ async def serve_app(app: web.Application, listen: str) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+T = TypeVar("T")
+
+
+def _asked(
+    steps: Sequence[Any], need: Callable[[KindSpec[Any]], Callable[[Any], T | None] | None]
+) -> list[T]:
+    """What the steps' kinds ask the engine to prepare (`tls`, `watches`)."""
+    out: list[T] = []
+    for step in steps:
+        ask = need(KINDS[step.kind])
+        if ask is not None and (value := ask(step)) is not None:
+            out.append(value)
+    return out
 
 
 @dataclass
@@ -123,8 +139,7 @@ class Engine:
         """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
         await self._start_optional_parts()
         await self.sinks.start()
-        tls = {s.tls for s in self.steps if isinstance(getattr(s, "tls", None), TlsConfig)}
-        self.http.prepare(tls)
+        self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
@@ -159,12 +174,15 @@ class Engine:
             await self.store.migrate()
             self.sinks.add(self.store)
         if self.config.kafka.clusters:
+            from monitor.kafka.clients import KafkaClients  # aiokafka: only with clusters
+
             self.kafka = KafkaClients(
                 self.config.kafka.clusters,
                 on_arrival=self.correlator.offer,
                 arrivals_counter=self.metrics.arrivals,
             )
-            self.kafka.watch_steps(self.steps)
+            for cluster, topic in _asked(self.steps, lambda kind: kind.watches):
+                self.kafka.watch(cluster, topic)
             self.runner.deps.kafka = self.kafka
             await self.kafka.start()
             # Shared consumers read from the end: let them reach it before the first run
@@ -198,15 +216,13 @@ class Engine:
     # -- listeners -------------------------------------------------------------------------
 
     def needs_public_listener(self) -> bool:
-        return any(s.kind == "webhook_await" for s in self.steps)
+        return bool(routes_from_steps(self.steps))
 
     def build_public_app(self) -> web.Application:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
-        steps = [s for s in self.steps if s.kind == "webhook_await"]
-        install_webhook_routes(
-            app, routes_from_steps(steps), self.correlator, self.metrics.arrivals
-        )
+        routes = routes_from_steps(self.steps)
+        install_webhook_routes(app, routes, self.correlator, self.metrics.arrivals)
         return app
 
     def build_admin_app(self) -> web.Application:

@@ -1,4 +1,4 @@
-"""The Prometheus metrics of DESIGN.md's contract, and the sink that turns run results into them.
+"""The Prometheus metrics users build on (README, "Metrics"), and the sink that makes them.
 
 Instruments live on an injected registry (a fresh one per test). The per-flow families are the
 compact ones of monitor/metric_types.py (one float array per family instead of ~100 objects and
@@ -19,8 +19,7 @@ from monitor import __version__
 from monitor.config import Flow
 from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily
 from monitor.results import RunResult, StepResult
-from probes import PROBES
-from probes.errors import REASONS
+from probes import KINDS
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
@@ -188,7 +187,7 @@ class MetricsSink:
                 for step in flow.cleanup:
                     m.cleanup_failures.show(self._cleanup(run, step.name))
                 for step, hop in zip(flow.steps, hops, strict=True):
-                    for reason in getattr(PROBES[step.kind], "reasons", REASONS):
+                    for reason in KINDS[step.kind].reasons:
                         m.step_failures.show(self._failure(run, hop, step.name, reason))
 
     def _cleanup(self, run: _Run, step: str) -> int:

@@ -12,16 +12,19 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from monitor.config import Flow
 from monitor.results import RunResult, StepResult
 from monitor.sinks import FanOut
 from monitor.templates import Templates
-from probes import PROBES
+from monitor.tracing import Tracing
+from probes import KINDS
+from probes.arrivals import CorrelatorPort
 from probes.base import HttpClients, RunInfo, StepContext, StepOutcome
 from probes.errors import StepFailed, TemplateError
+from probes.kafka_port import KafkaPort
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,9 @@ class RunnerDeps:
     location: str = "local"
     marker_header: str = "X-Hopwatch-Run"
     public_url: str = "http://127.0.0.1:8080"
-    correlator: Any = None
-    kafka: Any = None
-    services: dict[str, Any] = field(default_factory=dict)
-    tracing: Any = None  # monitor.tracing.Tracing when traces are on
+    correlator: CorrelatorPort | None = None
+    kafka: KafkaPort | None = None
+    tracing: Tracing | None = None  # when traces are on
     release_run: Callable[[StepContext], Awaitable[None]] | None = None
 
 
@@ -119,7 +121,6 @@ class Runner:
             cookies=flow.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
-            services=d.services,
         )
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
@@ -182,7 +183,7 @@ class Runner:
             waiting = [
                 (step, expect)
                 for step in flow.steps
-                if (expect := getattr(PROBES[step.kind], "expect", None)) is not None
+                if (expect := KINDS[step.kind].expect) is not None
             ]
             known = self._expecting[id(flow)] = (flow, waiting)
         for step, expect in known[1]:
@@ -241,7 +242,7 @@ class Runner:
     async def _execute(
         self, step: Any, ctx: StepContext, budget: float, result: StepResult
     ) -> StepOutcome | None:
-        probe = PROBES[step.kind]
+        probe = KINDS[step.kind].probe
         redact = self.deps.templates.redactor
         t0 = time.monotonic()
         try:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class Sink(Protocol):
-    """A consumer of run results (metrics, traces, the store, a Kafka results topic)."""
+    """A consumer of run results (the metrics, the last-runs table, the store)."""
 
     def submit(self, result: RunResult) -> None: ...
 

@@ -158,6 +158,10 @@ class Templates:
             self._cache[key] = compiled
         return compiled
 
+    def redact(self, text: str) -> str:
+        """`text` with every secret this renderer resolved masked."""
+        return self.redactor(text) or ""
+
     def render(self, template: str, variables: Mapping[str, Any], mode: RenderMode) -> str:
         if "{" not in template:  # the common case: a literal, nothing to render
             return template

@@ -1,26 +1,27 @@
-"""Every step kind, listed once: the discriminated config union and the probe registry."""
+"""Every step kind, listed once: the registry (`KINDS`) and the config union derived from it.
+
+Adding a kind: a module with `Config`, a probe and `SPEC = KindSpec(...)`, and one line here.
+Installed packages add kinds through the `hopwatch.kinds` entry point group instead.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import Field
-
 from probes import http, http_poll, kafka_consume, kafka_produce, webhook_await
+from probes.kinds import Kinds, KindSpec
 
-StepConfig = Annotated[
-    http.Config
-    | http_poll.Config
-    | webhook_await.Config
-    | kafka_produce.Config
-    | kafka_consume.Config,
-    Field(discriminator="kind"),
-]
+__all__ = ["KINDS", "KindSpec", "StepConfig"]
 
-PROBES: dict[str, Any] = {
-    "http": http.HttpProbe(),
-    "http_poll": http_poll.HttpPollProbe(),
-    "webhook_await": webhook_await.WebhookAwaitProbe(),
-    "kafka_produce": kafka_produce.KafkaProduceProbe(),
-    "kafka_consume": kafka_consume.KafkaConsumeProbe(),
-}
+KINDS = Kinds(
+    (
+        http.SPEC,
+        http_poll.SPEC,
+        webhook_await.SPEC,
+        kafka_produce.SPEC,
+        kafka_consume.SPEC,
+    )
+)
+KINDS.load_entry_points()
+
+# The built-in kinds and the installed ones; monitor.config rebuilds its models from
+# `KINDS.union()` when a kind is registered later.
+StepConfig = KINDS.union()

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from probes.arrivals import Arrival, CorrelatorPort
 from probes.durations import Duration
+from probes.kafka_port import KafkaPort
 
 if TYPE_CHECKING:
     import aiohttp
@@ -71,6 +73,10 @@ class Renderer(Protocol):
 
     def render(self, template: str, variables: Mapping[str, Any], mode: RenderMode) -> str: ...
 
+    def redact(self, text: str) -> str:
+        """`text` with the secrets rendering resolved masked (for spans and messages)."""
+        ...
+
 
 class HttpClients(Protocol):
     """HTTP sessions lent by the engine: fresh per run unless the flow reuses connections."""
@@ -92,9 +98,8 @@ class StepContext:
     deadline: float  # monotonic seconds; the run's end
     reuse_connections: bool = False
     cookies: bool = False  # keep cookies between this run's steps
-    correlator: Any = None
-    kafka: Any = None
-    services: dict[str, Any] = field(default_factory=dict)
+    correlator: CorrelatorPort | None = None  # None: the engine lent none (waiting kinds refuse)
+    kafka: KafkaPort | None = None  # None: no kafka clusters configured (Kafka kinds refuse)
     propagation: Callable[[], dict[str, str]] = dict
     step_started: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
     run_state: dict[Any, Any] = field(default_factory=dict)  # per-run scratch, e.g. sessions
@@ -140,7 +145,7 @@ class StepContext:
         headers.update(self.propagation())
         return headers
 
-    def note_arrival(self, arrival: Any) -> None:
+    def note_arrival(self, arrival: Arrival) -> None:
         """Tell the engine which arrival this step took (its span links to the sender's)."""
         self.run_state[(ARRIVAL_KEY, self.step)] = arrival
 
@@ -155,10 +160,3 @@ class Probe(Protocol[ConfigT_contra]):
     """One step kind: execute the step, return an outcome or raise StepFailed."""
 
     async def run(self, config: ConfigT_contra, ctx: StepContext) -> StepOutcome: ...
-
-
-class Expecting(Protocol[ConfigT_contra]):
-    """A waiting kind: registers its expectation when the run starts, before any step runs,
-    so a reply faster than the triggering step's own response is never lost."""
-
-    def expect(self, config: ConfigT_contra, ctx: StepContext) -> None: ...

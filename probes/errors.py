@@ -24,21 +24,6 @@ from __future__ import annotations
 import traceback
 from typing import Any, ClassVar, Final
 
-REASONS: Final = (
-    "timeout",
-    "dns_error",
-    "connect_error",
-    "tls_error",
-    "http_status",
-    "assertion",
-    "extract",
-    "signature",
-    "not_received",
-    "duplicate",
-    "out_of_order",
-    "error",
-)
-
 
 class StepFailed(Exception):
     """The system under watch did not do what the step expects; carries a reason."""
@@ -109,6 +94,24 @@ class OutOfOrder(StepFailed):
 
 class OtherFailure(StepFailed):
     reason = "error"
+
+
+# Every failure class, in the order of the tree above; a kind's reasons are read from these.
+FAILURES: Final[tuple[type[StepFailed], ...]] = (
+    Timeout,
+    DnsError,
+    ConnectError,
+    TlsError,
+    HttpStatusError,
+    AssertionFailed,
+    ExtractFailed,
+    SignatureInvalid,
+    NotReceived,
+    Duplicate,
+    OutOfOrder,
+    OtherFailure,
+)
+REASONS: Final = tuple(f.reason for f in FAILURES)
 
 
 class ConfigError(Exception):

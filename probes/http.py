@@ -10,7 +10,9 @@ from pydantic import Field
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, check, excerpt, extract, rendered_json
 from probes.errors import StepFailed
-from probes.http_common import HTTP_REASONS, RequestConfig, send
+from probes.http_common import HTTP_FAILURES, RequestConfig, send
+from probes.http_span import http_span
+from probes.kinds import KindSpec
 
 
 class Config(StepConfigBase, RequestConfig):
@@ -21,8 +23,6 @@ class Config(StepConfigBase, RequestConfig):
 
 
 class HttpProbe:
-    reasons = HTTP_REASONS
-
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         resp = await send(config, ctx)
         attributes = {"http.response.status_code": resp.status}
@@ -49,3 +49,12 @@ class HttpProbe:
         return StepOutcome(
             latency_s=resp.latency_s, vars=values, phases=resp.phases, attributes=attributes
         )
+
+
+SPEC = KindSpec(
+    Config,
+    HttpProbe(),
+    failures=HTTP_FAILURES,
+    span=http_span,
+    tls=lambda config: config.tls,
+)

@@ -28,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from probes.base import StepContext
 from probes.checks import ExtractRule
 from probes.errors import (
+    AssertionFailed,
     ConnectError,
     DnsError,
+    ExtractFailed,
+    HttpStatusError,
     OtherFailure,
     StepFailed,
     Timeout,
@@ -37,9 +40,10 @@ from probes.errors import (
     drop_frames,
 )
 
-HTTP_REASONS = (
-    "timeout", "dns_error", "connect_error", "tls_error", "http_status", "assertion", "extract",
-    "error",
+# What an HTTP step can report: never a webhook's or a topic's reasons.
+HTTP_FAILURES: tuple[type[StepFailed], ...] = (
+    Timeout, DnsError, ConnectError, TlsError, HttpStatusError, AssertionFailed, ExtractFailed,
+    OtherFailure,
 )  # fmt: skip
 
 _current_timer: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar(

@@ -16,7 +16,9 @@ from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, check, excerpt, extract, rendered_json
 from probes.durations import Duration
 from probes.errors import StepFailed, Timeout
-from probes.http_common import HTTP_REASONS, RequestConfig, Response, send
+from probes.http_common import HTTP_FAILURES, RequestConfig, Response, send
+from probes.http_span import http_span
+from probes.kinds import KindSpec
 
 
 class Config(StepConfigBase, RequestConfig):
@@ -29,8 +31,6 @@ class Config(StepConfigBase, RequestConfig):
 
 
 class HttpPollProbe:
-    reasons = HTTP_REASONS
-
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
         deadline = started + config.within
@@ -72,3 +72,12 @@ class HttpPollProbe:
             latency_s=time.monotonic() - started,
             attributes={"attempts": attempts},
         )
+
+
+SPEC = KindSpec(
+    Config,
+    HttpPollProbe(),
+    failures=HTTP_FAILURES,
+    span=http_span,
+    tls=lambda config: config.tls,
+)

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 from pydantic import Field, field_validator
 
+from probes.arrivals import Arrival, Registration, channel_name
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, ExtractRule
 from probes.durations import Duration
 from probes.errors import AssertionFailed, ConnectError, NotReceived, OutOfOrder, StepFailed
+from probes.kafka_port import KafkaPort
 from probes.kafka_produce import CORRELATION_HEADER
+from probes.kinds import KindSpec, SpanShape
 from probes.waiting import (
     MatchBase,
     Rule,
@@ -38,16 +41,11 @@ from probes.waiting import (
     no_status,
     register,
     render_rule,
-    run_state_key,
     since_sent,
     since_step,
 )
 
-if TYPE_CHECKING:  # types only: at run time the engine lends these through ctx
-    from monitor.correlator import Arrival, Expectation
-    from monitor.kafka import KafkaClients
-
-__all__ = ["Config", "KafkaConsumeProbe", "Match", "Scalar", "channel_of", "expectation_key"]
+__all__ = ["Config", "KafkaConsumeProbe", "Match", "Scalar"]
 
 KIND: Final = "kafka_consume"
 
@@ -125,16 +123,6 @@ class Config(StepConfigBase):
         return no_status(value, "a Kafka record")
 
 
-def expectation_key(step: str) -> tuple[str, str]:
-    """Where a step's Expectation lives in `ctx.run_state`."""
-    return run_state_key(KIND, step)
-
-
-def channel_of(config: Config) -> str:
-    """The correlator channel the shared consumer offers this topic's records on."""
-    return f"{config.cluster}/{config.topic}"
-
-
 class KafkaConsumeProbe:
     """Registers at run start, then waits for, checks and times the run's record."""
 
@@ -166,20 +154,20 @@ class KafkaConsumeProbe:
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
 
 
-def _clients(config: Config, ctx: StepContext) -> KafkaClients:
+def _clients(config: Config, ctx: StepContext) -> KafkaPort:
     if ctx.kafka is None:
         raise RuntimeError("kafka_consume needs the engine's KafkaClients (kafka: clusters)")
-    clients = cast("KafkaClients", ctx.kafka)
+    clients = ctx.kafka
     if not clients.watching(config.cluster, config.topic):
         raise RuntimeError(
-            f"{config.cluster}/{config.topic} is not watched: the engine must call "
-            "KafkaClients.watch_steps(...) with every flow's steps before start()"
+            f"{config.cluster}/{config.topic} is not watched: the engine must watch every "
+            "topic the steps' kinds ask for (KindSpec.watches) before start()"
         )
     return clients
 
 
-def _register(config: Config, ctx: StepContext) -> Expectation:
-    return register(ctx, KIND, channel_of(config))
+def _register(config: Config, ctx: StepContext) -> Registration:
+    return register(ctx, KIND, channel_name(config.cluster, config.topic))
 
 
 def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
@@ -195,14 +183,14 @@ def _record_header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _why_missing(
-    config: Config, clients: KafkaClients, rule: Rule, missing: NotReceived
+    config: Config, clients: KafkaPort, rule: Rule, missing: NotReceived
 ) -> StepFailed:
     """not_received, unless the shared consumer could not reach the cluster: then the record
     may well be there, and the link is broken by the connection, not by the service."""
     health = clients.health().get(config.cluster)
     if health is not None and health.consumer in ("down", "starting"):
         return ConnectError(
-            f"cannot watch {channel_of(config)}: consumer {health.consumer}"
+            f"cannot watch {channel_name(config.cluster, config.topic)}: consumer {health.consumer}"
             f" ({health.last_error or 'no connection yet'})"
         )
     return NotReceived(
@@ -245,3 +233,20 @@ def _attributes(config: Config, arrival: Arrival, started: float) -> dict[str, A
     if arrival.key is not None:
         attributes["messaging.kafka.message.key"] = arrival.key.decode("utf-8", "replace")
     return attributes
+
+
+def _span(config: Config, ctx: StepContext) -> SpanShape:
+    attrs = {"messaging.system": "kafka", "messaging.destination.name": config.topic}
+    name = f"process {config.topic}"
+    return SpanShape(name, "consumer", attrs | {"messaging.operation.type": "process"})
+
+
+_PROBE = KafkaConsumeProbe()
+SPEC = KindSpec(
+    Config,
+    _PROBE,
+    span=_span,
+    expect=_PROBE.expect,
+    cluster=lambda config: config.cluster,
+    watches=lambda config: (config.cluster, config.topic),
+)

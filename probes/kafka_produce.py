@@ -9,14 +9,13 @@ send → broker ack; setting up a producer, when one had to be made, is the `con
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-
-if TYPE_CHECKING:  # types only: at run time the engine lends its KafkaClients through ctx
-    from monitor.kafka import KafkaClients
+from probes.kafka_port import Acks
+from probes.kinds import KindSpec, SpanShape, render_quietly
 
 CORRELATION_HEADER = "hopwatch-correlation"  # the run's correlation id; kafka_consume matches it
 
@@ -50,7 +49,7 @@ class Config(StepConfigBase):
     partition: int | None = Field(
         default=None, ge=0, description="Partition to write to; default: chosen by the key."
     )
-    acks: Literal["all", 0, 1] = Field(
+    acks: Acks = Field(
         default="all",
         description="Acknowledgement wanted: all (every in-sync replica), 1 (the leader) or 0 "
         "(none: latency is then only the local send); default all.",
@@ -88,7 +87,7 @@ class KafkaProduceProbe:
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         if ctx.kafka is None:
             raise RuntimeError("kafka_produce needs the engine's KafkaClients (kafka: clusters)")
-        clients = cast("KafkaClients", ctx.kafka)
+        clients = ctx.kafka
         topic = ctx.render(config.topic)
         key = ctx.render(config.key).encode() if config.key is not None else None
         produced = await clients.produce(
@@ -121,3 +120,12 @@ class KafkaProduceProbe:
             phases=phases,
             attributes=attributes,
         )
+
+
+def _span(config: Config, ctx: StepContext) -> SpanShape:
+    topic = render_quietly(ctx, config.topic)
+    attrs = {"messaging.system": "kafka", "messaging.destination.name": topic}
+    return SpanShape(f"send {topic}", "producer", attrs | {"messaging.operation.type": "send"})
+
+
+SPEC = KindSpec(Config, KafkaProduceProbe(), span=_span, cluster=lambda config: config.cluster)

@@ -1,6 +1,6 @@
 """Webhook signature verification, so a forged or replayed delivery is never credited to a run.
 
-Schemes (see shared/CONTRACTS.md), each a config model discriminated by `scheme`:
+Schemes (as each sender documents them), each a config model discriminated by `scheme`:
 
 - `standard_webhooks`: `webhook-id`, `webhook-timestamp`, `webhook-signature` (space-separated
   `v1,<base64>` entries, any may match, which is how secret rotation works on the sender side);

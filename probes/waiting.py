@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from probes.arrivals import Arrival, Matcher, Registration, Selector
 from probes.base import RenderMode, StepContext
 from probes.checks import (
     JSON_PATH_KEYS,
@@ -33,9 +34,6 @@ from probes.checks import (
     validate_json_path,
 )
 from probes.errors import Duplicate, StepFailed
-
-if TYPE_CHECKING:  # types only: at run time the engine lends the correlator through ctx
-    from monitor.correlator import Arrival, Expectation, Matcher, Selector
 
 # Stop waiting this much before the run's own deadline so the step fails with what happened
 # (not_received) rather than with the runner's generic timeout.
@@ -100,7 +98,7 @@ class Rule:
 
 class RuleMatcher:
     """Whether an arrival has a rule's key, headers (read with `header_of`) and JSON values;
-    its equalities are its `keys` (monitor.correlator.IndexedMatcher): every arrival it
+    its equalities are its `keys` (probes.arrivals.IndexedMatcher): every arrival it
     accepts holds each key's text at that key's selector."""
 
     __slots__ = ("header_of", "keys", "paths", "rule")
@@ -231,21 +229,21 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def run_state_key(kind: str, step: str) -> tuple[str, str]:
-    """Where a step's Expectation lives in `ctx.run_state`."""
+def expectation_key(kind: str, step: str) -> tuple[str, str]:
+    """Where a step's Registration lives in `ctx.run_state`."""
     return (kind, step)
 
 
-def register(ctx: StepContext, kind: str, channel: str, listener: str = "") -> Expectation:
+def register(ctx: StepContext, kind: str, channel: str, listener: str = "") -> Registration:
     """The step's registration with the correlator, made now unless the run's start made it.
     `listener` names what offers arrivals, for the error when the engine lent no correlator."""
-    registered: Expectation | None = ctx.run_state.get(run_state_key(kind, ctx.step))
+    registered: Registration | None = ctx.run_state.get(expectation_key(kind, ctx.step))
     if registered is not None:
         return registered
     if ctx.correlator is None:
         raise RuntimeError(f"{kind} needs the engine's correlator{listener}")
-    made: Expectation = ctx.correlator.expect(channel, ctx.run.id, ctx.step, ctx.deadline)
-    ctx.run_state[run_state_key(kind, ctx.step)] = made
+    made = ctx.correlator.expect(channel, ctx.run.id, ctx.step, ctx.deadline)
+    ctx.run_state[expectation_key(kind, ctx.step)] = made
     # A step that never runs (skipped after a broken link) must not hold its registration.
     ctx.run_state.setdefault("_on_release", []).append(made.cancel)
     return made
@@ -254,7 +252,7 @@ def register(ctx: StepContext, kind: str, channel: str, listener: str = "") -> E
 async def await_arrival(
     config: WaitingConfig,
     ctx: StepContext,
-    expectation: Expectation,
+    expectation: Registration,
     matcher: Matcher,
     started: float,
 ) -> Arrival:
@@ -263,7 +261,7 @@ async def await_arrival(
     deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
     if config.timeout is not None:
         deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
-    arrival: Arrival = await expectation.wait(matcher, deadline=deadline)
+    arrival = await expectation.wait(matcher, deadline=deadline)
     ctx.note_arrival(arrival)
     return arrival
 
@@ -295,7 +293,7 @@ def annotate(
     failed.attributes.update(attributes)
 
 
-async def no_duplicate(expectation: Expectation, window: float, what: str, id_label: str) -> None:
+async def no_duplicate(expectation: Registration, window: float, what: str, id_label: str) -> None:
     """Fail with `duplicate` if a second arrival matching this run came or comes in `window`."""
     duplicate = await expectation.duplicate(window)
     if duplicate is not None:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import math
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from probes.arrivals import Arrival, Registration
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
 from probes.errors import AssertionFailed, NotReceived, StepFailed
+from probes.kinds import KindSpec, SpanShape, WebhookRoute
 from probes.signatures import SignatureConfig
 from probes.waiting import (
     MatchBase,
@@ -38,13 +40,9 @@ from probes.waiting import (
     no_status,
     register,
     render_rule,
-    run_state_key,
     since_sent,
     since_step,
 )
-
-if TYPE_CHECKING:  # types only: at run time the engine lends the correlator through ctx
-    from monitor.correlator import Arrival, Expectation
 
 __all__ = [
     "Config",
@@ -52,7 +50,6 @@ __all__ = [
     "Respond",
     "Scalar",
     "WebhookAwaitProbe",
-    "expectation_key",
     "header_value",
 ]
 
@@ -140,11 +137,6 @@ class Config(StepConfigBase):
         return no_status(value, "a received webhook")
 
 
-def expectation_key(step: str) -> tuple[str, str]:
-    """Where a step's Expectation lives in `ctx.run_state`."""
-    return run_state_key(KIND, step)
-
-
 class WebhookAwaitProbe:
     """Registers at run start, then waits for, checks and times the run's webhook."""
 
@@ -183,7 +175,7 @@ class WebhookAwaitProbe:
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
 
 
-def _register(config: Config, ctx: StepContext) -> Expectation:
+def _register(config: Config, ctx: StepContext) -> Registration:
     return register(ctx, KIND, config.path, " (the public listener)")
 
 
@@ -234,3 +226,21 @@ def _iso_time(text: str, where: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def _span(config: Config, ctx: StepContext) -> SpanShape:
+    return SpanShape(f"process {config.path}", "consumer", {"url.path": config.path})
+
+
+def _route(config: Config) -> WebhookRoute:
+    return WebhookRoute(
+        path=config.path,
+        signature=config.signature,
+        respond_status=config.respond.status,
+        respond_body=config.respond.body,
+        step=config.name,
+    )
+
+
+_PROBE = WebhookAwaitProbe()
+SPEC = KindSpec(Config, _PROBE, span=_span, expect=_PROBE.expect, listens=_route)

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from monitor.config import FileConfig, load
-from probes import PROBES, StepConfig
+from probes import KINDS, StepConfig
 from probes.durations import parse_duration
 from probes.errors import ConfigError
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.parametrize("case", sorted(INVALID.glob("*.yaml")), ids=lambda p: p.stem)
 def test_invalid_config_reports_file_line_and_field(case: Path) -> None:
     want = case.with_suffix(".txt").read_text().strip()
-    want = want.replace("{file}", str(case)).replace("KINDS", ", ".join(sorted(PROBES)))
+    want = want.replace("{file}", str(case)).replace("KINDS", ", ".join(sorted(KINDS)))
     with pytest.raises(ConfigError) as caught:
         load([case])
     assert caught.value.problems == [want]
@@ -81,11 +81,13 @@ def test_kind_registry_and_config_union_agree() -> None:
     """The kinds are listed once; this fails if the union and the registry drift apart."""
     union = StepConfig.__origin__  # type: ignore[attr-defined]
     kinds = {member.model_fields["kind"].annotation.__args__[0] for member in union.__args__}
-    assert kinds == set(PROBES)
-    for kind, probe in PROBES.items():
+    assert kinds == set(KINDS)
+    for kind, spec in KINDS.items():
         module = __import__(f"probes.{kind}", fromlist=["Config"])
+        assert spec is module.SPEC
+        assert spec.config is module.Config
         assert isinstance(
-            probe, getattr(module, "".join(p.title() for p in kind.split("_")) + "Probe")
+            spec.probe, getattr(module, "".join(p.title() for p in kind.split("_")) + "Probe")
         )
 
 

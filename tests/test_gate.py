@@ -27,14 +27,10 @@ from monitor.config import Config, load
 from monitor.demo.shop import FAULTS_KEY, Faults, build_shop_app
 from monitor.engine import Engine, Options
 from monitor.gate.command import gate
+from monitor.gate.models import GateError, GateRequest
 from monitor.gate.routes import FLAGGER_PATH, GATE_PATH, install_gate_routes, query_fields
 from monitor.gate.samples import FLOW_ERROR_RATIO, from_runs, metric_samples
-from monitor.gate.service import (
-    GateError,
-    GateRequest,
-    evaluate,
-    gate_metrics,
-)
+from monitor.gate.service import evaluate, gate_metrics
 from monitor.results import RunResult, StepResult
 
 BURST = ["--burst", "12", "--concurrency", "8", "--min-samples", "10"]

@@ -13,17 +13,9 @@ from pydantic import ValidationError
 from scipy.optimize import brentq
 from scipy.stats import norm, rankdata
 
-from monitor.gate.judge import (
-    Direction,
-    JudgeConfig,
-    MetricSamples,
-    Verdict,
-    clean_samples,
-    judge,
-    mann_whitney,
-    mann_whitney_ci,
-    remove_outliers,
-)
+from monitor.gate.judge import clean_samples, judge, remove_outliers
+from monitor.gate.mannwhitney import mann_whitney, mann_whitney_ci
+from monitor.gate.verdict import Direction, JudgeConfig, MetricSamples, Verdict
 
 # --- Kayenta's numbers ------------------------------------------------------------------------
 

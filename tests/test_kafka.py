@@ -17,21 +17,20 @@ from aiokafka import errors as kafka_errors
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from monitor.broker import TansuBroker
 from monitor.correlator import Correlator
-from monitor.kafka import SEQ_HEADER, KafkaClients, KafkaCluster, translate
+from monitor.demo.broker import TansuBroker
+from monitor.kafka.clients import KafkaClients
+from monitor.kafka.errors import translate
+from monitor.kafka.sequence import SEQ_HEADER
+from monitor.kafka.settings import KafkaCluster
 from monitor.templates import Templates
-from probes import kafka_consume, kafka_produce
+from probes import KINDS, kafka_consume, kafka_produce
 from probes.base import RunInfo, StepConfigBase, StepContext, StepOutcome
 from probes.errors import StepFailed
 
 pytestmark = pytest.mark.kafka
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-PROBES: dict[str, Any] = {
-    "kafka_produce": kafka_produce.KafkaProduceProbe(),
-    "kafka_consume": kafka_consume.KafkaConsumeProbe(),
-}
 Step = kafka_produce.Config | kafka_consume.Config
 STEP: TypeAdapter[Step] = TypeAdapter(Annotated[Step, Field(discriminator="kind")])
 
@@ -79,7 +78,7 @@ class Env:
         ctx = self.context(run_timeout)
         results: list[StepOutcome | StepFailed] = []
         for step in flow:
-            expect = getattr(PROBES[step.kind], "expect", None)
+            expect = KINDS[step.kind].expect
             if expect is not None:
                 ctx.step = step.name
                 expect(step, ctx)
@@ -89,7 +88,7 @@ class Env:
                 ctx.step_started[step.name] = time.monotonic()
                 try:
                     async with asyncio.timeout(max(0.0, ctx.deadline - time.monotonic())):
-                        outcome = await PROBES[step.kind].run(step, ctx)
+                        outcome = await KINDS[step.kind].probe.run(step, ctx)
                 except StepFailed as failed:
                     results.append(failed)
                     break

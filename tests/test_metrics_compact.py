@@ -36,7 +36,7 @@ from monitor.metrics import (
     watch_event_loop,
 )
 from monitor.results import RunOutcome, RunResult, StepResult, StepStatus
-from probes import PROBES
+from probes import KINDS
 from probes.errors import REASONS
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -125,7 +125,7 @@ class ReferenceSink:
                 for step in flow.cleanup:
                     self._child(self.m.cleanup_failures, flow.name, step.name, variant, loc)
                 for step in flow.steps:
-                    for reason in getattr(PROBES[step.kind], "reasons", REASONS):
+                    for reason in KINDS[step.kind].reasons:
                         self._child(
                             self.m.step_failures, flow.name, step.name, step.kind, variant, loc,
                             reason,

@@ -43,10 +43,10 @@ from monitor.tracing import (
     build_exporters,
     build_resource,
     kafka_headers_as_text,
-    redact_url,
 )
 from probes.base import RunInfo, StepContext
 from probes.errors import ConfigError
+from probes.http_span import redact_url
 from tests.fixtures.core import free_port, serve
 from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
 

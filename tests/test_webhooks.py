@@ -19,7 +19,8 @@ from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes, rou
 from probes.base import StepContext, StepOutcome
 from probes.errors import AssertionFailed, ConfigError, Duplicate, ExtractFailed, NotReceived
 from probes.signatures import StandardWebhooksSignature
-from probes.webhook_await import Config, WebhookAwaitProbe, expectation_key
+from probes.waiting import expectation_key
+from probes.webhook_await import KIND, Config, WebhookAwaitProbe
 from tests.fixtures.webhooks import (
     SW_SECRET,
     ContextFactory,
@@ -504,7 +505,7 @@ async def test_skipped_step_releases_its_registration(
     for hook in ctx.run_state.pop("_on_release"):  # what the runner does at run end
         hook()
     assert correlator.stats()["pending"] == 0
-    assert expectation_key("hook") in ctx.run_state
+    assert expectation_key(KIND, "hook") in ctx.run_state
 
 
 async def test_run_without_expect_registers_itself(
@@ -516,7 +517,7 @@ async def test_run_without_expect_registers_itself(
     ctx.step = config.name
     task = asyncio.create_task(PROBE.run(config, ctx))
     await asyncio.sleep(0)  # run() registers before its first await
-    assert expectation_key(config.name) in ctx.run_state
+    assert expectation_key(KIND, config.name) in ctx.run_state
     await post(client, {"order_id": 42}, "m1")
     assert (await task).attributes["webhook.delivery_id"] == "m1"
 

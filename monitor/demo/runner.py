@@ -14,13 +14,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from monitor.broker import TansuBroker
 from monitor.config import load
+from monitor.demo.broker import TansuBroker
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, build_shop_app
 from monitor.demo.telemetry import Telemetry, inject_kafka_headers
 from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
 from monitor.demo.worker import OrderPublisher, Worker
 from monitor.engine import Options, serve_app, split_hostport
+from monitor.lifecycle import engine_or_exit, serve_until_signal, wait_for_signal
 
 FLOWS = Path(__file__).with_name("flows.yaml")
 DEMO_SERVICES = ("shop-api", "shop-worker", "shop-webhooks")
@@ -103,8 +104,6 @@ async def run_demo(
     console: Console,
     shop_only: bool = False,
 ) -> None:
-    from monitor.cli import _engine, serve_until_signal, wait_for_signal
-
     os.environ.setdefault(SECRET_ENV, DEMO_SECRET)
     shop_url = f"http://{shop_listen}"
     async with kafka_for_demo(kafka, kafka_listen) as (bootstrap, broker):
@@ -124,7 +123,7 @@ async def run_demo(
                     store = str(Path(tmp) / "demo-history.db")
                 elif store == "none":
                     store = None
-                engine = _engine(
+                engine = engine_or_exit(
                     config,
                     Options(
                         listen=listen, admin_listen=admin_listen, store_url=store, settle_gc=True

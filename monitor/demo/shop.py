@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OrderHook = Callable[[dict[str, Any], web.Request], Awaitable[None]]
+from aiohttp.typedefs import Handler
 
 
 @dataclass
@@ -42,7 +40,6 @@ FAULTS_KEY = web.AppKey("faults", Faults)
 ORDERS_KEY = web.AppKey("orders", dict)
 HOOKS_KEY = web.AppKey("order_hooks", list)
 IDS_KEY: web.AppKey[Iterator[int]] = web.AppKey("ids")
-FaultListener = Callable[[Faults], Awaitable[None]]
 LISTENERS_KEY = web.AppKey("fault_listeners", list)  # called after every change of faults
 
 

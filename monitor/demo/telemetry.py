@@ -22,14 +22,14 @@ How a service uses it:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
@@ -44,10 +44,9 @@ from monitor.tracing import (
     build_resource,
     extract_context,
     kafka_headers_as_text,
-    redact_url,
 )
+from probes.http_span import redact_url
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KafkaHeaders = list[tuple[str, bytes]]
 _BAGGAGE_PREFIX: Final = "hopwatch."
 

@@ -23,14 +23,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from monitor.demo.shop import Faults
-from monitor.demo.telemetry import Telemetry
+from monitor.demo.telemetry import KafkaHeaders, Telemetry
 from monitor.demo.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
 ORDERS_TOPIC = "orders"
 COMMANDS_TOPIC = "order-commands"
-KafkaHeaders = list[tuple[str, bytes]]
 
 
 async def ensure_topics(bootstrap: str, partitions: int = 3) -> None:

@@ -21,9 +21,10 @@ from rich.table import Table
 
 from monitor.config import Config, load
 from monitor.engine import Engine, Options
-from monitor.gate.judge import JudgeConfig, MetricResult
-from monitor.gate.service import GateError, GateRequest, GateResult, SourceUnavailable, evaluate
-from monitor.loop import run_async
+from monitor.gate.models import GateError, GateRequest, GateResult, SourceUnavailable
+from monitor.gate.service import evaluate
+from monitor.gate.verdict import JudgeConfig, MetricResult
+from monitor.lifecycle import run_async
 from probes.errors import ConfigError
 
 __all__ = ["GateOutput", "gate", "render_table"]

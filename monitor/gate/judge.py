@@ -1,6 +1,6 @@
 """The canary judge: compares canary and baseline samples per metric and scores them into a verdict.
 
-Modelled on Kayenta's NetflixACAJudge (see shared/CONTRACTS.md, "Canary gating"):
+Modelled on Kayenta's NetflixACAJudge (kayenta-judge, `NetflixACAJudge.scala`):
 
 * latency metrics: NaN removal, optional outlier removal, a Mann-Whitney U test with the
   Hodges-Lehmann estimate of the shift and its confidence interval, a tolerance band of
@@ -16,321 +16,40 @@ Everything here is pure and synchronous: the gate's collectors gather samples, t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from monitor.gate.mannwhitney import FloatArray, MannWhitneyResult, Samples, as_array, mann_whitney
+from monitor.gate.verdict import (
+    Classification,
+    Direction,
+    GroupScore,
+    JudgeConfig,
+    MetricResult,
+    MetricSamples,
+    SampleStats,
+    Verdict,
+    VerdictName,
+)
 
 __all__ = [
-    "Classification",
-    "Direction",
-    "GroupScore",
-    "JudgeConfig",
-    "MannWhitneyResult",
-    "MetricKind",
-    "MetricResult",
-    "MetricSamples",
-    "SampleStats",
-    "Verdict",
-    "VerdictName",
     "classify_error_ratio",
     "classify_latency",
     "clean_samples",
     "judge",
-    "mann_whitney",
-    "mann_whitney_ci",
     "remove_outliers",
 ]
 
-FloatArray = npt.NDArray[np.float64]
-Samples = Sequence[float] | FloatArray
-MetricKind = Literal["latency", "error_ratio"]
-Direction = Literal["increase", "decrease", "either"]
-Classification = Literal["pass", "high", "low", "nodata"]
-VerdictName = Literal["pass", "marginal", "fail", "inconclusive"]
-
 CLASSIFICATIONS: tuple[Classification, ...] = ("pass", "high", "low", "nodata")
-JUDGE_NAME = "hopwatch-aca-judge/1"
-# Above this many samples per side the pairwise differences (n*m of them) get costly, so a side
-# is thinned to this many evenly spaced order statistics, which keeps its distribution's shape.
-MAX_SAMPLES_PER_SIDE = 2000
 
 
-class JudgeConfig(BaseModel):
-    """Thresholds of the judge; the defaults are Kayenta's except where noted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    confidence: float = Field(
-        0.98,
-        gt=0.0,
-        lt=1.0,
-        description="Confidence level of the Mann-Whitney interval. Default 0.98 (Kayenta's).",
-    )
-    tolerance: float = Field(
-        0.25,
-        ge=0.0,
-        description="The interval must clear tolerance * |estimate| to count. Default 0.25.",
-    )
-    allowed_increase: float = Field(
-        1.1,
-        ge=0.0,
-        description=(
-            "Latency is High only when mean(canary)/mean(baseline) >= this. Default 1.1 (a canary "
-            "may be 10% slower on average before it fails; Kayenta's default 1.0 fails any "
-            "significant increase, which makes gates on probe latencies flap)."
-        ),
-    )
-    allowed_decrease: float = Field(
-        0.9,
-        ge=0.0,
-        description="Latency is Low only when the mean ratio <= this. Default 0.9.",
-    )
-    min_samples: int = Field(
-        10,
-        ge=1,
-        description="Latency samples needed on each side after cleaning, else nodata. Default 10.",
-    )
-    remove_outliers: bool = Field(
-        True,
-        description=(
-            "Drop latency samples beyond max(P99, Q3+3*IQR) / min(P1, Q1-3*IQR) before judging. "
-            "Default true. Never applied to error-ratio samples."
-        ),
-    )
-    min_error_samples: int = Field(
-        20,
-        ge=1,
-        description="Error-ratio observations needed on each side, else nodata. Default 20.",
-    )
-    allowed_error_increase: float = Field(
-        0.05,
-        ge=0.0,
-        le=1.0,
-        description=(
-            "Error ratio is High when canary ratio - baseline ratio > this (absolute, 0.05 = "
-            "5 points). Default 0.05."
-        ),
-    )
-    pass_threshold: float = Field(
-        95.0, ge=0.0, le=100.0, description="Score >= this is pass. Default 95."
-    )
-    marginal_threshold: float = Field(
-        75.0, ge=0.0, le=100.0, description="Score >= this (and < pass) is marginal. Default 75."
-    )
-    group_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description=(
-            "Weight in percent per metric group; groups not listed share what is left of 100 "
-            "equally (Kayenta's rule). Weights are renormalised over the groups that have data. "
-            "Default: all groups weigh the same."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _check_thresholds(self) -> JudgeConfig:
-        if self.marginal_threshold > self.pass_threshold:
-            raise ValueError(
-                f"marginal_threshold {self.marginal_threshold} is above "
-                f"pass_threshold {self.pass_threshold}"
-            )
-        negative = sorted(name for name, weight in self.group_weights.items() if weight < 0)
-        if negative:
-            raise ValueError(f"group_weights must not be negative: {', '.join(negative)}")
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class MetricSamples:
-    """One metric's samples from both sides.
-
-    For ``latency`` each sample is one observed latency in ``unit`` (seconds by default, as
-    StepResult.latency_s). For ``error_ratio`` each sample is one observation: 1.0 when it
-    failed, 0.0 when it passed; the error ratio is their mean.
-    """
-
-    name: str
-    kind: MetricKind
-    canary: Sequence[float]
-    baseline: Sequence[float]
-    group: str | None = None  # None: the kind names the group
-    critical: bool = False
-    direction: Direction = "increase"
-    unit: str = "s"
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind == "error_ratio":
-            for side in (self.canary, self.baseline):
-                if any(not (0.0 <= v <= 1.0) for v in side if not math.isnan(v)):
-                    raise ValueError(f"{self.name}: error_ratio samples must lie in [0, 1]")
-
-    @property
-    def group_name(self) -> str:
-        return self.group if self.group is not None else self.kind
-
-
-@dataclass(frozen=True, slots=True)
-class MannWhitneyResult:
-    """Mann-Whitney U test of canary vs baseline; the shift is canary minus baseline."""
-
-    p_value: float
-    lower: float
-    upper: float
-    estimate: float
-    confidence: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "p_value": _json_float(self.p_value),
-            "lower": _json_float(self.lower),
-            "upper": _json_float(self.upper),
-            "estimate": _json_float(self.estimate),
-            "confidence": self.confidence,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class SampleStats:
-    """What one side's samples looked like after cleaning (for error ratios, mean is the ratio)."""
-
-    count: int
-    removed: int  # NaNs and outliers dropped before judging
-    mean: float | None
-    median: float | None
-    minimum: float | None
-    maximum: float | None
-
-    @classmethod
-    def of(cls, values: FloatArray, removed: int) -> SampleStats:
-        if values.size == 0:
-            return cls(0, removed, None, None, None, None)
-        return cls(
-            count=int(values.size),
-            removed=removed,
-            mean=float(np.mean(values)),
-            median=float(np.median(values)),
-            minimum=float(np.min(values)),
-            maximum=float(np.max(values)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "removed": self.removed,
-            "mean": _json_float(self.mean),
-            "median": _json_float(self.median),
-            "min": _json_float(self.minimum),
-            "max": _json_float(self.maximum),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class MetricResult:
-    """The judge's finding on one metric, with a reason a person can read."""
-
-    name: str
-    kind: MetricKind
-    group: str
-    critical: bool
-    direction: Direction
-    classification: Classification
-    failed: bool  # classification goes the way `direction` forbids
-    reason: str
-    canary: SampleStats
-    baseline: SampleStats
-    effect_size: float | None  # mean(canary) / mean(baseline); None when undefined
-    mann_whitney: MannWhitneyResult | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "group": self.group,
-            "critical": self.critical,
-            "direction": self.direction,
-            "classification": self.classification,
-            "failed": self.failed,
-            "reason": self.reason,
-            "canary": self.canary.to_dict(),
-            "baseline": self.baseline.to_dict(),
-            "effect_size": _json_float(self.effect_size),
-            "mann_whitney": None if self.mann_whitney is None else self.mann_whitney.to_dict(),
-            "labels": dict(self.labels),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class GroupScore:
-    """Score of one group of metrics; ``score`` is None when every metric in it had no data."""
-
-    name: str
-    score: float | None
-    weight: float  # normalised share of the summary score, 0..1
-    counts: Mapping[str, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "score": _json_float(self.score),
-            "weight": self.weight,
-            "counts": dict(self.counts),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The judge's answer: what the gate returns to Argo Rollouts, Flagger or the CLI."""
-
-    verdict: VerdictName
-    score: float | None  # None when inconclusive for lack of any data
-    reasons: list[str]
-    metrics: list[MetricResult]
-    groups: list[GroupScore]
-    config: JudgeConfig
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == "pass"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "judge": JUDGE_NAME,
-            "verdict": self.verdict,
-            "score": _json_float(self.score),
-            "reasons": list(self.reasons),
-            "thresholds": {
-                "pass": self.config.pass_threshold,
-                "marginal": self.config.marginal_threshold,
-            },
-            "groups": [g.to_dict() for g in self.groups],
-            "metrics": [m.to_dict() for m in self.metrics],
-            "config": self.config.model_dump(mode="json"),
-        }
-
-
-# --- statistics -------------------------------------------------------------------------------
-
-
-def _json_float(value: float | None) -> float | None:
-    # JSON has no NaN or infinity; an undefined number is reported as null.
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _as_array(values: Samples) -> FloatArray:
-    return np.asarray(values, dtype=np.float64).reshape(-1)
+# --- cleaning ---------------------------------------------------------------------------------
 
 
 def remove_outliers(values: Samples) -> FloatArray:
     """Drop values beyond max(P99, Q3+3*IQR) or below min(P1, Q1-3*IQR), as Kayenta's detector."""
-    data = _as_array(values)
+    data = as_array(values)
     if data.size == 0:
         return data
     p1, q1, q3, p99 = np.percentile(data, [1.0, 25.0, 75.0, 99.0])
@@ -344,97 +63,11 @@ def remove_outliers(values: Samples) -> FloatArray:
 def clean_samples(values: Samples, *, outliers: bool) -> tuple[FloatArray, int]:
     """NaN (and infinity) removal, then optional outlier removal; returns what was kept and how
     many samples went."""
-    data = _as_array(values)
+    data = as_array(values)
     kept = data[np.isfinite(data)]
     if outliers:
         kept = remove_outliers(kept)
     return kept, int(data.size - kept.size)
-
-
-def _tie_term(values: FloatArray) -> float:
-    _, counts = np.unique(values, return_counts=True)
-    t = counts.astype(np.float64)
-    return float(np.sum(t**3 - t))
-
-
-def _root(levels: FloatArray, g: FloatArray) -> float:
-    """Where the non-increasing step function with value g[k] on (levels[k], levels[k+1]) crosses 0.
-
-    This is the point R's ``uniroot`` (and Kayenta's Brent solver) converges to on the same
-    function: the level at which the sign changes; on a stretch where g is exactly 0, its middle.
-    """
-    nonpositive = np.flatnonzero(g <= 0.0)
-    if nonpositive.size == 0:
-        return float(levels[-1])
-    first = int(nonpositive[0])
-    if g[first] < 0.0:
-        return float(levels[first])
-    # g is 0 on intervals first..end-1, which together span levels[first]..levels[end].
-    negative = np.flatnonzero(g[first:] < 0.0)
-    end = first + int(negative[0]) if negative.size else g.size
-    return float((levels[first] + levels[end]) / 2.0)
-
-
-def mann_whitney_ci(
-    canary: Samples, baseline: Samples, confidence: float
-) -> tuple[float, float, float]:
-    """Confidence interval and Hodges-Lehmann estimate of the shift canary - baseline.
-
-    The estimate is the median of all pairwise differences canary[i] - baseline[j]. The interval
-    is Kayenta's (R's ``wilcox.test(conf.int=TRUE, exact=FALSE, correct=TRUE)``): the shifts mu
-    at which the continuity- and tie-corrected normal score of U(mu) equals -/+ z_(1-alpha/2).
-    U(mu) only changes at pairwise differences, so the roots are found exactly on the sorted
-    differences instead of by an iterative solver; the result is always one of the differences.
-    Holds all n*m differences in memory (:func:`mann_whitney` thins large samples first).
-    Returns ``(lower, upper, estimate)``.
-    """
-    x = _as_array(canary)
-    y = _as_array(baseline)
-    if x.size == 0 or y.size == 0:
-        raise ValueError("both samples need at least one value")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("samples must be finite (clean them first)")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    diffs = np.sort(np.subtract.outer(x, y).reshape(-1))
-    estimate = float(np.median(diffs))
-    levels, counts = np.unique(diffs, return_counts=True)
-    if levels.size == 1:
-        # Both samples are constant: every difference is the same and so is the interval.
-        return estimate, estimate, estimate
-    n, m, pairs = float(x.size), float(y.size), float(diffs.size)
-    # Between two consecutive differences no canary value (shifted) ties a baseline value, so
-    # the variance of U only sees the ties within each sample.
-    ties = _tie_term(x) + _tie_term(y)
-    sigma = math.sqrt(n * m / 12.0 * ((n + m + 1.0) - ties / ((n + m) * (n + m - 1.0))))
-    # dz on the open interval after levels[k]: pairs with a difference above it, minus nm/2.
-    above = pairs - np.cumsum(counts)[:-1].astype(np.float64)
-    dz = above - pairs / 2.0
-    corrected = (dz - 0.5 * np.sign(dz)) / sigma
-    from scipy.stats import norm  # scipy costs ~0.6 s to import: only when judging
-
-    z = float(norm.ppf(1.0 - (1.0 - confidence) / 2.0))
-    lower = _root(levels, corrected - z)
-    upper = _root(levels, corrected + z)
-    return lower, upper, estimate
-
-
-def _thin(values: FloatArray) -> FloatArray:
-    if values.size <= MAX_SAMPLES_PER_SIDE:
-        return values
-    positions = np.linspace(0, values.size - 1, MAX_SAMPLES_PER_SIDE).round().astype(np.int64)
-    thinned: FloatArray = np.sort(values)[positions]
-    return thinned
-
-
-def mann_whitney(canary: Samples, baseline: Samples, confidence: float) -> MannWhitneyResult:
-    """The two-sided test (p-value from scipy) together with :func:`mann_whitney_ci`."""
-    x, y = _thin(_as_array(canary)), _thin(_as_array(baseline))
-    lower, upper, estimate = mann_whitney_ci(x, y, confidence)
-    from scipy.stats import mannwhitneyu
-
-    p_value = float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
-    return MannWhitneyResult(p_value, lower, upper, estimate, confidence)
 
 
 # --- classification ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The canary gate over HTTP, shaped to what Argo Rollouts' `web` provider and Flagger's webhooks
-expect of an answer (see shared/CONTRACTS.md, "Canary gating").
+expect of an answer (their docs: the `web` metric provider, Flagger webhooks).
 
 ``GET /api/v1/gate?flow=checkout&canary=canary&baseline=stable&window=10m`` (or ``burst=20``;
 every GateRequest field is a query parameter of the same name, ``flow`` may repeat) answers
@@ -34,24 +34,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from monitor.gate.service import (
-    GateError,
-    GateRequest,
-    GateResult,
-    SourceUnavailable,
-    evaluate,
-    gate_metrics,
-)
-
-if TYPE_CHECKING:  # the engine imports the gate routes
-    from monitor.engine import Engine
+from monitor.gate.models import GateError, GateRequest, GateResult, SourceUnavailable
+from monitor.gate.service import GateEngine, evaluate, gate_metrics
 
 __all__ = [
     "FLAGGER_PATH",
@@ -118,7 +109,9 @@ def query_fields(query: MultiMapping[str]) -> dict[str, Any]:
 class GateRoutes:
     """The handlers, holding what they lend to :func:`evaluate`."""
 
-    def __init__(self, engine: Engine | None, store: Any | None, registry: CollectorRegistry):
+    def __init__(
+        self, engine: GateEngine | None, store: Any | None, registry: CollectorRegistry
+    ) -> None:
         self.engine = engine
         self.store = store
         self.registry = registry
@@ -231,7 +224,7 @@ class GateRoutes:
 def install_gate_routes(
     app: web.Application,
     *,
-    engine: Engine | None,
+    engine: GateEngine | None,
     store: Any | None,
     metrics_registry: CollectorRegistry,
 ) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from monitor.gate.judge import MetricKind, MetricSamples
+from monitor.gate.verdict import MetricKind, MetricSamples
 from monitor.results import RunResult
 
 __all__ = [

@@ -26,13 +26,15 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from monitor.correlator import Arrival, Correlator
+from monitor.correlator import Correlator
+from probes import KINDS
+from probes.arrivals import Arrival
 from probes.errors import ConfigError
+from probes.kinds import WebhookRoute
 from probes.signatures import (
     SecretUnavailable,
     SignatureConfig,
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
 
     from prometheus_client import Counter
 
-    from probes.webhook_await import Config as WebhookAwaitConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +55,15 @@ MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookRoute:
-    """One path's signature and answer, as one `webhook_await` step declares them."""
-
-    path: str
-    signature: SignatureConfig | None = None
-    respond_status: int = 202
-    respond_body: str | dict[str, Any] | list[Any] | None = None
-    step: str = ""  # for messages only
-
-
-def routes_from_steps(steps: Iterable[WebhookAwaitConfig]) -> list[WebhookRoute]:
-    """One route per distinct (path, signature, answer) among the `webhook_await` steps."""
+def routes_from_steps(steps: Iterable[Any]) -> list[WebhookRoute]:
+    """One route per distinct (path, signature, answer) among the steps whose kind listens for
+    webhooks."""
     routes: list[WebhookRoute] = []
     for step in steps:
-        route = WebhookRoute(
-            path=step.path,
-            signature=step.signature,
-            respond_status=step.respond.status,
-            respond_body=step.respond.body,
-            step=step.name,
-        )
+        listens = KINDS[step.kind].listens
+        if listens is None:
+            continue
+        route = listens(step)
         if not any(_same_route(route, r) for r in routes):
             routes.append(route)
     return routes

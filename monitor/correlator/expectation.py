@@ -1,0 +1,202 @@
+"""One step's wait for one arrival: the object a waiting kind holds between `expect` and `wait`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Final, Literal, Protocol
+
+from probes.arrivals import Arrival, Matcher, Selector
+from probes.errors import NotReceived
+
+log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
+
+State = Literal["registered", "waiting", "fulfilled", "expired", "cancelled"]
+Key = tuple[Selector, str]  # one equality a matcher requires: (where to read, wanted text)
+KEEP_DUPLICATES: Final = 1  # a step reports the first duplicate; duplicate_count has the rest
+
+
+class _Owner(Protocol):
+    """What an expectation asks of the correlator that made it (its tables, its timers)."""
+
+    _channel_seen: dict[str, int]
+
+    def _claim_early(self, expectation: Expectation) -> Arrival | None: ...
+
+    def _start_waiting(self, expectation: Expectation) -> None: ...
+
+    def _flush_unclaimable(self, channel: str) -> None: ...
+
+    def _expire(self, expectation: Expectation) -> None: ...
+
+    def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None: ...
+
+
+class Expectation:
+    """One step of one run waiting for one arrival on one channel."""
+
+    # Slots: up to `max_late` finished ones live on, and each object the collector tracks
+    # makes every full collection longer.
+    __slots__ = (
+        "_dup_future",
+        "_duplicates",
+        "_filed",
+        "_future",
+        "_keys",
+        "_order",
+        "_owner",
+        "_seen_on_channel",
+        "channel",
+        "deadline",
+        "delivery_id",
+        "duplicate_count",
+        "finished_at",
+        "match",
+        "run_id",
+        "seq",
+        "state",
+        "step",
+    )
+
+    def __init__(
+        self, owner: _Owner, seq: int, channel: str, run_id: str, step: str, deadline: float
+    ) -> None:
+        self._owner = owner
+        self.seq = seq
+        self.channel = channel
+        self.run_id = run_id
+        self.step = step
+        self.deadline = deadline  # monotonic
+        self.state: State = "registered"
+        self.match: Matcher | None = None
+        # Only the delivery id and the first duplicate (without its body) are kept: a finished
+        # expectation lives on for `late_memory`, and holding bodies that long would defeat
+        # the memory bounds.
+        self.delivery_id: str | None = None
+        self._duplicates: list[Arrival] | None = None  # made for the first one
+        self.duplicate_count = 0
+        self.finished_at = 0.0
+        self._future: asyncio.Future[Arrival] | None = None
+        self._dup_future: asyncio.Future[Arrival] | None = None
+        self._seen_on_channel = 0
+        self._keys: tuple[Key, ...] | None = None  # the matcher's, once read
+        # where an index holds it: its order there and the key it is filed under
+        self._order = -1
+        self._filed: Key | None = None
+
+    @property
+    def duplicates(self) -> list[Arrival]:
+        """The first duplicate(s) of this expectation's arrival, remembered without bodies."""
+        return [] if self._duplicates is None else self._duplicates
+
+    def __repr__(self) -> str:
+        return f"<Expectation {self.channel} run={self.run_id} step={self.step} {self.state}>"
+
+    async def wait(self, match: Matcher, *, deadline: float | None = None) -> Arrival:
+        """The first arrival `match` accepts: a kept early one at once, else the next one to come.
+
+        `deadline` (monotonic) replaces the provisional one given to `expect`. Raises
+        NotReceived when it passes; later matching arrivals are then counted `late`.
+        """
+        if self.state != "registered":
+            raise RuntimeError(f"wait() on an expectation that is {self.state}")
+        if deadline is not None:
+            self.deadline = deadline
+        self.match = match
+        self._seen_on_channel = self._owner._channel_seen.get(self.channel, 0)
+        claimed = self._owner._claim_early(self)
+        if claimed is not None:
+            return claimed
+        loop = asyncio.get_running_loop()
+        self._owner._start_waiting(self)
+        self.state = "waiting"
+        self._owner._flush_unclaimable(self.channel)
+        self._future = loop.create_future()
+        timer = loop.call_later(
+            max(0.0, self.deadline - time.monotonic()), self._owner._expire, self
+        )
+        try:
+            return await self._future
+        finally:
+            timer.cancel()
+            if self.state == "waiting":  # cancelled from outside: later arrivals are late
+                self._owner._expire(self)
+            self._future = None  # the finished table must not keep the arrival's body alive
+
+    async def duplicate(self, window: float) -> Arrival | None:
+        """A second delivery of this expectation's arrival, if one came or comes within `window`."""
+        if self.duplicates:
+            return self.duplicates[0]
+        if window <= 0 or self.state != "fulfilled":
+            return None
+        self._dup_future = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(self._dup_future, window)
+        except TimeoutError:
+            return None
+        finally:
+            self._dup_future = None
+
+    def cancel(self) -> None:
+        """For the runner: the step was skipped or the run aborted. A waiter gets CancelledError;
+        a known matcher is remembered so its arrival, if it still comes, counts as late."""
+        if self.state == "registered":
+            self._owner._drop_pending(self, "cancelled")
+        elif self.state == "waiting":
+            if self._future is not None:
+                self._future.cancel()  # before expiring, so the waiter sees CancelledError
+            self._owner._expire(self)
+
+    def _fulfil(self, arrival: Arrival) -> None:
+        self.state = "fulfilled"
+        self.delivery_id = arrival.delivery_id
+        if self._future is not None and not self._future.done():
+            self._future.set_result(arrival)
+
+    def _add_duplicate(self, arrival: Arrival) -> None:
+        self.duplicate_count += 1
+        remembered = without_body(arrival)
+        if self._duplicates is None:
+            self._duplicates = []
+        if len(self._duplicates) < KEEP_DUPLICATES:
+            self._duplicates.append(remembered)
+        if self._dup_future is not None and not self._dup_future.done():
+            self._dup_future.set_result(remembered)
+
+    def _not_received(self) -> NotReceived:
+        others = self._owner._channel_seen.get(self.channel, 0) - self._seen_on_channel
+        seen = f" ({others} other arrival(s) on it did not match)" if others else ""
+        return NotReceived(f"nothing matching arrived on {self.channel} by the deadline{seen}")
+
+
+def accepts(expectation: Expectation, arrival: Arrival) -> bool:
+    """Run a step's matcher; a matcher that raises is a non-match, never a receiver crash."""
+    if expectation.match is None:
+        return False
+    try:
+        return bool(expectation.match(arrival))
+    except Exception:
+        log.exception("matcher of %r failed", expectation)
+        return False
+
+
+def keys_of(match: Matcher | None) -> tuple[Key, ...]:
+    """An IndexedMatcher's keys; none (so it is checked against every arrival) for a plain
+    matcher or keys of the wrong shape."""
+    keys = getattr(match, "keys", None)
+    if not isinstance(keys, tuple):
+        return ()
+    try:
+        hash(keys)
+    except Exception:  # an unhashable selector: scan rather than fail the waiter
+        return ()
+    if all(isinstance(k, tuple) and len(k) == 2 and isinstance(k[1], str) for k in keys):
+        return keys
+    return ()
+
+
+def without_body(arrival: Arrival) -> Arrival:
+    """A duplicate as remembered: who and when, not the (possibly large) content."""
+    return replace(arrival, body=b"", json=None)

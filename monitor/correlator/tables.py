@@ -1,0 +1,223 @@
+"""The correlator's tables and the index that finds an arrival's expectation without a scan."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from monitor.correlator.expectation import Expectation, Key, accepts, keys_of
+from probes.arrivals import Arrival, Selector
+
+log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
+
+T = TypeVar("T")
+
+
+class Table(Generic[T]):
+    """Items in insertion order (for ageing, eviction) with an index by channel (for matching)."""
+
+    def __init__(self) -> None:
+        self._all: OrderedDict[int, tuple[str, T]] = OrderedDict()
+        self._by_channel: dict[str, dict[int, T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def add(self, seq: int, channel: str, item: T) -> None:
+        self._all[seq] = (channel, item)
+        self._by_channel.setdefault(channel, {})[seq] = item
+
+    def pop(self, seq: int) -> T | None:
+        entry = self._all.pop(seq, None)
+        if entry is None:
+            return None
+        channel, item = entry
+        bucket = self._by_channel[channel]
+        del bucket[seq]
+        if not bucket:  # keep the index as small as the table
+            del self._by_channel[channel]
+        return item
+
+    def get(self, seq: int) -> T | None:
+        entry = self._all.get(seq)
+        return None if entry is None else entry[1]
+
+    def oldest(self) -> tuple[int, T] | None:
+        first = next(iter(self._all.items()), None)
+        return None if first is None else (first[0], first[1][1])
+
+    def channel(self, channel: str) -> list[tuple[int, T]]:
+        return list(self._by_channel.get(channel, {}).items())
+
+    def holds(self, channel: str) -> bool:
+        return channel in self._by_channel
+
+    def items(self) -> Iterator[tuple[int, T]]:
+        return ((seq, item) for seq, (_, item) in list(self._all.items()))
+
+
+class Texts:
+    """One arrival's texts per selector, each read once however many expectations ask."""
+
+    __slots__ = ("_read", "arrival")
+
+    def __init__(self, arrival: Arrival) -> None:
+        self.arrival = arrival
+        self._read: dict[Selector, Collection[str] | None] = {}
+
+    def get(self, selector: Selector) -> Collection[str] | None:
+        """The texts at `selector`, or None when reading them failed (then scan its buckets)."""
+        try:
+            return self._read[selector]
+        except KeyError:
+            pass
+        texts: Collection[str] | None
+        try:
+            texts = selector.texts(self.arrival)
+        except Exception:
+            log.exception("selector %r failed on an arrival", selector)
+            texts = None
+        self._read[selector] = texts
+        return texts
+
+
+Bucket = Expectation | dict[int, Expectation]  # one, or several by order
+
+
+@dataclass(slots=True)
+class ChannelIndex:
+    """One channel's indexed expectations: each filed under one key, or unkeyed. Where each
+    is filed lives on the expectation (`_order`, `_filed`): an expectation is in at most one
+    index at a time, and no object per entry is made."""
+
+    buckets: dict[Key, Bucket] = field(default_factory=dict)
+    selectors: dict[Selector, int] = field(default_factory=dict)  # selector → items under it
+    unkeyed: dict[int, Expectation] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, expectation: Expectation, order: int, keys: tuple[Key, ...]) -> None:
+        # File under the key whose bucket is smallest now: a key every run shares (an event
+        # type) fills its bucket at once, so later expectations go under their own value.
+        if len(keys) > 1:
+            key: Key | None = min(keys, key=self._bucket_size)
+        else:
+            key = keys[0] if keys else None
+        expectation._order, expectation._filed = order, key
+        self.size += 1
+        if key is None:
+            self.unkeyed[order] = expectation
+            return
+        held = self.buckets.get(key)
+        if held is None:
+            self.buckets[key] = expectation
+        elif isinstance(held, Expectation):
+            self.buckets[key] = {held._order: held, order: expectation}
+        else:
+            held[order] = expectation
+        self.selectors[key[0]] = self.selectors.get(key[0], 0) + 1
+
+    def _bucket_size(self, key: Key) -> int:
+        held = self.buckets.get(key)
+        return 0 if held is None else 1 if isinstance(held, Expectation) else len(held)
+
+    def discard(self, expectation: Expectation) -> None:
+        """Take `expectation` out; the caller knows it is filed here."""
+        order, key = expectation._order, expectation._filed
+        expectation._order, expectation._filed = -1, None
+        self.size -= 1
+        if key is None:
+            del self.unkeyed[order]
+            return
+        held = self.buckets[key]
+        if isinstance(held, Expectation):
+            del self.buckets[key]
+        else:
+            del held[order]
+            if len(held) == 1:
+                self.buckets[key] = next(iter(held.values()))
+        left = self.selectors[key[0]] - 1
+        if left:
+            self.selectors[key[0]] = left
+        else:
+            del self.selectors[key[0]]
+
+    def candidates(self, texts: Texts) -> Iterator[Bucket]:
+        """The buckets an arrival may match in, unkeyed ones last."""
+        for selector in list(self.selectors):
+            found = texts.get(selector)
+            if found is None:
+                yield from [b for k, b in self.buckets.items() if k[0] == selector]
+                continue
+            for text in found:
+                held = self.buckets.get((selector, text))
+                if held is not None:
+                    yield held
+        if self.unkeyed:
+            yield self.unkeyed
+
+    def expectations(self) -> Iterator[Expectation]:
+        for held in self.buckets.values():
+            yield from [held] if isinstance(held, Expectation) else held.values()
+        yield from self.unkeyed.values()
+
+
+class Index:
+    """A table's expectations that have a matcher, per channel, found by their matcher's keys.
+
+    Each is filed under one key it requires (or unkeyed), with an order: the first accepting
+    expectation in that order wins, as a scan of the table in that order would find."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, ChannelIndex] = {}
+
+    def add(self, expectation: Expectation, order: int) -> None:
+        index = self._channels.get(expectation.channel)
+        if index is None:
+            index = self._channels[expectation.channel] = ChannelIndex()
+        keys = expectation._keys
+        if keys is None:
+            keys = expectation._keys = keys_of(expectation.match)
+        index.add(expectation, order, keys)
+
+    def discard(self, expectation: Expectation) -> None:
+        if expectation._order < 0:  # not indexed: no matcher (yet)
+            return
+        index = self._channels[expectation.channel]
+        index.discard(expectation)
+        if not index.size:  # keep the index as small as the table
+            del self._channels[expectation.channel]
+
+    def find(self, texts: Texts) -> Expectation | None:
+        """The first expectation (lowest order) whose matcher accepts the arrival."""
+        index = self._channels.get(texts.arrival.channel)
+        if index is None:
+            return None
+        best: Expectation | None = None
+        for held in index.candidates(texts):
+            for candidate in [held] if isinstance(held, Expectation) else list(held.values()):
+                if (best is None or candidate._order < best._order) and accepts(
+                    candidate, texts.arrival
+                ):
+                    best = candidate
+        return best
+
+    def seqs(self) -> set[int]:
+        """The seqs of the expectations indexed, for tests of the index's consistency."""
+        return {e.seq for index in self._channels.values() for e in index.expectations()}
+
+
+class Expectations(Table[Expectation]):
+    """A table of expectations with an index of those that have a matcher, kept in step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = Index()
+
+    def pop(self, seq: int) -> Expectation | None:
+        item = super().pop(seq)
+        if item is not None:
+            self.index.discard(item)
+        return item

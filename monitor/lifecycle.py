@@ -1,0 +1,67 @@
+"""An engine's life under a command (event loop, start-up errors, stop on a signal), shared by
+the CLI and the demo so that neither imports the other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import typer
+
+from monitor.config import Config
+from monitor.engine import Engine, Options
+from probes.errors import ConfigError
+
+__all__ = ["engine_or_exit", "exit_with", "run_async", "serve_until_signal", "wait_for_signal"]
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on uvloop where available (cheaper I/O on the hot path), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def exit_with(problems: list[str]) -> NoReturn:
+    """Print each problem on its own line to stderr and exit 2 (the caller's setup is wrong)."""
+    for problem in problems:
+        sys.stderr.write(problem + "\n")
+    raise typer.Exit(2)
+
+
+def engine_or_exit(config: Config, options: Options) -> Engine:
+    """An Engine, or exit 2 when the environment's settings (OTEL_*) cannot be honoured."""
+    try:
+        return Engine(config, options)
+    except ConfigError as exc:
+        exit_with(exc.problems)
+
+
+async def wait_for_signal(duration: float | None = None) -> None:
+    """Return on SIGINT/SIGTERM, or after `duration` seconds when given."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), duration)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
+    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
+    try:
+        await wait_for_signal(duration)
+    finally:
+        await engine.stop()
