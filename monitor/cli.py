@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from monitor import __version__
+from monitor.cluster.settings import ClusterSettings
 from monitor.config import Config, FileConfig, load, unresolved_secrets
 from monitor.engine import Options
 from monitor.gate.command import gate
@@ -68,6 +70,31 @@ def _load_or_exit(paths: list[Path]) -> Config:
     if problems:
         exit_with(problems)
     return config
+
+
+def _cluster_settings(
+    config: Config, cluster: str | None, group: str | None, replica: str | None
+) -> ClusterSettings | None:
+    """The flow files' `settings.cluster` with the command line's flags over it."""
+    base = config.settings.cluster
+    if base is None and cluster is None:
+        if group is not None or replica is not None:
+            exit_with(["--cluster-group and --replica need --cluster (or settings.cluster)"])
+        return None
+    raw: dict[str, Any] = base.model_dump(exclude_none=True) if base is not None else {}
+    if cluster is not None:
+        named = cluster in config.kafka.clusters
+        raw.pop("kafka", None)
+        raw.pop("bootstrap_servers", None)
+        raw["kafka" if named else "bootstrap_servers"] = cluster
+    if group is not None:
+        raw["group"] = group
+    if replica is not None:
+        raw["replica"] = replica
+    try:
+        return ClusterSettings.model_validate(raw)
+    except ValidationError as exc:
+        exit_with([f"--cluster: {e['msg']}" for e in exc.errors(include_url=False)])
 
 
 def _setup_logging(level: str) -> None:
@@ -152,10 +179,24 @@ def run(
     store: Store = "hopwatch.db",
     grace: Annotated[float, typer.Option(help="Seconds in-flight runs get at shutdown.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Share the flows with the other replicas meeting on this Kafka "
+            "(HOST:PORT, or a kafka.clusters name).",
+        ),
+    ] = None,
+    cluster_group: Annotated[
+        str | None, typer.Option(help="The replicas' consumer group (default hopwatch).")
+    ] = None,
+    replica: Annotated[
+        str | None, typer.Option(help="This replica's name (default host name and pid).")
+    ] = None,
 ) -> None:
     """Run every flow continuously and serve /metrics until SIGTERM/SIGINT."""
     _setup_logging(log_level)
     config = _load_or_exit(paths)
+    cluster_settings = _cluster_settings(config, cluster, cluster_group, replica)
     options = Options(
         listen=listen,
         admin_listen=admin_listen,
@@ -165,6 +206,7 @@ def run(
         store_url=None if store == "none" else store,
         grace=grace,
         settle_gc=True,
+        cluster=cluster_settings,
     )
 
     async def main() -> None:
@@ -175,7 +217,8 @@ def run(
             await engine.stop()
             err.print(f"cannot start: {exc}")
             raise typer.Exit(2) from None
-        err.print(f"hopwatch {__version__}: {len(config.flows)} flows; metrics on "
+        where = f" in cluster group {cluster_settings.group}" if cluster_settings else ""
+        err.print(f"hopwatch {__version__}: {len(config.flows)} flows{where}; metrics on "
                   f"http://{admin_listen}/metrics")  # fmt: skip
         await serve_until_signal(engine)
 

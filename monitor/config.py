@@ -10,6 +10,7 @@ from typing import Any, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from monitor.cluster.settings import ClusterSettings
 from monitor.kafka.settings import KafkaCluster
 from probes import KINDS, StepConfig
 from probes.durations import Duration
@@ -95,6 +96,10 @@ class Settings(BaseModel):
     )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
+    )
+    cluster: ClusterSettings | None = Field(
+        default=None,
+        description="Share the flows with other replicas (`hopwatch run`); default: run alone.",
     )
 
 

@@ -17,13 +17,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from monitor.admin import build_admin_app, is_loopback
+from monitor.cluster.settings import ClusterSettings
 from monitor.config import Config, Flow
 from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
-from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
+from monitor.receivers.webhooks import Inbox, install_webhook_routes, routes_from_steps
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
@@ -32,9 +33,11 @@ from monitor.state import LastRuns
 from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
+from probes.arrivals import Arrival
 from probes.kinds import KindSpec
 
 if TYPE_CHECKING:
+    from monitor.cluster.membership import Membership
     from monitor.kafka.clients import KafkaClients
     from monitor.store import Store
 
@@ -85,6 +88,7 @@ class Options:
     grace: float = 10.0
     settle_gc: bool = False  # freeze start-up objects out of the GC (long-running processes)
     extra_sinks: list[Sink] = field(default_factory=list)
+    cluster: ClusterSettings | None = None  # share the flows with other replicas (`run` only)
 
 
 class Engine:
@@ -104,12 +108,16 @@ class Engine:
         self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))
         self.location = self.options.location or config.settings.location
         self.tracing = Tracing.from_env(location=self.location)
-        metrics_sink = MetricsSink(self.metrics)
-        metrics_sink.init_series(config.flows, self.location)
+        self.metrics_sink = MetricsSink(self.metrics)
+        self.metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut(
-            [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
+            [self.metrics_sink, self.last_runs, *self.options.extra_sinks],
+            self.metrics.sink_errors,
         )
         self.correlator = Correlator(self.metrics.arrivals)
+        self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
+        self.membership: Membership | None = None
+        cluster = self.options.cluster
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -130,6 +138,7 @@ class Engine:
                 release_run=self.http.release_run,
                 correlator=self.correlator,
                 tracing=self.tracing,
+                replica=cluster.replica_name() if cluster is not None else None,
             )
         )
 
@@ -137,7 +146,12 @@ class Engine:
 
     async def start(self, *, schedule: bool = True, admin: bool = True) -> None:
         """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
+        cluster = self.options.cluster if schedule else None
+        if cluster is not None:
+            self._check_cluster_store()
         await self._start_optional_parts()
+        if cluster is not None:
+            self._prepare_membership(cluster)
         await self.sinks.start()
         self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
@@ -148,7 +162,7 @@ class Engine:
             await self._serve(self.build_admin_app(), self.options.admin_listen)
         if schedule:
             self.scheduler = Scheduler(
-                self.config.flows,
+                [] if cluster is not None else self.config.flows,  # a cluster hands flows out
                 self.runner,
                 max_concurrency=self.config.settings.max_concurrency,
                 metrics=self.metrics,
@@ -163,6 +177,8 @@ class Engine:
                 self._background.append(asyncio.create_task(settling))
         if self.scheduler is not None:
             self.scheduler.start()
+        if self.membership is not None:
+            await self.membership.start()
         self._ready = True
 
     async def _start_optional_parts(self) -> None:
@@ -178,7 +194,7 @@ class Engine:
 
             self.kafka = KafkaClients(
                 self.config.kafka.clusters,
-                on_arrival=self.correlator.offer,
+                on_arrival=self._offer,
                 arrivals_counter=self.metrics.arrivals,
             )
             for cluster, topic in _asked(self.steps, lambda kind: kind.watches):
@@ -193,6 +209,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._ready = False
+        if self.membership is not None:
+            await self.membership.stop()  # flows given up, group left: others take over now
         if self.scheduler is not None:
             await self.scheduler.stop(self.options.grace)
         for task in self._background:
@@ -213,6 +231,49 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- the cluster -----------------------------------------------------------------------
+
+    def _offer(self, arrival: Arrival) -> str:
+        return self.inbox.offer(arrival)
+
+    def _check_cluster_store(self) -> None:
+        url = self.options.store_url or ""
+        if not url.startswith("postgresql"):
+            raise ValueError(
+                "a cluster needs a shared store: give --store postgresql+asyncpg://… "
+                f"(not {url.split(':', 1)[0] or 'none'}: each replica would keep its own history)"
+            )
+
+    def _prepare_membership(self, cluster: ClusterSettings) -> None:
+        from monitor.cluster.join import membership_for  # aiokafka: only in a cluster
+
+        self.membership = membership_for(
+            cluster,
+            self.config.kafka.clusters,
+            self.config.flows,
+            own=self.take_flows,
+            disown=self.release_flows,
+            offer=self.correlator.offer,
+            registry=self.registry,
+        )
+        self.inbox = self.membership
+
+    async def take_flows(self, flows: list[Flow]) -> None:
+        """Start flows this replica was given: their open incidents first, then their grid."""
+        if self.store is not None:
+            await self.store.take_flows([f.name for f in flows])
+        if self.scheduler is not None:
+            self.scheduler.add(flows)
+
+    async def release_flows(self, flows: list[Flow]) -> None:
+        """Stop flows another replica will run: runs aborted, gauges gone, incidents written."""
+        names = [f.name for f in flows]
+        if self.scheduler is not None:
+            await self.scheduler.remove(names)
+        self.metrics_sink.forget(names)
+        if self.store is not None:
+            await self.store.release_flows(names)
+
     # -- listeners -------------------------------------------------------------------------
 
     def needs_public_listener(self) -> bool:
@@ -222,7 +283,7 @@ class Engine:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
         routes = routes_from_steps(self.steps)
-        install_webhook_routes(app, routes, self.correlator, self.metrics.arrivals)
+        install_webhook_routes(app, routes, self.inbox, self.metrics.arrivals)
         return app
 
     def build_admin_app(self) -> web.Application:
@@ -239,7 +300,12 @@ class Engine:
 
         flows, last = self.config.flows, self.last_runs
         install_api_routes(
-            app, store=self.store, flows=flows, last_runs=last, bearer_auth=token is not None
+            app,
+            store=self.store,
+            flows=flows,
+            last_runs=last,
+            bearer_auth=token is not None,
+            cluster=self.membership.describe if self.membership is not None else None,
         )
         install_status_routes(app, store=self.store, flows=flows, last_runs=last)
         install_gate_routes(app, engine=self, store=self.store, metrics_registry=self.registry)

@@ -11,7 +11,7 @@ they are in place before `gc.freeze()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Info
 
@@ -189,6 +189,19 @@ class MetricsSink:
                 for step, hop in zip(flow.steps, hops, strict=True):
                     for reason in KINDS[step.kind].reasons:
                         m.step_failures.show(self._failure(run, hop, step.name, reason))
+
+    def forget(self, flows: Iterable[str]) -> None:
+        """Remove the gauges of flows this replica no longer runs (`flow_up`, `link_up`,
+        `last_success_timestamp_seconds`), so Prometheus never sees two owners' values. The
+        counters and histograms stay: they only ever grow, and rules sum replicas away."""
+        names = set(flows)
+        m = self.m
+        for (flow, _, _), run in self._runs.items():
+            if flow in names:
+                m.flow_up.hide(run.flow_up)
+                m.last_success.hide(run.last_success)
+                for hop in run.hops.values():
+                    m.link_up.hide(hop.link_up)
 
     def _cleanup(self, run: _Run, step: str) -> int:
         offset = run.cleanup.get(step)

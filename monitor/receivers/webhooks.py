@@ -26,11 +26,10 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
-from monitor.correlator import Correlator
 from probes import KINDS
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
@@ -53,6 +52,13 @@ log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
+
+
+class Inbox(Protocol):
+    """Where a verified delivery goes: the correlator, or in a cluster the membership, which
+    hands it to the replica whose run waits for it."""
+
+    def offer(self, arrival: Arrival) -> str: ...
 
 
 def routes_from_steps(steps: Iterable[Any]) -> list[WebhookRoute]:
@@ -81,7 +87,7 @@ def _same_route(a: WebhookRoute, b: WebhookRoute) -> bool:
 def install_webhook_routes(
     app: web.Application,
     routes: Iterable[WebhookRoute],
-    correlator: Correlator,
+    correlator: Inbox,
     arrivals_counter: Counter | None,
     *,
     max_body: int = MAX_BODY,
@@ -103,7 +109,7 @@ class _PathHandler:
         self,
         path: str,
         routes: list[WebhookRoute],
-        correlator: Correlator,
+        correlator: Inbox,
         counter: Counter | None,
         max_body: int,
     ) -> None:

@@ -9,7 +9,7 @@ flapping link shows as one incident with many failures rather than as a storm of
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,6 +71,17 @@ class IncidentBook:
         """Adopt stored incidents (open, or closed recently enough to be reopened)."""
         for incident in sorted(incidents, key=lambda i: i.opened_at):
             self.latest[incident.link] = incident
+
+    def replace(self, flows: Collection[str], incidents: Iterable[Incident]) -> None:
+        """Adopt the stored incidents of `flows` in place of whatever the book had for them."""
+        self.forget(flows)
+        self.load(i for i in incidents if i.flow in flows)
+
+    def forget(self, flows: Collection[str]) -> None:
+        """Drop every link of `flows` (another replica decides them now); unwritten changes
+        stay queued for the writer."""
+        for key in [key for key in self.latest if key[0] in flows]:
+            del self.latest[key]
 
     def apply(self, run: RunResult) -> None:
         """Open, extend, reopen or close incidents according to one run's hops."""

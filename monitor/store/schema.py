@@ -43,6 +43,7 @@ runs = Table(
     Column("broken_step", String(200), nullable=True),
     Column("reason", String(64), nullable=True),
     Column("trace_id", String(64), nullable=True),
+    Column("replica", String(200), nullable=True),  # the cluster member; null outside one
     Index(None, "started_at"),
     Index(None, "flow", "variant", "started_at"),
 )
