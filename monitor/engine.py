@@ -237,11 +237,10 @@ class Engine:
         return self.inbox.offer(arrival)
 
     def _check_cluster_store(self) -> None:
-        url = self.options.store_url or ""
-        if not url.startswith("postgresql"):
+        if not (self.options.store_url or "").startswith("postgresql"):
             raise ValueError(
-                "a cluster needs a shared store: give --store postgresql+asyncpg://… "
-                f"(not {url.split(':', 1)[0] or 'none'}: each replica would keep its own history)"
+                "a cluster needs a shared store: give --store postgresql+asyncpg://USER@HOST/DB "
+                "(SQLite or none would keep each replica's history apart)"
             )
 
     def _prepare_membership(self, cluster: ClusterSettings) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +22,7 @@ from monitor.cluster.assignor import FlowAssignor, plan
 from monitor.cluster.ownership import Ownership, ownership_keys, partition_of
 from monitor.cluster.wire import decode_arrival, encode_arrival
 from monitor.config import Config
+from monitor.demo.broker import free_port
 from probes.arrivals import Arrival
 from tests.fixtures.core import serve
 from tests.test_http import STARTED, target_app
@@ -189,3 +193,37 @@ async def test_giving_flows_up_aborts_their_runs_and_removes_their_gauges(
         assert registry.get_sample_value("hopwatch_flow_up", labels) == 1.0
     finally:
         await engine.stop()
+
+
+async def _hopwatch(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "monitor", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--cluster", "127.0.0.1:9", "--store", "{tmp}/h.db"],
+         "a cluster needs a shared store: give --store postgresql+asyncpg://"),
+        (["--replica", "r1", "--store", "none"],
+         "--cluster-group and --replica need --cluster (or settings.cluster)"),
+    ],
+)  # fmt: skip
+async def test_run_refuses_a_cluster_it_cannot_be(
+    args: list[str], want: str, write_flows: Callable[[str], Path], tmp_path: Path
+) -> None:
+    flows = write_flows(
+        "flows:\n  - {name: a, steps: [{name: s, kind: http, url: 'http://127.0.0.1:9/'}]}\n"
+    )
+    admin = ["--admin-listen", f"127.0.0.1:{free_port()}"]
+    code, err = await _hopwatch(
+        "run", str(flows), *admin, *(a.replace("{tmp}", str(tmp_path)) for a in args)
+    )
+    assert code == 2
+    assert want in err
