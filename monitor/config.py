@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from monitor.kafka.settings import KafkaCluster
+from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
 from probes.errors import ConfigError
@@ -95,6 +96,18 @@ class Settings(BaseModel):
     )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
+    )
+    webhook_header_timeout: Duration = Field(
+        default=HEADER_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole request head, from connect or the "
+        "last answer (also the keep-alive idle limit); default 10s.",
+    )
+    webhook_body_timeout: Duration = Field(
+        default=BODY_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole webhook body after its head (408 "
+        "after); default 30s.",
     )
 
 

@@ -23,6 +23,7 @@ from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.receivers.guard import RejectLog, public_runner
 from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
@@ -110,6 +111,7 @@ class Engine:
             [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
         )
         self.correlator = Correlator(self.metrics.arrivals)
+        self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -143,7 +145,15 @@ class Engine:
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
-            await self._serve(self.build_public_app(), self.options.listen)
+            runner = public_runner(
+                self.build_public_app(),
+                self.rejects,
+                header_timeout=self.config.settings.webhook_header_timeout,
+            )
+            await runner.setup()
+            self._runners.append(runner)
+            host, port = split_hostport(self.options.listen)
+            await web.TCPSite(runner, host, port).start()
         if admin:
             await self._serve(self.build_admin_app(), self.options.admin_listen)
         if schedule:
@@ -222,7 +232,14 @@ class Engine:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
         routes = routes_from_steps(self.steps)
-        install_webhook_routes(app, routes, self.correlator, self.metrics.arrivals)
+        install_webhook_routes(
+            app,
+            routes,
+            self.correlator,
+            self.metrics.arrivals,
+            body_timeout=self.config.settings.webhook_body_timeout,
+            reject_log=self.rejects,
+        )
         return app
 
     def build_admin_app(self) -> web.Application:
