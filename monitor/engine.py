@@ -23,8 +23,9 @@ from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
-from monitor.receivers.guard import RejectLog, public_runner
+from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
+from monitor.rejects import RejectLog
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from monitor.correlator import Correlator
 from monitor.demo.broker import free_port
-from monitor.receivers.guard import RejectLog, public_runner
+from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes
+from monitor.rejects import RejectLog
 from probes.signatures import StandardWebhooksSignature
 from tests.fixtures.webhooks import SW_SECRET, arrivals_count, standard_headers
 
@@ -72,7 +73,7 @@ class _Records(logging.Handler):
 @pytest.fixture
 def logs() -> AsyncIterator[_Records] | Any:
     handler = _Records()
-    names = ("aiohttp.server", "aiohttp.web", "monitor.receivers")
+    names = ("aiohttp.server", "aiohttp.web", "monitor.receivers", "monitor.rejects")
     for name in names:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.DEBUG)

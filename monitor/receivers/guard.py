@@ -12,61 +12,22 @@ timeout is the webhook handler's (`monitor.receivers.webhooks`).
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-if TYPE_CHECKING:
-    from prometheus_client import Counter
+from monitor.rejects import RejectLog
 
-__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "LOG_INTERVAL", "RejectLog", "public_runner"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "LINGER", "public_runner"]
 
 HEADER_TIMEOUT: Final = 10.0  # seconds for a whole request head, from connect or last answer
 BODY_TIMEOUT: Final = 30.0  # seconds for a whole body, from the end of its head
 # How long an answer that did not read the whole body (413, 408, 404) waits, reading and
 # dropping, before it closes; aiohttp's 10 s would let a slow client hold the connection.
 LINGER: Final = 1.0
-LOG_INTERVAL: Final = 60.0  # each reject cause is logged at most once in this many seconds
-
-
-class RejectLog:
-    """Counts rejects as `malformed` webhook arrivals and logs each cause at most once per
-    `interval`, with how many came since it was last logged."""
-
-    def __init__(self, counter: Counter | None, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self._child: Any = (
-            counter.labels(source="webhook", outcome="malformed") if counter is not None else None
-        )
-        self._logged_at: dict[str, float] = {}
-        self._since: dict[str, int] = {}
-
-    def reject(self, cause: str, detail: str) -> None:
-        if self._child is not None:
-            self._child.inc()
-        self._since[cause] = self._since.get(cause, 0) + 1
-        now = time.monotonic()
-        last = self._logged_at.get(cause)
-        if last is not None and now - last < self.interval:
-            return
-        self._logged_at[cause] = now
-        count = self._since.pop(cause)
-        detail = detail.splitlines()[0][:120] if detail else ""  # what a client wrote: bounded
-        log.warning(
-            "public listener refused %d request(s) for %s since last said (latest: %r); "
-            "said at most once per %gs",
-            count,
-            cause,
-            detail,
-            self.interval,
-        )
 
 
 class _GuardedHandler(RequestHandler):

@@ -38,7 +38,8 @@ from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from monitor.correlator import Correlator
-from monitor.receivers.guard import BODY_TIMEOUT, RejectLog
+from monitor.receivers.guard import BODY_TIMEOUT
+from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
