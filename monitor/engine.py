@@ -245,7 +245,9 @@ class Engine:
 
     def build_admin_app(self) -> web.Application:
         host, _ = split_hostport(self.options.admin_listen)
-        token = self.options.admin_token
+        # An empty token (an unset $VAR on a command line) is no token, not one that any
+        # request without a token would match.
+        token = self.options.admin_token if (self.options.admin_token or "").strip() else None
         if token is None and not is_loopback(host):
             raise ValueError(
                 f"the admin listener on {host} is not loopback: give --admin-token "

@@ -44,11 +44,13 @@ from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
 from probes.kinds import WebhookRoute
+from probes.secrets import register_secret
 from probes.signatures import (
     SecretUnavailable,
     SignatureConfig,
     SignatureError,
     VerifiedDelivery,
+    resolve_secret,
     verify,
 )
 
@@ -140,6 +142,7 @@ class _PathHandler:
         for route in routes:
             if route.signature is not None and route.signature not in self.signatures:
                 self.signatures.append(route.signature)
+                _register_secret(route.signature)
         unsigned = [r.step or "?" for r in routes if r.signature is None]
         self.unsigned_ok = bool(unsigned)
         if unsigned and self.signatures:
@@ -242,6 +245,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _register_secret(signature: SignatureConfig) -> None:
+    """Have the signing secret masked from the start, not only once a delivery needs it: a
+    target may echo it in an error body before any delivery came."""
+    try:
+        secret = resolve_secret(signature.secret)  # registers it with the redactor
+    except SecretUnavailable:
+        return  # said (and counted) when a delivery needs it
+    if secret.startswith("whsec_"):
+        register_secret(secret.removeprefix("whsec_"))  # the key alone is as secret
 
 
 def _closing(status: int, text: str) -> web.Response:
