@@ -7,14 +7,15 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from monitor.demo.broker import BrokerError, TansuBroker
 
 pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parent.parent  # the child imports this worktree's monitor
 
 _CHILD = """
 import asyncio, sys
@@ -68,22 +69,21 @@ async def wait_gone(pid: int, within: float) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="Linux only: PR_SET_PDEATHSIG")
 async def test_the_broker_dies_with_its_parent() -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
     )
     try:
         assert child.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+        line = await asyncio.wait_for(child.stdout.readline(), 30)
         broker_pid = int(line)
         os.kill(child.pid, signal.SIGKILL)  # as a killed demo: no cleanup runs
         await wait_gone(broker_pid, within=10)
     finally:
-        child.kill()
-        child.wait()
-        if child.stdin is not None:
-            child.stdin.close()
-        if child.stdout is not None:
-            child.stdout.close()
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
