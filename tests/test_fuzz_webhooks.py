@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import os
 import socket
 import threading
 import time
@@ -59,11 +60,13 @@ SIGNATURE_HEADERS = [
     "X-Id",
 ]
 SIGNATURES: TypeAdapter[SignatureConfig] = TypeAdapter(SignatureConfig)
+# `make chaos` raises the counts (HOPWATCH_FUZZ_SCALE=20) and drops derandomize for new cases.
+SCALE = int(os.environ.get("HOPWATCH_FUZZ_SCALE", "1"))
 FAST = settings(
-    max_examples=120,
+    max_examples=120 * SCALE,
     deadline=None,  # a 1 MB body on a shared CI core may take a while; the count is bounded
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=True,  # the same examples every run: a failure reproduces
+    derandomize=SCALE == 1,  # the same examples every run: a failure reproduces
 )
 
 
@@ -277,7 +280,7 @@ def signed_inputs(draw: st.DrawFn) -> tuple[str, CIMultiDict[str], bytes, float]
     return path, headers, body, now
 
 
-@settings(max_examples=400, deadline=None, derandomize=True)
+@settings(max_examples=400 * SCALE, deadline=None, derandomize=SCALE == 1)
 @given(case=signed_inputs())
 def test_signature_parsers_only_ever_verify_or_refuse(
     case: tuple[str, CIMultiDict[str], bytes, float],
