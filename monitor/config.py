@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from monitor.cluster.settings import ClusterSettings
 from monitor.kafka.settings import KafkaCluster
+from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
 from probes.errors import ConfigError
@@ -100,6 +101,18 @@ class Settings(BaseModel):
     cluster: ClusterSettings | None = Field(
         default=None,
         description="Share the flows with other replicas (`hopwatch run`); default: run alone.",
+    )
+    webhook_header_timeout: Duration = Field(
+        default=HEADER_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole request head, from connect or the "
+        "last answer (also the keep-alive idle limit); default 10s.",
+    )
+    webhook_body_timeout: Duration = Field(
+        default=BODY_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole webhook body after its head (408 "
+        "after); default 30s.",
     )
 
 

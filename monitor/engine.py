@@ -24,7 +24,9 @@ from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import Inbox, install_webhook_routes, routes_from_steps
+from monitor.rejects import RejectLog
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
@@ -117,6 +119,7 @@ class Engine:
         self.correlator = Correlator(self.metrics.arrivals)
         self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
         self.membership: Membership | None = None
+        self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
         cluster = self.options.cluster
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
@@ -157,7 +160,15 @@ class Engine:
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
-            await self._serve(self.build_public_app(), self.options.listen)
+            runner = public_runner(
+                self.build_public_app(),
+                self.rejects,
+                header_timeout=self.config.settings.webhook_header_timeout,
+            )
+            await runner.setup()
+            self._runners.append(runner)
+            host, port = split_hostport(self.options.listen)
+            await web.TCPSite(runner, host, port).start()
         if admin:
             await self._serve(self.build_admin_app(), self.options.admin_listen)
         if schedule:
@@ -282,12 +293,21 @@ class Engine:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
         routes = routes_from_steps(self.steps)
-        install_webhook_routes(app, routes, self.inbox, self.metrics.arrivals)
+        install_webhook_routes(
+            app,
+            routes,
+            self.inbox,
+            self.metrics.arrivals,
+            body_timeout=self.config.settings.webhook_body_timeout,
+            reject_log=self.rejects,
+        )
         return app
 
     def build_admin_app(self) -> web.Application:
         host, _ = split_hostport(self.options.admin_listen)
-        token = self.options.admin_token
+        # An empty token (an unset $VAR on a command line) is no token, not one that any
+        # request without a token would match.
+        token = self.options.admin_token if (self.options.admin_token or "").strip() else None
         if token is None and not is_loopback(host):
             raise ValueError(
                 f"the admin listener on {host} is not loopback: give --admin-token "

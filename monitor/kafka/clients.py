@@ -11,6 +11,7 @@ from monitor.kafka.consumer import SharedConsumer
 from monitor.kafka.producers import Produced, Producers
 from monitor.kafka.sequence import OrderCheck, Stamper
 from monitor.kafka.settings import KafkaCluster
+from monitor.rejects import RejectLog
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
 from probes.kafka_port import Acks
@@ -48,13 +49,14 @@ class KafkaClients:
         self.on_arrival = on_arrival
         self._stamper = Stamper()  # (cluster, topic, key) → last sequence stamped
         order = OrderCheck(arrivals_counter)  # (channel, key) → highest sequence seen
+        rejects = RejectLog(arrivals_counter, source="kafka", what="kafka consumer")
         self._clusters: dict[str, _Entry] = {}
         for name, config in clusters.items():
             cluster = Cluster(name, config, ClusterHealth(name, ()))
             self._clusters[name] = _Entry(
                 cluster,
                 Producers(cluster, self._stamper),
-                SharedConsumer(cluster, order, self._offer),
+                SharedConsumer(cluster, order, self._offer, rejects),
             )
         self._started = False
         for cluster_name, names in (topics or {}).items():

@@ -3,11 +3,16 @@ hand them to the correlator without ever waiting on a run.
 
 Answers, in the order they are decided:
 
+    400  head refused by the parser, body broken (bad chunking or encoding)
+                                                           counted malformed (see guard)
+    408  body not read whole within `body_timeout`          counted malformed
     413  body over `max_body` bytes                        counted malformed
     401  missing or bad signature (no config verifies)     counted bad_signature, never offered
     500  a signature secret cannot be resolved (ours)      counted bad_signature, logged
     415  content type not JSON (application/json, +json)   counted malformed
-    400  body is not JSON                                  counted malformed
+    400  body is not JSON, or nests or weighs past the limits of `probes.untrusted_json`
+                                                           counted malformed
+    a client that goes away mid-body gets no answer       counted malformed
     404  unknown path (aiohttp's router); 405 not POST     not counted
     the configured answer (default 202) otherwise, whatever the correlation outcome: a late,
          duplicate or unmatched delivery is still acknowledged, because senders retry non-2xx
@@ -22,23 +27,29 @@ the path accepts unsigned deliveries (logged at install). Trace-context headers 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from probes import KINDS
+from monitor.receivers.guard import BODY_TIMEOUT
+from monitor.rejects import RejectLog
+from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
 from probes.kinds import WebhookRoute
+from probes.secrets import register_secret
 from probes.signatures import (
     SecretUnavailable,
     SignatureConfig,
     SignatureError,
     VerifiedDelivery,
+    resolve_secret,
     verify,
 )
 
@@ -91,14 +102,20 @@ def install_webhook_routes(
     arrivals_counter: Counter | None,
     *,
     max_body: int = MAX_BODY,
+    body_timeout: float = BODY_TIMEOUT,
+    reject_log: RejectLog | None = None,
 ) -> None:
     """Add one POST route per distinct path. Raises ConfigError when steps sharing a path want
-    different answers (one delivery can get only one)."""
+    different answers (one delivery can get only one). `reject_log` counts and logs what the
+    listener refuses below the handler (give the public runner's); one is made otherwise."""
     by_path: dict[str, list[WebhookRoute]] = {}
     for route in routes:
         by_path.setdefault(route.path, []).append(route)
+    rejects = reject_log if reject_log is not None else RejectLog(arrivals_counter)
     for path, group in by_path.items():
         handler = _PathHandler(path, group, correlator, arrivals_counter, max_body)
+        handler.body_timeout = body_timeout
+        handler.rejects = rejects
         app.router.add_post(path, handler.handle)
 
 
@@ -123,12 +140,15 @@ class _PathHandler:
         self.correlator = correlator
         self.counter = counter
         self.max_body = max_body
+        self.body_timeout = BODY_TIMEOUT
+        self.rejects = RejectLog(counter)
         self._refused: dict[str, Any] = {}  # the counter's child per outcome, looked up once
         self.answer = routes[0]
         self.signatures: list[SignatureConfig] = []
         for route in routes:
             if route.signature is not None and route.signature not in self.signatures:
                 self.signatures.append(route.signature)
+                _register_secret(route.signature)
         unsigned = [r.step or "?" for r in routes if r.signature is None]
         self.unsigned_ok = bool(unsigned)
         if unsigned and self.signatures:
@@ -141,7 +161,20 @@ class _PathHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
         received_unix = time.time()
-        body = await _read_body(request, self.max_body)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_body(request, self.max_body)
+        except TimeoutError:
+            self.rejects.reject(
+                "body_timeout", f"{self.path}: body not whole in {self.body_timeout:g}s"
+            )
+            return _closing(408, "body not received in time")
+        except (OSError, ClientPayloadError) as exc:  # the client went away mid-body
+            self.rejects.reject("disconnect", f"{self.path}: {type(exc).__name__}")
+            return _closing(400, "connection lost")
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # chunking, encoding
+            self.rejects.reject("bad_body", f"{self.path}: {type(exc).__name__}")
+            return _closing(400, "body unreadable (broken chunking or content encoding)")
         if body is None:
             return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
         try:
@@ -156,8 +189,8 @@ class _PathHandler:
                 415, "malformed", f"content type {request.content_type!r}, want application/json"
             )
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            doc = untrusted_json.loads(body, max_bytes=self.max_body)
+        except untrusted_json.NotJson as exc:
             return self._refuse(400, "malformed", f"body is not JSON: {exc}")
         arrival = Arrival(
             source="webhook",
@@ -218,6 +251,24 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _register_secret(signature: SignatureConfig) -> None:
+    """Have the signing secret masked from the start, not only once a delivery needs it: a
+    target may echo it in an error body before any delivery came."""
+    try:
+        secret = resolve_secret(signature.secret)  # registers it with the redactor
+    except SecretUnavailable:
+        return  # said (and counted) when a delivery needs it
+    if secret.startswith("whsec_"):
+        register_secret(secret.removeprefix("whsec_"))  # the key alone is as secret
+
+
+def _closing(status: int, text: str) -> web.Response:
+    """An answer after which the connection closes: what is left of its body is unknown."""
+    response = web.Response(status=status, text=text + "\n")
+    response.force_close()
+    return response
 
 
 def _is_json(request: web.Request) -> bool:
