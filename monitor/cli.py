@@ -192,6 +192,10 @@ def run(
     replica: Annotated[
         str | None, typer.Option(help="This replica's name (default host name and pid).")
     ] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(help="Reload when a flow file changes (SIGHUP and POST /-/reload always do)."),
+    ] = False,
 ) -> None:
     """Run every flow continuously and serve /metrics until SIGTERM/SIGINT."""
     _setup_logging(log_level)
@@ -207,6 +211,8 @@ def run(
         grace=grace,
         settle_gc=True,
         cluster=cluster_settings,
+        config_paths=list(paths),
+        watch=watch,
     )
 
     async def main() -> None:

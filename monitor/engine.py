@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -25,8 +26,14 @@ from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
 from monitor.receivers.guard import public_runner
-from monitor.receivers.webhooks import Inbox, install_webhook_routes, routes_from_steps
+from monitor.receivers.webhooks import (
+    Inbox,
+    WebhookPaths,
+    install_webhook_routes,
+    routes_from_steps,
+)
 from monitor.rejects import RejectLog
+from monitor.reload import FlowChanges, Reloader, ReloadMetrics
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
@@ -91,6 +98,8 @@ class Options:
     settle_gc: bool = False  # freeze start-up objects out of the GC (long-running processes)
     extra_sinks: list[Sink] = field(default_factory=list)
     cluster: ClusterSettings | None = None  # share the flows with other replicas (`run` only)
+    config_paths: list[Path] = field(default_factory=list)  # read again on a reload
+    watch: bool = False  # reload when the flow files change on disk
 
 
 class Engine:
@@ -120,6 +129,11 @@ class Engine:
         self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
         self.membership: Membership | None = None
         self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
+        self.webhook_paths: WebhookPaths | None = None
+        self.reloader: Reloader | None = None
+        if self.options.config_paths:
+            metrics = ReloadMetrics(self.registry)
+            self.reloader = Reloader(self.options.config_paths, config, self.apply, metrics)
         cluster = self.options.cluster
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
@@ -160,15 +174,7 @@ class Engine:
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
-            runner = public_runner(
-                self.build_public_app(),
-                self.rejects,
-                header_timeout=self.config.settings.webhook_header_timeout,
-            )
-            await runner.setup()
-            self._runners.append(runner)
-            host, port = split_hostport(self.options.listen)
-            await web.TCPSite(runner, host, port).start()
+            await self._serve_public()
         if admin:
             await self._serve(self.build_admin_app(), self.options.admin_listen)
         if schedule:
@@ -190,7 +196,20 @@ class Engine:
             self.scheduler.start()
         if self.membership is not None:
             await self.membership.start()
+        if self.reloader is not None and self.options.watch:
+            self._background.append(asyncio.create_task(self.reloader.watch()))
         self._ready = True
+
+    async def _serve_public(self) -> None:
+        runner = public_runner(
+            self.build_public_app(),
+            self.rejects,
+            header_timeout=self.config.settings.webhook_header_timeout,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = split_hostport(self.options.listen)
+        await web.TCPSite(runner, host, port).start()
 
     async def _start_optional_parts(self) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
@@ -241,6 +260,48 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def _reload_handler(self, _: web.Request) -> web.Response:
+        """`POST /-/reload`, as Prometheus answers it: 200 when applied, 500 with why not."""
+        assert self.reloader is not None
+        ok, message = await self.reloader.reload()
+        return web.Response(status=200 if ok else 500, text=message + "\n")
+
+    async def apply(self, new: Config, changes: FlowChanges) -> None:
+        """Run `new` from now on: stop what went or changed, start what came or changed; the
+        rest keeps its schedule, runs in flight and waiting expectations. In a cluster the
+        new flow set means new ownership: the replica leaves the group and joins again."""
+        cluster = self.membership is not None
+        if self.membership is not None:
+            await self.membership.stop()
+        elif self.scheduler is not None:
+            await self.scheduler.remove([f.name for f in changes.stopping])
+        removed = [f.name for f in changes.removed]
+        self.metrics_sink.forget(removed, every_series=True)
+        self.metrics_sink.forget([f.name for f in changes.stopping])
+        for key in [k for k in self.last_runs if k[0] in removed]:
+            del self.last_runs[key]
+        if self.store is not None and removed:
+            await self.store.release_flows(removed)
+        self.config = new
+        self.steps = [s for f in new.flows for s in f.all_steps()]
+        self.last_runs.expected = sum(len(f.variants) for f in new.flows)
+        self.metrics_sink.init_series(changes.starting, self.location)
+        self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
+        if self.kafka is not None:
+            await self.kafka.rewatch(_asked(self.steps, lambda kind: kind.watches))
+        if self.webhook_paths is not None:
+            self.webhook_paths.set_routes(routes_from_steps(self.steps))
+        elif self.needs_public_listener():
+            await self._serve_public()
+        if cluster and self.options.cluster is not None:
+            self._prepare_membership(self.options.cluster)
+            assert self.membership is not None
+            await self.membership.start()
+        elif self.scheduler is not None:
+            self.scheduler.add(changes.starting)
 
     # -- the cluster -----------------------------------------------------------------------
 
@@ -293,7 +354,7 @@ class Engine:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
         routes = routes_from_steps(self.steps)
-        install_webhook_routes(
+        self.webhook_paths = install_webhook_routes(
             app,
             routes,
             self.inbox,
@@ -314,6 +375,8 @@ class Engine:
                 "(or HOPWATCH_ADMIN_TOKEN)"
             )
         app = build_admin_app(self.registry, ready=lambda: self._ready, token=token)
+        if self.reloader is not None:
+            app.router.add_post("/-/reload", self._reload_handler)
         from monitor.api import install_api_routes  # the admin app's parts: not for `check`
         from monitor.status_page import install_status_routes
 

@@ -83,6 +83,27 @@ class KafkaClients:
             raise RuntimeError(f"watch({cluster!r}, {topic!r}) after start(): topics are fixed")
         consumer.watch(topic)
 
+    async def rewatch(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Watch exactly these (cluster, topic) pairs from now on (a reload): a cluster whose
+        topic set changed restarts its shared consumer, from the end of its topics; the
+        others go on undisturbed."""
+        by_cluster: dict[str, set[str]] = {name: set() for name in self._clusters}
+        for cluster, topic in wanted:
+            self._entry(cluster)
+            by_cluster[cluster].add(topic)
+        for name, topics in by_cluster.items():
+            entry = self._clusters[name]
+            if topics == entry.consumer.topics:
+                continue
+            entry.consumer.cancel()
+            await entry.consumer.join()
+            entry.consumer.topics.clear()
+            for topic in sorted(topics):
+                entry.consumer.watch(topic)
+            entry.cluster.health.topics = tuple(sorted(topics))
+            if self._started:
+                entry.consumer.start()
+
     def watching(self, cluster: str, topic: str) -> bool:
         entry = self._clusters.get(cluster)
         return entry is not None and topic in entry.consumer.topics

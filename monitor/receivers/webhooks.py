@@ -104,19 +104,58 @@ def install_webhook_routes(
     max_body: int = MAX_BODY,
     body_timeout: float = BODY_TIMEOUT,
     reject_log: RejectLog | None = None,
-) -> None:
-    """Add one POST route per distinct path. Raises ConfigError when steps sharing a path want
+) -> WebhookPaths:
+    """Serve every distinct path of `routes` (POST only); the returned `WebhookPaths` takes new
+    routes while the app serves (a reload). Raises ConfigError when steps sharing a path want
     different answers (one delivery can get only one). `reject_log` counts and logs what the
     listener refuses below the handler (give the public runner's); one is made otherwise."""
-    by_path: dict[str, list[WebhookRoute]] = {}
-    for route in routes:
-        by_path.setdefault(route.path, []).append(route)
     rejects = reject_log if reject_log is not None else RejectLog(arrivals_counter)
-    for path, group in by_path.items():
-        handler = _PathHandler(path, group, correlator, arrivals_counter, max_body)
-        handler.body_timeout = body_timeout
-        handler.rejects = rejects
-        app.router.add_post(path, handler.handle)
+    paths = WebhookPaths(correlator, arrivals_counter, max_body, body_timeout, rejects)
+    paths.set_routes(routes)
+    app.router.add_route("*", "/{path:.*}", paths.dispatch)
+    return paths
+
+
+class WebhookPaths:
+    """The public listener's paths, looked up per request, so that a reload can add and remove
+    paths of a running listener (aiohttp's own router is frozen once it serves)."""
+
+    def __init__(
+        self,
+        correlator: Inbox,
+        counter: Counter | None,
+        max_body: int,
+        body_timeout: float,
+        rejects: RejectLog,
+    ) -> None:
+        self._inbox, self._counter, self._max_body = correlator, counter, max_body
+        self._body_timeout, self._rejects = body_timeout, rejects
+        self._handlers: dict[str, _PathHandler] = {}
+
+    def set_routes(self, routes: Iterable[WebhookRoute]) -> None:
+        """Replace the served paths at once; on a ConfigError the old ones stay."""
+        by_path: dict[str, list[WebhookRoute]] = {}
+        for route in routes:
+            by_path.setdefault(route.path, []).append(route)
+        handlers = {}
+        for path, group in by_path.items():
+            handler = _PathHandler(path, group, self._inbox, self._counter, self._max_body)
+            handler.body_timeout = self._body_timeout
+            handler.rejects = self._rejects
+            handlers[path] = handler
+        self._handlers = handlers
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self._handlers)
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        handler = self._handlers.get(request.path)
+        if handler is None:
+            raise web.HTTPNotFound()
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        return await handler.handle(request)
 
 
 class _PathHandler:
