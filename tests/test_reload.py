@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor.config import load
-from monitor.demo.broker import free_port
+from monitor.demo.broker import TansuBroker, free_port
 from monitor.engine import Engine, Options
 from tests.fixtures.core import serve
 from tests.test_http import STARTED, target_app
@@ -205,3 +205,31 @@ async def test_a_running_monitor_reloads_on_watch_post_and_sighup(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+@pytest.mark.kafka
+async def test_a_reload_watches_the_topics_of_added_kafka_steps(
+    tmp_path: Path, kafka_broker: TansuBroker, unique_topic: str
+) -> None:
+    cluster = f"kafka:\n  clusters: {{main: {{bootstrap_servers: '{kafka_broker.bootstrap}'}}}}\n"
+    chain = (
+        f"  - name: chain\n    interval: 1h\n    steps:\n"
+        f"      - {{name: send, kind: kafka_produce, cluster: main, topic: {unique_topic}, "
+        f"value: {{ref: '{{{{ run.correlation }}}}'}}}}\n"
+        f"      - {{name: see, kind: kafka_consume, cluster: main, topic: {unique_topic}, "
+        f"within: 5s, match: {{json: {{'$.ref': '{{{{ run.correlation }}}}'}}}}}}\n"
+    )
+    path = tmp_path / "flows.yaml"
+    path.write_text(cluster + "flows:\n" + hook_flow("other", "/hooks/other"))
+    engine = Engine(load([path]), Options(listen=f"127.0.0.1:{free_port()}", config_paths=[path]))
+    await engine.start(admin=False)
+    try:
+        assert engine.reloader is not None and engine.kafka is not None
+        path.write_text(cluster + "flows:\n" + chain)
+        assert (await engine.reloader.reload())[0]
+        assert engine.kafka.watching("main", unique_topic)
+        await asyncio.wait_for(engine.kafka.wait_consumer("main"), 15)
+        [result] = await engine.run_once(engine.select(["chain"]))
+        assert result.outcome == "success", result.steps
+    finally:
+        await engine.stop()
