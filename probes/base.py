@@ -8,6 +8,7 @@ the runner puts `asyncio.timeout` around each step.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -111,6 +112,7 @@ class StepContext:
         cached = self.run_state.get(_VARIABLES)
         if cached is None:
             run = self.run
+            now = time.time()  # when the run first renders: its start, to the second
             cached = self.run_state[_VARIABLES] = {
                 "run": {
                     "id": run.id,
@@ -118,6 +120,10 @@ class StepContext:
                     "flow": run.flow,
                     "variant": run.variant,
                     "location": run.location,
+                    # Unique values a request may need (Postman's {{$guid}}, {{$timestamp}}).
+                    "guid": str(uuid.uuid5(uuid.NAMESPACE_OID, run.id)),
+                    "timestamp": int(now),
+                    "iso_timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
                 },
                 "variant": {"name": run.variant, **self.variant},
                 "steps": self.steps,
