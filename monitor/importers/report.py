@@ -98,6 +98,11 @@ class ImportResult:
         if self.exports:
             out.append("# Export before running:")
             out.extend(f"#   {e.name}  ({e.why})" for e in self.exports.values())
+        placed = {line for f in self.flows for lines in f.notes.values() for line in lines}
+        loose = [i for i in self.untranslated if "not translated: " + i.line() not in placed]
+        if loose:
+            out.append("# Not translated, with no step to show it at:")
+            out.extend(f"#   {item.line()}" for item in loose)
         out.append("flows:")
         for flow in self.flows:
             out.extend(_flow_yaml(flow))
