@@ -4,13 +4,12 @@ every other module and option listed."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
 
 import pytest
-import base64
-
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -57,8 +56,10 @@ async def newman_verdicts(newman: Path, env: Path, tmp_path: Path) -> dict[str, 
 
 async def hopwatch_verdicts(flows: Path) -> dict[str, dict[str, str]]:
     """Flow → step → passed/failed/skipped."""
-    rc, out, err = await command(sys.executable, "-m", "monitor", "check", str(flows),
-                                 "--output", "json", "--listen", "127.0.0.1:0", env=SECRETS)  # fmt: skip
+    rc, out, err = await command(
+        sys.executable, "-m", "monitor", "check", str(flows), "--output", "json",
+        "--listen", "127.0.0.1:0", env=SECRETS,
+    )  # fmt: skip
     assert rc in (0, 1), err
     return {
         run["flow"]: {s["name"]: s["status"] for s in run["steps"]}
@@ -100,19 +101,21 @@ async def test_imported_collection_decides_as_newman_does(
 
 async def test_import_lists_what_it_left_out_and_keeps_secrets_out(tmp_path: Path) -> None:
     flows = tmp_path / "conduit.yaml"
-    rc, out, err = await command(sys.executable, "-m", "monitor", "import", "postman",
-                                 str(COLLECTION), "-e", str(DATA / "conduit.postman_environment.json"),
-                                 "-o", str(flows))  # fmt: skip
+    env = DATA / "conduit.postman_environment.json"
+    rc, _, err = await command(
+        sys.executable, "-m", "monitor", "import", "postman", str(COLLECTION), "-e", str(env),
+        "-o", str(flows),
+    )  # fmt: skip
     assert rc == 1
     text = flows.read_text()
     assert "3 items not translated: the import is incomplete" in err
     for what in ("prerequest script", "pm.sendRequest", "conditional or loop code"):
-        assert f"not translated: request 'Tags / All Tags': " in err and what in err
+        assert "not translated: request 'Tags / All Tags': " in err and what in err
         assert what in text  # as a comment above the step
     assert "export POSTMAN_PASSWORD" in err and "export POSTMAN_API_KEY" in err
     for secret in SECRETS.values():
         assert secret not in text and secret not in err
     assert "# copied from request 'Auth / Login': sets {{token}}" in text
-    rc, out, err = await command(sys.executable, "-m", "monitor", "validate", str(flows),
+    rc, _out, err = await command(sys.executable, "-m", "monitor", "validate", str(flows),
                                  env=SECRETS)  # fmt: skip
     assert rc == 0, err

@@ -14,6 +14,7 @@ from typing import Any
 
 from monitor.importers.blackbox_http import http_step
 from monitor.importers.report import FlowOut, ImportError_, ImportResult, safe_name
+from probes import http as http_kind
 from probes.durations import format_duration
 
 _SOON = {"tcp", "dns", "grpc"}
@@ -48,13 +49,16 @@ def import_blackbox(config: Any, prometheus: Any = None, *, source: str = "") ->
             result.leave_out(f"module '{name}'", "not a mapping")
             continue
         prober = str(module.get("prober", ""))
-        if prober != "http":
+        if prober != http_kind.SPEC.name:  # blackbox's http prober is our http kind
             _not_supported(name, prober, result)
             continue
         if jobs is None:
             placeholder = Job(name, name, [], _PROMETHEUS_INTERVAL, _PROMETHEUS_TIMEOUT)
-            result.leave_out(f"module '{name}'", "no targets without --prometheus: the flow "
-                             "probes the placeholder variant 'example', set its target")  # fmt: skip
+            result.leave_out(
+                f"module '{name}'",
+                "no targets without --prometheus: the flow probes the placeholder variant "
+                "'example', set its target",
+            )
             result.flows.append(_flow(placeholder, name, module, result, taken, one=True))
             continue
         users = [j for j in jobs if j.module == name]
@@ -88,15 +92,17 @@ def _flow(
 ) -> FlowOut:  # fmt: skip
     name = job.name if one else f"{job.name}_{module_name}"
     flow = FlowOut(fields={"name": safe_name(name, taken, "probe")})
-    flow.comment.append(f"blackbox module {module_name!r}" + (
-        f", scrape job {job.name!r}" if job.name != module_name or job.targets else ""))  # fmt: skip
+    scraped = job.name != module_name or job.targets
+    flow.comment.append(
+        f"blackbox module {module_name!r}" + (f", scrape job {job.name!r}" if scraped else "")
+    )
     flow.fields["interval"] = _duration(job.interval)
     flow.fields["timeout"] = _duration(module.get("timeout") or job.timeout)
     targets = job.targets or ["TARGET"]
     flow.fields["variants"] = {
         ("example" if t == "TARGET" else t): {"target": _as_url(t)} for t in targets
     }
-    step, notes = http_step(module_name, module.get("http") or {}, targets, result)
+    step, notes = http_step(module_name, module.get(http_kind.SPEC.name) or {}, targets, result)
     flow.steps.append(step)
     flow.notes[step["name"]] = notes
     return flow
@@ -106,10 +112,10 @@ _PROM_UNITS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 
 _PROM_DURATION = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
 
 
-def _duration(text: Any) -> str:
+def _duration(value: Any) -> str:
     """A Prometheus duration (`1m30s`) as a flow duration; as written if it does not parse
     (then the file fails `hopwatch validate` with the field named)."""
-    text = str(text).strip()
+    text = str(value).strip()
     parts = _PROM_DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return text
@@ -134,7 +140,9 @@ def _jobs(prometheus: Any, result: ImportResult) -> list[Job]:
             continue  # not a job that calls the exporter
         name = str(scrape.get("job_name", "probe"))
         targets = [
-            str(t) for static in scrape.get("static_configs") or [] for t in static.get("targets", [])
+            str(t)
+            for static in scrape.get("static_configs") or []
+            for t in static.get("targets", [])
         ]
         for key in _TARGET_SOURCES:
             if scrape.get(key):

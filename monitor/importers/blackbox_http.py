@@ -13,6 +13,7 @@ from typing import Any
 
 from monitor.importers.postman_checks import Checks
 from monitor.importers.report import ImportResult, env_name
+from probes import http as http_kind
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _SECRET_HEADER = re.compile(r"authorization|api[-_]?key|token|secret|cookie", re.I)
@@ -36,7 +37,11 @@ class _Step:
         self.targets = targets
         self.result = result
         self.notes: list[str] = []
-        self.step: dict[str, Any] = {"name": "probe", "kind": "http", "url": "{{ variant.target }}"}
+        self.step: dict[str, Any] = {
+            "name": "probe",
+            "kind": http_kind.SPEC.name,
+            "url": "{{ variant.target }}",
+        }
         self.headers: dict[str, str] = {}
         self.checks = Checks()
 
@@ -162,11 +167,11 @@ def _transport(s: _Step, http: dict[str, Any]) -> None:
     versions = http.get("valid_http_versions") or []
     if versions and "HTTP/1.1" not in versions:
         s.leave_out("valid_http_versions without HTTP/1.1 (hopwatch speaks HTTP/1.1)", versions)
-    schemes = {t.split("://")[0] if "://" in t else "http" for t in s.targets}
+    secure = {t.startswith("https://") for t in s.targets}
     redirects = s.step["follow_redirects"]
-    for key, ok_scheme in (("fail_if_ssl", "http"), ("fail_if_not_ssl", "https")):
+    for key, want_tls in (("fail_if_ssl", False), ("fail_if_not_ssl", True)):
         # Without redirects the target's scheme decides it; after them it cannot be checked.
-        if http.get(key) and (redirects or schemes - {ok_scheme} or not s.targets):
+        if http.get(key) and (redirects or secure - {want_tls} or not s.targets):
             s.leave_out(f"{key}: true is not checked (the final connection's TLS is not "
                         "asserted)")  # fmt: skip
     if str(http.get("preferred_ip_protocol", "ip6")) != "ip6" or (

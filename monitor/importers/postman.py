@@ -71,9 +71,9 @@ def _check_collection(collection: Any) -> None:
         raise ImportError_(f"collection schema {schema} is not v2.0 or v2.1")
 
 
-def _walk(collection: dict[str, Any], name: str, one_flow: bool, result: ImportResult) -> list[
-    Request
-]:
+def _walk(
+    collection: dict[str, Any], name: str, one_flow: bool, result: ImportResult
+) -> list[Request]:
     out: list[Request] = []
     level = f"collection '{name}'"
 

@@ -8,7 +8,7 @@ import http
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from monitor.importers.postman_checks import (
     STATUS_CODES,
@@ -18,9 +18,6 @@ from monitor.importers.postman_checks import (
     json_path,
     schema_at,
 )
-
-if TYPE_CHECKING:
-    from monitor.importers.postman_scripts import Literal
 
 EQUAL = {"eql", "equal", "equals", "eq", "eqls"}
 _BELOW = {"below", "lessThan", "lt"}
@@ -42,6 +39,14 @@ _JSON_TYPES = {
     "string": "string", "number": "number", "boolean": "boolean", "object": "object",
     "array": "array", "null": "null",
 }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """A value known when importing (a JS literal, or a template for a variable's value)."""
+
+    value: Any
+    template: bool = False  # a `{{ … }}` string standing for a variable's value
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +161,7 @@ def _on_code(checks: Checks, _s: Subject, a: Assertion) -> str | None:
 
 def _on_time(checks: Checks, _s: Subject, a: Assertion) -> str | None:
     args = _args(a)
-    if a.negate or not (a.name in _BELOW | _MOST) or len(args) != 1:
+    if a.negate or a.name not in _BELOW | _MOST or len(args) != 1:
         return f"{'not.' if a.negate else ''}{a.name} on the response time is not translated"
     checks.want_latency(float(args[0]))
     return None

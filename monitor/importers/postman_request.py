@@ -9,6 +9,7 @@ from typing import Any
 
 from monitor.importers.postman_values import VARIABLE, FlowValues
 from monitor.importers.report import ImportResult
+from probes import http as http_kind
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _BOUNDARY = "hopwatch-form-boundary"
@@ -34,7 +35,7 @@ def request_step(
     if method not in _METHODS:
         leave_out(f"method {method} is not one an http step sends; step left out")
         return None
-    step: dict[str, Any] = {"name": name, "kind": "http"}
+    step: dict[str, Any] = {"name": name, "kind": http_kind.SPEC.name}
     if method != "GET":
         step["method"] = method
     url = _url(request.get("url")).strip()
@@ -67,7 +68,8 @@ def _url(url: Any) -> str:
         host = ".".join(host) if isinstance(host, list) else str(host)
         path = url.get("path") or []
         path = "/".join(str(p) for p in path) if isinstance(path, list) else str(path)
-        raw = (url.get("protocol", "http") + "://" if "://" not in host else "") + host
+        scheme = str(url.get("protocol") or "") + "://" if url.get("protocol") else "http://"
+        raw = (scheme if "://" not in host else "") + host
         raw += "/" + path if path else ""
         query = [q for q in url.get("query") or [] if not q.get("disabled")]
         if query:
@@ -166,9 +168,7 @@ def _quote(text: Any) -> str:
     from urllib.parse import quote_plus
 
     parts = VARIABLE.split(str(text))
-    return "".join(
-        quote_plus(p) if i % 2 == 0 else "{{" + p + "}}" for i, p in enumerate(parts)
-    )
+    return "".join(quote_plus(p) if i % 2 == 0 else "{{" + p + "}}" for i, p in enumerate(parts))
 
 
 def _form(body: dict[str, Any], step: dict[str, Any], headers: dict[str, str],
@@ -181,9 +181,9 @@ def _form(body: dict[str, Any], step: dict[str, Any], headers: dict[str, str],
         if field.get("type") == "file":
             leave_out(f"form-data file field {field.get('key')!r} is not translated")
             continue
+        key, value = refs.text(field.get("key", "")), refs.text(field.get("value", ""))
         parts.append(
-            f"--{_BOUNDARY}\r\nContent-Disposition: form-data; "
-            f'name="{refs.text(field.get("key", ""))}"\r\n\r\n{refs.text(field.get("value", ""))}\r\n'
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'
         )
     step["body"] = "".join(parts) + f"--{_BOUNDARY}--\r\n"
     headers["Content-Type"] = f"multipart/form-data; boundary={_BOUNDARY}"

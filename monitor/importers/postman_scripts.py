@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import esprima
 
-from monitor.importers.postman_assert import Assertion, Subject, apply_assertion
-from monitor.importers.postman_checks import Checks, JsonPath, json_path
+from monitor.importers.postman_assert import Assertion, Literal, Subject, apply_assertion
+from monitor.importers.postman_checks import Checks, json_path
 
 Report = Callable[[str, str], None]  # (what, source text)
 VarRef = Callable[[str], str]  # a Postman variable name → its template text
@@ -35,14 +34,6 @@ _LANGUAGE = {
     "to", "be", "been", "is", "that", "which", "and", "has", "have", "with", "at", "of",
     "same", "but", "does", "still", "deep", "nested", "own", "itself", "also",
 }  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    """A value known when importing (a JS literal, or a template for a variable's value)."""
-
-    value: Any
-    template: bool = False  # a `{{ … }}` string standing for a variable's value
 
 
 class ScriptReader:
@@ -156,9 +147,7 @@ class ScriptReader:
             alias = self.aliases.get(node.name)
             if isinstance(alias, Subject):
                 return alias
-            return {"responseBody": Subject("text"), "responseTime": Subject("time")}.get(
-                node.name
-            )
+            return {"responseBody": Subject("text"), "responseTime": Subject("time")}.get(node.name)
         name = _dotted(node)
         if name in (("pm", "response", "code"), ("responseCode", "code")):
             return Subject("code")

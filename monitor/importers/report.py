@@ -16,7 +16,7 @@ _NAME_START = re.compile(r"^[^A-Za-z_]+")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-class ImportError_(ValueError):  # noqa: N801 - the builtin ImportError means something else
+class ImportError_(ValueError):
     """The input cannot be imported at all (not JSON/YAML, not a collection, no modules)."""
 
 
