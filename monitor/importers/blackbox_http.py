@@ -148,18 +148,18 @@ def _assertions(s: _Step, http: dict[str, Any]) -> None:
         s.checks.body.append((str(pattern), False))
     for pattern in http.get("fail_if_body_not_matches_regexp") or []:
         s.checks.body.append((str(pattern), True))
-    for rule in http.get("fail_if_header_not_matches") or []:
-        if rule.get("allow_missing"):
-            s.leave_out(f"fail_if_header_not_matches on {rule.get('header')} with allow_missing "
-                        "(hopwatch needs the header present)", rule.get("regexp", ""))  # fmt: skip
-            continue
-        s.checks.want_header(str(rule["header"]), f"{_ANY}(?:{rule['regexp']}){_ANY}")
-    for rule in http.get("fail_if_header_matches") or []:
-        if rule.get("allow_missing"):
-            s.leave_out(f"fail_if_header_matches on {rule.get('header')} with allow_missing "
-                        "(a header that may be absent)", rule.get("regexp", ""))  # fmt: skip
-            continue
-        s.checks.want_header(str(rule["header"]), f"(?!{_ANY}(?:{rule['regexp']})){_ANY}")
+    # Go's MatchString finds a match anywhere; hopwatch matches whole header values.
+    for key, template in (
+        ("fail_if_header_not_matches", _ANY + "(?:{})" + _ANY),
+        ("fail_if_header_matches", "(?!" + _ANY + "(?:{}))" + _ANY),
+    ):
+        for rule in http.get(key) or []:
+            header, regexp = (rule or {}).get("header"), (rule or {}).get("regexp", "")
+            if not header or rule.get("allow_missing"):
+                why = "with allow_missing (a header that may be absent)" if header else "no header"
+                s.leave_out(f"{key} on {header} {why} is not translated", regexp)
+                continue
+            s.checks.want_header(str(header), template.replace("{}", str(regexp)))
 
 
 def _transport(s: _Step, http: dict[str, Any]) -> None:
