@@ -8,5 +8,5 @@ pytest_plugins = [
     "tests.fixtures.store",
     "tests.fixtures.demo",
     "tests.fixtures.prometheus",
-    "tests.fixtures.conduit",
+    "tests.fixtures.postman",
 ]

@@ -13,11 +13,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from monitor.importers.report import safe_name
-from tests.fixtures.conduit import API_KEY, FAULTS, USER
+from tests.fixtures.postman import API_KEY, FAULTS, USER
 
 DATA = Path(__file__).parent / "imports"
 COLLECTION = DATA / "conduit.postman_collection.json"
 SECRETS = {"POSTMAN_API_KEY": API_KEY, "POSTMAN_PASSWORD": USER["password"]}
+ECHO = DATA / "echo.postman_collection.json"
+ECHO_SECRETS = {"POSTMAN_PASSWORD": "s3cret-pass", "POSTMAN_API_TOKEN": "tok-123456"}
 
 
 async def command(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -30,20 +32,25 @@ async def command(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     return proc.returncode, out.decode(), err.decode()
 
 
-def environment(conduit: TestServer, tmp_path: Path) -> Path:
-    env = json.loads((DATA / "conduit.postman_environment.json").read_text())
+def environment(
+    server: TestServer, tmp_path: Path, name: str = "conduit", key: str = "APIURL"
+) -> Path:
+    """The collection's environment file, its base URL pointing at `server`."""
+    env = json.loads((DATA / f"{name}.postman_environment.json").read_text())
     for value in env["values"]:
-        if value["key"] == "APIURL":
-            value["value"] = f"http://127.0.0.1:{conduit.port}"
+        if value["key"] == key:
+            value["value"] = f"http://127.0.0.1:{server.port}"
     path = tmp_path / "env.json"
     path.write_text(json.dumps(env))
     return path
 
 
-async def newman_verdicts(newman: Path, env: Path, tmp_path: Path) -> dict[str, bool]:
+async def newman_verdicts(
+    newman: Path, env: Path, tmp_path: Path, collection: Path = COLLECTION
+) -> dict[str, bool]:
     """Request name → whether every assertion newman ran on it passed."""
     report = tmp_path / "newman.json"
-    await command(str(newman), "run", str(COLLECTION), "-e", str(env), "--reporters", "json",
+    await command(str(newman), "run", str(collection), "-e", str(env), "--reporters", "json",
                   "--reporter-json-export", str(report))  # fmt: skip
     verdicts: dict[str, bool] = {}
     for execution in json.loads(report.read_text())["run"]["executions"]:
@@ -54,11 +61,13 @@ async def newman_verdicts(newman: Path, env: Path, tmp_path: Path) -> dict[str, 
     return verdicts
 
 
-async def hopwatch_verdicts(flows: Path) -> dict[str, dict[str, str]]:
+async def hopwatch_verdicts(
+    flows: Path, secrets: dict[str, str] = SECRETS
+) -> dict[str, dict[str, str]]:
     """Flow → step → passed/failed/skipped."""
     rc, out, err = await command(
         sys.executable, "-m", "monitor", "check", str(flows), "--output", "json",
-        "--listen", "127.0.0.1:0", env=SECRETS,
+        "--listen", "127.0.0.1:0", env=secrets,
     )  # fmt: skip
     assert rc in (0, 1), err
     return {
@@ -119,3 +128,32 @@ async def test_import_lists_what_it_left_out_and_keeps_secrets_out(tmp_path: Pat
     rc, _out, err = await command(sys.executable, "-m", "monitor", "validate", str(flows),
                                  env=SECRETS)  # fmt: skip
     assert rc == 0, err
+
+
+@pytest.mark.parametrize(("faults", "failed"), [(set(), {}), ({"mangle"}, {"Forms": "Form_login"})])
+async def test_every_request_shape_reaches_the_server_as_newman_sends_it(
+    echo: TestServer, newman: Path, tmp_path: Path, faults: set[str], failed: dict[str, str]
+) -> None:
+    """Bodies (urlencoded, form-data, GraphQL, raw with dynamic values), auth (basic from the
+    folder, bearer, API key in the query), path variables, disabled headers, redirects:
+    the server's echo, checked by the collection's own tests, passes for both tools."""
+    env = environment(echo, tmp_path, "echo", "base")
+    flows = tmp_path / "echo.yaml"
+    rc, _, err = await command(sys.executable, "-m", "monitor", "import", "postman", str(ECHO),
+                               "-e", str(env), "-o", str(flows))  # fmt: skip
+    assert rc == 0, err  # everything translated
+    echo.app[FAULTS].update(faults)
+    expected = await newman_verdicts(newman, env, tmp_path, ECHO)
+    assert len(expected) == 9
+    assert {n for n, ok in expected.items() if not ok} == (
+        {"Form_login", "Upload_fields"} if faults else set()
+    )
+    got = await hopwatch_verdicts(flows, ECHO_SECRETS)
+    assert set(got) == {"Forms", "Auth", "Other"}
+    for flow, steps in got.items():
+        assert [n for n, st in steps.items() if st == "failed"] == (
+            [failed[flow]] if flow in failed else []
+        ), (flow, steps)
+        for name, status in steps.items():
+            if status != "skipped":
+                assert (status == "passed") == expected[name], (flow, name, status)

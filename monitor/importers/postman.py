@@ -82,7 +82,10 @@ def _walk(
             if not isinstance(item, dict):
                 result.leave_out(level, "an item that is not an object", json.dumps(item)[:80])
                 continue
-            own_auth = item.get("auth") if item.get("auth") else auth
+            request = item.get("request")
+            # A folder's auth is on the item, a request's inside its request.
+            holder = request if isinstance(request, dict) and "item" not in item else item
+            own_auth = holder.get("auth") if holder.get("auth") else auth
             if isinstance(own_auth, dict) and own_auth.get("type") == "inherit":
                 own_auth = auth
             item_name = str(item.get("name") or "unnamed")

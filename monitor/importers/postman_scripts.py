@@ -207,9 +207,12 @@ class ScriptReader:
             return None
         if kind == "ArrayExpression":
             items = [self.literal(e) if e is not None else None for e in node.elements]
-            if any(i is None or i.template for i in items):
+            if any(i is None for i in items):
                 return None
-            return Literal([i.value for i in items if i is not None])
+            # Templates inside stay templates: `eql` renders them, the other assertions refuse.
+            return Literal(
+                [i.value for i in items if i is not None], any(i.template for i in items if i)
+            )
         if kind == "ObjectExpression":
             return self._object(node)
         if kind == "Identifier":
@@ -223,15 +226,17 @@ class ScriptReader:
 
     def _object(self, node: Any) -> Literal | None:
         out: dict[str, Any] = {}
+        template = False
         for prop in node.properties:
             if prop.type != "Property" or prop.computed or prop.kind != "init":
                 return None
             key = prop.key.name if prop.key.type == "Identifier" else str(prop.key.value)
             value = self.literal(prop.value)
-            if value is None or value.template:
+            if value is None:
                 return None
             out[key] = value.value
-        return Literal(out)
+            template = template or value.template
+        return Literal(out, template)
 
 
 class _Statement:
