@@ -118,3 +118,20 @@ async def test_without_prometheus_every_http_module_waits_for_a_target(tmp_path:
     assert rc == 1
     assert "module 'http_post_2xx': no targets without --prometheus" in err
     assert "target: http://TARGET" in out
+
+
+def test_secrets_in_options_left_out_are_not_shown() -> None:
+    from monitor.importers.blackbox import import_blackbox
+
+    module = {"prober": "http", "http": {
+        "oauth2": {"client_id": "id", "client_secret": "oauth-secret-1"},
+        "proxy_url": "http://user:proxy-pass@proxy:3128",
+        "basic_auth": {"username": "u", "password": "basic-pass-1"},
+        "body": "token=basic-pass-1",
+    }}  # fmt: skip
+    result = import_blackbox({"modules": {"m": module}})
+    shown = result.to_yaml() + "\n".join(i.line() for i in result.untranslated)
+    for secret in ("oauth-secret-1", "proxy-pass", "basic-pass-1"):
+        assert secret not in "\n".join(i.line() for i in result.untranslated)
+    assert "oauth2 is not translated: {client_id, client_secret}" in shown
+    assert "http://***@proxy:3128" in shown

@@ -215,3 +215,23 @@ async def test_the_table_is_what_newman_decides(newman: Path, tmp_path: Path) ->
     finally:
         await server.close()
     assert {f"case_{i}": p for i, _, p in rows} == verdicts
+
+
+def test_folder_variables_are_read_and_a_clash_is_listed() -> None:
+    folder = {"name": "F", "variable": [{"key": "path", "value": "/a"}, {"key": "h", "value": "x"}],
+              "item": [request("r", "{{h}}{{path}}")]}  # fmt: skip
+    result = import_postman(collection([folder], variable=[{"key": "h", "value": "http://h"}]))
+    assert result.flows[0].fields["variants"]["default"] == {"h": "http://h", "path": "/a"}
+    assert [i.what for i in result.untranslated] == [
+        "variable 'h' has another value elsewhere; the collection's or environment's is used"
+    ]
+
+
+def test_a_script_quoting_a_secret_is_listed_masked() -> None:
+    env = {"values": [{"key": "api_token", "value": "tok-secret-9", "type": "secret"}]}
+    item = request("r", "http://x/", 'pm.request.headers.add({key: "A", value: "tok-secret-9"})')
+    result = import_postman(collection([item]), env)
+    text = result.to_yaml()
+    assert len(result.untranslated) == 1
+    assert "tok-secret-9" not in text and "tok-secret-9" not in result.untranslated[0].line()
+    assert 'value: "***"' in result.untranslated[0].line()

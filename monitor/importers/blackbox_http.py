@@ -61,11 +61,11 @@ def http_step(
 ) -> tuple[dict[str, Any], list[str]]:
     """The step for a module's `http` section, and its comment lines."""
     s = _Step(module, targets, result)
+    _request(s, http)
+    _auth(s, http)
     for key in http:
         if key not in _HANDLED:
             s.leave_out(f"option {key} is not translated", _short(http[key]))
-    _request(s, http)
-    _auth(s, http)
     _tls(s, http)
     _assertions(s, http)
     _transport(s, http)
@@ -78,7 +78,11 @@ def http_step(
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    """An option's value to show: a mapping by its keys only (it may hold a client secret),
+    a URL without its user info."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(str(k) for k in value) + "}"
+    text = re.sub(r"//[^/@\s]+@", "//***@", str(value))
     return text if len(text) < 80 else text[:77] + "…"
 
 
@@ -112,6 +116,7 @@ def _auth(s: _Step, http: dict[str, Any]) -> None:
         if basic.get("password_file"):
             password = "${file:" + str(basic["password_file"]) + "}"
         else:
+            s.result.keep_secret(basic.get("password"))
             password = s.secret("password")
         s.step["auth"] = {"basic": {"username": str(basic.get("username", "")),
                                     "password": password}}  # fmt: skip
@@ -122,6 +127,7 @@ def _auth(s: _Step, http: dict[str, Any]) -> None:
     elif token_file:
         s.step["auth"] = {"bearer": "${file:" + str(token_file) + "}"}
     elif http.get("bearer_token") or authorization.get("credentials"):
+        s.result.keep_secret(http.get("bearer_token") or authorization.get("credentials"))
         s.step["auth"] = {"bearer": s.secret("bearer_token")}
 
 

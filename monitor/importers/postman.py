@@ -47,6 +47,9 @@ def import_postman(
         raise ImportError_("the environment has no `values` list")
     result = ImportResult(source=source or str(collection["info"].get("name", "collection")))
     values = Values.of(collection, environment)
+    _folder_variables(collection["item"], [], values, result)
+    for secret in values.secret:
+        result.keep_secret(values.static.get(secret))
     name = str(collection["info"].get("name") or "collection")
     requests = _walk(collection, name, one_flow, result)
     if not requests:
@@ -59,6 +62,26 @@ def import_postman(
         own = [r for r in requests if r.flow == flow_name]
         result.flows.append(_flow(flow_name, _with_setters(own, requests), values, result, taken))
     return result
+
+
+def _folder_variables(items: list[Any], path: list[str], values: Values,
+                      result: ImportResult) -> None:  # fmt: skip
+    """Folders' own variables, read like the collection's; a name the collection, the
+    environment or another folder gives another value is listed (flows share one set)."""
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("item"), list):
+            continue
+        where = "folder '" + " / ".join([*path, str(item.get("name", "?"))]) + "'"
+        for var in item.get("variable") or []:
+            if not isinstance(var, dict) or "key" not in var or var.get("disabled"):
+                continue
+            key = str(var["key"])
+            if key in values.static and values.static[key] != var.get("value"):
+                result.leave_out(where, f"variable {key!r} has another value elsewhere; the "
+                                 "collection's or environment's is used")  # fmt: skip
+            elif key not in values.static:
+                values.add(key, var.get("value"), var.get("type") == "secret")
+        _folder_variables(item["item"], [*path, str(item.get("name", "?"))], values, result)
 
 
 def _check_collection(collection: Any) -> None:

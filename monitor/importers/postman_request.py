@@ -114,6 +114,7 @@ def _secret(attrs: dict[str, Any], key: str, refs: FlowValues) -> str:
     """A credential: a variable becomes an `${env:…}` reference; a literal one too (its
     value is never written to the flow file)."""
     value = str(attrs.get(key) or "")
+    refs.result.keep_secret(value)
     if VARIABLE.search(value):
         return refs.text(value, secret=True)
     name = f"auth_{key}_{refs.where}"

@@ -63,12 +63,20 @@ class ImportResult:
     untranslated: list[Untranslated] = field(default_factory=list)
     exports: dict[str, Export] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    secrets: set[str] = field(default_factory=set)  # values masked in what is reported
 
     @property
     def complete(self) -> bool:
         return not self.untranslated
 
+    def keep_secret(self, value: object) -> None:
+        if isinstance(value, str) and len(value) >= 4:  # shorter ones would mangle text
+            self.secrets.add(value)
+
     def leave_out(self, where: str, what: str, source: str = "") -> Untranslated:
+        """List something left out; a script or option quoting a secret shows `***`."""
+        for secret in self.secrets:
+            what, source = what.replace(secret, "***"), source.replace(secret, "***")
         item = Untranslated(where, what, source)
         self.untranslated.append(item)
         return item
