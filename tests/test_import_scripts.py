@@ -235,3 +235,18 @@ def test_a_script_quoting_a_secret_is_listed_masked() -> None:
     assert len(result.untranslated) == 1
     assert "tok-secret-9" not in text and "tok-secret-9" not in result.untranslated[0].line()
     assert 'value: "***"' in result.untranslated[0].line()
+
+
+def test_a_request_an_http_step_cannot_send_is_listed_not_guessed() -> None:
+    items = [
+        {"name": "no url", "request": {"method": "GET"}},
+        {"name": "odd", "request": {"method": "PROPFIND", "url": "http://x/"}},
+        {"name": "ok", "request": "localhost:3000/health"},
+    ]
+    result = import_postman(collection(items))
+    assert [s["name"] for s in result.flows[0].steps] == ["ok"]
+    assert result.flows[0].steps[0]["url"] == "http://localhost:3000/health"
+    assert [i.what for i in result.untranslated] == [
+        "the request has no URL; step left out",
+        "method PROPFIND is not one an http step sends; step left out",
+    ]

@@ -39,6 +39,9 @@ def request_step(
     if method != "GET":
         step["method"] = method
     url = _url(request.get("url")).strip()
+    if not url:
+        leave_out("the request has no URL; step left out")
+        return None
     if "://" not in url and not url.startswith("{{"):
         url = "http://" + url  # as Postman does with a URL without a scheme
     step["url"] = refs.text(url)
