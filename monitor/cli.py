@@ -1,4 +1,4 @@
-"""The `hopwatch` command line: run, check, validate, schema, demo (and gate)."""
+"""The `hopwatch` command line: run, check, validate, schema, demo (and gate, import)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from monitor.cluster.settings import ClusterSettings
 from monitor.config import Config, FileConfig, load, unresolved_secrets
 from monitor.engine import Options
 from monitor.gate.command import gate
+from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
 from monitor.output import as_json, as_junit, table
 from probes.errors import ConfigError
@@ -271,6 +272,7 @@ def demo(
 
 
 app.command()(gate)
+app.add_typer(import_app, name="import")
 
 
 @app.command()
