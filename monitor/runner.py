@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.config import Flow
@@ -22,7 +22,7 @@ from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
 from probes.arrivals import CorrelatorPort
-from probes.base import HttpClients, RunInfo, StepContext, StepOutcome
+from probes.base import HttpClients, RunInfo, Shared, StepContext, StepOutcome
 from probes.errors import StepFailed, TemplateError
 from probes.kafka_port import KafkaPort
 
@@ -88,6 +88,7 @@ class RunnerDeps:
     kafka: KafkaPort | None = None
     tracing: Tracing | None = None  # when traces are on
     release_run: Callable[[StepContext], Awaitable[None]] | None = None
+    shared: dict[str, Shared] = field(default_factory=dict)  # the kinds' own, by kind name
 
 
 class Runner:
@@ -121,6 +122,7 @@ class Runner:
             cookies=flow.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
+            shared=d.shared,
         )
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
