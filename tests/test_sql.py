@@ -11,17 +11,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from monitor.config import Config
-from monitor.engine import Engine
-from monitor.results import RunResult
 from probes.sql import compile_query
 from tests.fixtures.core import serve
 from tests.fixtures.mariadb import MARIADB_PASSWORD, MariaDb
 from tests.fixtures.otlp import OtlpReceiver
+from tests.test_http import run_flow
 
 JSON_TYPE = {"sqlite": "TEXT", "postgresql": "JSONB", "mariadb": "JSON"}
 DB_PARAMS = [
@@ -85,16 +83,6 @@ async def db(db_url: tuple[str, str]) -> Db:
     database = Db(*db_url)
     await database.create()
     return database
-
-
-async def run_flow(config: Config, registry: CollectorRegistry | None = None) -> RunResult:
-    engine = Engine(config, registry=registry or CollectorRegistry())
-    await engine.start(schedule=False, admin=False)
-    try:
-        [result] = await engine.run_once(engine.select())
-        return result
-    finally:
-        await engine.stop()
 
 
 def flow(steps: str, variant: str = "{}") -> str:
