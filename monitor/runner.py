@@ -232,6 +232,7 @@ class Runner:
                 )
                 result.phases = outcome.phases
                 result.attributes = outcome.attributes
+                result.tls_not_after = outcome.tls_not_after
                 if outcome.vars:
                     ctx.steps[step.name] = outcome.vars
                 else:
@@ -262,6 +263,7 @@ class Runner:
             result.phases = failed.phases
             result.attributes = failed.attributes
             result.latency_s = failed.latency_s
+            result.tls_not_after = failed.tls_not_after
             if failed.vars:
                 ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
         except TimeoutError:

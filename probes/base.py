@@ -67,6 +67,7 @@ class StepOutcome:
     vars: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
+    tls_not_after: float | None = None  # the server's leaf certificate's expiry, unix seconds
 
 
 class Renderer(Protocol):

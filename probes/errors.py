@@ -46,6 +46,7 @@ class StepFailed(Exception):
         self.attributes = attributes or {}
         self.latency_s = latency_s
         self.vars: dict[str, Any] = {}  # values taken despite the failure, for cleanup steps
+        self.tls_not_after: float | None = None  # known even when the step failed on it
 
 
 class Timeout(StepFailed):

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.demo",
     "tests.fixtures.prometheus",
     "tests.fixtures.mariadb",
+    "tests.fixtures.tls",
 ]
