@@ -48,6 +48,9 @@ HTTP_FAILURES: tuple[type[StepFailed], ...] = (
     OtherFailure,
 )  # fmt: skip
 
+# The phases of a request in the order they happen (PhaseTimer.phases' keys).
+PHASES: Final = ("dns", "connect", "tls", "processing", "transfer")
+
 _current_timer: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar(
     "hopwatch_phase_timer", default=None
 )

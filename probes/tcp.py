@@ -8,7 +8,6 @@ connection). Named groups of `expect` regexes become values for later steps.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import ssl
@@ -29,6 +28,7 @@ from probes.errors import (
     Timeout,
     TlsError,
     drop_frames,
+    os_reason,
 )
 from probes.http_common import TlsConfig, build_ssl_context
 from probes.kinds import KindSpec, SpanShape, render_quietly
@@ -193,10 +193,7 @@ async def _connect(infos: list[Any], where: str) -> socket.socket:
         except BaseException:
             sock.close()
             raise
-    if error is None:
-        reason = "no address"
-    else:  # asyncio's message repeats the address; the errno's text says why
-        reason = os.strerror(error.errno) if error.errno else str(error)
+    reason = os_reason(error) if error is not None else "no address"
     raise ConnectError(f"cannot connect to {where}: {reason}")
 
 
@@ -249,7 +246,7 @@ def _translate(exc: BaseException, where: str, phases: dict[str, float]) -> Step
     if isinstance(exc, ValueError):  # a line over the reader's limit
         return AssertionFailed(f"a line from {where} is longer than {MAX_LINE} bytes")
     if isinstance(exc, OSError):
-        return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}", phases=phases)
+        return ConnectError(f"cannot connect to {where}: {os_reason(exc)}", phases=phases)
     return OtherFailure(f"{where}: {type(exc).__name__}: {exc}", phases=phases)
 
 

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.mariadb",
     "tests.fixtures.tls",
+    "tests.fixtures.dns_server",
 ]
