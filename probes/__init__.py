@@ -6,7 +6,7 @@ Installed packages add kinds through the `hopwatch.kinds` entry point group inst
 
 from __future__ import annotations
 
-from probes import dns, http, http_poll, kafka_consume, kafka_produce, sql, tcp, webhook_await
+from probes import dns, grpc, http, http_poll, kafka_consume, kafka_produce, sql, tcp, webhook_await
 from probes.kinds import Kinds, KindSpec
 
 __all__ = ["KINDS", "KindSpec", "StepConfig"]
@@ -21,6 +21,7 @@ KINDS = Kinds(
         sql.SPEC,
         tcp.SPEC,
         dns.SPEC,
+        grpc.SPEC,
     )
 )
 KINDS.load_entry_points()

@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.mariadb",
     "tests.fixtures.tls",
     "tests.fixtures.dns_server",
+    "tests.fixtures.grpc_server",
 ]
