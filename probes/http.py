@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import check, excerpt, extract, rendered_json
+from probes.checks import check, excerpt, extract, rendered_json, rendered_xpath
 from probes.errors import StepFailed
 from probes.http_common import HTTP_FAILURES, HttpExpect, RequestConfig, send
 from probes.http_span import http_span
@@ -38,6 +38,7 @@ class HttpProbe:
                 body=resp.body,
                 latency_s=resp.latency_s,
                 rendered_json=rendered,
+                rendered_xpath=rendered_xpath(config.expect, ctx) if config.expect.xpath else None,
             )
             check_valid_for(resp.tls_not_after, config.expect.tls_valid_for)
             values = extract(config.extract, headers=resp.headers, body=resp.body)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import check, excerpt, extract, rendered_json
+from probes.checks import check, excerpt, extract, rendered_json, rendered_xpath
 from probes.durations import Duration
 from probes.errors import StepFailed, Timeout
 from probes.http_common import HTTP_FAILURES, HttpExpect, RequestConfig, Response, send
@@ -39,6 +39,7 @@ class HttpPollProbe:
         last: StepFailed | None = None
         last_resp: Response | None = None
         rendered = rendered_json(config.until, ctx)
+        rendered_paths = rendered_xpath(config.until, ctx)
         while True:
             attempts += 1
             try:
@@ -51,6 +52,7 @@ class HttpPollProbe:
                     body=resp.body,
                     latency_s=None,
                     rendered_json=rendered,
+                    rendered_xpath=rendered_paths,
                 )
                 check_valid_for(resp.tls_not_after, config.until.tls_valid_for)
                 values = extract(config.extract, headers=resp.headers, body=resp.body)
