@@ -115,3 +115,22 @@ async def test_nothing_listening_over_tcp_is_a_connect_error(
 )
 def test_server_addresses(text: str, want: tuple[str, int]) -> None:
     assert split_server(text) == want
+
+
+def test_span_is_a_client_span_naming_the_question_and_the_server() -> None:
+    from monitor.templates import Templates
+    from probes import KINDS
+    from probes.dns import Config as DnsConfig
+    from tests.test_tracing import make_context
+
+    config = DnsConfig(name="s", kind="dns", query_name="{{ run.flow }}.test", query_type="MX",
+                       server="127.0.0.1:5353", transport="tcp")  # fmt: skip
+    shape = KINDS["dns"].span_shape(config, make_context(Templates()))
+    assert (shape.name, shape.kind) == ("DNS MX orders.test", "client")
+    assert shape.attributes == {
+        "dns.question.name": "orders.test",
+        "dns.question.type": "MX",
+        "network.transport": "tcp",
+        "server.address": "127.0.0.1",
+        "server.port": 5353,
+    }

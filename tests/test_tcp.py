@@ -193,3 +193,19 @@ async def test_http_exports_the_expiry_and_asserts_it_even_unverified(
     assert registry.get_sample_value(EXPIRY, LABELS) == want
     assert (bad.steps[0].reason, bad.steps[0].tls_not_after) == ("assertion", want)
     assert bad.steps[0].message is not None and "want valid for 30.0d" in bad.steps[0].message
+
+
+def test_span_is_a_client_connect_span_with_the_network_attributes() -> None:
+    from monitor.templates import Templates
+    from probes import KINDS
+    from probes.tcp import Config as TcpConfig
+    from tests.test_tracing import make_context
+
+    config = TcpConfig(name="s", kind="tcp", address="{{ run.flow }}.internal:25")
+    shape = KINDS["tcp"].span_shape(config, make_context(Templates()))
+    assert (shape.name, shape.kind) == ("connect orders.internal:25", "client")
+    assert shape.attributes == {
+        "network.transport": "tcp",
+        "server.address": "orders.internal",
+        "server.port": 25,
+    }
