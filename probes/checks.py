@@ -252,6 +252,23 @@ def rendered_xpath(expect: Expect, ctx: StepContext) -> dict[str, Any]:
     return {path: ctx.render_value(want) for path, want in expect.xpath.items()}
 
 
+def check_latency(budget: float | None, latency_s: float | None) -> None:
+    """Fail when the step took longer than its budget (every kind words it alike)."""
+    if budget is not None and latency_s is not None and latency_s > budget:
+        raise AssertionFailed(f"latency {latency_s * 1000:.0f}ms, want <= {budget * 1000:.0f}ms")
+
+
+def check_json_paths(doc: Any, wanted: Mapping[str, Any], where: str = "") -> None:
+    """Fail on the first JSON path of `wanted` that `doc` lacks or holds another value at;
+    `where` prefixes the message (e.g. the column holding the document)."""
+    for path, want in wanted.items():
+        found = json_path_get(doc, path)
+        if not found:
+            raise AssertionFailed(f"{where}{path} missing, want {want!r}")
+        if not any(same_value(v, want) for v in found):
+            raise AssertionFailed(f"{where}{path} is {found[0]!r}, want {want!r}")
+
+
 def check_status(want: int | list[int] | None, status: int) -> None:
     ok = (
         200 <= status < 300
@@ -293,22 +310,14 @@ def check(
         and _compile(expect.body).search(body.decode("utf-8", "replace")) is None
     ):
         raise AssertionFailed(f"body does not contain /{expect.body}/")
-    if expect.max_latency is not None and latency_s is not None and latency_s > expect.max_latency:
-        raise AssertionFailed(
-            f"latency {latency_s * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
-        )
+    check_latency(expect.max_latency, latency_s)
 
 
 def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> None:
     doc = parse_json(body)
     if doc is _MISSING:
         raise AssertionFailed("body is not JSON, want JSON")
-    for path, want in wanted_json.items():
-        found = json_path_get(doc, path)
-        if not found:
-            raise AssertionFailed(f"{path} missing, want {want!r}")
-        if not any(same_value(v, want) for v in found):
-            raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
+    check_json_paths(doc, wanted_json)
     if expect.json_schema is not None:
         validator = jsonschema.validators.validator_for(expect.json_schema)(expect.json_schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(doc))

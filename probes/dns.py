@@ -21,6 +21,7 @@ import dns.resolver
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
+from probes.checks import check_latency
 from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
@@ -207,10 +208,7 @@ def check_answer(
         for line, _ in records:
             if pattern.search(line) is None:
                 raise AssertionFailed(f"answer {line!r} does not match /{expect.answers_match}/")
-    if expect.max_latency is not None and latency > expect.max_latency:
-        raise AssertionFailed(
-            f"latency {latency * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
-        )
+    check_latency(expect.max_latency, latency)
 
 
 def _translate(exc: BaseException, where: str) -> StepFailed:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import JSON_PATH_KEYS, ExtractRule, extract, json_path_get, same_value
+from probes.checks import JSON_PATH_KEYS, ExtractRule, check_json_paths, check_latency, extract
 from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
@@ -202,17 +202,8 @@ def _check(
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         if status != "SERVING":
             raise AssertionFailed(f"health {status}, want SERVING")
-    doc = json.loads(body)
-    for path, template in config.expect.json_.items():
-        want = ctx.render_value(template)
-        found = json_path_get(doc, path)
-        if not found:
-            raise AssertionFailed(f"{path} missing, want {want!r}")
-        if not any(same_value(v, want) for v in found):
-            raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
-    budget = config.expect.max_latency
-    if budget is not None and latency > budget:
-        raise AssertionFailed(f"latency {latency * 1000:.0f}ms, want <= {budget * 1000:.0f}ms")
+    check_json_paths(json.loads(body), ctx.render_value(config.expect.json_))
+    check_latency(config.expect.max_latency, latency)
 
 
 def _translate(exc: grpc.aio.AioRpcError, target: str, wanted: str) -> StepFailed | None:

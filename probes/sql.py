@@ -25,7 +25,14 @@ from sqlalchemy import URL, TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from probes.base import StepConfigBase, StepContext, StepOutcome, Untrusted
-from probes.checks import JSON_PATH_KEYS, json_path_get, same_value, validate_json_path
+from probes.checks import (
+    JSON_PATH_KEYS,
+    check_json_paths,
+    check_latency,
+    json_path_get,
+    same_value,
+    validate_json_path,
+)
 from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
@@ -253,17 +260,8 @@ def check_rows(expect: SqlExpect, rows: Rows, ctx: StepContext) -> None:
             raise AssertionFailed(f"column {column} is {found!r}, want {wanted!r}")
     for column, paths in expect.json_.items():
         doc = _json(_first(rows, column, AssertionFailed), column, AssertionFailed)
-        for path, want in paths.items():
-            wanted = ctx.render_value(want)
-            found = json_path_get(doc, path)
-            if not found:
-                raise AssertionFailed(f"column {column}: {path} missing, want {wanted!r}")
-            if not any(same_value(v, wanted) for v in found):
-                raise AssertionFailed(f"column {column}: {path} is {found[0]!r}, want {wanted!r}")
-    if expect.max_latency is not None and rows.latency_s > expect.max_latency:
-        raise AssertionFailed(
-            f"latency {rows.latency_s * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
-        )
+        check_json_paths(doc, ctx.render_value(paths), f"column {column}: ")
+    check_latency(expect.max_latency, rows.latency_s)
 
 
 def extract_values(rules: Mapping[str, SqlExtract], rows: Rows) -> dict[str, Any]:

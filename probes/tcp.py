@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome, Untrusted
+from probes.checks import check_latency
 from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
@@ -155,11 +156,7 @@ class TcpProbe:
                 writer.close()
         try:
             check_valid_for(expiry, config.expect.tls_valid_for)
-            if config.expect.max_latency is not None and latency > config.expect.max_latency:
-                raise AssertionFailed(
-                    f"latency {latency * 1000:.0f}ms, want <= "
-                    f"{config.expect.max_latency * 1000:.0f}ms"
-                )
+            check_latency(config.expect.max_latency, latency)
         except StepFailed as failed:
             failed.tls_not_after, failed.latency_s, failed.phases = expiry, latency, phases
             raise
