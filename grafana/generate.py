@@ -516,6 +516,21 @@ def _overview_breaks(lay: Layout, sel: str) -> None:
         w=12,
         h=8,
     )
+    expiry = (
+        "min by (flow, step, variant, location)"
+        f" (hopwatch_tls_cert_expiry_timestamp_seconds{{{sel}}})"
+    )
+    lay.add(
+        table(
+            "Certificates expiring soonest",
+            "Time left on each TLS server certificate the hops saw in their last run"
+            " (hopwatch_tls_cert_expiry_timestamp_seconds), soonest first.",
+            [instant_table_target(f"sort(bottomk(20, {expiry} - time()))")],
+            "s",
+        ),
+        w=24,
+        h=7,
+    )
     lay.add(
         timeseries(
             "Runs by outcome",

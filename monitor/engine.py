@@ -171,6 +171,7 @@ class Engine:
             self._prepare_membership(cluster)
         await self.sinks.start()
         self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
+        self._make_shared()
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
@@ -237,6 +238,22 @@ class Engine:
                 async with asyncio.timeout(10):
                     await self.kafka.wait_consumer()
 
+    def _make_shared(self) -> None:
+        """The long-lived resources of the kinds the flows use (KindSpec.shared), once each."""
+        shared = self.runner.deps.shared
+        for spec in {KINDS[step.kind].name: KINDS[step.kind] for step in self.steps}.values():
+            if spec.shared is not None and spec.name not in shared:
+                shared[spec.name] = spec.shared()
+
+    async def _close_shared(self) -> None:
+        shared = self.runner.deps.shared
+        for name, resources in reversed(list(shared.items())):
+            try:
+                await resources.aclose()
+            except Exception:
+                log.exception("closing the %s kind's shared resources failed", name)
+        shared.clear()
+
     async def stop(self) -> None:
         self._ready = False
         if self.membership is not None:
@@ -249,6 +266,7 @@ class Engine:
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.sinks.close()
+        await self._close_shared()
         await self.http.close()
         if self.kafka is not None:
             await self.kafka.close()

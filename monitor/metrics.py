@@ -42,6 +42,7 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_flow_up": "gauge",
     "hopwatch_last_success_timestamp_seconds": "gauge",
     "hopwatch_http_phase_duration_seconds": "histogram",
+    "hopwatch_tls_cert_expiry_timestamp_seconds": "gauge",
     "hopwatch_arrivals_total": "counter",
     "hopwatch_event_loop_lag_seconds": "histogram",
     "hopwatch_scheduler_lag_seconds": "histogram",
@@ -90,6 +91,11 @@ class Metrics:
             "hopwatch_last_success_timestamp_seconds", "Unix time of the last good run.", flow,
             registry,
         )  # fmt: skip
+        self.tls_expiry = GaugeFamily(
+            "hopwatch_tls_cert_expiry_timestamp_seconds",
+            "Unix time the server's leaf certificate expires, as the hop last saw it.",
+            ["flow", "step", "variant", "location"], registry,
+        )  # fmt: skip
         self.http_phase = HistogramFamily(
             "hopwatch_http_phase_duration_seconds", "HTTP phase timings.",
             ["flow", "step", "phase"], registry, buckets=PHASE_BUCKETS,
@@ -116,7 +122,7 @@ class Metrics:
 class _Hop:
     """Where one hop's updates go, as offsets into the families (see metric_types.Family)."""
 
-    __slots__ = ("duration", "failures", "kind", "link_up", "phases")
+    __slots__ = ("duration", "failures", "kind", "link_up", "phases", "tls_expiry")
 
     def __init__(self, m: Metrics, flow: str, step: str, kind: str, variant: str, loc: str):
         self.kind = kind
@@ -124,6 +130,7 @@ class _Hop:
         self.duration = m.step_duration.reserve((flow, step, kind, variant, loc))
         self.failures: dict[str, int] = {}  # reason → offset, filled when first needed
         self.phases: dict[str, int] = {}  # phase → offset, filled when first seen
+        self.tls_expiry: int | None = None  # offset, reserved when a certificate is first seen
 
 
 class _Run:
@@ -280,6 +287,11 @@ class MetricsSink:
                 if offset is None:
                     offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
                 m.http_phase.observe_at(offset, seconds)
+        if step.tls_not_after is not None:
+            if hop.tls_expiry is None:
+                key = (run.flow, step.name, run.variant, run.loc)
+                hop.tls_expiry = m.tls_expiry.reserve(key)
+            m.tls_expiry.set_at(hop.tls_expiry, step.tls_not_after)
 
 
 async def watch_event_loop(metrics: Metrics, interval: float = 0.25, every: float = 0.05) -> None:

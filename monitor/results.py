@@ -25,6 +25,7 @@ class StepResult:
     attributes: dict[str, Any] = field(default_factory=dict)
     excerpt: str | None = None
     cleanup: bool = False
+    tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
 
     @property
     def passed(self) -> bool:

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.config import Flow
@@ -22,7 +22,7 @@ from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
 from probes.arrivals import CorrelatorPort
-from probes.base import HttpClients, RunInfo, StepContext, StepOutcome
+from probes.base import HttpClients, RunInfo, Shared, StepContext, StepOutcome
 from probes.errors import StepFailed, TemplateError
 from probes.kafka_port import KafkaPort
 
@@ -89,6 +89,7 @@ class RunnerDeps:
     tracing: Tracing | None = None  # when traces are on
     release_run: Callable[[StepContext], Awaitable[None]] | None = None
     replica: str | None = None  # named on every result when in a cluster
+    shared: dict[str, Shared] = field(default_factory=dict)  # the kinds' own, by kind name
 
 
 class Runner:
@@ -122,6 +123,7 @@ class Runner:
             cookies=flow.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
+            shared=d.shared,
         )
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
@@ -232,6 +234,7 @@ class Runner:
                 )
                 result.phases = outcome.phases
                 result.attributes = outcome.attributes
+                result.tls_not_after = outcome.tls_not_after
                 if outcome.vars:
                     ctx.steps[step.name] = outcome.vars
                 else:
@@ -262,6 +265,7 @@ class Runner:
             result.phases = failed.phases
             result.attributes = failed.attributes
             result.latency_s = failed.latency_s
+            result.tls_not_after = failed.tls_not_after
             if failed.vars:
                 ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
         except TimeoutError:

@@ -6,7 +6,7 @@ Installed packages add kinds through the `hopwatch.kinds` entry point group inst
 
 from __future__ import annotations
 
-from probes import http, http_poll, kafka_consume, kafka_produce, webhook_await
+from probes import dns, grpc, http, http_poll, kafka_consume, kafka_produce, sql, tcp, webhook_await
 from probes.kinds import Kinds, KindSpec
 
 __all__ = ["KINDS", "KindSpec", "StepConfig"]
@@ -18,6 +18,10 @@ KINDS = Kinds(
         webhook_await.SPEC,
         kafka_produce.SPEC,
         kafka_consume.SPEC,
+        sql.SPEC,
+        tcp.SPEC,
+        dns.SPEC,
+        grpc.SPEC,
     )
 )
 KINDS.load_entry_points()

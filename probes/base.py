@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 RenderMode = Literal["text", "url", "header"]
+SharedT = TypeVar("SharedT")
 ARRIVAL_KEY = "trace_arrival"
 _VARIABLES = "_template_variables"
 
@@ -87,6 +88,7 @@ class StepOutcome:
     vars: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
+    tls_not_after: float | None = None  # the server's leaf certificate's expiry, unix seconds
 
 
 class Renderer(Protocol):
@@ -97,6 +99,13 @@ class Renderer(Protocol):
     def redact(self, text: str) -> str:
         """`text` with the secrets rendering resolved masked (for spans and messages)."""
         ...
+
+
+class Shared(Protocol):
+    """A kind's long-lived resources (pools, channels): made by the engine at start, closed at
+    stop, lent to every run as `StepContext.shared[<kind>]`."""
+
+    async def aclose(self) -> None: ...
 
 
 class HttpClients(Protocol):
@@ -122,6 +131,7 @@ class StepContext:
     correlator: CorrelatorPort | None = None  # None: the engine lent none (waiting kinds refuse)
     kafka: KafkaPort | None = None  # None: no kafka clusters configured (Kafka kinds refuse)
     propagation: Callable[[], dict[str, str]] = dict
+    shared: Mapping[str, Shared] = field(default_factory=dict)  # by kind name (KindSpec.shared)
     step_started: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
     run_state: dict[Any, Any] = field(default_factory=dict)  # per-run scratch, e.g. sessions
     step: str = ""
@@ -169,6 +179,14 @@ class StepContext:
     def note_arrival(self, arrival: Arrival) -> None:
         """Tell the engine which arrival this step took (its span links to the sender's)."""
         self.run_state[(ARRIVAL_KEY, self.step)] = arrival
+
+    def lent(self, kind: str, shape: type[SharedT]) -> SharedT:
+        """The shared resources of `kind` the engine lent; an internal error when it lent none
+        (a context built without the engine)."""
+        found = self.shared.get(kind)
+        if not isinstance(found, shape):
+            raise RuntimeError(f"the engine lent no {shape.__name__} for {kind} steps")
+        return found
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

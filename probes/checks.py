@@ -21,6 +21,7 @@ from probes import untrusted_json
 from probes.base import StepContext, Untrusted
 from probes.durations import Duration
 from probes.errors import AssertionFailed, ExtractFailed, HttpStatusError
+from probes.xml_checks import NotXml, parse_xml, validate_xpath, xpath_get
 
 _MISSING = object()
 # A response the flow asked for may be big; its nesting is what must stay bounded.
@@ -159,6 +160,15 @@ class Expect(BaseModel):
         alias="json",
         description="JSON path → wanted value (exact, after template rendering); default: none.",
     )
+    xpath: dict[str, Any] = Field(
+        default_factory=dict,
+        description="XPath → wanted value in an XML body (exact, after template rendering; an "
+        "element stands for its text); default: none.",
+    )
+    namespaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="XML namespace prefixes the XPaths use, prefix → URI; default: none.",
+    )
     body: str | None = Field(
         default=None, description="Regular expression the body must contain; default: none."
     )
@@ -183,6 +193,12 @@ class Expect(BaseModel):
             _compile(value)
         return value
 
+    @model_validator(mode="after")
+    def _xpaths_compile(self) -> Expect:
+        for path in self.xpath:
+            validate_xpath(path, self.namespaces)
+        return self
+
     @field_validator("json_schema")
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -199,11 +215,15 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 class ExtractRule(BaseModel):
-    """Where to take one value from: a JSON path, a header, or a regex's first group."""
+    """Where to take one value from: a JSON path, an XPath, a header, or a regex's first group."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     json_: str | None = Field(default=None, alias="json", description="JSON path; default: none.")
+    xpath: str | None = Field(default=None, description="XPath in an XML body; default: none.")
+    namespaces: dict[str, str] = Field(
+        default_factory=dict, description="The XPath's namespace prefixes; default: none."
+    )
     header: str | None = Field(default=None, description="Header name; default: none.")
     regex: str | None = Field(
         default=None,
@@ -212,11 +232,13 @@ class ExtractRule(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ExtractRule:
-        given = [n for n in ("json_", "header", "regex") if getattr(self, n) is not None]
+        given = [n for n in ("json_", "xpath", "header", "regex") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of json, header, regex")
+            raise ValueError("give exactly one of json, xpath, header, regex")
         if self.json_ is not None:
             validate_json_path(self.json_)
+        if self.xpath is not None:
+            validate_xpath(self.xpath, self.namespaces)
         if self.regex is not None:
             _compile(self.regex)
         return self
@@ -225,6 +247,28 @@ class ExtractRule(BaseModel):
 def rendered_json(expect: Expect, ctx: StepContext) -> dict[str, Any]:
     """`expect.json` with its wanted values rendered (they may name run or step values)."""
     return {path: ctx.render_value(want) for path, want in expect.json_.items()}
+
+
+def rendered_xpath(expect: Expect, ctx: StepContext) -> dict[str, Any]:
+    """`expect.xpath` with its wanted values rendered."""
+    return {path: ctx.render_value(want) for path, want in expect.xpath.items()}
+
+
+def check_latency(budget: float | None, latency_s: float | None) -> None:
+    """Fail when the step took longer than its budget (every kind words it alike)."""
+    if budget is not None and latency_s is not None and latency_s > budget:
+        raise AssertionFailed(f"latency {latency_s * 1000:.0f}ms, want <= {budget * 1000:.0f}ms")
+
+
+def check_json_paths(doc: Any, wanted: Mapping[str, Any], where: str = "") -> None:
+    """Fail on the first JSON path of `wanted` that `doc` lacks or holds another value at;
+    `where` prefixes the message (e.g. the column holding the document)."""
+    for path, want in wanted.items():
+        found = json_path_get(doc, path)
+        if not found:
+            raise AssertionFailed(f"{where}{path} missing, want {want!r}")
+        if not any(same_value(v, want) for v in found):
+            raise AssertionFailed(f"{where}{path} is {found[0]!r}, want {want!r}")
 
 
 def check_status(want: int | list[int] | None, status: int) -> None:
@@ -246,9 +290,10 @@ def check(
     body: bytes,
     latency_s: float | None,
     rendered_json: Mapping[str, Any] | None = None,
+    rendered_xpath: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raise the first assertion that does not hold. `rendered_json` replaces `expect.json_`
-    after the caller rendered its templates."""
+    """Raise the first assertion that does not hold. `rendered_json` and `rendered_xpath`
+    replace `expect.json_` and `expect.xpath` after the caller rendered their templates."""
     if status is not None:
         check_status(expect.status, status)
     for name, pattern in expect.headers.items():
@@ -260,27 +305,21 @@ def check(
     wanted_json = expect.json_ if rendered_json is None else rendered_json
     if wanted_json or expect.json_schema is not None:
         _check_json(expect, wanted_json, body)
+    if expect.xpath:
+        _check_xml(rendered_xpath if rendered_xpath is not None else expect.xpath, expect, body)
     if (
         expect.body is not None
         and _compile(expect.body).search(body.decode("utf-8", "replace")) is None
     ):
         raise AssertionFailed(f"body does not contain /{expect.body}/")
-    if expect.max_latency is not None and latency_s is not None and latency_s > expect.max_latency:
-        raise AssertionFailed(
-            f"latency {latency_s * 1000:.0f}ms, want <= {expect.max_latency * 1000:.0f}ms"
-        )
+    check_latency(expect.max_latency, latency_s)
 
 
 def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> None:
     doc = parse_json(body)
     if doc is _MISSING:
         raise AssertionFailed("body is not JSON, want JSON")
-    for path, want in wanted_json.items():
-        found = json_path_get(doc, path)
-        if not found:
-            raise AssertionFailed(f"{path} missing, want {want!r}")
-        if not any(same_value(v, want) for v in found):
-            raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
+    check_json_paths(doc, wanted_json)
     if expect.json_schema is not None:
         validator = jsonschema.validators.validator_for(expect.json_schema)(expect.json_schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
@@ -289,12 +328,26 @@ def _check_json(expect: Expect, wanted_json: Mapping[str, Any], body: bytes) -> 
             raise AssertionFailed(f"body fails JSON Schema at {where}: {error.message}")
 
 
+def _check_xml(wanted: Mapping[str, Any], expect: Expect, body: bytes) -> None:
+    try:
+        root = parse_xml(body)
+    except NotXml as exc:
+        raise AssertionFailed(f"{exc}, want XML") from None
+    for path, want in wanted.items():
+        found = xpath_get(root, path, expect.namespaces)
+        if not found:
+            raise AssertionFailed(f"{path} missing, want {want!r}")
+        if not any(same_value(v, want) for v in found):
+            raise AssertionFailed(f"{path} is {found[0]!r}, want {want!r}")
+
+
 def extract(
     rules: Mapping[str, ExtractRule], *, headers: Mapping[str, str], body: bytes
 ) -> dict[str, Any]:
     """The values named by `rules`, marked Untrusted when they are strings."""
     out: dict[str, Any] = {}
     doc: Any = _MISSING
+    root: Any = None
     for name, rule in rules.items():
         if rule.json_ is not None:
             if doc is _MISSING:
@@ -304,6 +357,16 @@ def extract(
             found = json_path_get(doc, rule.json_)
             if not found:
                 raise ExtractFailed(f"{name}: {rule.json_} not in body")
+            value = found[0]
+        elif rule.xpath is not None:
+            if root is None:
+                try:
+                    root = parse_xml(body)
+                except NotXml as exc:
+                    raise ExtractFailed(f"{name}: {exc}, want {rule.xpath}") from None
+            found = xpath_get(root, rule.xpath, rule.namespaces)
+            if not found:
+                raise ExtractFailed(f"{name}: {rule.xpath} not in body")
             value = found[0]
         elif rule.header is not None:
             header = headers.get(rule.header)

@@ -16,11 +16,13 @@ StepFailed
 
 ConfigError            a flow file is wrong; never counted against a target
 
-drop_frames(exc) is for the places where a library's error becomes a StepFailed.
+drop_frames(exc) is for the places where a library's error becomes a StepFailed; os_reason(exc)
+words a socket error as the system does.
 """
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any, ClassVar, Final
 
@@ -46,6 +48,7 @@ class StepFailed(Exception):
         self.attributes = attributes or {}
         self.latency_s = latency_s
         self.vars: dict[str, Any] = {}  # values taken despite the failure, for cleanup steps
+        self.tls_not_after: float | None = None  # known even when the step failed on it
 
 
 class Timeout(StepFailed):
@@ -141,3 +144,9 @@ def drop_frames(exc: BaseException) -> None:
         seen.add(id(current))
         traceback.clear_frames(current.__traceback__)
         todo += (current.__cause__, current.__context__)
+
+
+def os_reason(exc: OSError) -> str:
+    """Why a socket call failed, in the system's words ("Connection refused"): asyncio's own
+    message repeats the address the caller already names."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

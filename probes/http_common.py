@@ -26,7 +26,8 @@ from aiohttp.resolver import DefaultResolver
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from probes.base import StepContext
-from probes.checks import ExtractRule
+from probes.checks import Expect, ExtractRule
+from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
     ConnectError,
@@ -39,12 +40,16 @@ from probes.errors import (
     TlsError,
     drop_frames,
 )
+from probes.tls_cert import not_after
 
 # What an HTTP step can report: never a webhook's or a topic's reasons.
 HTTP_FAILURES: tuple[type[StepFailed], ...] = (
     Timeout, DnsError, ConnectError, TlsError, HttpStatusError, AssertionFailed, ExtractFailed,
     OtherFailure,
 )  # fmt: skip
+
+# The phases of a request in the order they happen (PhaseTimer.phases' keys).
+PHASES: Final = ("dns", "connect", "tls", "processing", "transfer")
 
 _current_timer: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar(
     "hopwatch_phase_timer", default=None
@@ -86,6 +91,7 @@ class PhaseTimer:
     response_start: float | None = None
     end: float | None = None
     proto: TimedResponseHandler | None = None  # the connection the request went out on
+    ssl_object: Any = None  # its TLS state, when it speaks TLS (the server's certificate)
 
     @property
     def latency(self) -> float:
@@ -295,6 +301,8 @@ class TimedConnector(aiohttp.TCPConnector):
         if isinstance(conn.protocol, TimedResponseHandler):
             conn.protocol.data_at = 0.0  # what arrives from now on answers this request
             timer.proto = conn.protocol
+        if conn.transport is not None:  # read now: a small answer releases the connection early
+            timer.ssl_object = conn.transport.get_extra_info("ssl_object")
         return conn
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
@@ -372,6 +380,17 @@ class Response:
     body: bytes
     latency_s: float
     phases: dict[str, float]
+    tls_not_after: float | None = None  # the leaf certificate's expiry, over TLS
+
+
+class HttpExpect(Expect):
+    """What an HTTP response must look like, its server's certificate included."""
+
+    tls_valid_for: Duration | None = Field(
+        default=None,
+        description="Fail unless the server's certificate is valid this much longer, e.g. 14d; "
+        "default: no check.",
+    )
 
 
 def translate(exc: BaseException, url: str, phases: dict[str, float]) -> StepFailed:
@@ -445,6 +464,7 @@ async def send(config: RequestConfig, ctx: StepContext) -> Response:
                 body=body,
                 latency_s=timer.latency,
                 phases=timer.phases(),
+                tls_not_after=not_after(timer.ssl_object),
             )
     except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
         raise translate(exc, url, timer.phases()) from exc

@@ -13,19 +13,20 @@ from typing import Literal
 from pydantic import Field
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
-from probes.checks import Expect, check, excerpt, extract, rendered_json
+from probes.checks import check, excerpt, extract, rendered_json, rendered_xpath
 from probes.durations import Duration
 from probes.errors import StepFailed, Timeout
-from probes.http_common import HTTP_FAILURES, RequestConfig, Response, send
+from probes.http_common import HTTP_FAILURES, HttpExpect, RequestConfig, Response, send
 from probes.http_span import http_span
 from probes.kinds import KindSpec
+from probes.tls_cert import check_valid_for
 
 
 class Config(StepConfigBase, RequestConfig):
     """Poll a URL until `until` holds or `within` passes."""
 
     kind: Literal["http_poll"] = Field(description="Step kind.")
-    until: Expect = Field(description="The condition that ends polling (same shape as expect).")
+    until: HttpExpect = Field(description="The condition that ends polling (same shape as expect).")
     every: Duration = Field(default=0.5, description="Pause between requests; default 500ms.")
     within: Duration = Field(default=10.0, description="Give up after this long; default 10s.")
 
@@ -38,6 +39,7 @@ class HttpPollProbe:
         last: StepFailed | None = None
         last_resp: Response | None = None
         rendered = rendered_json(config.until, ctx)
+        rendered_paths = rendered_xpath(config.until, ctx)
         while True:
             attempts += 1
             try:
@@ -50,13 +52,16 @@ class HttpPollProbe:
                     body=resp.body,
                     latency_s=None,
                     rendered_json=rendered,
+                    rendered_xpath=rendered_paths,
                 )
+                check_valid_for(resp.tls_not_after, config.until.tls_valid_for)
                 values = extract(config.extract, headers=resp.headers, body=resp.body)
                 return StepOutcome(
                     latency_s=time.monotonic() - started,
                     vars=values,
                     phases=resp.phases,
                     attributes={"http.response.status_code": resp.status, "attempts": attempts},
+                    tls_not_after=resp.tls_not_after,
                 )
             except StepFailed as failed:
                 last = failed
@@ -65,13 +70,14 @@ class HttpPollProbe:
                 break
             await asyncio.sleep(pause)
         # The last failure says most about why: 404 vs a status still "pending" vs refused.
-        failure = type(last) if last is not None else Timeout
-        raise failure(
+        failure = (type(last) if last is not None else Timeout)(
             f"{last} (still, after {attempts} attempts in {config.within:g}s)",
             excerpt=excerpt(last_resp.body) if last_resp else None,
             latency_s=time.monotonic() - started,
             attributes={"attempts": attempts},
         )
+        failure.tls_not_after = last_resp.tls_not_after if last_resp else None
+        raise failure
 
 
 SPEC = KindSpec(

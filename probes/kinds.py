@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeV
 
 from pydantic import Field
 
-from probes.base import Probe, StepConfigBase, StepContext
+from probes.base import Probe, Shared, StepConfigBase, StepContext
 from probes.errors import FAILURES, OtherFailure, StepFailed, Timeout
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class KindSpec(Generic[ConfigT]):
     watches: Callable[[ConfigT], tuple[str, str]] | None = None
     # The TLS settings the shared HTTP pool builds an SSL context for, once.
     tls: Callable[[ConfigT], TlsConfig | None] | None = None
+    # Its long-lived resources (a pool per database URL, a channel per target): the engine
+    # makes them once at start when a step uses the kind, lends them to every run as
+    # `ctx.shared[name]` and closes them at stop. Made lazily inside, per rendered target.
+    shared: Callable[[], Shared] | None = None
     name: str = field(init=False)
 
     def __post_init__(self) -> None:

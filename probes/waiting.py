@@ -30,6 +30,7 @@ from probes.checks import (
     json_path_get,
     path_reader,
     rendered_json,
+    rendered_xpath,
     same_value,
     validate_json_path,
 )
@@ -279,6 +280,7 @@ def assess(
         body=arrival.body,
         latency_s=latency,
         rendered_json=rendered,
+        rendered_xpath=rendered_xpath(config.expect, ctx),
     )
     return extract(config.extract, headers=arrival.headers, body=arrival.body)
 

@@ -9,4 +9,8 @@ pytest_plugins = [
     "tests.fixtures.demo",
     "tests.fixtures.prometheus",
     "tests.fixtures.postman",
+    "tests.fixtures.mariadb",
+    "tests.fixtures.tls",
+    "tests.fixtures.dns_server",
+    "tests.fixtures.grpc_server",
 ]

@@ -96,7 +96,8 @@ def test_an_unregistered_kind_is_unknown_again(load_flows: Callable[[str], Confi
     KINDS.unregister("echo")
     with pytest.raises(ConfigError) as caught:
         load_flows(FLOW)
-    assert "unknown kind 'echo'; known kinds: http, http_poll" in caught.value.problems[0]
+    known = ", ".join(sorted(KINDS))
+    assert caught.value.problems[0].endswith(f"unknown kind 'echo'; known kinds: {known}")
 
 
 def test_registry_refuses_a_second_kind_of_one_name_and_a_config_without_kind() -> None:
@@ -172,3 +173,69 @@ async def test_an_installed_package_adds_a_kind_through_the_entry_point_group(
         ("one", "constant", "passed"),
         ("two", "constant", "passed"),
     ]
+
+
+class Counter:
+    """A kind's shared resource: counts the steps that used it, and whether it was closed."""
+
+    made: list[Counter] = []
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.closed = False
+        Counter.made.append(self)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class CountConfig(StepConfigBase):
+    kind: Literal["count"] = Field(description="Step kind.")
+
+
+class CountProbe:
+    async def run(self, config: CountConfig, ctx: StepContext) -> StepOutcome:
+        counter = ctx.lent("count", Counter)
+        counter.used += 1
+        return StepOutcome(vars={"used": counter.used})
+
+
+COUNT = KindSpec(CountConfig, CountProbe(), shared=Counter)
+
+
+async def test_the_engine_makes_a_kinds_shared_resources_once_lends_them_and_closes_them(
+    load_flows: Callable[[str], Config],
+) -> None:
+    KINDS.register(COUNT)
+    Counter.made.clear()
+    try:
+        flows = load_flows(
+            "flows:\n  - name: counts\n    steps:\n"
+            "      - {name: a, kind: count}\n      - {name: b, kind: count}\n"
+        )
+        async with Engine(flows, Options(), CollectorRegistry()) as engine:
+            await engine.start(schedule=False, admin=False)
+            results = await engine.run_once(engine.select(), repeat=3)
+            [counter] = Counter.made
+            assert not counter.closed
+        assert all(r.outcome == "success" for r in results), results
+        assert counter.used == 6 and counter.closed  # every run borrowed the one; stop closed it
+    finally:
+        KINDS.unregister(COUNT.name)
+
+
+async def test_a_kind_with_nothing_lent_fails_its_step_as_our_error(
+    load_flows: Callable[[str], Config],
+) -> None:
+    KINDS.register(COUNT)
+    try:
+        flows = load_flows("flows:\n  - name: counts\n    steps:\n      - {name: a, kind: count}\n")
+        engine = Engine(flows, Options(), CollectorRegistry())
+        [result] = await engine.run_once(engine.select())  # never started: nothing lent
+    finally:
+        KINDS.unregister(COUNT.name)
+    [step] = result.steps
+    assert (step.reason, step.message) == (
+        "error",
+        "internal error: RuntimeError: the engine lent no Counter for count steps",
+    )

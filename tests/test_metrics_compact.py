@@ -77,6 +77,11 @@ class ReferenceMetrics:
             "hopwatch_last_success_timestamp_seconds", "Unix time of the last good run.", flow,
             registry=r,
         )  # fmt: skip
+        self.tls_expiry = Gauge(
+            "hopwatch_tls_cert_expiry_timestamp_seconds",
+            "Unix time the server's leaf certificate expires, as the hop last saw it.",
+            ["flow", "step", "variant", "location"], registry=r,
+        )  # fmt: skip
         self.http_phase = Histogram(
             "hopwatch_http_phase_duration_seconds", "HTTP phase timings.",
             ["flow", "step", "phase"], buckets=LATENCY_BUCKETS, registry=r,
@@ -156,6 +161,8 @@ class ReferenceSink:
                 child.observe(step.latency_s, exemplar)
             for phase, seconds in step.phases.items():
                 self._child(self.m.http_phase, f, step.name, phase).observe(seconds)
+            if step.tls_not_after is not None:
+                self._child(self.m.tls_expiry, f, step.name, v, loc).set(step.tls_not_after)
 
 
 # -- the same observations for both ----------------------------------------------------------
@@ -228,6 +235,7 @@ def step_result(
         reason=(None if round_ % 5 == 2 else REASONS[round_ % len(REASONS)])
         if status == "failed" else None,
         phases=phases, cleanup=cleanup,
+        tls_not_after=1.8e9 - round_ * 86400 if kind == "http" and status != "skipped" else None,
     )  # fmt: skip
 
 

@@ -115,7 +115,7 @@ async def test_json_content_types_beyond_the_usual_one_are_accepted(
         ({"webhook-timestamp": "1614265330"}, b'{"a":1}', 401, "bad_signature",
          "webhook-timestamp is"),
         ({"Content-Type": "text/plain"}, b'{"a":1}', 415, "malformed",
-         "content type 'text/plain', want application/json"),
+         "content type 'text/plain', want application/json or XML"),
         ({}, b'{"a":', 400, "malformed", "body is not JSON"),
         ({}, b"x" * 2000, 413, "malformed", "body over 1024 bytes"),
     ],

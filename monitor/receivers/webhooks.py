@@ -9,8 +9,10 @@ Answers, in the order they are decided:
     413  body over `max_body` bytes                        counted malformed
     401  missing or bad signature (no config verifies)     counted bad_signature, never offered
     500  a signature secret cannot be resolved (ours)      counted bad_signature, logged
-    415  content type not JSON (application/json, +json)   counted malformed
-    400  body is not JSON, or nests or weighs past the limits of `probes.untrusted_json`
+    415  content type neither JSON nor XML                 counted malformed
+         (application/json, +json; application/xml, text/xml, +xml)
+    400  body is not JSON (or nests or weighs past the limits of `probes.untrusted_json`),
+         or not XML hopwatch will read (malformed, or declaring entities: probes.xml_checks)
                                                            counted malformed
     a client that goes away mid-body gets no answer       counted malformed
     404  unknown path (aiohttp's router); 405 not POST     not counted
@@ -52,6 +54,7 @@ from probes.signatures import (
     resolve_secret,
     verify,
 )
+from probes.xml_checks import NotXml, parse_xml
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -223,14 +226,23 @@ class _PathHandler:
         except SecretUnavailable as exc:
             log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
             return self._refuse(500, "bad_signature", "signature secret unavailable")
-        if not _is_json(request):
+        doc: Any = None
+        if _is_json(request):
+            try:
+                doc = untrusted_json.loads(body, max_bytes=self.max_body)
+            except untrusted_json.NotJson as exc:
+                return self._refuse(400, "malformed", f"body is not JSON: {exc}")
+        elif _is_xml(request.content_type):
+            try:  # refused here, so a step never sees a hostile document
+                parse_xml(body)
+            except NotXml as exc:
+                return self._refuse(400, "malformed", str(exc))
+        else:
             return self._refuse(
-                415, "malformed", f"content type {request.content_type!r}, want application/json"
+                415,
+                "malformed",
+                f"content type {request.content_type!r}, want application/json or XML",
             )
-        try:
-            doc = untrusted_json.loads(body, max_bytes=self.max_body)
-        except untrusted_json.NotJson as exc:
-            return self._refuse(400, "malformed", f"body is not JSON: {exc}")
         arrival = Arrival(
             source="webhook",
             channel=self.path,
@@ -317,6 +329,13 @@ def _is_json(request: web.Request) -> bool:
     content_type = request.content_type
     return content_type == "application/json" or (
         content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+def _is_xml(content_type: str) -> bool:
+    """application/xml, text/xml or application/*+xml (SOAP 1.2's application/soap+xml)."""
+    return content_type in ("application/xml", "text/xml") or (
+        content_type.startswith("application/") and content_type.endswith("+xml")
     )
 
 

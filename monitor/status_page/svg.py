@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from monitor.store import LinkPoint, RunDetail
+from probes.http_common import PHASES
 
 # HTTP phases in the order they happen; unknown phases are drawn after these.
-PHASE_ORDER = ("dns", "connect", "tls", "processing", "transfer")
+PHASE_ORDER = PHASES
 
 
 @dataclass(slots=True)
