@@ -413,3 +413,22 @@ def test_every_field_states_its_default(model: type[Any]) -> None:
     for name, info in model.model_fields.items():
         text = (info.description or "").lower()
         assert "default" in text or "required" in text, name
+
+
+def test_source_names_the_replica_and_the_cluster_must_be_known(
+    registry: CollectorRegistry,
+) -> None:
+    from monitor.events.sink import events_sink
+    from monitor.kafka.settings import KafkaCluster
+    from probes.errors import ConfigError
+
+    settings = EventsSettings(cluster="main")
+    clusters = {"main": KafkaCluster(bootstrap_servers="127.0.0.1:9")}
+    sink = events_sink(settings, clusters, replica="eu 1/a", registry=registry, book=None)
+    assert sink.source == "hopwatch/eu%201%2Fa"  # a URI-reference, whatever the name
+    assert sink.topic == "hopwatch.events"
+    with pytest.raises(ConfigError) as caught:
+        events_sink(settings, {}, replica=None, registry=CollectorRegistry(), book=None)
+    assert caught.value.problems == [
+        "settings.events.cluster: 'main' is not in kafka.clusters (known: none)"
+    ]
