@@ -177,6 +177,54 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
+@dataclass
+class Setup:
+    """One test's broker, topic, target and registry, and the monitor built on them."""
+
+    broker: TansuBroker
+    topic: str
+    target: Target
+    registry: CollectorRegistry
+    load_flows: Callable[[str], Config]
+    make_reader: Callable[[str, str], Any]
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def config(self, buffer: int = 10_000, interval: str = "150ms") -> Config:
+        text = flows_yaml(self.bootstrap, self.topic, self.target, buffer)
+        return self.load_flows(text.replace("interval: 150ms", f"interval: {interval}"))
+
+    def engine(self, config: Config | None = None, **options: Any) -> Engine:
+        return engine_for(config or self.config(), self.registry, **options)
+
+    async def reader(self) -> Reader:
+        reader: Reader = await self.make_reader(self.bootstrap, self.topic)
+        return reader
+
+    def value(self, name: str, **labels: str) -> float:
+        return value(self.registry, name, **labels)
+
+
+def setup_on(broker: TansuBroker, request: pytest.FixtureRequest) -> Setup:
+    request.getfixturevalue("monkeypatch").setenv("HW_EVENTS_TOKEN", SECRET)
+    return Setup(
+        broker, *(request.getfixturevalue(name) for name in (
+            "unique_topic", "target", "registry", "load_flows", "make_reader"))
+    )  # fmt: skip
+
+
+@pytest.fixture
+def events(kafka_broker: TansuBroker, request: pytest.FixtureRequest) -> Setup:
+    return setup_on(kafka_broker, request)
+
+
+@pytest.fixture
+def own_events(own_kafka_broker: TansuBroker, request: pytest.FixtureRequest) -> Setup:
+    return setup_on(own_kafka_broker, request)
+
+
 def assert_cloudevent(record: Record) -> None:
     """Structured mode, CloudEvents 1.0: required and the optional attributes hopwatch sets."""
     event = record.event
@@ -196,22 +244,12 @@ def assert_cloudevent(record: Record) -> None:
 # -- the tests --------------------------------------------------------------------------------
 
 
-async def test_incidents_open_close_and_reopen_as_cloudevents(
-    kafka_broker: TansuBroker,
-    unique_topic: str,
-    target: Target,
-    load_flows: Callable[[str], Config],
-    registry: CollectorRegistry,
-    make_reader: Callable[[str, str], Any],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("HW_EVENTS_TOKEN", SECRET)
-    bootstrap = kafka_broker.bootstrap
-    await create_topic(bootstrap, unique_topic, 4)  # several partitions: keys must keep order
-    reader: Reader = await make_reader(bootstrap, unique_topic)
+async def test_incidents_open_close_and_reopen_as_cloudevents(events: Setup) -> None:
+    await create_topic(events.bootstrap, events.topic, 4)  # several partitions: keys keep order
+    reader = await events.reader()
     link = "pay/default/local/b"
-    engine = engine_for(load_flows(flows_yaml(bootstrap, unique_topic, target)), registry)
-    async with engine:
+    target = events.target
+    async with events.engine() as engine:
         await engine.start(admin=False)
         await reader.until(lambda _: reader.of(INCIDENT + "opened", link) != [], 20, "opened")
         target.healthy = True
@@ -222,7 +260,7 @@ async def test_incidents_open_close_and_reopen_as_cloudevents(
         await reader.until(lambda _: len(reader.of(INCIDENT, link)) == 4, 20, "closed again")
     # what the monitor published is all on the topic (the sink flushes at stop)
     published = sum(
-        value(registry, "hopwatch_events_published_total", type=t)
+        events.value("hopwatch_events_published_total", type=t)
         for t in ("dev.hopwatch.run.finished", *(INCIDENT + x for x in ("opened", "closed",
                                                                         "reopened")))
     )  # fmt: skip
@@ -248,7 +286,7 @@ async def test_incidents_open_close_and_reopen_as_cloudevents(
     assert data[0]["reason"] == "assertion" and data[0]["step"] == "b"
     assert data[1]["closing_run_id"] and data[1]["closed_at"] >= data[0]["opened_at"]
     assert reader.of(INCIDENT, "pay/default/local/a") == []  # the healthy hop opened nothing
-    assert value(registry, "hopwatch_events_published_total", type=INCIDENT + "opened") == 1
+    assert events.value("hopwatch_events_published_total", type=INCIDENT + "opened") == 1
 
     # runs: keyed flow/variant, each key on one partition, times never going back
     for key in ("pay/default", "ship/default"):
@@ -265,34 +303,23 @@ async def test_incidents_open_close_and_reopen_as_cloudevents(
     assert "***" in failed["message"]  # the echoed token, masked by the runner
     assert failed["replica"] is None and failed["duration_s"] > 0
     assert set(failed) >= {"run_id", "trace_id", "started_at", "location", "correlation"}
-    assert value(registry, "hopwatch_events_dropped_total", reason="buffer_full") == 0
+    assert events.value("hopwatch_events_dropped_total", reason="buffer_full") == 0
 
 
 async def test_with_a_store_events_carry_the_stores_incidents(
-    kafka_broker: TansuBroker,
-    unique_topic: str,
-    target: Target,
-    load_flows: Callable[[str], Config],
-    registry: CollectorRegistry,
-    make_reader: Callable[[str, str], Any],
-    sqlite_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    events: Setup, sqlite_url: str
 ) -> None:
     """One decision, one event: the events sink observes the store's book, so the incident
     in the event is the one `/api/v1/incidents` shows."""
-    monkeypatch.setenv("HW_EVENTS_TOKEN", SECRET)
-    bootstrap = kafka_broker.bootstrap
-    reader: Reader = await make_reader(bootstrap, unique_topic)
+    reader = await events.reader()
     link = "pay/default/local/b"
-    config = load_flows(flows_yaml(bootstrap, unique_topic, target))
-    engine = engine_for(config, registry, store_url=sqlite_url)
-    async with engine:
+    async with events.engine(store_url=sqlite_url) as engine:
         await engine.start(admin=False)
         await reader.until(lambda _: reader.of(INCIDENT + "opened", link) != [], 20, "opened")
         assert engine.store is not None
         stored = engine.store.open_incidents()
         assert [i.id for i in stored] == [reader.of(INCIDENT, link)[0].event["data"]["id"]]
-        target.healthy = True
+        events.target.healthy = True
         await reader.until(lambda _: reader.of(INCIDENT + "closed", link) != [], 20, "closed")
     assert [r.event["type"] for r in reader.of(INCIDENT)] == [
         INCIDENT + "opened", INCIDENT + "closed"
@@ -300,29 +327,16 @@ async def test_with_a_store_events_carry_the_stores_incidents(
     assert sum(1 for s in engine.sinks.sinks if type(s).__name__ == "EventsSink") == 1
 
 
-async def test_the_stores_last_decisions_go_out_at_stop(
-    kafka_broker: TansuBroker,
-    unique_topic: str,
-    target: Target,
-    load_flows: Callable[[str], Config],
-    registry: CollectorRegistry,
-    make_reader: Callable[[str, str], Any],
-    sqlite_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_the_stores_last_decisions_go_out_at_stop(events: Setup, sqlite_url: str) -> None:
     """The store decides a run it had not written yet while it closes: the events sink closes
     after it, so that decision is published, not dropped."""
-    monkeypatch.setenv("HW_EVENTS_TOKEN", SECRET)
-    bootstrap = kafka_broker.bootstrap
-    text = flows_yaml(bootstrap, unique_topic, target).replace("interval: 150ms", "interval: 1h")
-    config = load_flows(text)
-    engine = engine_for(config, registry, store_url=sqlite_url)
-    async with engine:
+    config = events.config(interval="1h")
+    async with events.engine(config, store_url=sqlite_url) as engine:
         await engine.start(admin=False)
         await engine.runner.run(config.flow("pay"), "default")  # the store lingers on it
-    reader: Reader = await make_reader(bootstrap, unique_topic)
+    reader = await events.reader()
     await reader.until(lambda _: reader.of(INCIDENT + "opened") != [], 10, "the incident")
-    assert value(registry, "hopwatch_events_dropped_total", reason="shutdown") == 0
+    assert events.value("hopwatch_events_dropped_total", reason="shutdown") == 0
 
 
 @dataclass
@@ -352,32 +366,23 @@ async def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
 
 
 async def test_broker_outage_drops_and_counts_never_blocks_probing_and_recovers(
-    own_kafka_broker: TansuBroker,
-    unique_topic: str,
-    target: Target,
-    load_flows: Callable[[str], Config],
-    registry: CollectorRegistry,
-    make_reader: Callable[[str, str], Any],
-    monkeypatch: pytest.MonkeyPatch,
+    own_events: Setup,
 ) -> None:
-    monkeypatch.setenv("HW_EVENTS_TOKEN", SECRET)
-    target.healthy = True
-    bootstrap = own_kafka_broker.bootstrap
+    events, broker = own_events, own_events.broker
+    events.target.healthy = True
     counter = CountRuns()
-    config = load_flows(flows_yaml(bootstrap, unique_topic, target, buffer=5))
-    engine = engine_for(config, registry, extra_sinks=[counter])
     finished = "dev.hopwatch.run.finished"
 
     def published() -> float:
-        return value(registry, "hopwatch_events_published_total", type=finished)
+        return events.value("hopwatch_events_published_total", type=finished)
 
     def dropped() -> float:
-        return value(registry, "hopwatch_events_dropped_total", reason="buffer_full")
+        return events.value("hopwatch_events_dropped_total", reason="buffer_full")
 
-    async with engine:
+    async with events.engine(events.config(buffer=5), extra_sinks=[counter]) as engine:
         await engine.start(admin=False)
         await wait_for(lambda: published() >= 4, 20, "events published")
-        await own_kafka_broker.kill()
+        await broker.kill()
         runs_at_outage = counter.runs
         outage = time.monotonic()
         await wait_for(lambda: dropped() >= 10, 30, "events dropped while the broker is away")
@@ -385,13 +390,13 @@ async def test_broker_outage_drops_and_counts_never_blocks_probing_and_recovers(
         during = counter.runs - runs_at_outage
         assert during >= (time.monotonic() - outage) / 0.15, (during, time.monotonic() - outage)
         assert max(counter.durations[runs_at_outage:]) < 1.0
-        assert value(registry, "hopwatch_events_buffered") <= 5
-        assert value(registry, "hopwatch_sink_errors_total", sink="events") == 0
+        assert events.value("hopwatch_events_buffered") <= 5
+        assert events.value("hopwatch_sink_errors_total", sink="events") == 0
 
-        await own_kafka_broker.start()  # same port, empty: the topic comes back on first use
+        await broker.start()  # same port, empty: the topic comes back on first use
         before = published()
         await wait_for(lambda: published() >= before + 4, 30, "publishing again")
-        reader: Reader = await make_reader(bootstrap, unique_topic)
+        reader = await events.reader()
         await reader.until(lambda r: len(r) >= 4, 20, "events after the outage on the topic")
     for record in reader.records:
         assert_cloudevent(record)

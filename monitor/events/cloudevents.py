@@ -3,9 +3,9 @@
 Each event is one Kafka record: the value is the JSON envelope, the `content-type` header says
 `application/cloudevents+json`, and the key is the event's subject (the link for incidents,
 `flow/variant` for runs), so one link's events land on one partition and stay in order.
-Data carry the same fields as the API's run summary and incident views, so a consumer reads one
-vocabulary whichever way it gets hopwatch's results; step messages are already redacted by the
-runner, and no header, variable or secret of a flow is ever copied into an event.
+Data are the API's own run summary and incident views, so a consumer reads one vocabulary
+whichever way it gets hopwatch's results; the one addition, the broken step's message, is
+already redacted by the runner, and no header, variable or secret of a flow goes into an event.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from monitor.api.views import summary_of
 from monitor.results import RunResult
 from monitor.store.incidents import Incident, Transition
+from monitor.store.views import IncidentView
 
 __all__ = [
     "CONTENT_TYPE",
@@ -56,23 +58,11 @@ def rfc3339(unix: float) -> str:
 
 
 def run_finished(run: RunResult, source: str) -> Event:
-    """`dev.hopwatch.run.finished`: the run's summary (no hops), id the run's id."""
+    """`dev.hopwatch.run.finished`: the run's summary as `/api/v1/runs` gives it, with the
+    broken step's message; id the run's id."""
     broken = run.broken
-    data = {
-        "run_id": run.run_id,
-        "flow": run.flow,
-        "variant": run.variant,
-        "location": run.location,
-        "correlation": run.correlation,
-        "started_at": run.started_at,
-        "duration_s": run.duration_s,
-        "outcome": run.outcome,
-        "broken_step": broken.name if broken else None,
-        "reason": broken.reason if broken else None,
-        "message": broken.message if broken else None,  # redacted by the runner
-        "trace_id": run.trace_id,
-        "replica": run.replica,
-    }
+    data = summary_of(run).model_dump(mode="json")
+    data["message"] = broken.message if broken else None  # redacted by the runner
     subject = f"{run.flow}/{run.variant}"
     at = run.started_at + run.duration_s
     return _event(RUN_FINISHED, run.run_id, source, subject, at, data)
@@ -84,24 +74,8 @@ def incident_event(transition: Transition, incident: Incident, source: str) -> E
     The id is the incident's id, the transition and its flap count: unique per source (an
     incident opens once, and each reopening counts a flap), and the same if sent again.
     """
-    data = {
-        "id": incident.id,
-        "flow": incident.flow,
-        "variant": incident.variant,
-        "location": incident.location,
-        "step": incident.step,
-        "status": "open" if incident.is_open else "closed",
-        "opened_at": incident.opened_at,
-        "closed_at": incident.closed_at,
-        "last_failure_at": incident.last_failure_at,
-        "failures": incident.failures,
-        "flaps": incident.flaps,
-        "reason": incident.reason,
-        "last_reason": incident.last_reason,
-        "first_run_id": incident.first_run_id,
-        "last_failed_run_id": incident.last_failed_run_id,
-        "closing_run_id": incident.closing_run_id,
-    }
+    status = "open" if incident.is_open else "closed"
+    data = IncidentView(**incident.to_row(), status=status).model_dump(mode="json")
     if transition == "closed" and incident.closed_at is not None:
         at = incident.closed_at
     elif transition == "opened":
