@@ -95,17 +95,17 @@ class Settings(BaseModel):
         default="X-Hopwatch-Run",
         description="Header marking synthetic traffic (value: the run id); default X-Hopwatch-Run.",
     )
+    events: EventsSettings | None = Field(
+        default=None,
+        description="Publish run results and incident changes as CloudEvents to a Kafka topic "
+        "(`hopwatch run`); default: off.",
+    )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
     )
     cluster: ClusterSettings | None = Field(
         default=None,
         description="Share the flows with other replicas (`hopwatch run`); default: run alone.",
-    )
-    events: EventsSettings | None = Field(
-        default=None,
-        description="Publish run results and incident changes as CloudEvents to a Kafka topic "
-        "(`hopwatch run`); default: off.",
     )
 
 

@@ -209,19 +209,6 @@ class Engine:
                 async with asyncio.timeout(10):
                     await self.kafka.wait_consumer()
 
-    def _add_events_sink(self) -> None:
-        """CloudEvents out (`settings.events`); incidents as the store decides them, if any.
-        First in line, so it closes last and publishes the store's final decisions."""
-        from monitor.events.sink import events_sink  # aiokafka: only when publishing
-
-        assert self.config.settings.events is not None
-        book = self.store.book if self.store is not None else None
-        sink = events_sink(
-            self.config.settings.events, self.config.kafka.clusters,
-            replica=self.runner.deps.replica, registry=self.registry, book=book,
-        )  # fmt: skip
-        self.sinks.add(sink, first=True)
-
     async def stop(self) -> None:
         self._ready = False
         if self.membership is not None:
@@ -288,6 +275,21 @@ class Engine:
         self.metrics_sink.forget(names)
         if self.store is not None:
             await self.store.release_flows(names)
+
+    # -- events out ------------------------------------------------------------------------
+
+    def _add_events_sink(self) -> None:
+        """CloudEvents out (`settings.events`); incidents as the store decides them, if any.
+        First in line, so it closes last and publishes the store's final decisions."""
+        from monitor.events.sink import events_sink  # aiokafka: only when publishing
+
+        assert self.config.settings.events is not None
+        book = self.store.book if self.store is not None else None
+        sink = events_sink(
+            self.config.settings.events, self.config.kafka.clusters,
+            replica=self.runner.deps.replica, registry=self.registry, book=book,
+        )  # fmt: skip
+        self.sinks.add(sink, first=True)
 
     # -- listeners -------------------------------------------------------------------------
 
