@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from monitor.cluster.settings import ClusterSettings
+from monitor.events.settings import EventsSettings
 from monitor.kafka.settings import KafkaCluster
 from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
@@ -94,6 +95,11 @@ class Settings(BaseModel):
     marker_header: str = Field(
         default="X-Hopwatch-Run",
         description="Header marking synthetic traffic (value: the run id); default X-Hopwatch-Run.",
+    )
+    events: EventsSettings | None = Field(
+        default=None,
+        description="Publish run results and incident changes as CloudEvents to a Kafka topic "
+        "(`hopwatch run`); default: off.",
     )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
@@ -292,7 +298,7 @@ def _merge_union_alternative(problems: list[str], problem: str) -> bool:
 
 def semantic_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str]]:
     """Rules across steps (unique names, references to earlier steps), with error locations."""
-    problems: list[tuple[tuple[int | str, ...], str]] = []
+    problems: list[tuple[tuple[int | str, ...], str]] = _events_problems(file)
     for i, flow in enumerate(file.flows):
         problems.extend(_cluster_problems(file, i, flow))
         seen: set[str] = set()
@@ -325,6 +331,17 @@ def _cluster_problems(file: FileConfig, i: int, flow: Flow) -> list[tuple[tuple[
                      f"unknown Kafka cluster {cluster!r} (kafka.clusters has: {names})")
                 )  # fmt: skip
     return problems
+
+
+def _events_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str]]:
+    """`settings.events` names a cluster of its own file, as Kafka steps do."""
+    events = file.settings.events if file.settings is not None else None
+    known = set(file.kafka.clusters) if file.kafka else set()
+    if events is None or events.cluster in known:
+        return []
+    names = ", ".join(sorted(known)) or "none"
+    loc = ("settings", "events", "cluster")
+    return [(loc, f"unknown Kafka cluster {events.cluster!r} (kafka.clusters has: {names})")]
 
 
 def _kinds_hint() -> str:

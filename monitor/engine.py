@@ -167,6 +167,8 @@ class Engine:
         if cluster is not None:
             self._check_cluster_store()
         await self._start_optional_parts()
+        if schedule and self.config.settings.events is not None:
+            self._add_events_sink()
         if cluster is not None:
             self._prepare_membership(cluster)
         await self.sinks.start()
@@ -362,6 +364,21 @@ class Engine:
         self.metrics_sink.forget(names)
         if self.store is not None:
             await self.store.release_flows(names)
+
+    # -- events out ------------------------------------------------------------------------
+
+    def _add_events_sink(self) -> None:
+        """CloudEvents out (`settings.events`); incidents as the store decides them, if any.
+        First in line, so it closes last and publishes the store's final decisions."""
+        from monitor.events.sink import events_sink  # aiokafka: only when publishing
+
+        assert self.config.settings.events is not None
+        book = self.store.book if self.store is not None else None
+        sink = events_sink(
+            self.config.settings.events, self.config.kafka.clusters,
+            replica=self.runner.deps.replica, registry=self.registry, book=book,
+        )  # fmt: skip
+        self.sinks.add(sink, first=True)
 
     # -- listeners -------------------------------------------------------------------------
 

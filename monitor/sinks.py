@@ -42,8 +42,13 @@ class FanOut:
         for sink in sinks:
             self.add(sink)
 
-    def add(self, sink: Sink) -> None:
-        self.sinks.append(sink)
+    def add(self, sink: Sink, *, first: bool = False) -> None:
+        """Add a sink; `first` puts it ahead of the others, so it is closed after them all
+        (a sink that publishes what others decide while they close)."""
+        if first:
+            self.sinks.insert(0, sink)
+        else:
+            self.sinks.append(sink)
         if self._errors is not None:
             self._errors.labels(sink_name(sink))  # at 0 from the start, so rate() sees the first
 

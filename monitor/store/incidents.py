@@ -4,18 +4,26 @@ A link is (flow, variant, location, step). Its first failing run opens an incide
 later run where the link passed closes it. A link that fails again within `flap_window` seconds
 of closing reopens the same incident (counting a flap) instead of opening a new one, so a
 flapping link shows as one incident with many failures rather than as a storm of incidents.
+Observers (the events sink) are told of each opening, closing and reopening as it is decided.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from monitor.results import RunResult, StepResult
 
 LinkKey = tuple[str, str, str, str]  # flow, variant, location, step
+Transition = Literal["opened", "closed", "reopened"]
+Observer = Callable[[Transition, "Incident"], None]
+
+DEFAULT_FLAP_WINDOW_S = 600.0  # a failure this soon after closing reopens the incident
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -66,6 +74,12 @@ class IncidentBook:
         self._new_id = new_id
         self.latest: dict[LinkKey, Incident] = {}
         self._dirty: dict[str, Incident] = {}
+        self._observers: list[Observer] = []
+
+    def observe(self, observer: Observer) -> None:
+        """Call `observer` at each decided transition (not for incidents loaded or forgotten);
+        it must be quick, and copy the incident if it keeps it (the book changes it later)."""
+        self._observers.append(observer)
 
     def load(self, incidents: Iterable[Incident]) -> None:
         """Adopt stored incidents (open, or closed recently enough to be reopened)."""
@@ -110,17 +124,27 @@ class IncidentBook:
         for incident in incidents:
             self._dirty.setdefault(incident.id, incident)
 
+    def _notify(self, transition: Transition, incident: Incident) -> None:
+        for observer in self._observers:
+            try:
+                observer(transition, incident)
+            except Exception:  # an observer's bug must not undo a decision
+                log.exception("incident observer failed on %s %s", transition, incident.id)
+
     def _failed(self, key: LinkKey, run: RunResult, step: StepResult) -> None:
         incident = self.latest.get(key)
         at = run.started_at
+        transition: Transition | None = None
         if incident is not None and incident.closed_at is not None:
             if at - incident.closed_at <= self.flap_window:
                 incident.closed_at = None
                 incident.closing_run_id = None
                 incident.flaps += 1
+                transition = "reopened"
             else:
                 incident = None
         if incident is None:
+            transition = "opened"
             incident = Incident(
                 id=self._new_id(),
                 flow=run.flow,
@@ -140,6 +164,8 @@ class IncidentBook:
         incident.last_failed_run_id = run.run_id
         incident.last_reason = step.reason
         self._dirty[incident.id] = incident
+        if transition is not None:
+            self._notify(transition, incident)
 
     def _passed(self, key: LinkKey, run: RunResult) -> None:
         incident = self.latest.get(key)
@@ -149,3 +175,4 @@ class IncidentBook:
         incident.closed_at = run.started_at
         incident.closing_run_id = run.run_id
         self._dirty[incident.id] = incident
+        self._notify("closed", incident)

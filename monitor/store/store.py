@@ -27,7 +27,7 @@ from monitor.results import RunResult
 from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
-from monitor.store.incidents import Incident, IncidentBook
+from monitor.store.incidents import DEFAULT_FLAP_WINDOW_S, Incident, IncidentBook
 from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
 from monitor.store.schema import incidents, runs, step_results
 from monitor.store.stats import StoreCollector, StoreStats
@@ -59,7 +59,7 @@ class Store:
         url: str,
         *,
         retention_s: float | None = 7 * 86400.0,
-        flap_window_s: float = 600.0,
+        flap_window_s: float = DEFAULT_FLAP_WINDOW_S,
         batch_size: int = 200,
         max_buffer: int = 10_000,
         linger_s: float = 0.25,
