@@ -152,10 +152,12 @@ class WebhookAwaitProbe:
             arrival = await await_arrival(
                 config, ctx, expectation, rule.matcher(header_value), started
             )
-        except NotReceived:
+        except NotReceived as missing:
+            # keep what the correlator saw instead: other deliveries, refused ones
+            seen = missing.message.partition(" by the deadline")[2]
             raise NotReceived(
                 f"no delivery on {config.path} with {rule.describe('any body')}"
-                f" within {config.within:g}s"
+                f" within {config.within:g}s{seen}"
             ) from None
         attributes: dict[str, Any] = {
             "webhook.path": config.path,
