@@ -39,6 +39,7 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_step_failures_total": "counter",
     "hopwatch_cleanup_failures_total": "counter",
     "hopwatch_link_up": "gauge",
+    "hopwatch_link_skipped": "gauge",
     "hopwatch_flow_up": "gauge",
     "hopwatch_last_success_timestamp_seconds": "gauge",
     "hopwatch_http_phase_duration_seconds": "histogram",
@@ -80,8 +81,17 @@ class Metrics:
             "hopwatch_cleanup_failures", "Cleanup steps that failed (not hops).",
             ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
+        # A skipped hop (after a broken link) leaves link_up as it was: the hop did not run, so
+        # it neither passed nor broke, and one break is counted once. link_skipped says so.
         self.link_up = GaugeFamily(
-            "hopwatch_link_up", "1 if the hop passed in the last run, else 0.",
+            "hopwatch_link_up",
+            "1 if the hop passed the last time it ran, 0 if it failed; a hop skipped after a "
+            "broken link keeps its value (see hopwatch_link_skipped).",
+            ["flow", "step", "variant", "location"], registry,
+        )  # fmt: skip
+        self.link_skipped = GaugeFamily(
+            "hopwatch_link_skipped",
+            "1 if the hop was skipped in the last run (an earlier hop broke), else 0.",
             ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
         self.flow_up = GaugeFamily("hopwatch_flow_up", "1 if the last run succeeded.", flow,
@@ -116,11 +126,12 @@ class Metrics:
 class _Hop:
     """Where one hop's updates go, as offsets into the families (see metric_types.Family)."""
 
-    __slots__ = ("duration", "failures", "kind", "link_up", "phases")
+    __slots__ = ("duration", "failures", "kind", "link_up", "phases", "skipped")
 
     def __init__(self, m: Metrics, flow: str, step: str, kind: str, variant: str, loc: str):
         self.kind = kind
         self.link_up = m.link_up.reserve((flow, step, variant, loc))
+        self.skipped = -1  # link_skipped's offset, reserved when the hop is first skipped
         self.duration = m.step_duration.reserve((flow, step, kind, variant, loc))
         self.failures: dict[str, int] = {}  # reason → offset, filled when first needed
         self.phases: dict[str, int] = {}  # phase → offset, filled when first seen
@@ -237,7 +248,15 @@ class MetricsSink:
         if hop is None or hop.kind != step.kind:
             hop = run.hop(m, step.name, step.kind)
         status = step.status
+        if status == "skipped":
+            if hop.skipped < 0:
+                key = (run.flow, step.name, run.variant, run.loc)
+                hop.skipped = m.link_skipped.reserve(key)
+            m.link_skipped.set_at(hop.skipped, 1.0)
+            return
         m.link_up.set_at(hop.link_up, 1.0 if status == "passed" else 0.0)
+        if hop.skipped >= 0:
+            m.link_skipped.set_at(hop.skipped, 0.0)
         if status == "failed":
             m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
         if (status == "passed" or status == "failed") and step.latency_s is not None:

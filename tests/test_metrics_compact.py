@@ -69,7 +69,14 @@ class ReferenceMetrics:
             ["flow", "step", "variant", "location"], registry=r,
         )  # fmt: skip
         self.link_up = Gauge(
-            "hopwatch_link_up", "1 if the hop passed in the last run, else 0.",
+            "hopwatch_link_up",
+            "1 if the hop passed the last time it ran, 0 if it failed; a hop skipped after a "
+            "broken link keeps its value (see hopwatch_link_skipped).",
+            ["flow", "step", "variant", "location"], registry=r,
+        )  # fmt: skip
+        self.link_skipped = Gauge(
+            "hopwatch_link_skipped",
+            "1 if the hop was skipped in the last run (an earlier hop broke), else 0.",
             ["flow", "step", "variant", "location"], registry=r,
         )  # fmt: skip
         self.flow_up = Gauge("hopwatch_flow_up", "1 if the last run succeeded.", flow, registry=r)
@@ -105,6 +112,7 @@ class ReferenceSink:
     def __init__(self, metrics: ReferenceMetrics) -> None:
         self.m = metrics
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._skipped: set[tuple[str, ...]] = set()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -147,7 +155,14 @@ class ReferenceSink:
                 if step.status == "failed":
                     self._child(self.m.cleanup_failures, f, step.name, v, loc).inc()
                 continue
+            skipped_key = (f, step.name, v, loc)
+            if step.status == "skipped":
+                self._child(self.m.link_skipped, *skipped_key).set(1)
+                self._skipped.add(skipped_key)
+                continue
             self._child(self.m.link_up, f, step.name, v, loc).set(1 if step.passed else 0)
+            if skipped_key in self._skipped:
+                self._child(self.m.link_skipped, *skipped_key).set(0)
             if step.status == "failed":
                 reason = step.reason or "error"
                 self._child(self.m.step_failures, f, step.name, step.kind, v, loc, reason).inc()
