@@ -60,6 +60,35 @@ async def test_check_fails_naming_the_broken_step_and_reason(
     [run] = report["runs"]
     assert (run["broken_step"], run["reason"]) == ("create_order", "assertion")
     assert run["steps"][1]["status"] == "skipped"
+    # JUnit: the broken hop fails, the one after it is skipped (and says why), never failed
+    code, out, _ = await hopwatch("check", str(example_for(shop, tmp_path)), "--output", "junit")
+    assert code == 1
+    (suite,) = ET.fromstring(out.split("?>", 1)[1]).iter("testsuite")
+    assert (suite.get("failures"), suite.get("skipped")) == ("1", "1")
+    read_back = next(c for c in suite.iter("testcase") if c.get("name") == "read_back")
+    assert read_back.find("failure") is None
+    skipped = read_back.find("skipped")
+    assert skipped is not None
+    assert skipped.get("message") == "skipped: create_order broke (assertion)"
+
+
+async def test_check_table_is_full_width_and_unwrapped_without_a_terminal(
+    shop: TestServer, tmp_path: Path
+) -> None:
+    """A CI log is not a terminal: no 80-column wrap, no name broken mid-word."""
+    shop.app[FAULTS_KEY].status = 503
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = await asyncio.create_subprocess_exec(
+        *HOPWATCH, "check", str(example_for(shop, tmp_path)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 1
+    row = next(line for line in text.splitlines() if "create_order" in line)
+    assert "http_status" in row and "status 503, want 201" in row, text
+    assert len(max(text.splitlines(), key=len)) > 80
+    assert "\x1b[" not in text  # no colour codes in a log
 
 
 async def test_check_junit_and_repeat(shop: TestServer, tmp_path: Path) -> None:
