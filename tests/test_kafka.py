@@ -498,4 +498,3 @@ async def test_broker_restarts_on_its_port(own_kafka_broker: TansuBroker) -> Non
     await own_kafka_broker.stop()
     assert not own_kafka_broker.running
     assert not await own_kafka_broker._answers_metadata(1.0)
-
