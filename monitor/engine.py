@@ -169,8 +169,11 @@ class Engine:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
         if self.options.store_url:
             from monitor.store import Store  # SQLAlchemy and Alembic: only when storing
+            from monitor.store.incidents import policy_of
 
-            self.store = Store(self.options.store_url, registry=self.registry)
+            self.store = Store(
+                self.options.store_url, registry=self.registry, incidents=policy_of(self.config)
+            )
             await self.store.migrate()
             self.sinks.add(self.store)
         if self.config.kafka.clusters:

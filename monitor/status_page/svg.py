@@ -24,6 +24,30 @@ class Spark:
     max_latency_s: float
 
 
+SLOW_FACTOR = 3.0  # a passed hop this many times slower than its usual is marked slow
+SLOW_MIN_S = 0.1  # ... and at least this much slower (a 2 ms hop at 6 ms is not news)
+SLOW_OF_TIMEOUT = 0.5  # without history: slow when it took half the flow's time limit
+
+
+def slow_note(
+    latency_s: float | None, history: Sequence[LinkPoint], timeout_s: float
+) -> str | None:
+    """Why a passed hop should not read plain green: much slower than its usual (the median
+    of its earlier passed latencies), or a large part of the flow's time limit; else None."""
+    if latency_s is None:
+        return None
+    earlier = sorted(
+        p.latency_s for p in history[:-1] if p.status == "passed" and p.latency_s is not None
+    )
+    if earlier:
+        usual = earlier[len(earlier) // 2]
+        if latency_s >= SLOW_FACTOR * usual and latency_s - usual >= SLOW_MIN_S:
+            return f"slow: {latency_s / usual:.1f} times its usual {format_seconds(usual)}"
+    if latency_s >= SLOW_OF_TIMEOUT * timeout_s:
+        return f"slow: {latency_s / timeout_s:.0%} of the flow's {format_seconds(timeout_s)} limit"
+    return None
+
+
 def sparkline(points: Sequence[LinkPoint], width: int = 120, height: int = 24) -> Spark | None:
     """Latency over the last runs; failed hops drawn as red dots on the baseline."""
     if not points:
