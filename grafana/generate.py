@@ -881,7 +881,20 @@ def _flow_hops(lay: Layout) -> None:
             [target(quantile("0.95", "step", STEP_DURATION, STEP_SEL), "{{step}}", exemplar=True)],
             "s",
         ),
-        w=24,
+        w=12,
+        h=8,
+    )
+    own = "hopwatch_step_own_duration_seconds"
+    lay.add(
+        timeseries(
+            "Waiting hops: own latency p95",
+            "A waiting hop (webhook, Kafka record) is timed from its trigger's start, so its"
+            " latency contains the hops before it; this is its own part, from the previous"
+            " step's end to the arrival: the figure that moves when this hop changed.",
+            [target(quantile("0.95", "step", own, STEP_SEL), "{{step}}", exemplar=True)],
+            "s",
+        ),
+        w=12,
         h=8,
     )
 

@@ -36,6 +36,7 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_runs_total": "counter",
     "hopwatch_run_duration_seconds": "histogram",
     "hopwatch_step_duration_seconds": "histogram",
+    "hopwatch_step_own_duration_seconds": "histogram",
     "hopwatch_step_failures_total": "counter",
     "hopwatch_cleanup_failures_total": "counter",
     "hopwatch_link_up": "gauge",
@@ -73,6 +74,14 @@ class Metrics:
         self.step_duration = HistogramFamily(
             "hopwatch_step_duration_seconds", "Per-hop latency.", step, registry,
             buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        # A waiting hop's latency runs from its trigger's start, so it contains the hops
+        # before it; its own part (from the previous step's end to the arrival) is what
+        # changed when this hop changed. Only waiting hops have series here.
+        self.step_own_duration = HistogramFamily(
+            "hopwatch_step_own_duration_seconds",
+            "A waiting hop's own latency: from the previous step's end to the arrival.",
+            step, registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.step_failures = CounterFamily(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry
@@ -126,12 +135,13 @@ class Metrics:
 class _Hop:
     """Where one hop's updates go, as offsets into the families (see metric_types.Family)."""
 
-    __slots__ = ("duration", "failures", "kind", "link_up", "phases", "skipped")
+    __slots__ = ("duration", "failures", "kind", "link_up", "own", "phases", "skipped")
 
     def __init__(self, m: Metrics, flow: str, step: str, kind: str, variant: str, loc: str):
         self.kind = kind
         self.link_up = m.link_up.reserve((flow, step, variant, loc))
         self.skipped = -1  # link_skipped's offset, reserved when the hop is first skipped
+        self.own = -1  # step_own_duration's offset, reserved when the hop first reports one
         self.duration = m.step_duration.reserve((flow, step, kind, variant, loc))
         self.failures: dict[str, int] = {}  # reason → offset, filled when first needed
         self.phases: dict[str, int] = {}  # phase → offset, filled when first seen
@@ -261,6 +271,11 @@ class MetricsSink:
             m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
         if (status == "passed" or status == "failed") and step.latency_s is not None:
             m.step_duration.observe_at(hop.duration, step.latency_s, trace_id)
+            if step.own_latency_s is not None:
+                if hop.own < 0:
+                    labels = (run.flow, step.name, hop.kind, run.variant, run.loc)
+                    hop.own = m.step_own_duration.reserve(labels)
+                m.step_own_duration.observe_at(hop.own, step.own_latency_s, trace_id)
         if step.phases:
             phases = hop.phases
             for phase, seconds in step.phases.items():

@@ -255,7 +255,10 @@ class Runner:
             if scope is not None:
                 scope.__enter__()
             outcome = await self._execute(step, ctx, budget, result)
+            ended = ctx.step_ended[step.name] = time.monotonic()
+            result.duration_s = ended - now  # the waterfall draws every wait at its length
             if outcome is not None:
+                result.own_latency_s = outcome.own_latency_s
                 result.latency_s = (
                     outcome.latency_s if outcome.latency_s is not None else result.latency_s
                 )

@@ -66,6 +66,9 @@ class StepOutcome:
     vars: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
+    # the part of latency_s that is this hop's own, when latency_s also covers earlier steps
+    # (a waiting kind timed from its trigger's start): from the previous step's end
+    own_latency_s: float | None = None
 
 
 class Renderer(Protocol):
@@ -102,6 +105,7 @@ class StepContext:
     kafka: KafkaPort | None = None  # None: no kafka clusters configured (Kafka kinds refuse)
     propagation: Callable[[], dict[str, str]] = dict
     step_started: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
+    step_ended: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
     run_state: dict[Any, Any] = field(default_factory=dict)  # per-run scratch, e.g. sessions
     step: str = ""
 

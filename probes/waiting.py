@@ -379,6 +379,27 @@ def since_step(ctx: StepContext, arrival: Arrival, latency_from: str, started: f
     return max(0.0, arrival.received_at - _step_start(ctx, name or None, started))
 
 
+def own_latency(ctx: StepContext, arrival: Arrival) -> float | None:
+    """The hop's own part of its latency: from the end of the step before it (what the wait
+    depended on last) to the arrival; 0 when the arrival came before that step ended; None for
+    a first step (its latency is all its own)."""
+    previous: float | None = None
+    for step, ended in ctx.step_ended.items():
+        if step == ctx.step:
+            break
+        previous = ended
+    return None if previous is None else max(0.0, arrival.received_at - previous)
+
+
+def wait_attributes(what: str, arrival: Arrival | None, started: float) -> dict[str, Any]:
+    """What a wait was for, and when its arrival came from the step's start (for the run's
+    waterfall): `wait.for`, `wait.arrived_s`."""
+    attributes: dict[str, Any] = {"wait.for": what}
+    if arrival is not None:
+        attributes["wait.arrived_s"] = max(0.0, arrival.received_at - started)
+    return attributes
+
+
 def since_sent(arrival: Arrival, sent_unix: float) -> float:
     """Latency (wall clock) from a time the sender or broker stamped on the arrival."""
     # Wall clocks of two machines: a small negative skew is reported as zero, not as a failure.

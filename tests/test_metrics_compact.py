@@ -61,6 +61,11 @@ class ReferenceMetrics:
             "hopwatch_step_duration_seconds", "Per-hop latency.", step,
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.step_own_duration = Histogram(
+            "hopwatch_step_own_duration_seconds",
+            "A waiting hop's own latency: from the previous step's end to the arrival.",
+            step, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.step_failures = Counter(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry=r
         )
@@ -169,6 +174,9 @@ class ReferenceSink:
             if step.status in ("passed", "failed") and step.latency_s is not None:
                 child = self._child(self.m.step_duration, f, step.name, step.kind, v, loc)
                 child.observe(step.latency_s, exemplar)
+                if step.own_latency_s is not None:
+                    own = self._child(self.m.step_own_duration, f, step.name, step.kind, v, loc)
+                    own.observe(step.own_latency_s, exemplar)
             for phase, seconds in step.phases.items():
                 self._child(self.m.http_phase, f, step.name, phase).observe(seconds)
 
@@ -243,6 +251,7 @@ def step_result(
         reason=(None if round_ % 5 == 2 else REASONS[round_ % len(REASONS)])
         if status == "failed" else None,
         phases=phases, cleanup=cleanup,
+        own_latency_s=latency / 2 if kind in ("webhook_await", "kafka_consume") else None,
     )  # fmt: skip
 
 

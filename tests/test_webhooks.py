@@ -673,3 +673,27 @@ def test_config_defaults() -> None:
     assert config.duplicate_window == 0
     assert config.latency_from == "trigger"
     assert config.match is None and config.signature is None
+
+
+async def test_own_latency_starts_when_the_trigger_ended_and_the_wait_is_described(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    """The hop's latency runs from its trigger's start and contains the trigger's time; its
+    own part starts when the trigger ended."""
+    config = step(signature=SIGNED, match={"json": {"$.order_id": 42}}, duplicate_window="50ms")
+    client = await webhook_server(routes_from_steps([config]))
+    ctx = run_context()
+
+    async def slow_trigger() -> None:
+        await asyncio.sleep(0.1)  # stands for a slow API call: time is what is measured
+
+    async def deliver() -> None:
+        ctx.step_ended["create_order"] = time.monotonic()
+        assert await post(client, {"order_id": 42}, "m1") == (202, "")
+
+    outcome = await run_step(config, ctx, slow_trigger, before_run=deliver)
+    assert outcome.latency_s is not None and outcome.latency_s >= 0.1
+    assert outcome.own_latency_s is not None and outcome.own_latency_s < 0.05
+    assert outcome.attributes["wait.for"] == f"delivery on {PATH} with $.order_id=42"
+    assert outcome.attributes["wait.duplicate_window_s"] == 0.05
+    assert 0 <= outcome.attributes["wait.arrived_s"] < 0.05
