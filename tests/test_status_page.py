@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from monitor.api import install_api_routes
 from monitor.results import RunResult
-from monitor.status_page import install_status_routes
+from monitor.status_page import install_status_routes, make_environment
 from monitor.status_page.svg import nice_step, slow_note, sparkline, waterfall
 from monitor.store import LinkPoint, RunDetail, Store
 from tests.fixtures.store import T0, flow_stub, make_run
@@ -291,3 +291,42 @@ async def test_browser_sees_a_broken_link_open_an_incident_and_its_waterfall(
                 await browser.close()
     finally:
         await runner.cleanup()
+
+
+def test_waterfall_draws_every_wait_at_its_length_and_what_it_waited_for() -> None:
+    """A failed 10 s wait is a 10 s bar, not a tick at 0; a passed wait shows its duplicate
+    window after the arrival."""
+    run = make_run(steps=["create_order", "order_event", "fulfilment_webhook"])
+    hook, event = run.steps[2], run.steps[1]
+    event.status, event.reason, event.latency_s, event.duration_s = (
+        "failed",
+        "not_received",
+        None,
+        10.0,
+    )
+    event.attributes = {"wait.for": "record on orders with $.order_id='ord-7'"}
+    hook.status, hook.latency_s, hook.duration_s = "skipped", None, None
+    detail = RunDetail.model_validate(run.to_dict())
+    fall = waterfall(detail, width=900, label_width=190)
+    _, failed, _ = fall.hops
+    (wait,) = failed.waits
+    assert wait.name == "wait" and wait.seconds == 10.0
+    assert failed.width == pytest.approx(wait.width) and failed.width > 500
+    assert failed.note == "waited 10 s for record on orders with $.order_id='ord-7'"
+
+    passed = make_run(steps=["create_order", "fulfilment_webhook"])
+    hop = passed.steps[1]
+    hop.duration_s, hop.kind, hop.phases = 0.35, "webhook_await", {}
+    hop.attributes = {"wait.for": "delivery on /hooks/fulfilment", "wait.arrived_s": 0.05,
+                      "wait.duplicate_window_s": 0.3}  # fmt: skip
+    fall = waterfall(RunDetail.model_validate(passed.to_dict()), width=900, label_width=190)
+    waited, window = fall.hops[1].waits
+    assert (waited.name, window.name) == ("wait", "duplicate_window")
+    assert (waited.seconds, window.seconds) == pytest.approx((0.05, 0.3))
+    assert window.x == pytest.approx(waited.x + waited.width, abs=0.02)
+    assert "then 300 ms of duplicate_window" in (fall.hops[1].note or "")
+    html = make_environment().get_template("run.html.j2").render(
+        now=T0, refresh_s=10.0, has_store=True, run=RunDetail.model_validate(passed.to_dict()),
+        fall=fall,
+    )  # fmt: skip
+    assert 'data-wait="duplicate_window"' in html and "waited 50 ms for delivery" in html
