@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from monitor.demo.shop import FAULTS_KEY
+from monitor.output import console_for, table
+from monitor.results import RunResult, StepResult
 from tests.fixtures.core import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -111,7 +114,7 @@ async def test_bad_config_exits_2_with_file_and_line(tmp_path: Path) -> None:
 
 async def test_validate_ok_and_schema() -> None:
     code, out, _ = await hopwatch("validate", str(EXAMPLE))
-    assert code == 0 and "ok: 1 flows" in out
+    assert code == 0 and "ok: 1 flow, 2 steps in 1 file" in out
     code, out, _ = await hopwatch("schema")
     assert code == 0
     assert "flows" in json.loads(out)["properties"]
@@ -171,3 +174,15 @@ async def test_run_serves_metrics_and_stops_on_sigterm_within_grace(tmp_path: Pa
             proc.kill()
             await proc.wait()
         await target.close()
+
+
+def test_tables_without_a_terminal_keep_each_row_on_one_line() -> None:
+    """A failure's detail stays whole on its row (no 80-column wrap, no 200-character cut)."""
+    detail = "no delivery on /hooks/fulfilment with $.order_id='ord-12345' within 10s " * 4
+    step = StepResult("fulfilment_webhook_with_a_long_name", "webhook_await", "failed", 0.0, 0.0,
+                      reason="not_received", message=detail)  # fmt: skip
+    run = RunResult("r", "checkout", "stable", "l", "c", 0.0, 1.0, "failure", [step])
+    stream = io.StringIO()
+    table([run], console_for(stream))
+    row = next(line for line in stream.getvalue().splitlines() if "fulfilment" in line)
+    assert "fulfilment_webhook_with_a_long_name" in row and detail.strip() in row
