@@ -9,6 +9,7 @@ differs: where arrivals come from, its default rule, and how a sender stamps the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -254,8 +255,14 @@ def render_rule(
     return Rule(headers, paths, rendered_key, frozenset(run_parts))
 
 
+_RUN_VALUE = re.compile(r"\{\{[^}]*\b(?:run\.(?:id|correlation)\b|steps\.)")
+
+
 def _templated(value: Scalar) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
+    """Whether a rule's value is this run's own: a template reading `run.id`,
+    `run.correlation` or `steps.*` (the flow's, a variant's or the monitor's values are shared
+    by every run)."""
+    return isinstance(value, str) and _RUN_VALUE.search(value) is not None
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:

@@ -697,3 +697,24 @@ async def test_own_latency_starts_when_the_trigger_ended_and_the_wait_is_describ
     assert outcome.attributes["wait.for"] == f"delivery on {PATH} with $.order_id=42"
     assert outcome.attributes["wait.duplicate_window_s"] == 0.05
     assert 0 <= outcome.attributes["wait.arrived_s"] < 0.05
+
+
+async def test_a_value_every_run_shares_does_not_make_an_arrival_this_runs(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    """`{{ run.flow }}` is a template, but every run of the flow has it: another run's delivery
+    carrying it is not this run's gone wrong."""
+    config = step(
+        signature=SIGNED,
+        within="100ms",
+        match={
+            "json": {"$.flow": "{{ run.flow }}", "$.order_id": "{{ steps.create_order.order_id }}"}
+        },
+    )
+    client = await webhook_server(routes_from_steps([config]))
+
+    async def trigger() -> None:
+        assert await post(client, {"flow": "checkout", "order_id": 7}, "m1") == (202, "")
+
+    with pytest.raises(NotReceived):
+        await run_step(config, order_ctx(run_context), trigger)
