@@ -890,8 +890,9 @@ def _flow_hops(lay: Layout) -> None:
             "Waiting hops: own latency p95",
             "A waiting hop (webhook, Kafka record) is timed from its trigger's start, so its"
             " latency contains the hops before it; this is its own part, from the previous"
-            " step's end to the arrival: the figure that moves when this hop changed.",
-            [target(quantile("0.95", "step", own, STEP_SEL), "{{step}}", exemplar=True)],
+            " step's end to the arrival: the figure that moves when this hop changed. Every"
+            " waiting hop of the flow (the others have no own part).",
+            [target(quantile("0.95", "step", own, FLOW_SEL), "{{step}}", exemplar=True)],
             "s",
         ),
         w=12,
