@@ -1,4 +1,4 @@
-"""The `hopwatch` command line: run, check, validate, schema, demo (and gate)."""
+"""The `hopwatch` command line: run, check, validate, schema, demo (and gate, import)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from monitor import __version__
+from monitor.cluster.settings import ClusterSettings
 from monitor.config import Config, FileConfig, load, unresolved_secrets
 from monitor.engine import Options
 from monitor.gate.command import gate
+from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
 from monitor.output import as_json, as_junit, console_for, plural, table
 from probes.errors import ConfigError
@@ -68,6 +71,31 @@ def _load_or_exit(paths: list[Path]) -> Config:
     if problems:
         exit_with(problems)
     return config
+
+
+def _cluster_settings(
+    config: Config, cluster: str | None, group: str | None, replica: str | None
+) -> ClusterSettings | None:
+    """The flow files' `settings.cluster` with the command line's flags over it."""
+    base = config.settings.cluster
+    if base is None and cluster is None:
+        if group is not None or replica is not None:
+            exit_with(["--cluster-group and --replica need --cluster (or settings.cluster)"])
+        return None
+    raw: dict[str, Any] = base.model_dump(exclude_none=True) if base is not None else {}
+    if cluster is not None:
+        named = cluster in config.kafka.clusters
+        raw.pop("kafka", None)
+        raw.pop("bootstrap_servers", None)
+        raw["kafka" if named else "bootstrap_servers"] = cluster
+    if group is not None:
+        raw["group"] = group
+    if replica is not None:
+        raw["replica"] = replica
+    try:
+        return ClusterSettings.model_validate(raw)
+    except ValidationError as exc:
+        exit_with([f"--cluster: {e['msg']}" for e in exc.errors(include_url=False)])
 
 
 def _setup_logging(level: str) -> None:
@@ -153,10 +181,28 @@ def run(
     store: Store = "hopwatch.db",
     grace: Annotated[float, typer.Option(help="Seconds in-flight runs get at shutdown.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Share the flows with the other replicas meeting on this Kafka "
+            "(HOST:PORT, or a kafka.clusters name).",
+        ),
+    ] = None,
+    cluster_group: Annotated[
+        str | None, typer.Option(help="The replicas' consumer group (default hopwatch).")
+    ] = None,
+    replica: Annotated[
+        str | None, typer.Option(help="This replica's name (default host name and pid).")
+    ] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(help="Reload when a flow file changes (SIGHUP and POST /-/reload always do)."),
+    ] = False,
 ) -> None:
     """Run every flow continuously and serve /metrics until SIGTERM/SIGINT."""
     _setup_logging(log_level)
     config = _load_or_exit(paths)
+    cluster_settings = _cluster_settings(config, cluster, cluster_group, replica)
     options = Options(
         listen=listen,
         admin_listen=admin_listen,
@@ -166,6 +212,9 @@ def run(
         store_url=None if store == "none" else store,
         grace=grace,
         settle_gc=True,
+        cluster=cluster_settings,
+        config_paths=list(paths),
+        watch=watch,
     )
 
     async def main() -> None:
@@ -176,7 +225,8 @@ def run(
             await engine.stop()
             err.print(f"cannot start: {exc}")
             raise typer.Exit(2) from None
-        err.print(f"hopwatch {__version__}: {plural(len(config.flows), 'flow')}; metrics on "
+        where = f" in cluster group {cluster_settings.group}" if cluster_settings else ""
+        err.print(f"hopwatch {__version__}: {plural(len(config.flows), 'flow')}{where}; metrics on "
                   f"http://{admin_listen}/metrics")  # fmt: skip
         await serve_until_signal(engine)
 
@@ -223,6 +273,7 @@ def demo(
 
 
 app.command()(gate)
+app.add_typer(import_app, name="import")
 
 
 @app.command()

@@ -10,7 +10,9 @@ from typing import Any, Literal, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from monitor.cluster.settings import ClusterSettings
 from monitor.kafka.settings import KafkaCluster
+from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
 from probes.errors import ConfigError
@@ -124,6 +126,22 @@ class Settings(BaseModel):
         default_factory=Incidents,
         description="Incident rules of every flow without its own; default flap_window 1m, "
         "reopen same_reason.",
+    )
+    cluster: ClusterSettings | None = Field(
+        default=None,
+        description="Share the flows with other replicas (`hopwatch run`); default: run alone.",
+    )
+    webhook_header_timeout: Duration = Field(
+        default=HEADER_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole request head, from connect or the "
+        "last answer (also the keep-alive idle limit); default 10s.",
+    )
+    webhook_body_timeout: Duration = Field(
+        default=BODY_TIMEOUT,
+        gt=0,
+        description="Public listener: seconds for a whole webhook body after its head (408 "
+        "after); default 30s.",
     )
 
 

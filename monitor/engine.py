@@ -11,19 +11,29 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from monitor.admin import build_admin_app, is_loopback
+from monitor.cluster.settings import ClusterSettings
 from monitor.config import Config, Flow
 from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
-from monitor.receivers.webhooks import install_webhook_routes, routes_from_steps
+from monitor.receivers.guard import public_runner
+from monitor.receivers.webhooks import (
+    Inbox,
+    WebhookPaths,
+    install_webhook_routes,
+    routes_from_steps,
+)
+from monitor.rejects import RejectLog
+from monitor.reload import FlowChanges, Reloader, ReloadMetrics
 from monitor.results import RunResult
 from monitor.runner import Runner, RunnerDeps
 from monitor.scheduler import Scheduler
@@ -32,9 +42,11 @@ from monitor.state import LastRuns
 from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
+from probes.arrivals import Arrival
 from probes.kinds import KindSpec
 
 if TYPE_CHECKING:
+    from monitor.cluster.membership import Membership
     from monitor.kafka.clients import KafkaClients
     from monitor.store import Store
 
@@ -85,6 +97,9 @@ class Options:
     grace: float = 10.0
     settle_gc: bool = False  # freeze start-up objects out of the GC (long-running processes)
     extra_sinks: list[Sink] = field(default_factory=list)
+    cluster: ClusterSettings | None = None  # share the flows with other replicas (`run` only)
+    config_paths: list[Path] = field(default_factory=list)  # read again on a reload
+    watch: bool = False  # reload when the flow files change on disk
 
 
 class Engine:
@@ -104,12 +119,22 @@ class Engine:
         self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))
         self.location = self.options.location or config.settings.location
         self.tracing = Tracing.from_env(location=self.location)
-        metrics_sink = MetricsSink(self.metrics)
-        metrics_sink.init_series(config.flows, self.location)
+        self.metrics_sink = MetricsSink(self.metrics)
+        self.metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut(
-            [metrics_sink, self.last_runs, *self.options.extra_sinks], self.metrics.sink_errors
+            [self.metrics_sink, self.last_runs, *self.options.extra_sinks],
+            self.metrics.sink_errors,
         )
         self.correlator = Correlator(self.metrics.arrivals)
+        self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
+        self.membership: Membership | None = None
+        self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
+        self.webhook_paths: WebhookPaths | None = None
+        self.reloader: Reloader | None = None
+        if self.options.config_paths:
+            metrics = ReloadMetrics(self.registry)
+            self.reloader = Reloader(self.options.config_paths, config, self.apply, metrics)
+        cluster = self.options.cluster
         self.kafka: KafkaClients | None = None
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -130,6 +155,7 @@ class Engine:
                 release_run=self.http.release_run,
                 correlator=self.correlator,
                 tracing=self.tracing,
+                replica=cluster.replica_name() if cluster is not None else None,
             )
         )
 
@@ -137,18 +163,23 @@ class Engine:
 
     async def start(self, *, schedule: bool = True, admin: bool = True) -> None:
         """Start sinks, receivers and listeners; then the scheduler (unless only checking)."""
+        cluster = self.options.cluster if schedule else None
+        if cluster is not None:
+            self._check_cluster_store()
         await self._start_optional_parts()
+        if cluster is not None:
+            self._prepare_membership(cluster)
         await self.sinks.start()
         self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
         if self.needs_public_listener():
-            await self._serve(self.build_public_app(), self.options.listen)
+            await self._serve_public()
         if admin:
             await self._serve(self.build_admin_app(), self.options.admin_listen)
         if schedule:
             self.scheduler = Scheduler(
-                self.config.flows,
+                [] if cluster is not None else self.config.flows,  # a cluster hands flows out
                 self.runner,
                 max_concurrency=self.config.settings.max_concurrency,
                 metrics=self.metrics,
@@ -163,7 +194,22 @@ class Engine:
                 self._background.append(asyncio.create_task(settling))
         if self.scheduler is not None:
             self.scheduler.start()
+        if self.membership is not None:
+            await self.membership.start()
+        if self.reloader is not None and self.options.watch:
+            self._background.append(asyncio.create_task(self.reloader.watch()))
         self._ready = True
+
+    async def _serve_public(self) -> None:
+        runner = public_runner(
+            self.build_public_app(),
+            self.rejects,
+            header_timeout=self.config.settings.webhook_header_timeout,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = split_hostport(self.options.listen)
+        await web.TCPSite(runner, host, port).start()
 
     async def _start_optional_parts(self) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
@@ -181,7 +227,7 @@ class Engine:
 
             self.kafka = KafkaClients(
                 self.config.kafka.clusters,
-                on_arrival=self.correlator.offer,
+                on_arrival=self._offer,
                 arrivals_counter=self.metrics.arrivals,
             )
             for cluster, topic in _asked(self.steps, lambda kind: kind.watches):
@@ -196,6 +242,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._ready = False
+        if self.membership is not None:
+            await self.membership.stop()  # flows given up, group left: others take over now
         if self.scheduler is not None:
             await self.scheduler.stop(self.options.grace)
         for task in self._background:
@@ -216,6 +264,90 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- reload ----------------------------------------------------------------------------
+
+    async def _reload_handler(self, _: web.Request) -> web.Response:
+        """`POST /-/reload`, as Prometheus answers it: 200 when applied, 500 with why not."""
+        assert self.reloader is not None
+        ok, message = await self.reloader.reload()
+        return web.Response(status=200 if ok else 500, text=message + "\n")
+
+    async def apply(self, new: Config, changes: FlowChanges) -> None:
+        """Run `new` from now on: stop what went or changed, start what came or changed; the
+        rest keeps its schedule, runs in flight and waiting expectations. In a cluster the
+        new flow set means new ownership: the replica leaves the group and joins again."""
+        cluster = self.membership is not None
+        if self.membership is not None:
+            await self.membership.stop()
+        elif self.scheduler is not None:
+            await self.scheduler.remove([f.name for f in changes.stopping])
+        removed = [f.name for f in changes.removed]
+        self.metrics_sink.forget(removed, every_series=True)
+        self.metrics_sink.forget([f.name for f in changes.stopping])
+        for key in [k for k in self.last_runs if k[0] in removed]:
+            del self.last_runs[key]
+        if self.store is not None and removed:
+            await self.store.release_flows(removed)
+        self.config = new
+        self.steps = [s for f in new.flows for s in f.all_steps()]
+        self.last_runs.expected = sum(len(f.variants) for f in new.flows)
+        self.metrics_sink.init_series(changes.starting, self.location)
+        self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
+        if self.kafka is not None:
+            await self.kafka.rewatch(_asked(self.steps, lambda kind: kind.watches))
+        if self.webhook_paths is not None:
+            self.webhook_paths.set_routes(routes_from_steps(self.steps))
+        elif self.needs_public_listener():
+            await self._serve_public()
+        if cluster and self.options.cluster is not None:
+            self._prepare_membership(self.options.cluster)
+            assert self.membership is not None
+            await self.membership.start()
+        elif self.scheduler is not None:
+            self.scheduler.add(changes.starting)
+
+    # -- the cluster -----------------------------------------------------------------------
+
+    def _offer(self, arrival: Arrival) -> str:
+        return self.inbox.offer(arrival)
+
+    def _check_cluster_store(self) -> None:
+        if not (self.options.store_url or "").startswith("postgresql"):
+            raise ValueError(
+                "a cluster needs a shared store: give --store postgresql+asyncpg://USER@HOST/DB "
+                "(SQLite or none would keep each replica's history apart)"
+            )
+
+    def _prepare_membership(self, cluster: ClusterSettings) -> None:
+        from monitor.cluster.join import membership_for  # aiokafka: only in a cluster
+
+        self.membership = membership_for(
+            cluster,
+            self.config.kafka.clusters,
+            self.config.flows,
+            own=self.take_flows,
+            disown=self.release_flows,
+            offer=self.correlator.offer,
+            registry=self.registry,
+        )
+        self.inbox = self.membership
+
+    async def take_flows(self, flows: list[Flow]) -> None:
+        """Start flows this replica was given: their open incidents first, then their grid."""
+        if self.store is not None:
+            await self.store.take_flows([f.name for f in flows])
+        if self.scheduler is not None:
+            self.scheduler.add(flows)
+
+    async def release_flows(self, flows: list[Flow]) -> None:
+        """Stop flows another replica will run: runs aborted, gauges gone, incidents written."""
+        names = [f.name for f in flows]
+        if self.scheduler is not None:
+            await self.scheduler.remove(names)
+        self.metrics_sink.forget(names)
+        if self.store is not None:
+            await self.store.release_flows(names)
+
     # -- listeners -------------------------------------------------------------------------
 
     def needs_public_listener(self) -> bool:
@@ -225,24 +357,40 @@ class Engine:
         """Webhook routes only: the public listener never serves an admin route."""
         app = web.Application()
         routes = routes_from_steps(self.steps)
-        install_webhook_routes(app, routes, self.correlator, self.metrics.arrivals)
+        self.webhook_paths = install_webhook_routes(
+            app,
+            routes,
+            self.inbox,
+            self.metrics.arrivals,
+            body_timeout=self.config.settings.webhook_body_timeout,
+            reject_log=self.rejects,
+        )
         return app
 
     def build_admin_app(self) -> web.Application:
         host, _ = split_hostport(self.options.admin_listen)
-        token = self.options.admin_token
+        # An empty token (an unset $VAR on a command line) is no token, not one that any
+        # request without a token would match.
+        token = self.options.admin_token if (self.options.admin_token or "").strip() else None
         if token is None and not is_loopback(host):
             raise ValueError(
                 f"the admin listener on {host} is not loopback: give --admin-token "
                 "(or HOPWATCH_ADMIN_TOKEN)"
             )
         app = build_admin_app(self.registry, ready=lambda: self._ready, token=token)
+        if self.reloader is not None:
+            app.router.add_post("/-/reload", self._reload_handler)
         from monitor.api import install_api_routes  # the admin app's parts: not for `check`
         from monitor.status_page import install_status_routes
 
         flows, last = self.config.flows, self.last_runs
         install_api_routes(
-            app, store=self.store, flows=flows, last_runs=last, bearer_auth=token is not None
+            app,
+            store=self.store,
+            flows=flows,
+            last_runs=last,
+            bearer_auth=token is not None,
+            cluster=self.membership.describe if self.membership is not None else None,
         )
         install_status_routes(app, store=self.store, flows=flows, last_runs=last)
         install_gate_routes(app, engine=self, store=self.store, metrics_registry=self.registry)

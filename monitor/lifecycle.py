@@ -60,8 +60,24 @@ async def wait_for_signal(duration: float | None = None) -> None:
 
 
 async def serve_until_signal(engine: Engine, duration: float | None = None) -> None:
-    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully."""
+    """Run the engine until SIGINT/SIGTERM (or `duration` seconds), then stop gracefully;
+    SIGHUP reloads the flow files meanwhile."""
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[Any]] = set()
+    reloader = engine.reloader
+    if reloader is not None:
+
+        def reload() -> None:
+            task = loop.create_task(reloader.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await wait_for_signal(duration)
     finally:
+        if reloader is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        if reloads:
+            await asyncio.wait(reloads)
         await engine.stop()

@@ -136,6 +136,16 @@ class Family(Collector):
             self._data[offset + self._created] = time.time()
             self._order.append(offset)
 
+    def hide(self, offset: int) -> None:
+        """Stop exporting a series and reset it (its flow moved to another replica, whose
+        series of the same labels now speak for it)."""
+        if self._shown[offset]:
+            self._shown[offset] = 0
+            self._order.remove(offset)
+            self._data[offset : offset + self.stride] = self._zeros
+            for position in range(offset, offset + self.stride):
+                self._exemplars.pop(position, None)
+
     def series(self, *labelvalues: object, **labelkwargs: object) -> int:
         """`labels()` without the child object: the offset of a shown series."""
         if not self.labelnames:

@@ -11,7 +11,7 @@ they are in place before `gc.freeze()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Info
 
@@ -210,6 +210,37 @@ class MetricsSink:
                 for step, hop in zip(flow.steps, hops, strict=True):
                     for reason in KINDS[step.kind].reasons:
                         m.step_failures.show(self._failure(run, hop, step.name, reason))
+
+    def forget(self, flows: Iterable[str], *, every_series: bool = False) -> None:
+        """Remove the gauges of flows this replica no longer runs (`flow_up`, `link_up`,
+        `last_success_timestamp_seconds`), so Prometheus never sees two owners' values; the
+        counters and histograms stay (they only grow, and rules sum replicas away). With
+        `every_series`, those too: the flow is gone from the config (a reload)."""
+        names = set(flows)
+        m = self.m
+        for (flow, _, _), run in self._runs.items():
+            if flow not in names:
+                continue
+            m.flow_up.hide(run.flow_up)
+            m.last_success.hide(run.last_success)
+            for hop in run.hops.values():
+                m.link_up.hide(hop.link_up)
+            if every_series:
+                self._hide_history(run)
+
+    def _hide_history(self, run: _Run) -> None:
+        m = self.m
+        for offset in run.outcomes.values():
+            m.runs.hide(offset)
+        m.run_duration.hide(run.duration)
+        for offset in run.cleanup.values():
+            m.cleanup_failures.hide(offset)
+        for hop in run.hops.values():
+            m.step_duration.hide(hop.duration)
+            for offset in hop.failures.values():
+                m.step_failures.hide(offset)
+            for offset in hop.phases.values():
+                m.http_phase.hide(offset)
 
     def _cleanup(self, run: _Run, step: str) -> int:
         offset = run.cleanup.get(step)

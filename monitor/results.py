@@ -50,6 +50,7 @@ class RunResult:
     outcome: RunOutcome
     steps: list[StepResult]
     trace_id: str | None = None
+    replica: str | None = None  # the cluster member that ran it; None outside a cluster
 
     @property
     def broken(self) -> StepResult | None:

@@ -112,6 +112,7 @@ class RunnerDeps:
     kafka: KafkaPort | None = None
     tracing: Tracing | None = None  # when traces are on
     release_run: Callable[[StepContext], Awaitable[None]] | None = None
+    replica: str | None = None  # named on every result when in a cluster
 
 
 class Runner:
@@ -200,6 +201,7 @@ class Runner:
                 outcome=outcome,  # type: ignore[arg-type]
                 steps=results,
                 trace_id=trace_id,
+                replica=self.deps.replica,
             )
             if span_scope is not None:
                 span_scope.finish(result)

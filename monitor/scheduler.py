@@ -18,7 +18,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from monitor.config import Flow
@@ -39,6 +40,8 @@ class _Slot:
     variant: str
     tick: float  # monotonic grid point of the next run
     planned: float  # tick plus this round's jitter
+    task: asyncio.Task[None] | None = None  # its run, while one is due or running
+    removed: bool = False  # no longer scheduled here (another replica owns it now)
 
 
 class Scheduler:
@@ -83,6 +86,35 @@ class Scheduler:
         heapq.heapify(self._heap)
         self._arm()
 
+    def add(self, flows: Sequence[Flow]) -> None:
+        """Schedule more flows from now on, each on its wall-clock grid: a phase drawn from its
+        name, so a flow that moves between replicas keeps its rhythm (no burst of catch-up
+        runs, no long gap) and every replica would place it alike."""
+        now, now_unix = time.monotonic(), time.time()
+        for flow in flows:
+            phase = (zlib.crc32(flow.name.encode()) / 2**32) * flow.interval
+            tick = now + (phase - now_unix) % flow.interval
+            for variant in flow.variants:
+                slot = _Slot(flow, variant, tick, tick + self._rng.uniform(0, flow.spread))
+                self._slots.append(slot)
+                self._push(slot)
+        self._arm()
+
+    async def remove(self, names: Collection[str]) -> None:
+        """Stop scheduling these flows now: runs in flight are cancelled (they end `aborted`)
+        and awaited, so that when this returns none of them is running here."""
+        gone = [s for s in self._slots if s.flow.name in names]
+        for slot in gone:
+            slot.removed = True
+        self._slots = [s for s in self._slots if not s.removed]
+        self._heap = [entry for entry in self._heap if not entry[2].removed]
+        heapq.heapify(self._heap)
+        tasks = [s.task for s in gone if s.task is not None and not s.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
     def _push(self, slot: _Slot) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (slot.planned, self._seq, slot))
@@ -116,7 +148,7 @@ class Scheduler:
         if heap and heap[0][0] <= time.monotonic() + _EARLY:
             slot = heapq.heappop(heap)[2]
             name = f"{slot.flow.name}/{slot.variant}"
-            task = asyncio.get_running_loop().create_task(self._run(slot), name=name)
+            task = slot.task = asyncio.get_running_loop().create_task(self._run(slot), name=name)
             self._tasks[task] = False
             task.add_done_callback(self._forget)
         self._arm()
@@ -139,7 +171,8 @@ class Scheduler:
                 log.exception("run of %s/%s raised", slot.flow.name, slot.variant)
             finally:
                 self._tasks[task] = False
-        if not self._stopping:
+        slot.task = None
+        if not self._stopping and not slot.removed:
             self._plan_next(slot)
             self._arm()
 

@@ -3,7 +3,8 @@
 `${env:NAME}` and `${file:/path}` are secret references: resolved at render time, never stored in
 the config, and every resolved value is remembered by the Redactor so it never reaches a log, a
 metric, an error or `--output json`. Values taken from responses (`Untrusted`) are URL-encoded in
-URLs and refused in headers when they carry CR or LF.
+URLs (refused when they are a dot segment, `.` or `..`, which URL-encoding leaves alone and the
+HTTP client would resolve, climbing the path) and refused in headers when they carry CR or LF.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from probes.base import RenderMode, Untrusted
 from probes.errors import ExtractFailed, TemplateError
-from probes.secrets import SecretUnavailable, resolve_secret
+from probes.secrets import SecretUnavailable, resolve_secret, resolved_secrets
 
 
 class Redactor:
@@ -27,18 +28,30 @@ class Redactor:
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self._sorted: list[str] = []
+        self._sizes = (0, 0)  # both sets only grow: their sizes tell when _sorted is stale
 
     def add(self, secret: str) -> None:
         if len(secret) >= 4:  # masking very short strings would mangle ordinary text
             self._secrets.add(secret)
 
     def __call__(self, text: str | None) -> str | None:
-        if not text or not self._secrets:
+        """`text` with every secret this redactor saw, and every one resolved anywhere in the
+        process (`probes.secrets.resolved_secrets`), masked; longest first, so a secret that
+        contains another is masked whole."""
+        if not text:
             return text
-        for secret in self._secrets:
+        for secret in self._all():
             if secret in text:
                 text = text.replace(secret, "***")
         return text
+
+    def _all(self) -> list[str]:
+        shared = resolved_secrets()
+        if self._sizes != (len(self._secrets), len(shared)):
+            self._sorted = sorted(self._secrets | shared, key=len, reverse=True)
+            self._sizes = (len(self._secrets), len(shared))
+        return self._sorted
 
 
 def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
@@ -49,8 +62,15 @@ def resolve_secret_refs(text: str, redactor: Redactor | None = None) -> str:
         raise TemplateError(str(exc)) from exc
 
 
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
 def _url_value(value: Any) -> Any:
-    return quote(value, safe="") if isinstance(value, Untrusted) else value
+    if not isinstance(value, Untrusted):
+        return value
+    if value in _DOT_SEGMENTS:  # yarl removes dot segments, even written %2E%2E
+        raise ExtractFailed(f"value {value!r} is a dot segment; refused in a URL")
+    return quote(value, safe="")
 
 
 def _header_value(value: Any) -> Any:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -18,11 +17,14 @@ from jsonpath_ng.exceptions import JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from probes import untrusted_json
 from probes.base import StepContext, Untrusted
 from probes.durations import Duration
 from probes.errors import AssertionFailed, ExtractFailed, HttpStatusError
 
 _MISSING = object()
+# A response the flow asked for may be big; its nesting is what must stay bounded.
+_MAX_JSON_BYTES: Final = 64 * 1024 * 1024
 
 
 @lru_cache(maxsize=4096)
@@ -126,10 +128,10 @@ def as_text(value: Any) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """The body as JSON, or _MISSING when it is not JSON."""
+    """The body as JSON, or _MISSING when it is not JSON (or nests or weighs past the limits)."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return untrusted_json.loads(body, max_bytes=_MAX_JSON_BYTES)
+    except untrusted_json.NotJson:
         return _MISSING
 
 

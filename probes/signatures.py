@@ -19,7 +19,6 @@ import base64
 import binascii
 import functools
 import hmac
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -27,6 +26,7 @@ from typing import Annotated, Literal
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from probes import untrusted_json
 from probes.durations import Duration
 from probes.secrets import SecretUnavailable, resolve_secret
 
@@ -240,8 +240,8 @@ def _stripe(
 def _stripe_event_id(body: bytes) -> str | None:
     """Stripe puts its idempotency key, the event id, in the body rather than a header."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = untrusted_json.loads(body)
+    except untrusted_json.NotJson:
         return None
     event_id = doc.get("id") if isinstance(doc, dict) else None
     return event_id if isinstance(event_id, str) else None

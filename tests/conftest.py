@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.store",
     "tests.fixtures.demo",
     "tests.fixtures.prometheus",
+    "tests.fixtures.postman",
 ]

@@ -116,6 +116,32 @@ async def test_run_detail_has_hops_timings_reasons_and_trace_id(
     assert "nope" in missing["error"]
 
 
+async def test_runs_name_the_replica_that_ran_them(
+    client: Client, store: Store, last_runs: dict[tuple[str, str], RunResult]
+) -> None:
+    in_cluster = make_run(run_id="c1", started_at=T0 + 1)
+    in_cluster.replica = "hopwatch-7f9c-2"
+    store.submit(in_cluster)
+    store.submit(make_run(run_id="s1", started_at=T0))  # a single process names no replica
+    assert await store.flush()
+
+    page = await _get(client, "/api/v1/runs", "RunPage")
+    assert [(r["run_id"], r["replica"]) for r in page["runs"]] == [
+        ("c1", "hopwatch-7f9c-2"),
+        ("s1", None),
+    ]
+    assert (await _get(client, "/api/v1/runs/c1", "RunDetail"))["replica"] == "hopwatch-7f9c-2"
+    assert (await _get(client, "/api/v1/runs/s1", "RunDetail"))["replica"] is None
+    live = make_run(variant="canary")  # the runner's last result, not yet read back
+    live.replica = "hopwatch-7f9c-3"
+    last_runs[("checkout", "canary")] = live
+    flows = {f["name"]: f for f in (await _get(client, "/api/v1/flows", "FlowList"))["flows"]}
+    canary = {v["variant"]: v for v in flows["checkout"]["variants"]}["canary"]
+    assert canary["last_run"]["replica"] == "hopwatch-7f9c-3"
+    summary = openapi_document()["components"]["schemas"]["RunSummary"]
+    assert "replica" in summary["required"]  # always present: null, not missing
+
+
 async def test_incidents_open_then_closed(client: Client, store: Store) -> None:
     store.submit(make_run(run_id="bad", variant="stable", started_at=T0, fail_at="read_back"))
     assert await store.flush()
@@ -203,6 +229,7 @@ def test_document_is_valid_openapi_and_describes_auth() -> None:
         "/api/v1/runs",
         "/api/v1/runs/{run_id}",
         "/api/v1/incidents",
+        "/api/v1/cluster",
         "/api/v1/openapi.json",
         "/healthz",
         "/readyz",
@@ -214,6 +241,14 @@ def test_document_is_valid_openapi_and_describes_auth() -> None:
     loopback = openapi_document(bearer_auth=False)
     assert "security" not in loopback
     assert "bearerAuth" in loopback["components"]["securitySchemes"]
+
+
+async def test_a_replica_alone_answers_the_cluster_view_with_every_flow(client: Client) -> None:
+    body = await _get(client, "/api/v1/cluster", "ClusterView")
+    assert body["group"] is None
+    [member] = body["members"]
+    assert member["replica"] == body["replica"]
+    assert member["flows"] == sorted(f.name for f in FLOWS)
 
 
 async def test_document_is_served(client: Client) -> None:

@@ -84,7 +84,9 @@ def test_target_holds_a_delayed_request_and_reports_the_truth(target: Target) ->
             response += chunk
     assert response.startswith(b"HTTP/1.1 200 OK")
     held = get_json(target.url + "/truth")["a"]
-    assert 0.020 <= held < 1.0
+    # The hold is a loop timer; the truth is read on the kernel's clock: a few tens of
+    # microseconds apart (0.019945 s seen under load).
+    assert 0.0195 <= held < 1.0
     assert get_json(target.url + "/truth") == {}  # handed back once
 
 

@@ -34,6 +34,11 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
             "hopwatch_step_duration_seconds_count", {**labels, "step": step, "kind": kind}
         )
         assert count == 2
+        own = demo.registry.get_sample_value(
+            "hopwatch_step_own_duration_seconds_count", {**labels, "step": step, "kind": kind}
+        )
+        # waiting hops also export their own part, from the previous step's end
+        assert own == (2 if kind in ("kafka_consume", "webhook_await") else None)
     assert arrivals(demo, "kafka", "matched") >= 2
     assert arrivals(demo, "webhook", "matched") >= 3
 

@@ -90,6 +90,7 @@ async def test_metrics_carry_contract_labels_and_openmetrics(
             assert f"{name}_bucket" in exported or name in (
                 "hopwatch_event_loop_lag_seconds",  # observed by a background task over time
                 "hopwatch_scheduler_lag_seconds",  # only with the scheduler on
+                "hopwatch_step_own_duration_seconds",  # waiting hops only (test_webhooks)
             )
     assert ("hopwatch_build_info", (("version", __import__("monitor").__version__),)) in samples
 

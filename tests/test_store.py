@@ -15,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, insert, inspect, select
 
 from monitor.config import Config
 from monitor.results import RunResult
@@ -23,6 +23,7 @@ from monitor.sinks import Sink
 from monitor.store import EXCERPT_LIMIT, IncidentBook, Store, normalize_url
 from monitor.store import migrate as migrations
 from monitor.store.incidents import IncidentPolicy, IncidentRules, policy_of
+from monitor.store.rows import run_rows
 from monitor.store.schema import incidents, metadata, runs, step_results
 from tests.fixtures.store import PG_HOST, PG_PORT, T0, TcpProxy, make_run
 
@@ -68,6 +69,42 @@ async def test_concurrent_migrations_do_not_collide(store_url: str) -> None:
     finally:
         for s in stores:
             await s.engine.dispose()
+
+
+async def test_v0002_names_replicas_on_a_v0001_database_that_has_rows(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        await migrations.upgrade(store.engine, "0001")
+        old = make_run(run_id="old", fail_at="read_back")
+        run_row, step_rows = run_rows(old)
+        del run_row["replica"]  # v0001 has no such column
+        for row in step_rows:  # nor these (v0003)
+            del row["own_latency_s"], row["duration_s"]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(runs), [run_row])
+            await conn.execute(insert(step_results), step_rows)
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_schema_diff) == []
+        got = await store.get_run("old")
+        assert got is not None
+        assert (got.replica, len(got.steps), got.broken_step) == (None, 2, "read_back")
+        new = make_run(run_id="new", started_at=T0 + 1)
+        new.replica = "r2"
+        store.submit(new)
+        assert await store.flush()
+        assert [(r.run_id, r.replica) for r in (await store.list_runs()).runs] == [
+            ("new", "r2"),
+            ("old", None),
+        ]
+        # Back to v0001 keeps the runs and their hops (a table copy on SQLite would cascade).
+        await migrations.downgrade(store.engine, "0001")
+        async with store.engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(step_results)) == 4
+            columns = await conn.run_sync(lambda c: inspect(c).get_columns("runs"))
+        assert "replica" not in {c["name"] for c in columns}
+    finally:
+        await store.close()
 
 
 _MIGRATE = """

@@ -80,3 +80,26 @@ def test_templates_with_filters_still_go_through_jinja() -> None:
 
     assert _simple_parts("{{ run.id | upper }}") is None
     assert Templates().render("{{ run.id | upper }}", VARS, "text") == "R1"
+
+
+def test_run_values_for_imported_requests_are_made_once_per_run() -> None:
+    """`run.guid`, `run.timestamp`, `run.iso_timestamp` (Postman's `{{$guid}}` …): the same
+    within a run, another guid in another run, none made for a run that does not ask."""
+    import re
+    import time
+
+    from probes.base import RunValues
+
+    templates = Templates()
+    run = RunValues(id="0123456789abcdef")
+    assert "guid" in run and "guid" not in dict(run)  # nothing made yet
+    text = "{{ run.guid }} {{ run.timestamp }} {{ run.iso_timestamp }}"
+    first = templates.render(text, {"run": run}, "text")
+    assert templates.render(text, {"run": run}, "text") == first
+    guid, stamp, iso = first.split()
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", guid
+    )
+    assert abs(int(stamp) - time.time()) < 5 and iso.endswith("Z")
+    other = templates.render("{{ run.guid }}", {"run": RunValues(id="fedcba9876543210")}, "text")
+    assert other != guid

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS
-from monitor.api.views import ErrorBody, FlowList, HealthBody
+from monitor.api.views import ClusterView, ErrorBody, FlowList, HealthBody
 from monitor.store import IncidentPage, RunDetail, RunPage
 
 # The routes (monitor/api/routes.py) live under this prefix; the document spells their paths.
@@ -84,6 +84,13 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        f"{API_PREFIX}/cluster": {
+            "get": {
+                "operationId": "getCluster",
+                "summary": "The replicas sharing the flows, and which flows each runs.",
+                "responses": _responses("The group as of the last rebalance.", "ClusterView"),
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",
@@ -111,7 +118,15 @@ def openapi_document(*, bearer_auth: bool = True) -> dict[str, Any]:
     _, schemas = models_json_schema(
         [
             (model, "serialization")
-            for model in (FlowList, RunPage, RunDetail, IncidentPage, ErrorBody, HealthBody)
+            for model in (
+                FlowList,
+                RunPage,
+                RunDetail,
+                IncidentPage,
+                ErrorBody,
+                HealthBody,
+                ClusterView,
+            )
         ],
         ref_template=_REF,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,15 @@ from pydantic import BaseModel
 
 from monitor.api.openapi import API_PREFIX, openapi_document
 from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS, BadRequest, parse_query
-from monitor.api.views import ErrorBody, FlowLike, FlowList, flow_views
+from monitor.api.views import (
+    ClusterView,
+    ErrorBody,
+    FlowLike,
+    FlowList,
+    flow_views,
+    standalone_view,
+)
+from monitor.cluster.settings import default_replica
 from monitor.results import RunResult
 from monitor.store import BadCursor, IncidentPage, RunPage, Store
 
@@ -30,6 +38,7 @@ class _Api:
     flows: Sequence[FlowLike]
     last_runs: Mapping[tuple[str, str], RunResult]
     document: dict[str, Any] = field(default_factory=dict)
+    cluster: Callable[[], dict[str, Any]] | None = None
 
     async def flows_handler(self, request: web.Request) -> web.Response:
         views = await flow_views(self.flows, self.last_runs, self.store)
@@ -72,6 +81,11 @@ class _Api:
             return _error(400, str(exc))
         return _json(page)
 
+    async def cluster_handler(self, request: web.Request) -> web.Response:
+        if self.cluster is None:
+            return _json(standalone_view(default_replica(), self.flows))
+        return _json(ClusterView.model_validate(self.cluster()))
+
     async def openapi_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.document)
 
@@ -83,11 +97,15 @@ def install_api_routes(
     flows: Sequence[FlowLike],
     last_runs: Mapping[tuple[str, str], RunResult],
     bearer_auth: bool = True,
+    cluster: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """Add /api/v1/* to the admin app; `bearer_auth` says whether the document requires a token."""
-    api = _Api(store, flows, last_runs, openapi_document(bearer_auth=bearer_auth))
+    """Add /api/v1/* to the admin app; `bearer_auth` says whether the document requires a token;
+    `cluster` describes the group (None: this replica runs alone)."""
+    document = openapi_document(bearer_auth=bearer_auth)
+    api = _Api(store, flows, last_runs, document, cluster)
     app.router.add_get(f"{API_PREFIX}/flows", api.flows_handler)
     app.router.add_get(f"{API_PREFIX}/runs", api.runs_handler)
     app.router.add_get(f"{API_PREFIX}/runs/{{run_id}}", api.run_handler)
     app.router.add_get(f"{API_PREFIX}/incidents", api.incidents_handler)
+    app.router.add_get(f"{API_PREFIX}/cluster", api.cluster_handler)
     app.router.add_get(f"{API_PREFIX}/openapi.json", api.openapi_handler)

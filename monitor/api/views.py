@@ -102,6 +102,37 @@ class HealthBody(_Body):
     status: Literal["ok", "ready", "starting"]
 
 
+class ClusterMember(_Body):
+    replica: str = Field(description="The replica's name (--replica).")
+    flow_set_digest: str | None = Field(description="Digest of the flows it loaded.")
+    partitions: list[int] = Field(description="Control-topic partitions it owns.")
+    flows: list[str] = Field(description="The flows it schedules.")
+
+
+class ClusterView(_Body):
+    """Who runs which flows: the group as of the last rebalance (one member when alone)."""
+
+    group: str | None = Field(description="The consumer group; null when running alone.")
+    topic: str | None = Field(description="The control topic; null when running alone.")
+    replica: str = Field(description="The replica that answered.")
+    generation: int | None = Field(description="The group's generation, when known.")
+    rebalances: int = Field(description="Rebalances this replica took part in.")
+    last_rebalance_unix: float | None = Field(description="When the last one ended.")
+    partitions: int | None = Field(description="Partitions of the control topic.")
+    flow_set_digest: str | None = Field(description="Digest of this replica's flows.")
+    members: list[ClusterMember] = Field(description="Every member with its flows.")
+
+
+def standalone_view(replica: str, flows: Sequence[FlowLike]) -> ClusterView:
+    """What a replica running alone answers: one member with every flow, no group."""
+    names = sorted(f.name for f in flows)
+    member = ClusterMember(replica=replica, flow_set_digest=None, partitions=[], flows=names)
+    return ClusterView(
+        group=None, topic=None, replica=replica, generation=None, rebalances=0,
+        last_rebalance_unix=None, partitions=None, flow_set_digest=None, members=[member],
+    )  # fmt: skip
+
+
 # --- views ---------------------------------------------------------------------------------
 
 
@@ -120,6 +151,7 @@ def summary_of(result: RunResult) -> RunSummary:
         broken_step=broken.name if broken else None,
         reason=broken.reason if broken else None,
         trace_id=result.trace_id,
+        replica=result.replica,
     )
 
 

@@ -304,11 +304,15 @@ class Correlator:
 
     def _count(self, arrival: Arrival, outcome: Outcome) -> Outcome:
         if self._counter is not None:
-            labels = (arrival.source, outcome)
+            # A record that is not JSON and that nobody claimed is poison, not a stray.
+            counted = (
+                "malformed" if outcome == "unmatched" and arrival.meta.get("not_json") else outcome
+            )
+            labels = (arrival.source, counted)
             child = self._children.get(labels)
             if child is None:  # labels() costs more than the increment: look it up once
                 child = self._children[labels] = self._counter.labels(
-                    source=arrival.source, outcome=outcome
+                    source=arrival.source, outcome=counted
                 )
             child.inc()
         return outcome

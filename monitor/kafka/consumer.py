@@ -3,13 +3,18 @@
 It starts with the monitor, belongs to no consumer group (observing, not consuming: every
 replica sees every record), hands each record on as an `Arrival`, and remakes itself after a
 crash, so a broker that comes back needs no restart.
+
+A poison record (over `probes.untrusted_json.MAX_BYTES`, not UTF-8, or JSON-looking but not
+decodable within the nesting limit) is counted `malformed` and skipped, never offered; no
+record can crash the consumer (which would restart it and re-read). A record that is plain
+text is offered, marked `not_json`, for steps that match it by key or header; the correlator
+counts it `malformed` rather than `unmatched` if no step claims it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +25,8 @@ from aiokafka.errors import KafkaError
 
 from monitor.kafka.cluster import Cluster, ConsumerState, stop_quietly
 from monitor.kafka.sequence import SEQ_HEADER, OrderCheck
+from monitor.rejects import RejectLog
+from probes import untrusted_json
 from probes.arrivals import Arrival, channel_name
 
 __all__ = ["SharedConsumer"]
@@ -38,11 +45,16 @@ class SharedConsumer:
     """The consumer of one cluster's watched topics; `offer` gets every record as an Arrival."""
 
     def __init__(
-        self, cluster: Cluster, order: OrderCheck, offer: Callable[[Arrival], object]
+        self,
+        cluster: Cluster,
+        order: OrderCheck,
+        offer: Callable[[Arrival], object],
+        rejects: RejectLog | None = None,
     ) -> None:
         self._cluster = cluster
         self._order = order
         self._offer = offer
+        self._rejects = rejects or RejectLog(None, source="kafka", what="kafka consumer")
         self.topics: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -134,7 +146,14 @@ class SharedConsumer:
             received_at, received_unix = time.monotonic(), time.time()
             for records in batches.values():
                 for record in records:
-                    self._deliver(record, received_at, received_unix)
+                    try:
+                        self._deliver(record, received_at, received_unix)
+                    except Exception as exc:  # one odd record must not restart the consumer
+                        self._rejects.reject(
+                            "undeliverable record",
+                            f"{record.topic}/{record.partition}/{record.offset}: "
+                            f"{type(exc).__name__}",
+                        )
             if time.monotonic() >= next_check:
                 await self._check(consumer)
                 next_check = time.monotonic() + interval
@@ -178,10 +197,17 @@ class SharedConsumer:
         for name, raw in record.headers or ():
             headers.setdefault(name, raw.decode("utf-8", "replace") if raw is not None else "")
         body: bytes = record.value or b""
-        try:
-            doc = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError):
-            doc = None
+        where = f"{cluster.name}/{record.topic}/{record.partition}/{record.offset}"
+        doc: Any = None
+        not_json = False
+        if body:
+            try:
+                doc = untrusted_json.loads(body)
+            except untrusted_json.NotJson as exc:
+                if _poison(body):
+                    self._rejects.reject("poison record", f"{where}: {exc}")
+                    return
+                not_json = True
         channel = channel_name(cluster.name, record.topic)
         meta: dict[str, Any] = {
             "cluster": cluster.name,
@@ -190,6 +216,8 @@ class SharedConsumer:
             "offset": record.offset,
             "timestamp_unix": record.timestamp / 1000 if (record.timestamp or -1) >= 0 else None,
         }
+        if not_json:
+            meta["not_json"] = True
         self._order.note(channel, record.key, headers.get(SEQ_HEADER), meta)
         arrival = Arrival(
             source="kafka",
@@ -210,6 +238,18 @@ class SharedConsumer:
             self._offer(arrival)
         except Exception:  # the callback's bug must not stop the shared consumer
             log.exception("arrival callback failed for %s", arrival.delivery_id)
+
+
+def _poison(body: bytes) -> bool:
+    """Whether a record that is not JSON is poison rather than plain text: too big, not UTF-8,
+    or claiming to be a JSON object or array (nested too deep, or broken)."""
+    if len(body) > untrusted_json.MAX_BYTES or body.lstrip()[:1] in (b"{", b"["):
+        return True
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 async def _seek_to_end(consumer: AIOKafkaConsumer) -> None:

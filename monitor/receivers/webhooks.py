@@ -3,11 +3,16 @@ hand them to the correlator without ever waiting on a run.
 
 Answers, in the order they are decided:
 
+    400  head refused by the parser, body broken (bad chunking or encoding)
+                                                           counted malformed (see guard)
+    408  body not read whole within `body_timeout`          counted malformed
     413  body over `max_body` bytes                        counted malformed
     401  missing or bad signature (no config verifies)     counted bad_signature, never offered
     500  a signature secret cannot be resolved (ours)      counted bad_signature, logged
     415  content type not JSON (application/json, +json)   counted malformed
-    400  body is not JSON                                  counted malformed
+    400  body is not JSON, or nests or weighs past the limits of `probes.untrusted_json`
+                                                           counted malformed
+    a client that goes away mid-body gets no answer       counted malformed
     404  unknown path (aiohttp's router); 405 not POST     not counted
     the configured answer (default 202) otherwise, whatever the correlation outcome: a late,
          duplicate or unmatched delivery is still acknowledged, because senders retry non-2xx
@@ -22,24 +27,29 @@ the path accepts unsigned deliveries (logged at install). Trace-context headers 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from monitor.correlator import Correlator
-from probes import KINDS
+from monitor.receivers.guard import BODY_TIMEOUT
+from monitor.rejects import RejectLog
+from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
 from probes.errors import ConfigError
 from probes.kinds import WebhookRoute
+from probes.secrets import register_secret
 from probes.signatures import (
     SecretUnavailable,
     SignatureConfig,
     SignatureError,
     VerifiedDelivery,
+    resolve_secret,
     verify,
 )
 
@@ -54,6 +64,13 @@ log = logging.getLogger(__name__)
 MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
 _WHY_REFUSED: Final = {413: "too large", 415: "wrong content type", 400: "not JSON"}
+
+
+class Inbox(Protocol):
+    """Where a verified delivery goes: the correlator, or in a cluster the membership, which
+    hands it to the replica whose run waits for it."""
+
+    def offer(self, arrival: Arrival) -> str: ...
 
 
 def routes_from_steps(steps: Iterable[Any]) -> list[WebhookRoute]:
@@ -82,19 +99,64 @@ def _same_route(a: WebhookRoute, b: WebhookRoute) -> bool:
 def install_webhook_routes(
     app: web.Application,
     routes: Iterable[WebhookRoute],
-    correlator: Correlator,
+    correlator: Inbox,
     arrivals_counter: Counter | None,
     *,
     max_body: int = MAX_BODY,
-) -> None:
-    """Add one POST route per distinct path. Raises ConfigError when steps sharing a path want
-    different answers (one delivery can get only one)."""
-    by_path: dict[str, list[WebhookRoute]] = {}
-    for route in routes:
-        by_path.setdefault(route.path, []).append(route)
-    for path, group in by_path.items():
-        handler = _PathHandler(path, group, correlator, arrivals_counter, max_body)
-        app.router.add_post(path, handler.handle)
+    body_timeout: float = BODY_TIMEOUT,
+    reject_log: RejectLog | None = None,
+) -> WebhookPaths:
+    """Serve every distinct path of `routes` (POST only); the returned `WebhookPaths` takes new
+    routes while the app serves (a reload). Raises ConfigError when steps sharing a path want
+    different answers (one delivery can get only one). `reject_log` counts and logs what the
+    listener refuses below the handler (give the public runner's); one is made otherwise."""
+    rejects = reject_log if reject_log is not None else RejectLog(arrivals_counter)
+    paths = WebhookPaths(correlator, arrivals_counter, max_body, body_timeout, rejects)
+    paths.set_routes(routes)
+    app.router.add_route("*", "/{path:.*}", paths.dispatch)
+    return paths
+
+
+class WebhookPaths:
+    """The public listener's paths, looked up per request, so that a reload can add and remove
+    paths of a running listener (aiohttp's own router is frozen once it serves)."""
+
+    def __init__(
+        self,
+        correlator: Inbox,
+        counter: Counter | None,
+        max_body: int,
+        body_timeout: float,
+        rejects: RejectLog,
+    ) -> None:
+        self._inbox, self._counter, self._max_body = correlator, counter, max_body
+        self._body_timeout, self._rejects = body_timeout, rejects
+        self._handlers: dict[str, _PathHandler] = {}
+
+    def set_routes(self, routes: Iterable[WebhookRoute]) -> None:
+        """Replace the served paths at once; on a ConfigError the old ones stay."""
+        by_path: dict[str, list[WebhookRoute]] = {}
+        for route in routes:
+            by_path.setdefault(route.path, []).append(route)
+        handlers = {}
+        for path, group in by_path.items():
+            handler = _PathHandler(path, group, self._inbox, self._counter, self._max_body)
+            handler.body_timeout = self._body_timeout
+            handler.rejects = self._rejects
+            handlers[path] = handler
+        self._handlers = handlers
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self._handlers)
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        handler = self._handlers.get(request.path)
+        if handler is None:
+            raise web.HTTPNotFound()
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        return await handler.handle(request)
 
 
 class _PathHandler:
@@ -104,7 +166,7 @@ class _PathHandler:
         self,
         path: str,
         routes: list[WebhookRoute],
-        correlator: Correlator,
+        correlator: Inbox,
         counter: Counter | None,
         max_body: int,
     ) -> None:
@@ -118,12 +180,15 @@ class _PathHandler:
         self.correlator = correlator
         self.counter = counter
         self.max_body = max_body
+        self.body_timeout = BODY_TIMEOUT
+        self.rejects = RejectLog(counter)
         self._refused: dict[str, Any] = {}  # the counter's child per outcome, looked up once
         self.answer = routes[0]
         self.signatures: list[SignatureConfig] = []
         for route in routes:
             if route.signature is not None and route.signature not in self.signatures:
                 self.signatures.append(route.signature)
+                _register_secret(route.signature)
         unsigned = [r.step or "?" for r in routes if r.signature is None]
         self.unsigned_ok = bool(unsigned)
         if unsigned and self.signatures:
@@ -136,7 +201,20 @@ class _PathHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
         received_unix = time.time()
-        body = await _read_body(request, self.max_body)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_body(request, self.max_body)
+        except TimeoutError:
+            self.rejects.reject(
+                "body_timeout", f"{self.path}: body not whole in {self.body_timeout:g}s"
+            )
+            return _closing(408, "body not received in time")
+        except (OSError, ClientPayloadError) as exc:  # the client went away mid-body
+            self.rejects.reject("disconnect", f"{self.path}: {type(exc).__name__}")
+            return _closing(400, "connection lost")
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # chunking, encoding
+            self.rejects.reject("bad_body", f"{self.path}: {type(exc).__name__}")
+            return _closing(400, "body unreadable (broken chunking or content encoding)")
         if body is None:
             return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
         try:
@@ -151,8 +229,8 @@ class _PathHandler:
                 415, "malformed", f"content type {request.content_type!r}, want application/json"
             )
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            doc = untrusted_json.loads(body, max_bytes=self.max_body)
+        except untrusted_json.NotJson as exc:
             return self._refuse(400, "malformed", f"body is not JSON: {exc}")
         arrival = Arrival(
             source="webhook",
@@ -190,8 +268,11 @@ class _PathHandler:
         # The step waiting on this path learns of it: a delivery refused here is why a step
         # saw nothing (a rotated secret is not a dead sender). Our own 500 is not the sender's.
         why = why or _WHY_REFUSED.get(status)
-        if why is not None:
-            self.correlator.refused(self.path, why, signature=outcome == "bad_signature")
+        # The correlator keeps a tally; a cluster's membership (an Inbox without one) does not
+        # yet tell the owning replica, whose step then says not_received as before.
+        tell = getattr(self.correlator, "refused", None)
+        if why is not None and tell is not None:
+            tell(self.path, why, signature=outcome == "bad_signature")
         if self.counter is not None:
             child = self._refused.get(outcome)
             if child is None:
@@ -218,6 +299,24 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _register_secret(signature: SignatureConfig) -> None:
+    """Have the signing secret masked from the start, not only once a delivery needs it: a
+    target may echo it in an error body before any delivery came."""
+    try:
+        secret = resolve_secret(signature.secret)  # registers it with the redactor
+    except SecretUnavailable:
+        return  # said (and counted) when a delivery needs it
+    if secret.startswith("whsec_"):
+        register_secret(secret.removeprefix("whsec_"))  # the key alone is as secret
+
+
+def _closing(status: int, text: str) -> web.Response:
+    """An answer after which the connection closes: what is left of its body is unknown."""
+    response = web.Response(status=status, text=text + "\n")
+    response.force_close()
+    return response
 
 
 def _is_json(request: web.Request) -> bool:

@@ -141,7 +141,7 @@ class _StatusPage:
     def _in_memory(self, run_id: str) -> RunDetail | None:
         for result in self.last_runs.values():
             if result.run_id == run_id:
-                return RunDetail.model_validate(result.to_dict())
+                return RunDetail.model_validate({**result.to_dict(), "replica": result.replica})
         return None
 
 

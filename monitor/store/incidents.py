@@ -147,6 +147,17 @@ class IncidentBook:
                 self._dirty[incident.id] = incident
             self.latest[incident.link] = incident
 
+    def replace(self, flows: Collection[str], incidents: Iterable[Incident]) -> None:
+        """Adopt the stored incidents of `flows` in place of whatever the book had for them."""
+        self.forget(flows)
+        self.load(i for i in incidents if i.flow in flows)
+
+    def forget(self, flows: Collection[str]) -> None:
+        """Drop every link of `flows` (another replica decides them now); unwritten changes
+        stay queued for the writer."""
+        for key in [key for key in self.latest if key[0] in flows]:
+            del self.latest[key]
+
     def apply(self, run: RunResult) -> None:
         """Open, extend, reopen or close incidents according to one run's hops."""
         for step in run.hops:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import Row, Select, and_, or_, select
@@ -37,6 +37,7 @@ _RUN_COLUMNS = (
     runs.c.broken_step,
     runs.c.reason,
     runs.c.trace_id,
+    runs.c.replica,
 )
 
 
@@ -193,16 +194,28 @@ async def list_incidents(
     return IncidentPage(incidents=page, next_cursor=next_cursor)
 
 
-async def load_incidents(conn: AsyncConnection, closed_since: float) -> list[Incident]:
-    """Open incidents and those closed after `closed_since` (still eligible for reopening)."""
-    rows = (
-        await conn.execute(
-            select(incidents).where(
-                or_(incidents.c.closed_at.is_(None), incidents.c.closed_at >= closed_since)
-            )
-        )
-    ).all()
-    return [Incident.from_row(r._asdict()) for r in rows]
+# Flow names bound per IN (...) list: well under SQLite's and asyncpg's parameter limits.
+_IN_CHUNK = 500
+
+
+async def load_incidents(
+    conn: AsyncConnection, closed_since: float, flows: Collection[str] | None = None
+) -> list[Incident]:
+    """Open incidents and those closed after `closed_since` (still eligible for reopening),
+    of every flow or only of `flows`."""
+    query = select(incidents).where(
+        or_(incidents.c.closed_at.is_(None), incidents.c.closed_at >= closed_since)
+    )
+    if flows is None:
+        rows = (await conn.execute(query)).all()
+        return [Incident.from_row(r._asdict()) for r in rows]
+    names = sorted(flows)
+    found: list[Incident] = []
+    for start in range(0, len(names), _IN_CHUNK):
+        chunk = names[start : start + _IN_CHUNK]
+        rows = (await conn.execute(query.where(incidents.c.flow.in_(chunk)))).all()
+        found += [Incident.from_row(r._asdict()) for r in rows]
+    return found
 
 
 async def samples(

@@ -43,6 +43,7 @@ runs = Table(
     Column("broken_step", String(200), nullable=True),
     Column("reason", String(64), nullable=True),
     Column("trace_id", String(64), nullable=True),
+    Column("replica", String(200), nullable=True),  # the cluster member; null outside one
     Index(None, "started_at"),
     Index(None, "flow", "variant", "started_at"),
 )
@@ -59,8 +60,8 @@ step_results = Table(
     Column("started_at", Double, nullable=False),
     Column("offset_s", Double, nullable=False),
     Column("latency_s", Double, nullable=True),
-    Column("own_latency_s", Double, nullable=True),  # 0002: the hop's own part of latency_s
-    Column("duration_s", Double, nullable=True),  # 0002: how long the step ran
+    Column("own_latency_s", Double, nullable=True),  # 0003: the hop's own part of latency_s
+    Column("duration_s", Double, nullable=True),  # 0003: how long the step ran
     Column("reason", String(64), nullable=True),
     Column("message", Text, nullable=True),
     Column("phases", JSON, nullable=False),
@@ -88,7 +89,7 @@ incidents = Table(
     Column("first_run_id", String(64), nullable=False),
     Column("last_failed_run_id", String(64), nullable=False),
     Column("closing_run_id", String(64), nullable=True),
-    Column("close_reason", String(200), nullable=True),  # 0002: why, when not a passing run
+    Column("close_reason", String(200), nullable=True),  # 0003: why, when not a passing run
     Index(None, "closed_at"),
     Index(None, "opened_at"),
     Index(None, "flow", "variant", "location", "step"),

@@ -3,6 +3,8 @@
 `submit` only appends to a bounded buffer. One writer task decides incidents (in memory),
 then writes runs, hops and changed incidents in one transaction per batch. A database that is
 down costs a bounded buffer: the oldest runs are dropped and counted, and probing goes on.
+In a cluster, replicas hand flows over with `release_flows` and `take_flows`, so that the
+incidents of a link stay one across replicas sharing the database.
 """
 
 from __future__ import annotations
@@ -13,24 +15,22 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from sqlalchemy import URL, delete, event, insert, make_url, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from monitor.results import RunResult
 from monitor.store import migrate as migrations
 from monitor.store import queries
+from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
 from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
 from monitor.store.schema import incidents, runs, step_results
+from monitor.store.stats import StoreCollector, StoreStats
 from monitor.store.views import (
     IncidentPage,
     LinkPoint,
@@ -42,43 +42,6 @@ from monitor.store.views import (
 log = logging.getLogger(__name__)
 
 _Rows = tuple[dict[str, Any], list[dict[str, Any]]]
-_PG_DRIVERS = {"postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"}
-_SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite"}
-
-
-def normalize_url(url: str) -> URL:
-    """An async SQLAlchemy URL: a bare path means SQLite; plain `postgresql://` means asyncpg."""
-    if "://" not in url:
-        url = f"sqlite+aiosqlite:///{url}"
-    parsed = make_url(url)
-    if parsed.drivername in _PG_DRIVERS:
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    elif parsed.drivername in _SQLITE_DRIVERS:
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-    return parsed
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the API read while the writer writes; the busy timeout rides out short locks.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def create_engine(url: URL, connect_timeout_s: float = 5.0) -> AsyncEngine:
-    """An engine tuned per backend; creates the SQLite file's directory if missing."""
-    if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if url.get_driver_name() == "asyncpg":
-        connect_args = {"timeout": connect_timeout_s, "command_timeout": 60}
-    return create_async_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _is_poison(exc: BaseException) -> bool:
@@ -86,39 +49,6 @@ def _is_poison(exc: BaseException) -> bool:
     if isinstance(exc, IntegrityError | DataError):
         return True
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """Counters of what the store did with the results it was handed."""
-
-    written: int = 0
-    dropped: int = 0  # pushed out of a full buffer, or unwritten at close
-    rejected: int = 0  # refused by the database (bad rows)
-    write_errors: int = 0  # failed write attempts (database away)
-    reachable: bool = False
-    last_error: str | None = None
-
-
-class _StoreCollector(Collector):
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self._store.stats
-        for name, doc, value in (
-            ("written_runs", "Runs written to the store.", stats.written),
-            ("dropped_runs", "Runs dropped because the store buffer was full.", stats.dropped),
-            ("rejected_runs", "Runs the database refused to store.", stats.rejected),
-            ("write_errors", "Failed store write attempts.", stats.write_errors),
-        ):
-            yield CounterMetricFamily(f"hopwatch_store_{name}", doc, value=value)
-        yield GaugeMetricFamily(
-            "hopwatch_store_buffered_runs", "Runs waiting to be written.", self._store.buffered
-        )
-        yield GaugeMetricFamily(
-            "hopwatch_store_up", "1 if the last store write succeeded.", int(stats.reachable)
-        )
 
 
 class Store:
@@ -137,6 +67,7 @@ class Store:
         retry_min_s: float = 0.5,
         retry_max_s: float = 30.0,
         write_timeout_s: float = 30.0,
+        handover_timeout_s: float = 5.0,
         prune_every_s: float = 600.0,
         excerpt_limit: int = EXCERPT_LIMIT,
         registry: CollectorRegistry | None = None,
@@ -151,6 +82,7 @@ class Store:
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self.write_timeout_s = write_timeout_s
+        self.handover_timeout_s = handover_timeout_s
         self.prune_every_s = prune_every_s
         self.excerpt_limit = excerpt_limit
         self.clock = clock
@@ -159,6 +91,8 @@ class Store:
         self._incoming: deque[RunResult] = deque()  # incidents not yet decided
         self._ready: deque[_Rows] = deque()  # decided, waiting to be written
         self._loaded = False
+        self._taking: set[str] = set()  # flows whose stored incidents must be loaded first
+        self._releasing: set[str] = set()  # flows to drop from the book once written
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -167,7 +101,7 @@ class Store:
         self._written = asyncio.Condition()
         self._next_prune = math.inf  # retention runs once the writer is started
         if registry is not None:
-            registry.register(_StoreCollector(self))
+            registry.register(StoreCollector(self.stats, lambda: self.buffered))
 
     def __repr__(self) -> str:
         return f"Store({self.url.render_as_string(hide_password=True)!r})"
@@ -262,15 +196,35 @@ class Store:
     async def _drain(self) -> bool:
         """Write what is buffered; True if the database was used (and so is reachable)."""
         touched = False
+        releasing = set(self._releasing)  # their queued results are decided by this drain
         if not self._loaded:
             await self._load_incidents()
             touched = True
         self._decide()
+        touched = await self._write_ready() or touched
+        if self._taking:
+            # Only now: this replica's own unwritten decisions for them are in the database.
+            await self._load_taken()
+            touched = True
+            self._decide()
+            await self._write_ready()
+        if gone := releasing & self._releasing:  # unless taken back meanwhile
+            self.book.forget(gone)
+            self._releasing -= gone
+        if self.retention_s is not None and time.monotonic() >= self._next_prune:
+            await self.prune()
+            self._next_prune = time.monotonic() + self.prune_every_s
+            touched = True
+        return touched
+
+    async def _write_ready(self) -> bool:
+        """Write the decided runs and changed incidents in batches; True if anything was."""
+        touched = False
         while True:
             batch = [self._ready.popleft() for _ in range(min(self.batch_size, len(self._ready)))]
             dirty = self.book.take_dirty()
             if not batch and not dirty:
-                break
+                return touched
             try:
                 await self._write_batch(batch, dirty)
             except BaseException:
@@ -280,11 +234,6 @@ class Store:
             touched = True
             async with self._written:
                 self._written.notify_all()
-        if self.retention_s is not None and time.monotonic() >= self._next_prune:
-            await self.prune()
-            self._next_prune = time.monotonic() + self.prune_every_s
-            touched = True
-        return touched
 
     async def _load_incidents(self) -> None:
         async with self.engine.connect() as conn:
@@ -292,15 +241,28 @@ class Store:
         self.book.load(found, self.clock())
         self._loaded = True
 
+    async def _load_taken(self) -> None:
+        flows = set(self._taking)
+        async with self.engine.connect() as conn:
+            since = self.clock() - self.book.flap_window
+            found = await queries.load_incidents(conn, since, flows)
+        self.book.replace(flows, found)
+        self._taking -= flows
+
     def _decide(self) -> None:
+        waiting: list[RunResult] = []  # of flows whose stored incidents are not loaded yet
         while self._incoming:
             result = self._incoming.popleft()
+            if self._taking and getattr(result, "flow", None) in self._taking:
+                waiting.append(result)
+                continue
             try:
                 self.book.apply(result)
                 self._ready.append(run_rows(result, self.excerpt_limit))
             except Exception:  # a malformed result must not wedge the writer
                 self.stats.rejected += 1
                 log.exception("store cannot record run %s", getattr(result, "run_id", "?"))
+        self._incoming.extend(waiting)
 
     def _requeue(self, batch: list[_Rows]) -> None:
         self._ready.extendleft(reversed(batch))
@@ -384,6 +346,43 @@ class Store:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await event.wait()
+
+    # --- handing flows between replicas ----------------------------------------------------
+
+    async def take_flows(self, flows: Collection[str]) -> None:
+        """Before this replica starts `flows`: load their incidents from the database in place
+        of what the book had, so a failure continues the incident another replica opened.
+
+        Bounded by `handover_timeout_s`: if the database is away, the writer loads them when
+        it is back, and holds these flows' results undecided until it has.
+        """
+        names = set(flows)
+        if names and not self._stop.is_set():
+            self._releasing -= names
+            self._taking |= names
+            await self._handover("take", names)
+
+    async def release_flows(self, flows: Collection[str]) -> None:
+        """After this replica stopped `flows` (their last runs submitted): write everything
+        pending, then drop their incidents from the book.
+
+        Bounded like `take_flows`: if the database is away, the writer finishes when it is back.
+        """
+        names = set(flows)
+        if names and not self._stop.is_set():
+            self._releasing |= names
+            await self._handover("release", names)
+
+    async def _handover(self, what: str, names: set[str]) -> None:
+        try:
+            async with asyncio.timeout(self.handover_timeout_s):
+                if await self.flush():
+                    return
+            why = self.stats.last_error
+        except TimeoutError:
+            why = f"no answer within {self.handover_timeout_s:g}s"
+        log.warning("store %r: %s of %d flows left to the writer: %s", self, what, len(names), why)
+        self._wake.set()
 
     # --- retention -------------------------------------------------------------------------
 

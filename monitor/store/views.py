@@ -43,6 +43,9 @@ class StepView(_View):
 class RunSummary(_View):
     """One run without its hops."""
 
+    # Fields with a default are still always in the answer: required in the schema.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     run_id: str
     flow: str
     variant: str
@@ -54,6 +57,10 @@ class RunSummary(_View):
     broken_step: str | None
     reason: str | None
     trace_id: str | None
+    replica: str | None = Field(
+        default=None,
+        description="The cluster replica that ran it; null when not run in a cluster.",
+    )
 
 
 class RunDetail(RunSummary):

@@ -1,0 +1,98 @@
+"""The public listener's guard, because it faces the internet: read timeouts, and every reject
+counted and logged once per cause and interval at WARNING, never a traceback per request.
+
+aiohttp logs a parser-level reject (a bad request line, an oversized header, a broken chunk) as
+an ERROR with a traceback, and bounds the wait for a request head only by its keep-alive
+timeout (an hour by default). The public listener's runner uses a request handler that counts
+such rejects as `malformed` in `hopwatch_arrivals_total{source="webhook"}` instead, and sets
+the keep-alive timeout to the header timeout: a connection that has not sent a whole request
+head `header_timeout` seconds after it opened (or after its last answer) is closed. The body
+timeout is the webhook handler's (`monitor.receivers.webhooks`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+from monitor.rejects import RejectLog
+
+__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "LINGER", "public_runner"]
+
+HEADER_TIMEOUT: Final = 10.0  # seconds for a whole request head, from connect or last answer
+BODY_TIMEOUT: Final = 30.0  # seconds for a whole body, from the end of its head
+# How long an answer that did not read the whole body (413, 408, 404) waits, reading and
+# dropping, before it closes; aiohttp's 10 s would let a slow client hold the connection.
+LINGER: Final = 1.0
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's per-connection handler, with parser-level rejects counted, not traced."""
+
+    def __init__(self, manager: Server, *, reject_log: RejectLog, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._reject_log = reject_log
+        self._quiet = False
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):  # the parser refused what the client sent
+            self._reject_log.reject("bad_request", type(exc).__name__)
+            self._quiet = True
+        try:
+            return super().handle_error(request, status, exc, message)
+        finally:
+            self._quiet = False
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if not self._quiet:  # our own bugs keep their traceback
+            super().log_exception(*args, **kw)
+
+
+class _GuardedServer(Server):
+    """Makes `_GuardedHandler`s; its `reject_log` is set by `public_runner`."""
+
+    reject_log: RejectLog
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(
+            self,
+            reject_log=self.reject_log,
+            loop=self._loop,
+            **self._kwargs,
+        )
+
+
+class _PublicRunner(web.AppRunner):
+    def __init__(self, app: web.Application, reject_log: RejectLog, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._reject_log = reject_log
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _GuardedServer  # same state, the guarded handler factory
+        assert isinstance(server, _GuardedServer)
+        server.reject_log = self._reject_log
+        return server
+
+
+def public_runner(
+    app: web.Application, reject_log: RejectLog, *, header_timeout: float = HEADER_TIMEOUT
+) -> web.AppRunner:
+    """The runner of the public listener (call `setup()` on it, as on any AppRunner)."""
+    return _PublicRunner(
+        app,
+        reject_log,
+        access_log=None,
+        keepalive_timeout=header_timeout,
+        lingering_time=LINGER,
+    )

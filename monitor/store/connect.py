@@ -1,0 +1,47 @@
+"""Reaching a database: the URL forms hopwatch accepts, and an engine tuned per backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, event, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+_PG_DRIVERS = {"postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"}
+_SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite"}
+
+
+def normalize_url(url: str) -> URL:
+    """An async SQLAlchemy URL: a bare path means SQLite; plain `postgresql://` means asyncpg."""
+    if "://" not in url:
+        url = f"sqlite+aiosqlite:///{url}"
+    parsed = make_url(url)
+    if parsed.drivername in _PG_DRIVERS:
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif parsed.drivername in _SQLITE_DRIVERS:
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    return parsed
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while the writer writes; the busy timeout rides out short locks.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_engine(url: URL, connect_timeout_s: float = 5.0) -> AsyncEngine:
+    """An engine tuned per backend; creates the SQLite file's directory if missing."""
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if url.get_driver_name() == "asyncpg":
+        connect_args = {"timeout": connect_timeout_s, "command_timeout": 60}
+    return create_async_engine(url, pool_pre_ping=True, connect_args=connect_args)
