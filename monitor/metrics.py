@@ -213,8 +213,8 @@ class MetricsSink:
 
     def forget(self, flows: Iterable[str], *, every_series: bool = False) -> None:
         """Remove the gauges of flows this replica no longer runs (`flow_up`, `link_up`,
-        `last_success_timestamp_seconds`), so Prometheus never sees two owners' values; the
-        counters and histograms stay (they only grow, and rules sum replicas away). With
+        `link_skipped`, `last_success_timestamp_seconds`), so Prometheus never sees two owners'
+        values; the counters and histograms stay (they only grow, and rules sum replicas away). With
         `every_series`, those too: the flow is gone from the config (a reload)."""
         names = set(flows)
         m = self.m
@@ -225,6 +225,8 @@ class MetricsSink:
             m.last_success.hide(run.last_success)
             for hop in run.hops.values():
                 m.link_up.hide(hop.link_up)
+                if hop.skipped >= 0:
+                    m.link_skipped.hide(hop.skipped)
             if every_series:
                 self._hide_history(run)
 
@@ -237,6 +239,8 @@ class MetricsSink:
             m.cleanup_failures.hide(offset)
         for hop in run.hops.values():
             m.step_duration.hide(hop.duration)
+            if hop.own >= 0:
+                m.step_own_duration.hide(hop.own)
             for offset in hop.failures.values():
                 m.step_failures.hide(offset)
             for offset in hop.phases.values():

@@ -169,3 +169,23 @@ def test_a_skipped_hop_keeps_its_link_up_and_says_skipped() -> None:
     assert (gauge("hopwatch_link_up", "b"), gauge("hopwatch_link_skipped", "b")) == (0, 0)
     sink.submit(_run({"a": "failed", "b": "skipped"}))
     assert gauge("hopwatch_link_up", "b") == 0  # still what it was when it last ran
+
+
+def test_forgetting_a_flow_removes_its_skipped_gauge_and_own_latency() -> None:
+    registry = CollectorRegistry()
+    sink = MetricsSink(Metrics(registry))
+    run = _run({"a": "failed", "b": "skipped"})
+    sink.submit(_run({"a": "passed", "b": "passed"}))
+    sink.submit(run)
+    waiting = _run({"a": "passed", "b": "passed"})
+    waiting.steps[1].own_latency_s = 0.004
+    sink.submit(waiting)
+    labels = {"flow": "f", "variant": "stable", "location": "here", "step": "b"}
+    own = {**labels, "kind": "http"}
+    assert registry.get_sample_value("hopwatch_link_skipped", labels) == 0
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) == 1
+    sink.forget(["f"])
+    assert registry.get_sample_value("hopwatch_link_skipped", labels) is None
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) == 1
+    sink.forget(["f"], every_series=True)
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) is None
