@@ -193,6 +193,37 @@ def success_stat(description: str, by: str, sel: str, legend: str) -> dict[str, 
                 threshold_steps=((None, "red"), (0.99, "orange"), (0.995, "green")))  # fmt: skip
 
 
+# A link's state in one value: 0 failed, 1 passed, 2 skipped (after an earlier hop broke). A
+# skipped hop keeps its hopwatch_link_up, so it is read from hopwatch_link_skipped first.
+LINK_STATES: list[dict[str, Any]] = [
+    {
+        "type": "value",
+        "options": {
+            "0": {"text": "FAILED", "color": "red", "index": 0},
+            "1": {"text": "PASSED", "color": "green", "index": 1},
+            "2": {"text": "SKIPPED", "color": "#8c959f", "index": 2},
+        },
+    }
+]
+
+
+def link_state(by: str, sel: str) -> str:
+    """The link-state query (see LINK_STATES), aggregated `by` these labels."""
+    return (
+        f"max by ({by}) (2 * hopwatch_link_skipped{{{sel}}}) > 0"
+        f" or min by ({by}) (hopwatch_link_up{{{sel}}})"
+    )
+
+
+def link_history(title: str, description: str, queries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A status history of link states: passed, failed and skipped apart."""
+    panel = status_history(title, description, queries)
+    defaults = panel["fieldConfig"]["defaults"]
+    defaults["mappings"] = LINK_STATES
+    defaults["thresholds"] = thresholds((None, "red"), (1, "green"), (2, "#8c959f"))
+    return panel
+
+
 def status_history(title: str, description: str, queries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "type": "status-history",
@@ -474,11 +505,11 @@ def _overview_health(lay: Layout, sel: str) -> None:
         h=6,
     )
     lay.add(
-        status_history(
+        link_history(
             "Links of every flow",
-            "hopwatch_link_up per hop over time: red where a hop failed, or was skipped after"
-            " a broken link.",
-            [target(f"min by (flow, step) (hopwatch_link_up{{{sel}}})", HOP_LEGEND)],
+            "Each hop over time: green passed, red failed, grey skipped after an earlier hop"
+            " broke (hopwatch_link_skipped; a skipped hop is not counted as broken).",
+            [target(link_state("flow, step", sel), HOP_LEGEND)],
         ),
         w=24,
         h=9,
@@ -797,16 +828,11 @@ def _flow_runs(lay: Layout) -> None:
         h=8,
     )
     lay.add(
-        status_history(
+        link_history(
             "Link health",
-            "Each hop's state after every run; red where it failed, or was skipped after a"
-            " broken link.",
-            [
-                target(
-                    f"min by (step, variant) (hopwatch_link_up{{{STEP_SEL}}})",
-                    "{{step}} · {{variant}}",
-                )
-            ],
+            "Each hop's state after every run: green passed, red failed, grey skipped after an"
+            " earlier hop broke.",
+            [target(link_state("step, variant", STEP_SEL), "{{step}} · {{variant}}")],
         ),
         w=12,
         h=8,
@@ -870,7 +896,21 @@ def _flow_hops(lay: Layout) -> None:
             [target(quantile("0.95", "step", STEP_DURATION, STEP_SEL), "{{step}}", exemplar=True)],
             "s",
         ),
-        w=24,
+        w=12,
+        h=8,
+    )
+    own = "hopwatch_step_own_duration_seconds"
+    lay.add(
+        timeseries(
+            "Waiting hops: own latency p95",
+            "A waiting hop (webhook, Kafka record) is timed from its trigger's start, so its"
+            " latency contains the hops before it; this is its own part, from the previous"
+            " step's end to the arrival: the figure that moves when this hop changed. Every"
+            " waiting hop of the flow (the others have no own part).",
+            [target(quantile("0.95", "step", own, FLOW_SEL), "{{step}}", exemplar=True)],
+            "s",
+        ),
+        w=12,
         h=8,
     )
 

@@ -21,7 +21,7 @@ from monitor.engine import Options
 from monitor.gate.command import gate
 from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
-from monitor.output import as_json, as_junit, table
+from monitor.output import as_json, as_junit, console_for, plural, table
 from probes.errors import ConfigError
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = console_for()
 err = Console(stderr=True)
 
 ConfigPaths = Annotated[list[Path], typer.Argument(help="Flow files or folders of them.")]
@@ -115,7 +115,8 @@ def validate(paths: ConfigPaths) -> None:
     config = _load_or_exit(paths)
     steps = sum(len(f.steps) for f in config.flows)
     out.print(
-        f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files"
+        f"ok: {plural(len(config.flows), 'flow')}, {plural(steps, 'step')} in "
+        f"{plural(len(set(config.sources.values())), 'file')}"
     )
 
 
@@ -225,7 +226,7 @@ def run(
             err.print(f"cannot start: {exc}")
             raise typer.Exit(2) from None
         where = f" in cluster group {cluster_settings.group}" if cluster_settings else ""
-        err.print(f"hopwatch {__version__}: {len(config.flows)} flows{where}; metrics on "
+        err.print(f"hopwatch {__version__}: {plural(len(config.flows), 'flow')}{where}; metrics on "
                   f"http://{admin_listen}/metrics")  # fmt: skip
         await serve_until_signal(engine)
 

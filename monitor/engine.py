@@ -218,8 +218,11 @@ class Engine:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
         if self.options.store_url:
             from monitor.store import Store  # SQLAlchemy and Alembic: only when storing
+            from monitor.store.incidents import policy_of
 
-            self.store = Store(self.options.store_url, registry=self.registry)
+            self.store = Store(
+                self.options.store_url, registry=self.registry, incidents=policy_of(self.config)
+            )
             await self.store.migrate()
             self.sinks.add(self.store)
         if self.config.kafka.clusters:
@@ -306,6 +309,10 @@ class Engine:
         if self.store is not None and removed:
             await self.store.release_flows(removed)
         self.config = new
+        if self.store is not None:  # the incident rules and links of the new flow files
+            from monitor.store.incidents import policy_of
+
+            self.store.book.policy = policy_of(new)
         self.steps = [s for f in new.flows for s in f.all_steps()]
         self.last_runs.expected = sum(len(f.variants) for f in new.flows)
         self.metrics_sink.init_series(changes.starting, self.location)

@@ -11,7 +11,10 @@ RunOutcome = Literal["success", "failure", "aborted"]
 
 @dataclass(slots=True)
 class StepResult:
-    """One hop of one run. `latency_s` is the hop's latency as the probe defines it."""
+    """One hop of one run. `latency_s` is the hop's latency as the probe defines it;
+    `own_latency_s` the part of it that is this hop's own (for a waiting hop timed from an
+    earlier step: from the previous step's end to the arrival; else `latency_s`);
+    `duration_s` how long the step ran (a wait included, whatever its outcome)."""
 
     name: str
     kind: str
@@ -26,6 +29,8 @@ class StepResult:
     excerpt: str | None = None
     cleanup: bool = False
     tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
+    own_latency_s: float | None = None
+    duration_s: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,6 +93,8 @@ class RunResult:
                     "attributes": s.attributes,
                     "excerpt": s.excerpt,
                     "cleanup": s.cleanup,
+                    "own_latency_s": s.own_latency_s,
+                    "duration_s": s.duration_s,
                 }
                 for s in self.steps
             ],

@@ -474,3 +474,58 @@ async def test_every_panel_shows_data_from_the_demo(
             assert resp.status == 200
     await wait_for_every_panel(prom, pick_all, DEMO_GAPS)
     await assert_exemplar_queries_link_to_traces(prom)
+
+
+def test_link_health_panels_show_passed_failed_and_skipped_apart(tmp_path: Path) -> None:
+    """A hop skipped after a broken link reads SKIPPED (2), never FAILED (0), on every link
+    panel: promtool evaluates each panel's query on a failed, a passed and a skipped hop."""
+    panels = [
+        (panel, target)
+        for dashboard in DASHBOARDS.values()
+        for panel, target in queries(dashboard)
+        if "hopwatch_link_up" in target["expr"]
+    ]
+    assert len(panels) == 2
+    series = {  # hop: (link_up, link_skipped); c passed before and is skipped now
+        "a": ("0", None),
+        "b": ("1", "0"),
+        "c": ("1", "1"),
+    }
+    input_series = []
+    for step, (up, skipped) in series.items():
+        labels = f'flow="f",step="{step}",variant="stable",location="l",instance="i",job="j"'
+        input_series.append({"series": f"hopwatch_link_up{{{labels}}}", "values": f"{up}x3"})
+        if skipped is not None:
+            input_series.append(
+                {"series": f"hopwatch_link_skipped{{{labels}}}", "values": f"{skipped}x3"}
+            )
+    tests = []
+    for panel, target in panels:
+        states = {m["options"][v]["text"] for m in panel["fieldConfig"]["defaults"]["mappings"]
+                  for v in m["options"]}  # fmt: skip
+        assert states == {"PASSED", "FAILED", "SKIPPED"}
+        expr = target["expr"].replace('flow="$flow"', 'flow="f"')
+        expr = VARIABLE.sub(".*", expr)
+        by = re.search(r"min by \(([^)]*)\)", expr)
+        assert by is not None
+        keep = [label.strip() for label in by.group(1).split(",")]
+        expected = []
+        for step, value in (("a", 0), ("b", 1), ("c", 2)):
+            all_labels = {"flow": "f", "step": step, "variant": "stable"}
+            shown = ",".join(f'{k}="{all_labels[k]}"' for k in keep)
+            expected.append({"labels": f"{{{shown}}}", "value": value})
+        tests.append({"expr": expr, "eval_time": "1m", "exp_samples": expected})
+    path = tmp_path / "link_states_test.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {"interval": "1m", "input_series": input_series, "promql_expr_test": tests}
+                ],
+            }
+        )
+    )
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"

@@ -34,6 +34,11 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
             "hopwatch_step_duration_seconds_count", {**labels, "step": step, "kind": kind}
         )
         assert count == 2
+        own = demo.registry.get_sample_value(
+            "hopwatch_step_own_duration_seconds_count", {**labels, "step": step, "kind": kind}
+        )
+        # waiting hops also export their own part, from the previous step's end
+        assert own == (2 if kind in ("kafka_consume", "webhook_await") else None)
     assert arrivals(demo, "kafka", "matched") >= 2
     assert arrivals(demo, "webhook", "matched") >= 3
 
@@ -42,7 +47,8 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
     ("faults", "step", "reason"),
     [
         ({"webhook_drop": True}, "fulfilment_webhook", "not_received"),
-        ({"webhook_bad_signature": True}, "fulfilment_webhook", "not_received"),
+        # a rotated secret is not a dead sender: the refusals are named
+        ({"webhook_bad_signature": True}, "fulfilment_webhook", "signature"),
         ({"webhook_duplicate": True}, "fulfilment_webhook", "duplicate"),
         ({"worker_stopped": True}, "fulfilment_webhook", "not_received"),
         ({"status": 503}, "create_order", "http_status"),
@@ -61,6 +67,7 @@ async def test_a_fault_breaks_the_right_link_for_the_right_reason(
     assert set(later) <= {"skipped"}
     if "webhook_bad_signature" in faults:
         assert arrivals(demo, "webhook", "bad_signature") >= 1
+        assert "refused (" in (broken.message or "") and "bad signature)" in (broken.message or "")
     await demo.clear_faults()
     result = await demo.run("checkout")
     assert result.outcome == "success", [(s.name, s.reason, s.message) for s in result.steps]

@@ -143,7 +143,9 @@ async def run_demo(
                     '{"webhook_retry_first": true},\n'
                     '  {"worker_stopped": true}, {"worker_delay_ms": 3000}, '
                     '{"broker_stopped": true}; DELETE /faults clears them.\n'
-                    "Ctrl-C stops it."
+                    "Ctrl-C stops it.",
+                    soft_wrap=True,  # never break a URL: the terminal may fold, copying works
+                    highlight=False,
                 )
                 await serve_until_signal(engine, duration)
         finally:
