@@ -102,6 +102,7 @@ class Replica:
     store: str
     log: Path
     core: int | None = None
+    log_level: str = "warning"
     listen: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -112,7 +113,7 @@ class Replica:
             [sys.executable, "-m", "monitor", "run", str(self.flows), "--replica", self.name,
              "--store", self.store, "--listen", f"127.0.0.1:{self.listen}",
              "--admin-listen", f"127.0.0.1:{self.admin}", "--grace", "1",
-             "--log-level", "warning"],
+             "--log-level", self.log_level],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"),
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None,
