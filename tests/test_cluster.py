@@ -270,6 +270,11 @@ async def test_three_replicas_share_flows_forward_webhooks_and_hand_over(
             "hopwatch_cluster_forwarded_arrivals_total", {"outcome": "sent"}
         )
         assert forwarded > 0
+        # Forwarding adds milliseconds, not a fetch wait (aiokafka's 500 ms default: 100-250 ms).
+        delay = "hopwatch_cluster_forward_delay_seconds"
+        fast = [await r.sample(f"{delay}_bucket", {"le": "0.025"}) for r in (r2, r3)]
+        taken = [await r.sample(f"{delay}_count", {}) for r in (r2, r3)]
+        assert sum(taken) > 0 and sum(fast) >= 0.5 * sum(taken), (fast, taken)
         target.app[EMITTING]["on"] = True
 
         # 3. SIGKILL r3: its flows run again elsewhere within the session timeout, a

@@ -32,6 +32,8 @@ from probes.arrivals import Arrival
 
 log = logging.getLogger(__name__)
 
+CONTROL_FETCH_WAIT_MS = 20
+
 OwnFlows = Callable[[list[Flow]], Awaitable[None]]
 
 
@@ -87,6 +89,11 @@ class Membership:
             enable_auto_commit=False,
             auto_offset_reset="latest",
             session_timeout_ms=self._session_ms,
+            # How long the broker may hold a fetch that found nothing. Tansu answers a held
+            # fetch when its wait ends, not when a record lands: with aiokafka's 500 ms a
+            # forwarded arrival waited 100-250 ms (benchmarks/cluster.py); 20 ms makes it a
+            # few ms, for 50 small idle fetches a second per replica. Kafka answers on arrival.
+            fetch_max_wait_ms=CONTROL_FETCH_WAIT_MS,
             heartbeat_interval_ms=max(100, self._session_ms // 10),
         )
         consumer.subscribe([self.topic], listener=_Listener(self))
