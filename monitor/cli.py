@@ -48,8 +48,9 @@ AdminToken = Annotated[
 Store = Annotated[
     str,
     typer.Option(
+        envvar="HOPWATCH_STORE",  # a URL with a password stays out of the command line
         help="Run history: a SQLite file, sqlite+aiosqlite:///path.db, "
-        "postgresql+asyncpg://user@host/db, or 'none'."
+        "postgresql+asyncpg://user@host/db, or 'none'.",
     ),
 ]
 

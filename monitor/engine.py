@@ -336,10 +336,12 @@ class Engine:
         return self.inbox.offer(arrival)
 
     def _check_cluster_store(self) -> None:
-        if not (self.options.store_url or "").startswith("postgresql"):
+        url = self.options.store_url
+        if not (url or "").startswith("postgresql"):
             raise ValueError(
-                "a cluster needs a shared store: give --store postgresql+asyncpg://USER@HOST/DB "
-                "(SQLite or none would keep each replica's history apart)"
+                f"a cluster needs a shared store, not {url or 'none'!r}: give --store "
+                "postgresql+asyncpg://USER@HOST/DB (SQLite or none would keep each replica's "
+                "history apart)"
             )
 
     def _prepare_membership(self, cluster: ClusterSettings) -> None:

@@ -195,11 +195,11 @@ async def test_giving_flows_up_aborts_their_runs_and_removes_their_gauges(
         await engine.stop()
 
 
-async def _hopwatch(*args: str) -> tuple[int, str]:
+async def _hopwatch(*args: str, **env: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "monitor", *args,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "300"},
+        env={**os.environ, "COLUMNS": "300", **env},
     )  # fmt: skip
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -210,7 +210,7 @@ async def _hopwatch(*args: str) -> tuple[int, str]:
     ("args", "want"),
     [
         (["--cluster", "127.0.0.1:9", "--store", "{tmp}/h.db"],
-         "a cluster needs a shared store: give --store postgresql+asyncpg://"),
+         "a cluster needs a shared store, not '{tmp}/h.db': give --store postgresql+asyncpg://"),
         (["--replica", "r1", "--store", "none"],
          "--cluster-group and --replica need --cluster (or settings.cluster)"),
     ],
@@ -226,4 +226,19 @@ async def test_run_refuses_a_cluster_it_cannot_be(
         "run", str(flows), *admin, *(a.replace("{tmp}", str(tmp_path)) for a in args)
     )
     assert code == 2
-    assert want in err
+    assert want.replace("{tmp}", str(tmp_path)) in err
+
+
+async def test_the_store_url_may_come_from_the_environment(
+    write_flows: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """HOPWATCH_STORE keeps a URL with a password out of the command line (a pod's args)."""
+    flows = write_flows(
+        "flows:\n  - {name: a, steps: [{name: s, kind: http, url: 'http://127.0.0.1:9/'}]}\n"
+    )
+    admin = ["--admin-listen", f"127.0.0.1:{free_port()}"]
+    code, err = await _hopwatch(
+        "run", str(flows), *admin, "--cluster", "127.0.0.1:9", HOPWATCH_STORE=str(tmp_path / "x.db")
+    )
+    assert code == 2
+    assert f"a cluster needs a shared store, not '{tmp_path / 'x.db'}'" in err
