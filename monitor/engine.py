@@ -214,7 +214,7 @@ class Engine:
         host, port = split_hostport(self.options.listen)
         await web.TCPSite(runner, host, port).start()
 
-    async def _start_optional_parts(self) -> None:
+    async def _start_optional_parts(self, *, watch: bool = True) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
         if self.options.store_url:
             from monitor.store import Store  # SQLAlchemy and Alembic: only when storing
@@ -233,7 +233,8 @@ class Engine:
                 on_arrival=self._offer,
                 arrivals_counter=self.metrics.arrivals,
             )
-            for cluster, topic in _asked(self.steps, lambda kind: kind.watches):
+            # In a cluster a replica reads only the topics of the flows it owns (take_flows).
+            for cluster, topic in _asked(self.steps if watch else [], lambda kind: kind.watches):
                 self.kafka.watch(cluster, topic)
             self.runner.deps.kafka = self.kafka
             await self.kafka.start()
@@ -359,11 +360,24 @@ class Engine:
         self.inbox = self.membership
 
     async def take_flows(self, flows: list[Flow]) -> None:
-        """Start flows this replica was given: their open incidents first, then their grid."""
+        """Start flows this replica was given: their open incidents and their topics first,
+        then their grid."""
         if self.store is not None:
             await self.store.take_flows([f.name for f in flows])
+        await self._watch_owned()
         if self.scheduler is not None:
             self.scheduler.add(flows)
+
+    async def _watch_owned(self) -> None:
+        """Read only the topics of the flows this replica owns: with many replicas, each
+        topic is read by its owner alone, not by every replica."""
+        if self.kafka is None or self.membership is None:
+            return
+        steps = [s for f in self.membership.owned_flows for s in f.all_steps()]
+        await self.kafka.rewatch(_asked(steps, lambda kind: kind.watches))
+        with contextlib.suppress(TimeoutError):  # a broker that is down does not hold us up
+            async with asyncio.timeout(10):
+                await self.kafka.wait_consumer()
 
     async def release_flows(self, flows: list[Flow]) -> None:
         """Stop flows another replica will run: runs aborted, gauges gone, incidents written."""
@@ -371,6 +385,7 @@ class Engine:
         if self.scheduler is not None:
             await self.scheduler.remove(names)
         self.metrics_sink.forget(names)
+        await self._watch_owned()
         if self.store is not None:
             await self.store.release_flows(names)
 
