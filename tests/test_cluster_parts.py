@@ -95,6 +95,20 @@ def test_plan_gives_balanced_contiguous_ranges(
     assert plan([f"m{i}" for i in range(members)], list(range(partitions))) == want
 
 
+def test_plan_is_sticky_when_members_come_and_go() -> None:
+    parts = list(range(12))
+    before = dict(zip(["r1", "r2", "r3"], plan(["r1", "r2", "r3"], parts), strict=True))
+    # r2 leaves: r1 and r3 keep all they had and share out r2's partitions.
+    after = dict(zip(["r1", "r3"], plan(["r1", "r3"], parts, before), strict=True))
+    assert set(before["r1"]) <= set(after["r1"]) and set(before["r3"]) <= set(after["r3"])
+    assert sorted(after["r1"] + after["r3"]) == parts and len(after["r1"]) == 6
+    # r4 joins: it takes 3 partitions, and only 3 partitions move in all.
+    joined = dict(zip(["r1", "r3", "r4"], plan(["r1", "r3", "r4"], parts, after), strict=True))
+    moved = sum(len(set(after[r]) - set(joined[r])) for r in ("r1", "r3"))
+    assert (len(joined["r4"]), moved) == (4, 4)
+    assert sorted(p for part in joined.values() for p in part) == parts
+
+
 def test_the_assignor_tells_every_member_who_owns_what() -> None:
     assignors = {name: FlowAssignor(name, f"d-{name}", "ctl") for name in ("r2", "r1", "r3")}
     members = {
