@@ -219,8 +219,10 @@ def test_compose_gives_prometheus_and_hopwatch_the_same_admin_token() -> None:
 
 def test_compose_flows_are_the_demo_flows_at_the_compose_addresses() -> None:
     demo = (REPO / "monitor" / "demo" / "flows.yaml").read_text(encoding="utf-8")
-    expected = demo.replace("SHOP_URL", "http://demo-shop:8000").replace(
-        "KAFKA_BOOTSTRAP", "kafka:9092"
+    expected = (
+        demo.replace("SHOP_URL", "http://demo-shop:8000")
+        .replace("KAFKA_BOOTSTRAP", "kafka:9092")
+        .replace("sqlite:///ORDERS_DB_URL", "sqlite:////var/lib/hopwatch-demo/demo-orders.db")
     )
     assert load_yaml(DEPLOY / "compose" / "flows.yaml") == yaml.safe_load(expected)
 
