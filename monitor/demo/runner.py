@@ -23,8 +23,9 @@ from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, buil
 from monitor.demo.telemetry import Telemetry, inject_kafka_headers
 from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
 from monitor.demo.worker import OrderPublisher, Worker
-from monitor.engine import Options, serve_app, split_hostport
+from monitor.engine import Options
 from monitor.lifecycle import engine_or_exit, exit_with, serve_until_signal, wait_for_signal
+from monitor.listen import serve_app, split_hostport
 from probes.sql_engines import async_url
 
 FLOWS = Path(__file__).with_name("flows.yaml")
