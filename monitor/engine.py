@@ -325,7 +325,7 @@ class Engine:
             self.config.flows,
             own=self.take_flows,
             disown=self.release_flows,
-            offer=self.correlator.offer,
+            local=self.correlator,
             registry=self.registry,
         )
         self.inbox = self.membership

@@ -212,7 +212,7 @@ async def _runs(pg: str) -> list[asyncpg.Record]:
     try:
         return list(
             await conn.fetch(
-                "SELECT id, flow, replica, outcome, started_at, finished_at FROM runs "
+                "SELECT id, flow, replica, outcome, reason, started_at, finished_at FROM runs "
                 "ORDER BY flow, started_at"
             )
         )
@@ -289,6 +289,21 @@ async def test_three_replicas_share_flows_forward_webhooks_and_hand_over(
         fast = [await r.sample(f"{delay}_bucket", {"le": "0.025"}) for r in (r2, r3)]
         taken = [await r.sample(f"{delay}_count", {}) for r in (r2, r3)]
         assert sum(taken) > 0 and sum(fast) >= 0.5 * sum(taken), (fast, taken)
+
+        # A delivery refused at r1 for a run waiting on r2 tells that run why (a wrong content
+        # type here; a rotated secret alike), instead of leaving it to say not_received.
+        hook = next(f for f in members["r2"] if f.startswith("hook"))
+        url = f"http://127.0.0.1:{r1.listen}/hooks/{hook}"
+
+        async def told() -> bool:
+            plain = {"Content-Type": "text/plain"}
+            async with aiohttp.ClientSession() as session, session.post(url, headers=plain):
+                pass
+            return any(
+                r["flow"] == hook and r["reason"] == "assertion" for r in await _runs(pg_url)
+            )
+
+        await eventually(told, 20, f"{hook} on r2 failing assertion for a refusal at r1")
         target.app[EMITTING]["on"] = True
 
         # 3. SIGKILL r3: its flows run again elsewhere within the session timeout, a

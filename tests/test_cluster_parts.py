@@ -20,7 +20,7 @@ from multidict import CIMultiDict, istr
 
 from monitor.cluster.assignor import FlowAssignor, plan
 from monitor.cluster.ownership import Ownership, ownership_keys, partition_of
-from monitor.cluster.wire import decode_arrival, encode_arrival
+from monitor.cluster.wire import Refusal, decode_arrival, encode_arrival, encode_refusal
 from monitor.config import Config
 from monitor.demo.broker import free_port
 from probes.arrivals import Arrival
@@ -256,3 +256,8 @@ async def test_the_store_url_may_come_from_the_environment(
     )
     assert code == 2
     assert f"a cluster needs a shared store, not '{tmp_path / 'x.db'}'" in err
+
+
+def test_a_refusal_crosses_the_control_topic() -> None:
+    value, headers = encode_refusal(Refusal("/hooks/own", "bad signature", True), "r1")
+    assert decode_arrival(value, headers) == Refusal("/hooks/own", "bad signature", True)
