@@ -241,7 +241,7 @@ class _PathHandler:
             try:  # refused here, so a step never sees a hostile document
                 parse_xml(body)
             except NotXml as exc:
-                return self._refuse(400, "malformed", str(exc))
+                return self._refuse(400, "malformed", str(exc), "XML refused")
         else:
             return self._refuse(
                 415,
