@@ -156,6 +156,24 @@ async def test_incidents_open_then_closed(client: Client, store: Store) -> None:
     assert [i["closing_run_id"] for i in closed["incidents"]] == ["good"]
 
 
+async def test_runs_and_incidents_filter_by_location(client: Client, store: Store) -> None:
+    """A link broken from one location of two: each location's runs and incidents apart."""
+    for i, location in enumerate(("eu-west-1", "us-east-1")):
+        fail_at = "read_back" if location == "eu-west-1" else None
+        run = make_run(run_id=f"r{i}", location=location, started_at=T0 + i, fail_at=fail_at)
+        store.submit(run)
+    assert await store.flush()
+    for location, runs, incidents in (("eu-west-1", ["r0"], 1), ("us-east-1", ["r1"], 0)):
+        page = await _get(client, f"/api/v1/runs?location={location}", "RunPage")
+        assert [r["run_id"] for r in page["runs"]] == runs
+        found = await _get(client, f"/api/v1/incidents?location={location}", "IncidentPage")
+        assert [i["location"] for i in found["incidents"]] == [location] * incidents
+    everywhere = await _get(client, "/api/v1/incidents", "IncidentPage")
+    assert len(everywhere["incidents"]) == 1
+    nowhere = await _get(client, "/api/v1/incidents?location=mars", "IncidentPage")
+    assert nowhere["incidents"] == []
+
+
 async def test_flows_show_current_link_states(
     client: Client,
     store: Store,
