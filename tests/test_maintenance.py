@@ -273,6 +273,32 @@ async def test_declared_windows_show_and_cannot_be_ended_over_the_api(
         await engine.stop()
 
 
+async def test_a_reload_brings_the_flow_files_new_windows(tmp_path: Path) -> None:
+    path = tmp_path / "flows.yaml"
+    path.write_text(flows_text("http://127.0.0.1:9"))
+    registry = CollectorRegistry()
+    engine = Engine(load([path]), Options(config_paths=[path]), registry)
+    await engine.start(schedule=False, admin=False)
+    try:
+        now = time.time()
+        assert not engine.maintenance.covers("search", "default", now, now)
+        path.write_text(
+            flows_text(
+                "http://127.0.0.1:9",
+                f"maintenance:\n  - {{flows: [search], start: {now - 1}, end: {now + 600},"
+                " reason: reindex}\n",
+            )
+        )
+        assert engine.reloader is not None
+        assert (await engine.reloader.reload())[0]
+        assert engine.maintenance.covers("search", "default", now, now)
+        labels = {"flow": "search", "variant": "default", "location": "local"}
+        gauge = lambda: registry.get_sample_value("hopwatch_maintenance", labels)  # noqa: E731
+        await _until(engine.maintenance, lambda: gauge() == 1)
+    finally:
+        await engine.stop()
+
+
 # --- shared through the store: restarts and replicas ---------------------------------------------
 
 
