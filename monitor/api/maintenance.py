@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import (
@@ -15,7 +15,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    WithJsonSchema,
     field_validator,
 )
 
@@ -28,14 +27,12 @@ from monitor.maintenance import (
     parse_time,
     rfc3339,
 )
-from monitor.maintenance.windows import MAX_REASON
+from monitor.maintenance.windows import MAX_REASON, TimeValue
 
 log = logging.getLogger(__name__)
 
 MAINTENANCE_PATH = "/api/v1/maintenance"
 MAX_NAMES = 1000
-_TIME = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]}
-TimeValue = Annotated[float, WithJsonSchema(_TIME)]
 
 
 class MaintenanceRequest(BaseModel):

@@ -14,10 +14,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from probes.durations import Duration
 
@@ -25,6 +32,11 @@ Source = Literal["api", "config"]
 # How many occurrences of one schedule are listed ahead (the page and the API show upcoming ones)
 UPCOMING_PER_SCHEDULE = 3
 MAX_REASON = 500
+# A time as flow files and the API take it (validators turn it into unix seconds)
+TimeValue = Annotated[
+    float,
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]}),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +117,10 @@ class MaintenanceSpec(BaseModel):
     variants: list[str] = Field(
         default_factory=list, description="Variants it covers; default every variant (of `flows`)."
     )
-    start: float | None = Field(
+    start: TimeValue | None = Field(
         default=None, description="Start: RFC 3339 with an offset, or unix seconds; default none."
     )
-    end: float | None = Field(default=None, description="End, as `start`; default none.")
+    end: TimeValue | None = Field(default=None, description="End, as `start`; default none.")
     schedule: str | None = Field(
         default=None,
         description="Cron expression (5 fields, UTC) of each window's start, instead of "
