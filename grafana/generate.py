@@ -438,7 +438,8 @@ def dashboard(
 
 
 def overview() -> dict[str, Any]:
-    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor."""
+    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor and
+    its cluster."""
     lay = Layout()
     _overview_health(lay, OVERVIEW_SEL)
     _overview_breaks(lay, OVERVIEW_SEL)
@@ -447,6 +448,7 @@ def overview() -> dict[str, Any]:
     _overview_slo(lay, OVERVIEW_SEL)
     _monitor_health(lay)
     _overview_maintenance(lay, OVERVIEW_SEL)
+    _cluster(lay)
     for panel in lay.panels:
         if any("{{flow}}" in t.get("legendFormat", "") for t in panel.get("targets", [])):
             with_flow_link(panel)
@@ -718,6 +720,100 @@ def _monitor_health(lay: Layout) -> None:
         ),
         w=12,
         h=6,
+    )
+
+
+def _cluster(lay: Layout) -> None:
+    """Replicas sharing the flows (`hopwatch run --cluster`); empty for a single process."""
+    lay.row("Cluster")
+    lay.add(
+        timeseries(
+            "Members",
+            "Replicas in the group as each replica saw it at its last rebalance; and members"
+            " whose flow set differs from the reporting replica's (should be 0: every replica"
+            " must load the same flow files).",
+            targets(
+                ("max by (instance) (hopwatch_cluster_members)", "{{instance}}"),
+                ("max(hopwatch_cluster_flow_set_mismatch)", "members with other flows"),
+            ),
+            "none",
+        ),
+        w=8,
+        h=8,
+    )
+    owned = timeseries(
+        "Owned flows per replica",
+        "Flows each replica schedules now, stacked, against the flows the files configure: the"
+        " stack must reach the line (HopwatchClusterFlowsUnowned pages when it does not).",
+        targets(
+            ("sum by (instance) (hopwatch_cluster_owned_flows)", "{{instance}}"),
+            ("max(hopwatch_cluster_flows)", "configured"),
+        ),
+        "none",
+        stack=True,
+    )
+    owned["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": "B"},
+            "properties": [
+                {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}},
+                {"id": "custom.fillOpacity", "value": 0},
+                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+            ],
+        }
+    ]
+    lay.add(owned, w=8, h=8)
+    lay.add(
+        timeseries(
+            "Rebalances",
+            "Rebalances each replica took part in: one per replica joining or leaving (a"
+            " rolling restart makes two per pod); a steady stream means replicas flap.",
+            [
+                target(
+                    "sum by (instance) "
+                    f"({rate('hopwatch_cluster_rebalances_total', '', 'increase')})",
+                    "{{instance}}",
+                )
+            ],
+            "none",
+            bars=True,
+        ),
+        w=8,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Forwarded arrivals",
+            "Webhooks a replica received for a flow another replica owns, sent to the owner"
+            " over the control topic (sent, failed), and control records that were not"
+            " arrivals (malformed). Each is counted in hopwatch_arrivals_total once, by its owner.",
+            [
+                target(
+                    "sum by (instance, outcome) "
+                    f"({rate('hopwatch_cluster_forwarded_arrivals_total', '')})",
+                    "{{instance}} {{outcome}}",
+                )
+            ],
+            "ops",
+        ),
+        w=12,
+        h=8,
+    )
+    delay = "hopwatch_cluster_forward_delay_seconds"
+    lay.add(
+        timeseries(
+            "Forwarding delay",
+            "From a webhook reaching one replica to its owner offering it to the waiting run:"
+            " what forwarding adds (the webhook's latency is stamped where it arrived).",
+            targets(
+                (quantile("0.5", "instance", delay, ""), "{{instance}} p50"),
+                (quantile("0.99", "instance", delay, ""), "{{instance}} p99"),
+            ),
+            "s",
+        ),
+        w=12,
+        h=8,
     )
 
 

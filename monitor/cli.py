@@ -49,8 +49,9 @@ AdminToken = Annotated[
 Store = Annotated[
     str,
     typer.Option(
+        envvar="HOPWATCH_STORE",  # a URL with a password stays out of the command line
         help="Run history: a SQLite file, sqlite+aiosqlite:///path.db, "
-        "postgresql+asyncpg://user@host/db, or 'none'."
+        "postgresql+asyncpg://user@host/db, or 'none'.",
     ),
 ]
 
@@ -246,6 +247,13 @@ def demo(
         str, typer.Option(help="Where the demo's own broker listens.")
     ] = "127.0.0.1:9092",
     store: Store = "temporary",
+    orders_db: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the database the demo's worker writes its orders to; "
+            "default: a SQLite file in the demo's temporary directory."
+        ),
+    ] = None,
     shop_only: Annotated[
         bool, typer.Option(help="Run only the demo system (shop, worker, webhooks), no monitor.")
     ] = False,
@@ -269,6 +277,7 @@ def demo(
             duration=duration,
             console=err,
             shop_only=shop_only,
+            orders_db=orders_db,
         )
     )
 

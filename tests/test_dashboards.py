@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from deploy.kubernetes.generate_prometheusrule import rule_groups
+from monitor.cluster.metrics import CLUSTER_METRIC_NAMES
 from monitor.metrics import METRIC_NAMES
 from tests.fixtures.prometheus import (
     PrometheusError,
@@ -162,7 +163,8 @@ def test_committed_json_is_what_the_generator_writes() -> None:
 
 def test_every_metric_is_on_a_board() -> None:
     exprs = " ".join(t["expr"] for d in DASHBOARDS.values() for _, t in queries(d))
-    missing = [name for name in METRIC_NAMES if not re.search(rf"\b{name}", exprs)]
+    names = METRIC_NAMES | CLUSTER_METRIC_NAMES
+    missing = [name for name in names if not re.search(rf"\b{name}", exprs)]
     assert missing == []
 
 
@@ -174,6 +176,29 @@ def test_flow_dashboard_links_latency_to_traces_and_compares_variants() -> None:
     assert any(p.get("repeat") == "variant" for p in panels(dashboard))
     flow = next(v for v in variables(dashboard) if v["name"] == "flow")
     assert flow["multi"] is False, "the flow dashboard shows one flow"
+
+
+def test_overview_cluster_row_stacks_owned_flows_against_the_configured_line() -> None:
+    dashboard = DASHBOARDS["hopwatch-overview.json"]
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    start = next(i for i, p in enumerate(dashboard["panels"]) if p["title"] == "Cluster")
+    assert rows[-1]["title"] == "Cluster"
+    cluster = {p["title"]: p for p in dashboard["panels"][start + 1 :]}
+    assert set(cluster) == {
+        "Members", "Owned flows per replica", "Rebalances", "Forwarded arrivals",
+        "Forwarding delay",
+    }  # fmt: skip
+    owned = cluster["Owned flows per replica"]
+    by_ref = {t["refId"]: t["expr"] for t in owned["targets"]}
+    assert "by (instance)" in by_ref["A"] and "hopwatch_cluster_owned_flows" in by_ref["A"]
+    assert by_ref["B"] == "max(hopwatch_cluster_flows)"
+    assert owned["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    (override,) = owned["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    unstacked = {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}}
+    assert unstacked in override["properties"], "the configured line must not stack"
+    delay = " ".join(t["expr"] for t in cluster["Forwarding delay"]["targets"])
+    assert "hopwatch_cluster_forward_delay_seconds_bucket" in delay
 
 
 # --- queries parse and name only what hopwatch exports ------------------------------------------
@@ -394,10 +419,18 @@ async def test_every_panel_shows_data_from_a_real_prometheus(
 
 # Panels the bundled demo leaves empty today, and why. The demo test fails when one of them
 # shows data, so that this list only shrinks.
+CLUSTER_PANELS = (
+    "Members [A]", "Members [B]", "Owned flows per replica [A]", "Owned flows per replica [B]",
+    "Rebalances [A]", "Forwarded arrivals [A]", "Forwarding delay [A]", "Forwarding delay [B]",
+)  # fmt: skip
 DEMO_GAPS = {
     "hopwatch-flow.json: Canary gate verdicts [A]": "nothing asks the gate during the demo",
     "hopwatch-flow.json: Canary gate score [A]": "nothing asks the gate during the demo",
     "hopwatch-overview.json: Certificates expiring soonest [A]": "the demo speaks plain HTTP",
+    **{
+        f"hopwatch-overview.json: {panel}": "the demo is one process, not a cluster"
+        for panel in CLUSTER_PANELS
+    },
 }
 
 
