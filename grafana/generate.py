@@ -447,6 +447,7 @@ def overview() -> dict[str, Any]:
     _overview_arrivals(lay)
     _overview_slo(lay, OVERVIEW_SEL)
     _monitor_health(lay)
+    _overview_maintenance(lay, OVERVIEW_SEL)
     _cluster(lay)
     for panel in lay.panels:
         if any("{{flow}}" in t.get("legendFormat", "") for t in panel.get("targets", [])):
@@ -824,6 +825,7 @@ def flow_detail() -> dict[str, Any]:
     _flow_hops(lay)
     _flow_http(lay)
     _flow_variants(lay)
+    _flow_locations(lay)
     variables = [
         datasource_variable(),
         query_variable("flow", "Flow", "label_values(hopwatch_runs_total, flow)", multi=False),
@@ -1111,6 +1113,88 @@ def _flow_gate(lay: Layout) -> None:
             threshold_steps=((None, "red"), (75, "orange"), (95, "green")),
         ),
         w=12,
+        h=8,
+    )
+
+
+def _overview_maintenance(lay: Layout, sel: str) -> None:
+    """When flows were in a maintenance window: their runs count for no alert and no SLO."""
+    lay.row("Maintenance")
+    panel = status_history(
+        "Maintenance windows",
+        "Flow variants in a maintenance window (hopwatch_maintenance 1): their runs go on and"
+        " show on every other panel, but open no incident, raise no alert and stay out of the"
+        " SLO ratios.",
+        [
+            target(
+                # hopwatch_maintenance appears with a flow's first window: 0 for the others
+                f"max by (flow, variant, location) (hopwatch_maintenance{{{sel}}})"
+                f" or 0 * max by (flow, variant, location) (hopwatch_flow_up{{{sel}}})",
+                "{{flow}} · {{variant}} · {{location}}",
+            )
+        ],
+    )
+    panel["fieldConfig"]["defaults"]["mappings"] = [
+        {
+            "type": "value",
+            "options": {
+                "0": {"text": "-", "color": "transparent", "index": 0},
+                "1": {"text": "MAINTENANCE", "color": "blue", "index": 1},
+            },
+        }
+    ]
+    panel["fieldConfig"]["defaults"]["thresholds"] = thresholds((None, "transparent"), (1, "blue"))
+    lay.add(panel, w=24, h=6)
+
+
+def _flow_locations(lay: Layout) -> None:
+    """The flow as each location sees it, side by side, and how many see each link broken
+    (the quorum HopwatchLinkBrokenInLocations pages on)."""
+    lay.row("Locations side by side")
+    loc_sel = 'flow="$flow", variant=~"$variant", location="$location"'
+    side_by_side = {"repeat": "location", "repeatDirection": "h", "maxPerRow": 3}
+    lay.add(
+        link_history(
+            "Link states · $location",
+            "Each hop's state from one location; the panel repeats per selected location.",
+            [target(link_state("step, variant", loc_sel), "{{step}} · {{variant}}")],
+        ),
+        w=24,
+        h=6,
+        **side_by_side,
+    )
+    lay.add(
+        timeseries(
+            "Hop latency p95 · $location",
+            "Each hop's p95 from one location; the panel repeats per selected location.",
+            [
+                target(
+                    quantile("0.95", "step, variant", STEP_DURATION, loc_sel),
+                    "{{step}} · {{variant}}",
+                )
+            ],
+            "s",
+        ),
+        w=24,
+        h=8,
+        **side_by_side,
+    )
+    quorum = 'flow="$flow", variant=~"$variant"'
+    broken = f"hopwatch:link_broken:locations{{{quorum}}}"
+    reporting = f"hopwatch:link_reporting:locations{{{quorum}}}"
+    lay.add(
+        timeseries(
+            "Locations seeing each link broken",
+            "Per hop, how many locations see it broken, out of how many run it (recording rules"
+            " of deploy/prometheus/rules/locations.yml); HopwatchLinkBrokenInLocations pages"
+            " when a majority of at least 2 do.",
+            [
+                target(f"{broken} or 0 * {reporting}", "{{step}} · {{variant}} broken"),
+                target(reporting, "{{step}} · {{variant}} reporting", "B"),
+            ],
+            "short",
+        ),
+        w=24,
         h=8,
     )
 

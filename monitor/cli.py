@@ -21,6 +21,7 @@ from monitor.engine import Options
 from monitor.gate.command import gate
 from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
+from monitor.maintenance.command import maintenance_app
 from monitor.output import as_json, as_junit, console_for, plural, table
 from probes.errors import ConfigError
 
@@ -283,6 +284,7 @@ def demo(
 
 app.command()(gate)
 app.add_typer(import_app, name="import")
+app.add_typer(maintenance_app, name="maintenance")
 
 
 @app.command()

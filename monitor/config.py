@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from monitor.cluster.settings import ClusterSettings
 from monitor.events.settings import EventsSettings
 from monitor.kafka.settings import KafkaCluster
+from monitor.maintenance.windows import MaintenanceSpec, unknown_names
 from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
@@ -167,6 +168,10 @@ class FileConfig(BaseModel):
     settings: Settings | None = Field(default=None, description="Monitor settings; default none.")
     kafka: KafkaSection | None = Field(default=None, description="Kafka clusters; default none.")
     flows: list[Flow] = Field(default_factory=list, description="The flows.")
+    maintenance: list[MaintenanceSpec] = Field(
+        default_factory=list,
+        description="Maintenance windows: runs go on, marked, but open no incident; default none.",
+    )
 
 
 class Config(BaseModel):
@@ -177,6 +182,7 @@ class Config(BaseModel):
     settings: Settings = Field(default_factory=Settings)
     kafka: KafkaSection = Field(default_factory=KafkaSection)
     flows: list[Flow] = Field(default_factory=list)
+    maintenance: list[MaintenanceSpec] = Field(default_factory=list)
     sources: dict[str, str] = Field(default_factory=dict, description="flow name → file")
 
     def flow(self, name: str) -> Flow:
@@ -452,7 +458,9 @@ def load(paths: Iterable[str | Path]) -> Config:
     clusters: dict[str, KafkaCluster] = {}
     flows: list[Flow] = []
     sources: dict[str, str] = {}
+    maintenance: list[MaintenanceSpec] = []
     for path, file in files:
+        maintenance.extend(file.maintenance)
         if file.settings is not None:
             if settings is not None and settings != file.settings:
                 problems.append(f"{path}:1: settings differ from those in another file")
@@ -469,11 +477,14 @@ def load(paths: Iterable[str | Path]) -> Config:
                 continue
             sources[flow.name] = str(path)
             flows.append(flow)
+    for path, file in files:
+        problems.extend(unknown_names(path, file.maintenance, flows))
     if problems:
         raise ConfigError(problems)
     return Config(
         settings=settings or Settings(),
         kafka=KafkaSection(clusters=clusters),
         flows=flows,
+        maintenance=maintenance,
         sources=sources,
     )

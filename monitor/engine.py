@@ -25,6 +25,7 @@ from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.listen import serve_app, split_hostport
+from monitor.maintenance import MaintenanceBook
 from monitor.metrics import Metrics, MetricsSink, watch_event_loop
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import (
@@ -95,6 +96,8 @@ class Engine:
             self.metrics.sink_errors,
         )
         self.correlator = Correlator(self.metrics.arrivals)
+        # the flow files' windows now; the store's (runtime ones) once it is open
+        self.maintenance = MaintenanceBook(config.maintenance, registry=self.registry)
         self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
         self.membership: Membership | None = None
         self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
@@ -125,6 +128,7 @@ class Engine:
                 correlator=self.correlator,
                 tracing=self.tracing,
                 replica=cluster.replica_name() if cluster is not None else None,
+                in_maintenance=self.maintenance.covers,
             )
         )
 
@@ -145,6 +149,13 @@ class Engine:
         self._make_shared()
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
+        self.maintenance.store = self.store
+        if self.store is not None:  # the runtime windows before the first runs, if it answers
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.maintenance.sync()
+        keeping = self.maintenance.keep(self.maintenance_pairs)
+        self._background.append(asyncio.create_task(keeping))
         if self.needs_public_listener():
             await self._serve_public()
         if admin:
@@ -281,6 +292,7 @@ class Engine:
         if self.store is not None and removed:
             await self.store.release_flows(removed)
         self.config = new
+        self.maintenance.set_declared(new.maintenance)
         if self.store is not None:  # the incident rules and links of the new flow files
             from monitor.store.incidents import policy_of
 
@@ -301,6 +313,14 @@ class Engine:
             await self.membership.start()
         elif self.scheduler is not None:
             self.scheduler.add(changes.starting)
+
+    def maintenance_pairs(self) -> list[tuple[str, str, str]]:
+        """(flow, variant, location) of every configured run, for `hopwatch_maintenance`."""
+        return [
+            (flow.name, variant, flow.location or self.location)
+            for flow in self.config.flows
+            for variant in flow.variants
+        ]
 
     # -- the cluster -----------------------------------------------------------------------
 
@@ -418,8 +438,12 @@ class Engine:
             last_runs=last,
             bearer_auth=token is not None,
             cluster=self.membership.describe if self.membership is not None else None,
+            maintenance=self.maintenance,
+            current_flows=lambda: self.config.flows,
         )
-        install_status_routes(app, store=self.store, flows=flows, last_runs=last)
+        install_status_routes(
+            app, store=self.store, flows=flows, last_runs=last, maintenance=self.maintenance
+        )
         install_gate_routes(app, engine=self, store=self.store, metrics_registry=self.registry)
         return app
 

@@ -52,6 +52,7 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_build_info": "gauge",
     "hopwatch_gate_verdicts_total": "counter",  # monitor/gate/service.py
     "hopwatch_gate_score": "gauge",
+    "hopwatch_maintenance": "gauge",  # monitor/maintenance/book.py
 }
 
 

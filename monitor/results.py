@@ -52,6 +52,7 @@ class RunResult:
     steps: list[StepResult]
     trace_id: str | None = None
     replica: str | None = None  # the cluster member that ran it; None outside a cluster
+    maintenance: bool = False  # it ran (in part) in a maintenance window: no incident, no SLO
 
     @property
     def broken(self) -> StepResult | None:
@@ -79,6 +80,7 @@ class RunResult:
             "broken_step": broken.name if broken else None,
             "reason": broken.reason if broken else None,
             "trace_id": self.trace_id,
+            "maintenance": self.maintenance,
             "steps": [
                 {
                     "name": s.name,

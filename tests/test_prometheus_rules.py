@@ -101,6 +101,11 @@ def test_rules_name_only_exported_metrics(rule: dict[str, Any]) -> None:
 def test_slo_ratios_are_recorded_for_every_window_the_same_way() -> None:
     """The 14 ratio rules are one template each; a slip in one window would go unseen."""
     by_name = {rule["record"]: " ".join(rule["expr"].split()) for rule in records()}
+    # what the ratios sum (maintenance left out), and the locations' counts (locations.yml)
+    for name in ("failed", "finished", "fast", "timed"):
+        assert "hopwatch_maintenance" in by_name.pop(f"hopwatch:runs_{name}:increase2m")
+    for name in ("link_broken", "link_reporting"):
+        by_name.pop(f"hopwatch:{name}:locations")
     for sli in ("run_errors", "run_slow"):
         template = by_name[f"hopwatch:{sli}:ratio_rate5m"]
         assert template.count("[5m]") >= 2
@@ -164,6 +169,7 @@ def test_alertmanager_config_is_valid() -> None:
             "release",
         ),
         ({"alertname": "HopwatchForgedArrivals", "severity": "warning"}, "ticket"),
+        ({"alertname": "HopwatchLinkBrokenInLocations", "severity": "critical"}, "pager"),
         ({"alertname": "HopwatchLatencyBudgetBurnSlow", "severity": "warning"}, "ticket"),
     ],
 )
@@ -185,7 +191,7 @@ def test_alertmanager_routes_and_inhibits_only_real_alerts() -> None:
                 regex = pattern if op == "=~" else re.escape(pattern)
                 assert any(re.fullmatch(regex, n) for n in names), matcher
         for label in inhibit.get("equal", []):
-            assert label in {"flow", "variant", "location", "slo"}
+            assert label in {"flow", "step", "variant", "location", "slo"}
 
 
 # --- compose ------------------------------------------------------------------------------------

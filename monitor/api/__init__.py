@@ -10,10 +10,11 @@ What is where:
 - `params`: the query parameters (`Param`, the run and incident tables), their parsing and
   `BadRequest`.
 - `routes`: the aiohttp handlers and `install_api_routes`, which adds them to the admin app.
+- `maintenance`: `/api/v1/maintenance` (list, add, end windows) with its bodies.
 - `openapi`: `API_PREFIX` and `openapi_document`, built from the tables and the body models.
 
 Import from here; the modules import each other only in that order (views and params first,
-then openapi, then routes), never back.
+then maintenance, then openapi, then routes), never back.
 """
 
 from monitor.api.openapi import API_PREFIX, openapi_document

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from monitor.api.maintenance import install_maintenance_routes
 from monitor.api.openapi import API_PREFIX, openapi_document
 from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS, BadRequest, parse_query
 from monitor.api.views import (
@@ -20,6 +21,7 @@ from monitor.api.views import (
     standalone_view,
 )
 from monitor.cluster.settings import default_replica
+from monitor.maintenance import MaintenanceBook
 from monitor.results import RunResult
 from monitor.store import BadCursor, IncidentPage, RunPage, Store
 
@@ -98,9 +100,12 @@ def install_api_routes(
     last_runs: Mapping[tuple[str, str], RunResult],
     bearer_auth: bool = True,
     cluster: Callable[[], dict[str, Any]] | None = None,
+    maintenance: MaintenanceBook | None = None,
+    current_flows: Callable[[], Sequence[FlowLike]] | None = None,
 ) -> None:
     """Add /api/v1/* to the admin app; `bearer_auth` says whether the document requires a token;
-    `cluster` describes the group (None: this replica runs alone)."""
+    `cluster` describes the group (None: this replica runs alone); `maintenance` keeps the
+    windows (default: in memory), checked against `current_flows` (default: `flows`)."""
     document = openapi_document(bearer_auth=bearer_auth)
     api = _Api(store, flows, last_runs, document, cluster)
     app.router.add_get(f"{API_PREFIX}/flows", api.flows_handler)
@@ -109,3 +114,5 @@ def install_api_routes(
     app.router.add_get(f"{API_PREFIX}/incidents", api.incidents_handler)
     app.router.add_get(f"{API_PREFIX}/cluster", api.cluster_handler)
     app.router.add_get(f"{API_PREFIX}/openapi.json", api.openapi_handler)
+    book = maintenance if maintenance is not None else MaintenanceBook()
+    install_maintenance_routes(app, book, current_flows or (lambda: flows))

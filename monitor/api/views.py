@@ -152,6 +152,7 @@ def summary_of(result: RunResult) -> RunSummary:
         reason=broken.reason if broken else None,
         trace_id=result.trace_id,
         replica=result.replica,
+        maintenance=result.maintenance,
     )
 
 

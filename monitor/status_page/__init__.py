@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ import jinja2
 from aiohttp import web
 
 from monitor.api import FlowLike, FlowView, flow_views
+from monitor.maintenance import MaintenanceBook, Window
 from monitor.results import RunResult
 from monitor.status_page.svg import Spark, format_seconds, slow_note, sparkline, waterfall
 from monitor.store import IncidentView, RunDetail, RunSummary, Store
@@ -65,6 +66,7 @@ class _Overview:
     incidents: list[IncidentView]
     runs: list[RunSummary]
     store_error: str | None
+    maintenance: list[Window] = field(default_factory=list)  # active and upcoming
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class _StatusPage:
     last_runs: Mapping[tuple[str, str], RunResult]
     refresh_s: float
     env: jinja2.Environment
+    maintenance: MaintenanceBook | None = None
 
     def _render(self, template: str, status: int = 200, **context: Any) -> web.Response:
         html = self.env.get_template(template).render(
@@ -88,6 +91,8 @@ class _StatusPage:
     async def _overview(self) -> _Overview:
         views = await flow_views(self.flows, self.last_runs, self.store)
         overview = _Overview(views, {}, {}, [], [], None)
+        if self.maintenance is not None:
+            overview.maintenance = self.maintenance.windows()
         if self.store is None:
             self._mark_slow(overview, {})
             return overview
@@ -152,8 +157,10 @@ def install_status_routes(
     flows: Sequence[FlowLike],
     last_runs: Mapping[tuple[str, str], RunResult],
     refresh_s: float = 10.0,
+    maintenance: MaintenanceBook | None = None,
 ) -> None:
-    """Add the status page (`/`) and run waterfalls (`/runs/{run_id}`) to the admin app."""
-    page = _StatusPage(store, flows, last_runs, refresh_s, make_environment())
+    """Add the status page (`/`) and run waterfalls (`/runs/{run_id}`) to the admin app;
+    `maintenance` lists the active and upcoming windows."""
+    page = _StatusPage(store, flows, last_runs, refresh_s, make_environment(), maintenance)
     app.router.add_get("/", page.index)
     app.router.add_get("/runs/{run_id}", page.run)

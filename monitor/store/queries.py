@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -9,8 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from sqlalchemy import Row, Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from monitor.maintenance.windows import Window
 from monitor.store.incidents import Incident
-from monitor.store.schema import incidents, runs, step_results
+from monitor.store.schema import incidents, maintenance_windows, runs, step_results
 from monitor.store.views import (
     IncidentPage,
     IncidentView,
@@ -38,6 +40,7 @@ _RUN_COLUMNS = (
     runs.c.reason,
     runs.c.trace_id,
     runs.c.replica,
+    runs.c.maintenance,
 )
 
 
@@ -66,6 +69,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 def _summary(row: _AnyRow) -> RunSummary:
     data = row._asdict()
     data["run_id"] = data.pop("id")
+    data["maintenance"] = bool(data["maintenance"])  # null: stored before v0004
     return RunSummary(**data)
 
 
@@ -168,6 +172,7 @@ async def list_incidents(
     status: str | None = None,
     flow: str | None = None,
     variant: str | None = None,
+    location: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> IncidentPage:
@@ -181,6 +186,8 @@ async def list_incidents(
         query = query.where(incidents.c.flow == flow)
     if variant is not None:
         query = query.where(incidents.c.variant == variant)
+    if location is not None:
+        query = query.where(incidents.c.location == location)
     if cursor is not None:
         at, key = decode_cursor(cursor)
         query = query.where(
@@ -287,3 +294,44 @@ async def link_history(
             point = LinkPoint(row.started_at, row.latency_s, row.status)
             out.setdefault((flow, variant, row.name), []).append(point)
     return out
+
+
+def window_row(window: Window) -> dict[str, Any]:
+    return {
+        "id": window.id,
+        "flows": list(window.flows),
+        "variants": list(window.variants),
+        "start": window.start,
+        "end": window.end,
+        "reason": window.reason,
+        "created_at": window.created_at if window.created_at is not None else window.start,
+    }
+
+
+def _window(row: _AnyRow) -> Window:
+    return Window(
+        id=row.id,
+        flows=tuple(row.flows),
+        variants=tuple(row.variants),
+        start=row.start,
+        end=row.end,
+        reason=row.reason,
+        source="api",
+        created_at=row.created_at,
+    )
+
+
+def replace_end(window: Window, end: float) -> Window:
+    return dataclasses.replace(window, end=end)
+
+
+async def get_window(conn: AsyncConnection, window_id: str) -> Window | None:
+    table = maintenance_windows
+    row = (await conn.execute(select(table).where(table.c.id == window_id))).first()
+    return None if row is None else _window(row)
+
+
+async def load_windows(conn: AsyncConnection, ended_after: float) -> list[Window]:
+    table = maintenance_windows
+    query = select(table).where(table.c.end > ended_after).order_by(table.c.start, table.c.id)
+    return [_window(row) for row in (await conn.execute(query)).all()]

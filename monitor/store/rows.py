@@ -97,6 +97,7 @@ def run_rows(
         "reason": _clip_opt(broken.reason, 64) if broken else None,
         "trace_id": _clip_opt(result.trace_id, 64),
         "replica": _clip_opt(result.replica, 200),
+        "maintenance": result.maintenance,
     }
     steps = [_step_row(run_id, i, s, excerpt_limit) for i, s in enumerate(result.steps)]
     return run, steps

@@ -44,6 +44,7 @@ runs = Table(
     Column("reason", String(64), nullable=True),
     Column("trace_id", String(64), nullable=True),
     Column("replica", String(200), nullable=True),  # the cluster member; null outside one
+    Column("maintenance", Boolean, nullable=True),  # 0004: run in a maintenance window
     Index(None, "started_at"),
     Index(None, "flow", "variant", "started_at"),
 )
@@ -93,4 +94,19 @@ incidents = Table(
     Index(None, "closed_at"),
     Index(None, "opened_at"),
     Index(None, "flow", "variant", "location", "step"),
+)
+
+# Maintenance windows added at run time (the API): kept here so that they survive a restart
+# and every replica sharing the database sees them. Declared windows stay in the flow files.
+maintenance_windows = Table(
+    "maintenance_windows",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("flows", JSON, nullable=False),
+    Column("variants", JSON, nullable=False),
+    Column("start", Double, nullable=False),
+    Column("end", Double, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index(None, "end"),
 )

@@ -23,13 +23,14 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from monitor.maintenance.windows import Window
 from monitor.results import RunResult
 from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
 from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
-from monitor.store.schema import incidents, runs, step_results
+from monitor.store.schema import incidents, maintenance_windows, runs, step_results
 from monitor.store.stats import StoreCollector, StoreStats
 from monitor.store.views import (
     IncidentPage,
@@ -396,7 +397,31 @@ class Store:
             await conn.execute(delete(step_results).where(step_results.c.run_id.in_(old)))
             deleted = await conn.execute(delete(runs).where(runs.c.started_at < cutoff))
             await conn.execute(delete(incidents).where(incidents.c.closed_at < cutoff))
+            windows = maintenance_windows.c
+            await conn.execute(delete(maintenance_windows).where(windows.end < cutoff))
         return int(deleted.rowcount)
+
+    # --- maintenance windows added at run time (monitor.maintenance.WindowStore) -------------
+
+    async def add_window(self, window: Window) -> None:
+        async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
+            await conn.execute(insert(maintenance_windows).values(**queries.window_row(window)))
+
+    async def end_window(self, window_id: str, at: float) -> Window | None:
+        """End a window at `at` (one not started yet ends at its start: cancelled)."""
+        async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
+            window = await queries.get_window(conn, window_id)
+            if window is None:
+                return None
+            end = max(min(window.end, at), window.start)
+            table = maintenance_windows
+            await conn.execute(update(table).where(table.c.id == window_id).values(end=end))
+        return queries.replace_end(window, end)
+
+    async def load_windows(self, ended_after: float) -> list[Window]:
+        """Windows that end after `ended_after` (active, upcoming, or just over)."""
+        async with asyncio.timeout(self.write_timeout_s), self.engine.connect() as conn:
+            return await queries.load_windows(conn, ended_after)
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -452,13 +477,15 @@ class Store:
         status: str | None = None,
         flow: str | None = None,
         variant: str | None = None,
+        location: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> IncidentPage:
         async with self.engine.connect() as conn:
             return await queries.list_incidents(
-                conn, status=status, flow=flow, variant=variant, limit=limit, cursor=cursor
-            )
+                conn, status=status, flow=flow, variant=variant, location=location, limit=limit,
+                cursor=cursor,
+            )  # fmt: skip
 
     async def samples(
         self,

@@ -61,6 +61,10 @@ class RunSummary(_View):
         default=None,
         description="The cluster replica that ran it; null when not run in a cluster.",
     )
+    maintenance: bool = Field(
+        default=False,
+        description="It ran (in part) in a maintenance window: it opened no incident.",
+    )
 
 
 class RunDetail(RunSummary):
