@@ -24,7 +24,7 @@ from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
-from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.metrics import Metrics, MetricsSink, SharedReadings, watch_event_loop
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import (
     Inbox,
@@ -158,6 +158,7 @@ class Engine:
                 replica=cluster.replica_name() if cluster is not None else None,
             )
         )
+        self.registry.register(SharedReadings(self.runner.deps.shared))
 
     # -- lifecycle -------------------------------------------------------------------------
 

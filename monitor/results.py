@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probes.errors import Artifact
+
 StepStatus = Literal["passed", "failed", "skipped", "aborted"]
 RunOutcome = Literal["success", "failure", "aborted"]
 
@@ -26,6 +28,9 @@ class StepResult:
     excerpt: str | None = None
     cleanup: bool = False
     tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
+    # Evidence of a failure (a screenshot): for the store and the run page only, never in
+    # `to_dict` (the API, events, the results topic) nor in spans.
+    artifacts: list[Artifact] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

@@ -1,0 +1,276 @@
+"""The browser kind with the machine's Chromium against the demo shop's order page on loopback:
+a passing flow, each failure reason with its evidence, a killed browser, the step limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config
+from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, Faults, build_shop_app
+from monitor.engine import Engine, serve_app
+from monitor.results import RunResult
+from probes.browser_pool import DEFAULT_CHROMIUM, BrowserPool
+from tests.fixtures.core import free_port
+from tests.fixtures.otlp import OtlpReceiver
+from tests.test_http import run_flow
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(DEFAULT_CHROMIUM).exists(), reason="Debian chromium missing"),
+]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Shop:
+    url: str
+    app: web.Application
+    posts: list[dict[str, str]] = field(default_factory=list)  # headers of POST /orders
+    posted: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Event | None = None  # when set: POST /orders waits for it
+
+    @property
+    def faults(self) -> Faults:
+        return self.app[FAULTS_KEY]
+
+
+@pytest.fixture
+async def shop() -> AsyncIterator[Shop]:
+    app = build_shop_app()
+    listen = f"127.0.0.1:{free_port()}"
+    found = Shop(f"http://{listen}", app)
+
+    async def record(order: dict[str, Any], request: web.Request) -> None:
+        found.posts.append(dict(request.headers))
+        found.posted.set()
+        if found.gate is not None:
+            await found.gate.wait()
+
+    app[HOOKS_KEY].append(record)
+    runner = await serve_app(app, listen)
+    try:
+        yield found
+    finally:
+        if found.gate is not None:
+            found.gate.set()
+        await runner.cleanup()
+
+
+def flow(steps: str, timeout: str = "10s") -> str:
+    return (
+        f"flows:\n  - name: f\n    timeout: {timeout}\n    variants: {{stable: {{}}}}\n"
+        f"    steps:\n{steps}"
+    )
+
+
+def order_step(shop: Shop, *, extra: str = "", actions: str = "", timeout: str = "2s") -> str:
+    """The order page's happy path, with `actions` appended and `extra` fields."""
+    return f"""\
+      - name: ui
+        kind: browser
+        action_timeout: {timeout}
+        actions:
+          - goto: "{shop.url}/order?ref={{{{ run.correlation }}}}"
+          - fill: "#sku"
+            value: "probe-{{{{ run.id }}}}"
+          - select: "#quantity"
+            value: "2"
+          - click: "#place"
+          - wait_for: {{response: /orders, status: 201}}
+{actions}{extra}"""
+
+
+async def test_the_order_page_flow_passes_extracts_and_is_marked_and_traced(
+    shop: Shop, load_flows: Callable[[str], Config], otel_env: OtlpReceiver
+) -> None:
+    actions = """\
+          - expect: {selector: "#order-status", text: pending}
+          - expect: {selector: "#quantity option", count: 3}
+          - expect: {selector: "#error", visible: false}
+          - expect: {title: "Demo shop"}
+          - expect: {url: "*/order?ref=hw-*"}
+          - press: "#sku"
+            key: End
+"""
+    extra = """\
+        extract:
+          order_id: {response: /orders, json: $.id}
+          shown_id: {selector: "#order-id"}
+          field: {selector: "#sku", attribute: name}
+"""
+    read_back = f"""\
+      - name: read_back
+        kind: http
+        url: "{shop.url}/orders/{{{{ steps.ui.order_id }}}}"
+        expect: {{json: {{$.ref: "{{{{ run.correlation }}}}", $.sku: "probe-{{{{ run.id }}}}"}}}}
+"""
+    result = await run_flow(load_flows(flow(order_step(shop, actions=actions, extra=extra) +
+                                            read_back)))  # fmt: skip
+    ui, back = result.steps
+    assert (ui.status, ui.message, back.status, back.message) == ("passed", None, "passed", None)
+    assert set(ui.phases) == {"setup", "navigation", "actions", "network"}
+    assert all(v > 0 for v in ui.phases.values())
+    assert ui.attributes["url.full"].startswith(f"{shop.url}/order?ref=hw-")
+    [post] = shop.posts
+    assert post["X-Hopwatch-Run"] == result.run_id
+    assert post["traceparent"].split("-")[1] == result.trace_id
+    spans = await otel_env.wait_for(lambda got: any(s.name == "browser ui" for s in got))
+    assert any(s.trace_id == result.trace_id for s in spans if s.name == "browser ui")
+
+
+async def _one(shop: Shop, load: Callable[[str], Config], steps: str) -> RunResult:
+    return await run_flow(load(flow(steps)))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "message"),
+    [
+        ({"actions": '          - click: "#nope"\n'}, "assertion",
+         "click #nope: no element matches within 2s"),
+        ({"actions": '          - expect: {selector: "#order-status", text: shipped}\n'},
+         "assertion", "expect selector #order-status: the text is 'pending', want it to contain "
+         "'shipped'"),
+        ({"actions": '          - expect: {selector: "#place", count: 2}\n'}, "assertion",
+         "expect selector #place: 1 elements match, want 2"),
+        ({"actions": '          - expect: {title: "Checkout"}\n'}, "assertion",
+         "expect title Checkout: the title is 'Demo shop · order', want it to contain 'Checkout'"),
+        ({"extra": "        extract: {x: {response: /orders, json: $.missing}}\n"}, "extract",
+         "x: $.missing not in "),
+        ({"extra": '        extract: {x: {selector: "#nope"}}\n'}, "extract",
+         "x: no element matches #nope"),
+    ],
+)  # fmt: skip
+async def test_a_page_that_is_not_as_expected_fails_with_its_reason_and_a_screenshot(
+    shop: Shop,
+    load_flows: Callable[[str], Config],
+    change: dict[str, str],
+    reason: str,
+    message: str,
+) -> None:
+    [ui] = (await _one(shop, load_flows, order_step(shop, **change))).steps
+    assert (ui.status, ui.reason) == ("failed", reason)
+    assert ui.message is not None and ui.message.startswith(message), ui.message
+    [shot] = ui.artifacts
+    assert (shot.name, shot.media_type) == ("screenshot", "image/png")
+    assert shot.data.startswith(PNG) and 1000 < len(shot.data) <= 256 * 1024
+    assert "setup" in ui.phases and "actions" in ui.phases
+
+
+async def test_an_api_error_behind_the_page_is_http_status_with_the_console_errors(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> None:
+    shop.faults.status, shop.faults.paths = 503, ["/orders"]
+    [ui] = (await _one(shop, load_flows, order_step(shop))).steps
+    assert (ui.status, ui.reason) == ("failed", "http_status")
+    assert ui.message == f"POST {shop.url}/orders answered 503, want 201"
+    assert ui.excerpt is not None
+    assert "console: order failed: injected fault" in ui.excerpt.splitlines()
+    assert ui.artifacts[0].data.startswith(PNG)
+
+
+async def test_a_slow_api_behind_the_page_is_a_timeout_with_its_screenshot(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> None:
+    shop.gate = asyncio.Event()
+    [ui] = (await _one(shop, load_flows, order_step(shop, timeout="1s"))).steps
+    assert (ui.status, ui.reason) == ("failed", "timeout")
+    assert ui.message == "wait_for response /orders: not within 1s"
+    assert ui.phases["network"] >= 1.0
+    assert ui.artifacts[0].data.startswith(PNG)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason", "message"),
+    [
+        ("http://127.0.0.1:{closed}/order", "connect_error", "net::ERR_CONNECTION_REFUSED"),
+        ("{shop}/orders/nope", "http_status", "answered 404, want < 400"),
+    ],
+)
+async def test_a_page_that_does_not_open_fails_as_the_network_says(
+    shop: Shop, load_flows: Callable[[str], Config], url: str, reason: str, message: str
+) -> None:
+    target = url.format(closed=free_port(), shop=shop.url)
+    step = f'      - {{name: ui, kind: browser, actions: [{{goto: "{target}"}}]}}\n'
+    [ui] = (await _one(shop, load_flows, step)).steps
+    assert (ui.status, ui.reason) == ("failed", reason)
+    assert ui.message is not None and message in ui.message and ui.message.startswith("goto ")
+
+
+async def test_the_step_running_out_of_time_still_reports_with_evidence(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> None:
+    shop.gate = asyncio.Event()
+    steps = order_step(shop, timeout="30s").replace("kind: browser", "kind: browser\n"
+                                                     "        timeout: 3s")  # fmt: skip
+    [ui] = (await _one(shop, load_flows, steps)).steps
+    assert (ui.status, ui.reason) == ("failed", "timeout")
+    assert ui.message is not None and ui.message.startswith("wait_for response /orders: not ")
+    assert ui.artifacts and ui.latency_s is not None and ui.latency_s < 3.0
+
+
+async def test_a_killed_browser_fails_only_its_step_and_is_restarted(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> None:
+    shop.gate = asyncio.Event()
+    config = load_flows(flow(order_step(shop, timeout="20s"), timeout="30s"))
+    engine = Engine(config, registry=CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        run = asyncio.create_task(engine.run_once(engine.select()))
+        await asyncio.wait_for(shop.posted.wait(), 20)
+        pool = engine.runner.deps.shared["browser"]
+        assert isinstance(pool, BrowserPool) and pool.pid is not None
+        killed = pool.pid
+        os.kill(killed, signal.SIGKILL)
+        [result] = await asyncio.wait_for(run, 20)
+        [ui] = result.steps
+        assert (ui.status, ui.reason) == ("failed", "error")
+        assert ui.message is not None and "the browser went away" in ui.message
+        shop.gate.set()
+        shop.gate = None
+        [again] = await engine.run_once(engine.select())
+        assert [s.status for s in again.steps] == ["passed"]
+        assert pool.pid not in (None, killed) and pool.restarts == 1
+        assert engine.registry.get_sample_value("hopwatch_browser_restarts_total") == 1
+    finally:
+        await engine.stop()
+
+
+async def test_browser_steps_wait_for_one_of_the_slots_and_memory_is_exported(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> None:
+    shop.gate = asyncio.Event()
+    config = load_flows(flow(order_step(shop, timeout="20s"), timeout="30s"))
+    engine = Engine(config, registry=CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        runs = [asyncio.create_task(engine.run_once(engine.select())) for _ in range(3)]
+        pool = engine.runner.deps.shared["browser"]
+        assert isinstance(pool, BrowserPool) and pool.concurrency == 2
+        async with asyncio.timeout(20):
+            while len(shop.posts) < 2:
+                shop.posted.clear()
+                await shop.posted.wait()
+        value = engine.registry.get_sample_value
+        assert (pool.running, pool.waiting, len(shop.posts)) == (2, 1, 2)
+        assert value("hopwatch_browser_steps_running") == 2
+        assert value("hopwatch_browser_steps_waiting") == 1
+        memory = value("hopwatch_browser_memory_bytes")
+        assert memory is not None and memory > 20 * 1024 * 1024
+        shop.gate.set()
+        results = [r for done in await asyncio.gather(*runs) for r in done]
+        assert [s.status for r in results for s in r.steps] == ["passed"] * 3
+        await pool.settled()
+        assert len(shop.posts) == 3 and (pool.running, pool.waiting) == (0, 0)
+    finally:
+        await engine.stop()
