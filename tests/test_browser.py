@@ -13,15 +13,22 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, Faults, build_shop_app
 from monitor.engine import Engine, serve_app
 from monitor.results import RunResult
+from monitor.status_page import install_status_routes
+from monitor.store import Store
+from monitor.store import store as store_module
+from monitor.store.rows import ARTIFACT_LIMIT
 from probes.browser_pool import DEFAULT_CHROMIUM, BrowserPool
+from probes.errors import Artifact
 from tests.fixtures.core import free_port
 from tests.fixtures.otlp import OtlpReceiver
+from tests.fixtures.store import T0, make_run
 from tests.test_http import run_flow
 
 pytestmark = [
@@ -274,3 +281,46 @@ async def test_browser_steps_wait_for_one_of_the_slots_and_memory_is_exported(
         assert len(shop.posts) == 3 and (pool.running, pool.waiting) == (0, 0)
     finally:
         await engine.stop()
+
+
+async def test_the_screenshot_is_kept_in_the_store_and_shown_on_the_run_page(
+    shop: Shop, load_flows: Callable[[str], Config], store: Store
+) -> None:
+    step = order_step(shop, actions='          - click: "#nope"\n', timeout="1s")
+    [ui] = (result := await _one(shop, load_flows, step)).steps
+    store.submit(result)
+    assert await store.flush()
+    [info] = await store.artifacts(result.run_id)
+    assert (info.position, info.name, info.media_type) == (0, "screenshot", "image/png")
+    assert info.size == len(ui.artifacts[0].data)
+    app = web.Application()
+    install_status_routes(app, store=store, flows=[], last_runs={})
+    async with TestClient(TestServer(app)) as client:
+        page = await client.get(f"/runs/{result.run_id}")
+        html = await page.text()
+        src = f"{result.run_id}/artifacts/0/screenshot"
+        assert page.status == 200 and f'src="{src}"' in html
+        image = await client.get(f"/runs/{src}")
+        assert image.status == 200 and image.content_type == "image/png"
+        assert image.headers["X-Content-Type-Options"] == "nosniff"
+        assert await image.read() == ui.artifacts[0].data
+        assert (await client.get(f"/runs/{result.run_id}/artifacts/1/screenshot")).status == 404
+
+
+async def test_the_store_keeps_only_the_newest_artifacts(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "ARTIFACTS_KEPT", 3)
+    runs = [make_run(run_id=f"r{i}", started_at=T0 + i, fail_at="read_back") for i in range(5)]
+    for i, run in enumerate(runs):
+        run.steps[1].artifacts = [Artifact("screenshot", "image/png", PNG + bytes([i]))]
+        store.submit(run)
+        assert await store.flush()  # one batch each: the cap holds after every write
+    kept = [bool(await store.artifacts(f"r{i}")) for i in range(5)]
+    assert kept == [False, False, True, True, True]
+    assert await store.artifact("r4", 1, "screenshot") == ("image/png", PNG + b"\x04")
+    huge = make_run(run_id="big", fail_at="read_back")
+    huge.steps[1].artifacts = [Artifact("screenshot", "image/png", bytes(ARTIFACT_LIMIT + 1))]
+    store.submit(huge)
+    assert await store.flush()
+    assert await store.artifacts("big") == []

@@ -28,10 +28,17 @@ from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import DEFAULT_FLAP_WINDOW_S, Incident, IncidentBook
-from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
-from monitor.store.schema import incidents, runs, step_results
+from monitor.store.rows import (
+    ARTIFACTS_KEPT,
+    EXCERPT_LIMIT,
+    artifact_rows,
+    incident_row,
+    run_rows,
+)
+from monitor.store.schema import incidents, runs, step_artifacts, step_results
 from monitor.store.stats import StoreCollector, StoreStats
 from monitor.store.views import (
+    ArtifactInfo,
     IncidentPage,
     LinkPoint,
     RunDetail,
@@ -41,7 +48,10 @@ from monitor.store.views import (
 
 log = logging.getLogger(__name__)
 
-_Rows = tuple[dict[str, Any], list[dict[str, Any]]]
+_Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]  # run, hops, artifacts
+# Runs waiting to be written keep their artifacts only while the queue is this short: a
+# database that is away costs a bounded buffer, not one screenshot per buffered run.
+ARTIFACTS_BUFFERED = 25
 
 
 def _is_poison(exc: BaseException) -> bool:
@@ -257,7 +267,9 @@ class Store:
                 continue
             try:
                 self.book.apply(result)
-                self._ready.append(run_rows(result, self.excerpt_limit))
+                run, hops = run_rows(result, self.excerpt_limit)
+                evidence = artifact_rows(result) if len(self._ready) < ARTIFACTS_BUFFERED else []
+                self._ready.append((run, hops, evidence))
             except Exception:  # a malformed result must not wedge the writer
                 self.stats.rejected += 1
                 log.exception("store cannot record run %s", getattr(result, "run_id", "?"))
@@ -299,13 +311,28 @@ class Store:
     async def _write(self, batch: Sequence[_Rows], dirty: Sequence[Incident]) -> None:
         async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
             if batch:
-                await conn.execute(insert(runs), [run for run, _ in batch])
-                steps = [step for _, run_steps in batch for step in run_steps]
+                await conn.execute(insert(runs), [run for run, _, _ in batch])
+                steps = [step for _, run_steps, _ in batch for step in run_steps]
                 if steps:
                     await conn.execute(insert(step_results), steps)
+                evidence = [row for _, _, rows in batch for row in rows]
+                if evidence:
+                    await conn.execute(insert(step_artifacts), evidence)
+                    await self._keep_newest_artifacts(conn)
             for incident in dirty:
                 await self._upsert_incident(conn, incident_row(incident))
         self.stats.written += len(batch)
+
+    @staticmethod
+    async def _keep_newest_artifacts(conn: AsyncConnection) -> None:
+        oldest_kept = (
+            select(step_artifacts.c.id)
+            .order_by(step_artifacts.c.id.desc())
+            .offset(ARTIFACTS_KEPT - 1)
+            .limit(1)
+            .scalar_subquery()
+        )
+        await conn.execute(delete(step_artifacts).where(step_artifacts.c.id < oldest_kept))
 
     @staticmethod
     async def _upsert_incident(conn: AsyncConnection, row: dict[str, Any]) -> None:
@@ -392,6 +419,7 @@ class Store:
         cutoff = (self.clock() if now is None else now) - self.retention_s
         old = select(runs.c.id).where(runs.c.started_at < cutoff)
         async with self.engine.begin() as conn:
+            await conn.execute(delete(step_artifacts).where(step_artifacts.c.run_id.in_(old)))
             await conn.execute(delete(step_results).where(step_results.c.run_id.in_(old)))
             deleted = await conn.execute(delete(runs).where(runs.c.started_at < cutoff))
             await conn.execute(delete(incidents).where(incidents.c.closed_at < cutoff))
@@ -440,6 +468,16 @@ class Store:
     async def get_run(self, run_id: str) -> RunDetail | None:
         async with self.engine.connect() as conn:
             return await queries.get_run(conn, run_id)
+
+    async def artifacts(self, run_id: str) -> list[ArtifactInfo]:
+        """What evidence the run's hops kept (without the bytes)."""
+        async with self.engine.connect() as conn:
+            return await queries.artifacts(conn, run_id)
+
+    async def artifact(self, run_id: str, position: int, name: str) -> tuple[str, bytes] | None:
+        """One artifact's media type and bytes; None when it is not (or no longer) kept."""
+        async with self.engine.connect() as conn:
+            return await queries.artifact(conn, run_id, position, name)
 
     async def latest_run(self, flow: str, variant: str) -> RunDetail | None:
         async with self.engine.connect() as conn:
