@@ -47,7 +47,8 @@ def url_matches(url: str, pattern: str) -> bool:
 def _one_of(model: BaseModel, names: tuple[str, ...]) -> str:
     given = [n for n in names if getattr(model, n) is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of {', '.join(names)}")
+        got = f"; got {', '.join(given)}" if given else ""
+        raise ValueError(f"give exactly one of {', '.join(names)}{got}")
     return given[0]
 
 
