@@ -17,7 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
+from monitor.demo.runner import SECRET_ENV
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, Faults, build_shop_app
+from monitor.demo.webhooks import DEMO_SECRET
 from monitor.engine import Engine, serve_app
 from monitor.results import RunResult
 from monitor.status_page import install_status_routes
@@ -27,8 +29,10 @@ from monitor.store.rows import ARTIFACT_LIMIT
 from probes.browser_pool import DEFAULT_CHROMIUM, BrowserPool
 from probes.errors import Artifact
 from tests.fixtures.core import free_port
-from tests.fixtures.otlp import OtlpReceiver
+from tests.fixtures.demo import running_demo, short_deadlines
+from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
 from tests.fixtures.store import T0, make_run
+from tests.test_demo_trace import SERVICES
 from tests.test_http import run_flow
 
 pytestmark = [
@@ -324,3 +328,29 @@ async def test_the_store_keeps_only_the_newest_artifacts(
     store.submit(huge)
     assert await store.flush()
     assert await store.artifacts("big") == []
+
+
+async def test_checkout_ui_goes_from_the_page_through_kafka_and_the_webhook_in_one_trace(
+    otel_env: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, DEMO_SECRET)
+    async with running_demo(tmp_path, tweak=short_deadlines) as demo:
+        result = await demo.run("checkout_ui")
+        assert result.outcome == "success", [(s.name, s.message) for s in result.steps]
+        assert [s.name for s in result.steps] == [
+            "order_page", "order_event", "fulfilment_webhook", "read_back", "delete_order",
+        ]  # fmt: skip
+        trace_id = result.trace_id
+        assert trace_id is not None
+
+        def complete(_: list[ReceivedSpan]) -> bool:
+            return {s.service for s in otel_env.trace(trace_id)} >= SERVICES
+
+        await otel_env.wait_for(complete, timeout=20)
+        spans = otel_env.trace(trace_id)
+        [page] = [s for s in spans if s.service == "hopwatch" and s.name == "browser order_page"]
+        # The shop's POST /orders, made by the page, is a child of the browser step's span.
+        assert any(
+            s.service == "shop-api" and s.kind == "SERVER" and s.parent_span_id == page.span_id
+            for s in spans
+        ), [(s.service, s.name, s.kind) for s in spans]
