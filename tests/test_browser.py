@@ -4,8 +4,11 @@ a passing flow, each failure reason with its evidence, a killed browser, the ste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import struct
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,18 +232,30 @@ async def test_the_step_running_out_of_time_still_reports_with_evidence(
     assert ui.artifacts and ui.latency_s is not None and ui.latency_s < 3.0
 
 
+@contextlib.asynccontextmanager
+async def gated_engine(
+    shop: Shop, load_flows: Callable[[str], Config]
+) -> AsyncIterator[tuple[Engine, BrowserPool]]:
+    """An engine for the order flow with the shop holding every POST /orders until let go."""
+    shop.gate = asyncio.Event()
+    engine = Engine(load_flows(flow(order_step(shop, timeout="20s"), timeout="30s")),
+                    registry=CollectorRegistry())  # fmt: skip
+    await engine.start(schedule=False, admin=False)
+    try:
+        pool = engine.runner.deps.shared["browser"]
+        assert isinstance(pool, BrowserPool)
+        yield engine, pool
+    finally:
+        await engine.stop()
+
+
 async def test_a_killed_browser_fails_only_its_step_and_is_restarted(
     shop: Shop, load_flows: Callable[[str], Config]
 ) -> None:
-    shop.gate = asyncio.Event()
-    config = load_flows(flow(order_step(shop, timeout="20s"), timeout="30s"))
-    engine = Engine(config, registry=CollectorRegistry())
-    await engine.start(schedule=False, admin=False)
-    try:
+    async with gated_engine(shop, load_flows) as (engine, pool):
         run = asyncio.create_task(engine.run_once(engine.select()))
         await asyncio.wait_for(shop.posted.wait(), 20)
-        pool = engine.runner.deps.shared["browser"]
-        assert isinstance(pool, BrowserPool) and pool.pid is not None
+        assert pool.pid is not None
         killed = pool.pid
         os.kill(killed, signal.SIGKILL)
         [result] = await asyncio.wait_for(run, 20)
@@ -253,21 +268,14 @@ async def test_a_killed_browser_fails_only_its_step_and_is_restarted(
         assert [s.status for s in again.steps] == ["passed"]
         assert pool.pid not in (None, killed) and pool.restarts == 1
         assert engine.registry.get_sample_value("hopwatch_browser_restarts_total") == 1
-    finally:
-        await engine.stop()
 
 
 async def test_browser_steps_wait_for_one_of_the_slots_and_memory_is_exported(
     shop: Shop, load_flows: Callable[[str], Config]
 ) -> None:
-    shop.gate = asyncio.Event()
-    config = load_flows(flow(order_step(shop, timeout="20s"), timeout="30s"))
-    engine = Engine(config, registry=CollectorRegistry())
-    await engine.start(schedule=False, admin=False)
-    try:
+    async with gated_engine(shop, load_flows) as (engine, pool):
         runs = [asyncio.create_task(engine.run_once(engine.select())) for _ in range(3)]
-        pool = engine.runner.deps.shared["browser"]
-        assert isinstance(pool, BrowserPool) and pool.concurrency == 2
+        assert pool.concurrency == 2
         async with asyncio.timeout(20):
             while len(shop.posts) < 2:
                 shop.posted.clear()
@@ -283,8 +291,6 @@ async def test_browser_steps_wait_for_one_of_the_slots_and_memory_is_exported(
         assert [s.status for r in results for s in r.steps] == ["passed"] * 3
         await pool.settled()
         assert len(shop.posts) == 3 and (pool.running, pool.waiting) == (0, 0)
-    finally:
-        await engine.stop()
 
 
 async def test_the_screenshot_is_kept_in_the_store_and_shown_on_the_run_page(
@@ -354,3 +360,53 @@ async def test_checkout_ui_goes_from_the_page_through_kafka_and_the_webhook_in_o
             s.service == "shop-api" and s.kind == "SERVER" and s.parent_span_id == page.span_id
             for s in spans
         ), [(s.service, s.name, s.kind) for s in spans]
+
+
+def magenta_pixels(png: bytes) -> int:
+    """Pixels of Playwright's mask colour (#FF00FF) in an 8-bit RGB(A) PNG, decoded here (no
+    imaging library in the test environment)."""
+    width, height, depth, colour = struct.unpack(">IIBB", png[16:26])
+    assert depth == 8 and colour in (2, 6)
+    at, data = 8, b""
+    while at < len(png):
+        (size,) = struct.unpack(">I", png[at : at + 4])
+        if png[at + 4 : at + 8] == b"IDAT":
+            data += png[at + 8 : at + 8 + size]
+        at += 12 + size
+    raw, step = zlib.decompress(data), 3 if colour == 2 else 4
+    stride, previous, count = width * step, bytearray(width * step), 0
+    for y in range(height):
+        kind, row = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            left = row[i - step] if i >= step else 0
+            up, corner = previous[i], previous[i - step] if i >= step else 0
+            if kind == 1:
+                row[i] = (row[i] + left) & 0xFF
+            elif kind == 2:
+                row[i] = (row[i] + up) & 0xFF
+            elif kind == 3:
+                row[i] = (row[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                near = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+                row[i] = (row[i] + near) & 0xFF
+        count += sum(row[i : i + 3] == b"\xff\x00\xff" for i in range(0, stride, step))
+        previous = row
+    return count
+
+
+async def test_an_input_filled_with_a_secret_is_masked_in_the_screenshot(
+    shop: Shop, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOPWATCH_TEST_CARD", "4111-1111-1111-1111")
+    plain = order_step(shop, actions='          - click: "#nope"\n', timeout="1s")
+    secret = plain.replace('"probe-{{ run.id }}"', '"${env:HOPWATCH_TEST_CARD}"')
+    assert secret != plain
+    [shown] = (await _one(shop, load_flows, plain)).steps
+    [masked] = (await _one(shop, load_flows, secret)).steps
+    assert magenta_pixels(shown.artifacts[0].data) == 0
+    assert magenta_pixels(masked.artifacts[0].data) > 500  # the input's box
