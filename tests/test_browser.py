@@ -315,6 +315,12 @@ async def test_the_screenshot_is_kept_in_the_store_and_shown_on_the_run_page(
         assert image.headers["X-Content-Type-Options"] == "nosniff"
         assert await image.read() == ui.artifacts[0].data
         assert (await client.get(f"/runs/{result.run_id}/artifacts/1/screenshot")).status == 404
+    # Without a store, the latest run of each flow shows its evidence from memory.
+    app = web.Application()
+    install_status_routes(app, store=None, flows=[], last_runs={("f", "stable"): result})
+    async with TestClient(TestServer(app)) as client:
+        assert f'src="{src}"' in await (await client.get(f"/runs/{result.run_id}")).text()
+        assert await (await client.get(f"/runs/{src}")).read() == ui.artifacts[0].data
 
 
 async def test_the_store_keeps_only_the_newest_artifacts(
