@@ -213,6 +213,7 @@ class _Page:
                 raise HttpStatusError(f"{describe_response(response)}, want {want}")
 
     async def _expect(self, want: PageExpect, limit: float, what: str) -> None:
+        from playwright.async_api import TimeoutError as PlaywrightTimeout
         from playwright.async_api import expect
 
         ms = limit * 1000
@@ -236,7 +237,7 @@ class _Page:
                 )
             elif want.title is not None:
                 await self._title_contains(self.ctx.render(want.title), limit)
-        except AssertionError:
+        except (AssertionError, PlaywrightTimeout):  # the URL wait times out: no assertion
             raise AssertionFailed(f"{what}: {await self._seen(want)}") from None
 
     async def _title_contains(self, text: str, limit: float) -> None:

@@ -158,6 +158,8 @@ async def _one(shop: Shop, load: Callable[[str], Config], steps: str) -> RunResu
          "expect selector #place: 1 elements match, want 2"),
         ({"actions": '          - expect: {title: "Checkout"}\n'}, "assertion",
          "expect title Checkout: the title is 'Demo shop · order', want it to contain 'Checkout'"),
+        ({"actions": '          - expect: {url: "*/thanks"}\n'}, "assertion",
+         "expect url */thanks: the URL is http://127.0.0.1:"),
         ({"extra": "        extract: {x: {response: /orders, json: $.missing}}\n"}, "extract",
          "x: $.missing not in "),
         ({"extra": '        extract: {x: {selector: "#nope"}}\n'}, "extract",

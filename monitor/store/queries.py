@@ -6,7 +6,7 @@ import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import Row, Select, and_, func, or_, select
+from sqlalchemy import Row, Select, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from monitor.store.incidents import Incident
@@ -151,6 +151,13 @@ async def artifacts(conn: AsyncConnection, run_id: str) -> list[ArtifactInfo]:
         .order_by(a.position, a.id)
     )
     return [ArtifactInfo(**row._asdict()) for row in rows]
+
+
+async def keep_newest_artifacts(conn: AsyncConnection, kept: int) -> None:
+    """Delete all but the newest `kept` artifacts (ids grow with every insert)."""
+    a = step_artifacts.c
+    oldest_kept = select(a.id).order_by(a.id.desc()).offset(kept - 1).limit(1).scalar_subquery()
+    await conn.execute(delete(step_artifacts).where(a.id < oldest_kept))
 
 
 async def artifact(

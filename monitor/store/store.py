@@ -318,21 +318,10 @@ class Store:
                 evidence = [row for _, _, rows in batch for row in rows]
                 if evidence:
                     await conn.execute(insert(step_artifacts), evidence)
-                    await self._keep_newest_artifacts(conn)
+                    await queries.keep_newest_artifacts(conn, ARTIFACTS_KEPT)
             for incident in dirty:
                 await self._upsert_incident(conn, incident_row(incident))
         self.stats.written += len(batch)
-
-    @staticmethod
-    async def _keep_newest_artifacts(conn: AsyncConnection) -> None:
-        oldest_kept = (
-            select(step_artifacts.c.id)
-            .order_by(step_artifacts.c.id.desc())
-            .offset(ARTIFACTS_KEPT - 1)
-            .limit(1)
-            .scalar_subquery()
-        )
-        await conn.execute(delete(step_artifacts).where(step_artifacts.c.id < oldest_kept))
 
     @staticmethod
     async def _upsert_incident(conn: AsyncConnection, row: dict[str, Any]) -> None:
