@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -41,6 +42,9 @@ CHROMIUM_ARGS: Final = (
 )
 LAUNCH_TIMEOUT_S: Final = 30.0
 CLOSE_TIMEOUT_S: Final = 10.0
+# Reading the processes' PSS costs ~70 ms (the kernel walks their page tables): done in a
+# thread, at most this often, and /metrics shows the latest figure.
+MEASURE_EVERY_S: Final = 5.0
 
 
 class BrowserUnavailable(Exception):
@@ -78,6 +82,9 @@ class BrowserPool:
         self.waiting = 0
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._memory = 0
+        self._measured_at = -MEASURE_EVERY_S
+        self._measuring: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def context(self, **options: Any) -> AsyncIterator[BrowserContext]:
@@ -112,6 +119,7 @@ class BrowserPool:
             log.debug("closing a browser context failed", exc_info=True)
         finally:
             self._release()
+            self._measure_soon()
 
     def _release(self) -> None:
         self.running -= 1
@@ -163,17 +171,34 @@ class BrowserPool:
             raise BrowserUnavailable(f"Chromium did not start: {exc.message}") from None
         self.launches += 1
         self.pid = await _browser_pid(browser)
+        self._measured_at = -MEASURE_EVERY_S
+        self._measure_soon()
         log.info("Chromium %s started (pid %s)", browser.version, self.pid)
         return browser
 
     def memory_bytes(self) -> int:
-        """The browser's processes' proportional set size (shared pages counted once)."""
-        if self.pid is None or not self.alive():
-            return 0
-        return sum(_pss_bytes(pid) for pid in _descendants(self.pid))
+        """The browser's processes' proportional set size (shared pages counted once), as last
+        measured; 0 when it is not running."""
+        return self._memory if self.alive() else 0
+
+    def _measure_soon(self) -> None:
+        pid = self.pid
+        running = self._measuring is not None and not self._measuring.done()
+        if pid is None or running or time.monotonic() - self._measured_at < MEASURE_EVERY_S:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a scrape from another thread: the next step measures
+            return
+        self._measured_at = time.monotonic()
+        self._measuring = loop.create_task(self._measure(pid))
+
+    async def _measure(self, pid: int) -> None:
+        self._memory = await asyncio.to_thread(tree_pss_bytes, pid)
 
     def readings(self) -> Iterable[Reading]:
         """What /metrics shows of the shared browser."""
+        self._measure_soon()
         yield Reading(
             "hopwatch_browser_memory_bytes",
             "Memory of the shared Chromium's processes (PSS, bytes).",
@@ -198,6 +223,8 @@ class BrowserPool:
 
     async def aclose(self) -> None:
         await self.settled()
+        if self._measuring is not None:
+            await asyncio.gather(self._measuring, return_exceptions=True)
         async with self._lock:
             self._closed = True
             browser, self._browser = self._browser, None
@@ -230,6 +257,11 @@ async def _browser_pid(browser: Browser) -> int | None:
 
 def _executable(path: str) -> bool:
     return os.access(path, os.X_OK)
+
+
+def tree_pss_bytes(root: int) -> int:
+    """PSS of `root` and every process below it, in bytes."""
+    return sum(_pss_bytes(pid) for pid in _descendants(root))
 
 
 def _descendants(root: int) -> list[int]:
