@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 KIND: Final = "browser"
 SCREENSHOT_LIMIT: Final = 256 * 1024  # bytes of one failure's screenshot kept in the store
 EVIDENCE_TIMEOUT_S: Final = 2.0
+# A page handles the response a step failed on a moment later (logs the error, shows it): the
+# evidence waits this long for that, when the step's time allows.
+SETTLE_S: Final = 0.3
 # The probe gives up this much before the runner would, so a step out of time still gets its
 # screenshot and console errors.
 MARGIN_S: Final = 1.0
@@ -357,6 +360,8 @@ class _Page:
 
     async def evidence(self, failed: StepFailed, pool: BrowserPool) -> None:
         """The console errors as the failure's excerpt, and a bounded screenshot."""
+        if self.watch.gone is None and self.end - time.monotonic() > SETTLE_S + 0.5:
+            await asyncio.sleep(SETTLE_S)
         report = self.watch.report()
         if report is not None:
             failed.excerpt = report if failed.excerpt is None else f"{failed.excerpt}\n{report}"
