@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from monitor.store import LinkPoint, RunDetail
 from probes.http_common import PHASES
 
-# HTTP phases in the order they happen; unknown phases are drawn after these.
-PHASE_ORDER = PHASES
+# HTTP phases in the order they happen, then a browser step's (its setup comes first; the rest
+# add up the actions of each sort); unknown phases are drawn after these.
+PHASE_ORDER = (*PHASES, "setup", "navigation", "actions", "network")
 
 
 @dataclass(slots=True)
