@@ -43,6 +43,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(DEFAULT_CHROMIUM).exists(), reason="Debian chromium missing"),
 ]
 PNG = b"\x89PNG\r\n\x1a\n"
+WAIT_RESPONSE = "          - wait_for: {response: /orders, status: 201}\n"
 
 
 @dataclass
@@ -100,8 +101,7 @@ def order_step(shop: Shop, *, extra: str = "", actions: str = "", timeout: str =
           - select: "#quantity"
             value: "2"
           - click: "#place"
-          - wait_for: {{response: /orders, status: 201}}
-{actions}{extra}"""
+{WAIT_RESPONSE}{actions}{extra}"""
 
 
 async def test_the_order_page_flow_passes_extracts_and_is_marked_and_traced(
@@ -237,12 +237,13 @@ async def test_the_step_running_out_of_time_still_reports_with_evidence(
 
 @contextlib.asynccontextmanager
 async def gated_engine(
-    shop: Shop, load_flows: Callable[[str], Config]
+    shop: Shop, load_flows: Callable[[str], Config], waiting: str = WAIT_RESPONSE
 ) -> AsyncIterator[tuple[Engine, BrowserPool]]:
-    """An engine for the order flow with the shop holding every POST /orders until let go."""
+    """An engine for the order flow with the shop holding every POST /orders until let go;
+    the step then waits as `waiting` says."""
     shop.gate = asyncio.Event()
-    engine = Engine(load_flows(flow(order_step(shop, timeout="20s"), timeout="30s")),
-                    registry=CollectorRegistry())  # fmt: skip
+    step = order_step(shop, timeout="20s").replace(WAIT_RESPONSE, waiting)
+    engine = Engine(load_flows(flow(step, timeout="30s")), registry=CollectorRegistry())
     await engine.start(schedule=False, admin=False)
     try:
         pool = engine.runner.deps.shared["browser"]
@@ -252,10 +253,15 @@ async def gated_engine(
         await engine.stop()
 
 
+@pytest.mark.parametrize(
+    "waiting",
+    [WAIT_RESPONSE, '          - wait_for: {selector: "#order-id", state: visible}\n'],
+    ids=["waiting-for-the-response", "waiting-in-playwright"],
+)
 async def test_a_killed_browser_fails_only_its_step_and_is_restarted(
-    shop: Shop, load_flows: Callable[[str], Config]
+    shop: Shop, load_flows: Callable[[str], Config], waiting: str
 ) -> None:
-    async with gated_engine(shop, load_flows) as (engine, pool):
+    async with gated_engine(shop, load_flows, waiting) as (engine, pool):
         run = asyncio.create_task(engine.run_once(engine.select()))
         await asyncio.wait_for(shop.posted.wait(), 20)
         assert pool.pid is not None
