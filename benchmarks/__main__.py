@@ -2,7 +2,7 @@
 tables (markdown) and write benchmarks/results/latest.json.
 
 Every measured process is pinned to one core (the monitor's), the target and the load drivers to
-the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale.
+the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale, cluster.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from benchmarks import report
 from benchmarks.common import TARGET_LOAD, Ctx, cores, machine_info, target_server
 from benchmarks.throughput import paired_ratios
 
-PARTS = ("throughput", "blackbox", "fidelity", "webhooks", "chain", "scale")
+PARTS = ("throughput", "blackbox", "fidelity", "webhooks", "chain", "scale", "cluster")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 NOTE_SHARED = (
     "CPU stolen = share of wall time the measured process was runnable but waiting for a CPU "
@@ -111,6 +111,11 @@ def render(results: dict[str, Any]) -> str:
     for key, title, render_table in sections:
         if results.get(key):
             out += ["", f"### {title}", "", render_table(results[key])]
+    if results.get("cluster"):
+        from benchmarks.cluster import table as cluster_table  # aiokafka, asyncpg: only here
+
+        out += ["", "### Cluster (replicas on Tansu and PostgreSQL)", "",
+                cluster_table(results["cluster"])]  # fmt: skip
     for part, why in results.get("skipped", {}).items():
         out += ["", f"{part}: skipped ({why})"]
     for part in results.get("errors", {}):
@@ -183,6 +188,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": "verified and matched webhooks per core", "wanted": "≥ 10,000/s",
                     "measured": measured, "verdict": _verdict(rate >= 10_000)})  # fmt: skip
     _scale_targets(results.get("scale", []), out)
+    if results.get("cluster"):
+        from benchmarks.cluster import targets as cluster_targets
+
+        for row in cluster_targets(results["cluster"]):
+            out.append({**row, "verdict": _verdict(row.pop("ok"))})
     return out
 
 

@@ -193,6 +193,37 @@ def success_stat(description: str, by: str, sel: str, legend: str) -> dict[str, 
                 threshold_steps=((None, "red"), (0.99, "orange"), (0.995, "green")))  # fmt: skip
 
 
+# A link's state in one value: 0 failed, 1 passed, 2 skipped (after an earlier hop broke). A
+# skipped hop keeps its hopwatch_link_up, so it is read from hopwatch_link_skipped first.
+LINK_STATES: list[dict[str, Any]] = [
+    {
+        "type": "value",
+        "options": {
+            "0": {"text": "FAILED", "color": "red", "index": 0},
+            "1": {"text": "PASSED", "color": "green", "index": 1},
+            "2": {"text": "SKIPPED", "color": "#8c959f", "index": 2},
+        },
+    }
+]
+
+
+def link_state(by: str, sel: str) -> str:
+    """The link-state query (see LINK_STATES), aggregated `by` these labels."""
+    return (
+        f"max by ({by}) (2 * hopwatch_link_skipped{{{sel}}}) > 0"
+        f" or min by ({by}) (hopwatch_link_up{{{sel}}})"
+    )
+
+
+def link_history(title: str, description: str, queries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A status history of link states: passed, failed and skipped apart."""
+    panel = status_history(title, description, queries)
+    defaults = panel["fieldConfig"]["defaults"]
+    defaults["mappings"] = LINK_STATES
+    defaults["thresholds"] = thresholds((None, "red"), (1, "green"), (2, "#8c959f"))
+    return panel
+
+
 def status_history(title: str, description: str, queries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "type": "status-history",
@@ -407,7 +438,8 @@ def dashboard(
 
 
 def overview() -> dict[str, Any]:
-    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor."""
+    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor and
+    its cluster."""
     lay = Layout()
     _overview_health(lay, OVERVIEW_SEL)
     _overview_breaks(lay, OVERVIEW_SEL)
@@ -415,6 +447,7 @@ def overview() -> dict[str, Any]:
     _overview_arrivals(lay)
     _overview_slo(lay, OVERVIEW_SEL)
     _monitor_health(lay)
+    _cluster(lay)
     for panel in lay.panels:
         if any("{{flow}}" in t.get("legendFormat", "") for t in panel.get("targets", [])):
             with_flow_link(panel)
@@ -474,11 +507,11 @@ def _overview_health(lay: Layout, sel: str) -> None:
         h=6,
     )
     lay.add(
-        status_history(
+        link_history(
             "Links of every flow",
-            "hopwatch_link_up per hop over time: red where a hop failed, or was skipped after"
-            " a broken link.",
-            [target(f"min by (flow, step) (hopwatch_link_up{{{sel}}})", HOP_LEGEND)],
+            "Each hop over time: green passed, red failed, grey skipped after an earlier hop"
+            " broke (hopwatch_link_skipped; a skipped hop is not counted as broken).",
+            [target(link_state("flow, step", sel), HOP_LEGEND)],
         ),
         w=24,
         h=9,
@@ -689,6 +722,100 @@ def _monitor_health(lay: Layout) -> None:
     )
 
 
+def _cluster(lay: Layout) -> None:
+    """Replicas sharing the flows (`hopwatch run --cluster`); empty for a single process."""
+    lay.row("Cluster")
+    lay.add(
+        timeseries(
+            "Members",
+            "Replicas in the group as each replica saw it at its last rebalance; and members"
+            " whose flow set differs from the reporting replica's (should be 0: every replica"
+            " must load the same flow files).",
+            targets(
+                ("max by (instance) (hopwatch_cluster_members)", "{{instance}}"),
+                ("max(hopwatch_cluster_flow_set_mismatch)", "members with other flows"),
+            ),
+            "none",
+        ),
+        w=8,
+        h=8,
+    )
+    owned = timeseries(
+        "Owned flows per replica",
+        "Flows each replica schedules now, stacked, against the flows the files configure: the"
+        " stack must reach the line (HopwatchClusterFlowsUnowned pages when it does not).",
+        targets(
+            ("sum by (instance) (hopwatch_cluster_owned_flows)", "{{instance}}"),
+            ("max(hopwatch_cluster_flows)", "configured"),
+        ),
+        "none",
+        stack=True,
+    )
+    owned["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": "B"},
+            "properties": [
+                {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}},
+                {"id": "custom.fillOpacity", "value": 0},
+                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+            ],
+        }
+    ]
+    lay.add(owned, w=8, h=8)
+    lay.add(
+        timeseries(
+            "Rebalances",
+            "Rebalances each replica took part in: one per replica joining or leaving (a"
+            " rolling restart makes two per pod); a steady stream means replicas flap.",
+            [
+                target(
+                    "sum by (instance) "
+                    f"({rate('hopwatch_cluster_rebalances_total', '', 'increase')})",
+                    "{{instance}}",
+                )
+            ],
+            "none",
+            bars=True,
+        ),
+        w=8,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Forwarded arrivals",
+            "Webhooks a replica received for a flow another replica owns, sent to the owner"
+            " over the control topic (sent, failed), and control records that were not"
+            " arrivals (malformed). Each is counted in hopwatch_arrivals_total once, by its owner.",
+            [
+                target(
+                    "sum by (instance, outcome) "
+                    f"({rate('hopwatch_cluster_forwarded_arrivals_total', '')})",
+                    "{{instance}} {{outcome}}",
+                )
+            ],
+            "ops",
+        ),
+        w=12,
+        h=8,
+    )
+    delay = "hopwatch_cluster_forward_delay_seconds"
+    lay.add(
+        timeseries(
+            "Forwarding delay",
+            "From a webhook reaching one replica to its owner offering it to the waiting run:"
+            " what forwarding adds (the webhook's latency is stamped where it arrived).",
+            targets(
+                (quantile("0.5", "instance", delay, ""), "{{instance}} p50"),
+                (quantile("0.99", "instance", delay, ""), "{{instance}} p99"),
+            ),
+            "s",
+        ),
+        w=12,
+        h=8,
+    )
+
+
 def flow_detail() -> dict[str, Any]:
     """One flow in depth: runs, per-hop latency with trace exemplars, HTTP phases, variants."""
     lay = Layout()
@@ -797,16 +924,11 @@ def _flow_runs(lay: Layout) -> None:
         h=8,
     )
     lay.add(
-        status_history(
+        link_history(
             "Link health",
-            "Each hop's state after every run; red where it failed, or was skipped after a"
-            " broken link.",
-            [
-                target(
-                    f"min by (step, variant) (hopwatch_link_up{{{STEP_SEL}}})",
-                    "{{step}} · {{variant}}",
-                )
-            ],
+            "Each hop's state after every run: green passed, red failed, grey skipped after an"
+            " earlier hop broke.",
+            [target(link_state("step, variant", STEP_SEL), "{{step}} · {{variant}}")],
         ),
         w=12,
         h=8,
@@ -870,7 +992,21 @@ def _flow_hops(lay: Layout) -> None:
             [target(quantile("0.95", "step", STEP_DURATION, STEP_SEL), "{{step}}", exemplar=True)],
             "s",
         ),
-        w=24,
+        w=12,
+        h=8,
+    )
+    own = "hopwatch_step_own_duration_seconds"
+    lay.add(
+        timeseries(
+            "Waiting hops: own latency p95",
+            "A waiting hop (webhook, Kafka record) is timed from its trigger's start, so its"
+            " latency contains the hops before it; this is its own part, from the previous"
+            " step's end to the arrival: the figure that moves when this hop changed. Every"
+            " waiting hop of the flow (the others have no own part).",
+            [target(quantile("0.95", "step", own, FLOW_SEL), "{{step}}", exemplar=True)],
+            "s",
+        ),
+        w=12,
         h=8,
     )
 

@@ -21,7 +21,7 @@ from monitor.engine import Options
 from monitor.gate.command import gate
 from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
-from monitor.output import as_json, as_junit, table
+from monitor.output import as_json, as_junit, console_for, plural, table
 from probes.errors import ConfigError
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = console_for()
 err = Console(stderr=True)
 
 ConfigPaths = Annotated[list[Path], typer.Argument(help="Flow files or folders of them.")]
@@ -48,8 +48,9 @@ AdminToken = Annotated[
 Store = Annotated[
     str,
     typer.Option(
+        envvar="HOPWATCH_STORE",  # a URL with a password stays out of the command line
         help="Run history: a SQLite file, sqlite+aiosqlite:///path.db, "
-        "postgresql+asyncpg://user@host/db, or 'none'."
+        "postgresql+asyncpg://user@host/db, or 'none'.",
     ),
 ]
 
@@ -115,7 +116,8 @@ def validate(paths: ConfigPaths) -> None:
     config = _load_or_exit(paths)
     steps = sum(len(f.steps) for f in config.flows)
     out.print(
-        f"ok: {len(config.flows)} flows, {steps} steps in {len(set(config.sources.values()))} files"
+        f"ok: {plural(len(config.flows), 'flow')}, {plural(steps, 'step')} in "
+        f"{plural(len(set(config.sources.values())), 'file')}"
     )
 
 
@@ -225,7 +227,7 @@ def run(
             err.print(f"cannot start: {exc}")
             raise typer.Exit(2) from None
         where = f" in cluster group {cluster_settings.group}" if cluster_settings else ""
-        err.print(f"hopwatch {__version__}: {len(config.flows)} flows{where}; metrics on "
+        err.print(f"hopwatch {__version__}: {plural(len(config.flows), 'flow')}{where}; metrics on "
                   f"http://{admin_listen}/metrics")  # fmt: skip
         await serve_until_signal(engine)
 
@@ -244,6 +246,13 @@ def demo(
         str, typer.Option(help="Where the demo's own broker listens.")
     ] = "127.0.0.1:9092",
     store: Store = "temporary",
+    orders_db: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the database the demo's worker writes its orders to; "
+            "default: a SQLite file in the demo's temporary directory."
+        ),
+    ] = None,
     shop_only: Annotated[
         bool, typer.Option(help="Run only the demo system (shop, worker, webhooks), no monitor.")
     ] = False,
@@ -267,6 +276,7 @@ def demo(
             duration=duration,
             console=err,
             shop_only=shop_only,
+            orders_db=orders_db,
         )
     )
 

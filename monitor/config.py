@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -29,6 +29,25 @@ class Variant(BaseModel):
     base_url: str | None = Field(default=None, description="Base URL; default none.")
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers added to this variant's requests; default none."
+    )
+
+
+class Incidents(BaseModel):
+    """When a failing link reopens its recently closed incident instead of opening a new one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flap_window: Duration = Field(
+        default=60.0,
+        description="A failure this soon after the link's incident closed reopens it (counted "
+        "as a flap) instead of opening a new incident; default 1m, so faults minutes apart are "
+        "separate incidents; 0 never reopens.",
+    )
+    reopen: Literal["same_reason", "any_reason"] = Field(
+        default="same_reason",
+        description="Which failures within flap_window reopen: `same_reason` (default), only "
+        "one with the reason the incident last failed with (another reason is another fault, "
+        "a new incident), or `any_reason`.",
     )
 
 
@@ -62,6 +81,11 @@ class Flow(BaseModel):
     steps: list[StepConfig] = Field(min_length=1, description="The hops, in order.")
     cleanup: list[StepConfig] = Field(
         default_factory=list, description="Steps that always run after the hops; never counted."
+    )
+    incidents: Incidents | None = Field(
+        default=None,
+        description="This flow's incident rules, replacing `settings.incidents` for it; "
+        "default: those of settings.",
     )
 
     @field_validator("interval", "timeout")
@@ -103,6 +127,11 @@ class Settings(BaseModel):
     )
     max_concurrency: int = Field(
         default=256, ge=1, description="Runs in flight at once, all flows; default 256."
+    )
+    incidents: Incidents = Field(
+        default_factory=Incidents,
+        description="Incident rules of every flow without its own; default flap_window 1m, "
+        "reopen same_reason.",
     )
     cluster: ClusterSettings | None = Field(
         default=None,

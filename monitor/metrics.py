@@ -42,9 +42,11 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_runs_total": "counter",
     "hopwatch_run_duration_seconds": "histogram",
     "hopwatch_step_duration_seconds": "histogram",
+    "hopwatch_step_own_duration_seconds": "histogram",
     "hopwatch_step_failures_total": "counter",
     "hopwatch_cleanup_failures_total": "counter",
     "hopwatch_link_up": "gauge",
+    "hopwatch_link_skipped": "gauge",
     "hopwatch_flow_up": "gauge",
     "hopwatch_last_success_timestamp_seconds": "gauge",
     "hopwatch_http_phase_duration_seconds": "histogram",
@@ -80,6 +82,14 @@ class Metrics:
             "hopwatch_step_duration_seconds", "Per-hop latency.", step, registry,
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        # A waiting hop's latency runs from its trigger's start, so it contains the hops
+        # before it; its own part (from the previous step's end to the arrival) is what
+        # changed when this hop changed. Only waiting hops have series here.
+        self.step_own_duration = HistogramFamily(
+            "hopwatch_step_own_duration_seconds",
+            "A waiting hop's own latency: from the previous step's end to the arrival.",
+            step, registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
         self.step_failures = CounterFamily(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry
         )
@@ -87,8 +97,17 @@ class Metrics:
             "hopwatch_cleanup_failures", "Cleanup steps that failed (not hops).",
             ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
+        # A skipped hop (after a broken link) leaves link_up as it was: the hop did not run, so
+        # it neither passed nor broke, and one break is counted once. link_skipped says so.
         self.link_up = GaugeFamily(
-            "hopwatch_link_up", "1 if the hop passed in the last run, else 0.",
+            "hopwatch_link_up",
+            "1 if the hop passed the last time it ran, 0 if it failed; a hop skipped after a "
+            "broken link keeps its value (see hopwatch_link_skipped).",
+            ["flow", "step", "variant", "location"], registry,
+        )  # fmt: skip
+        self.link_skipped = GaugeFamily(
+            "hopwatch_link_skipped",
+            "1 if the hop was skipped in the last run (an earlier hop broke), else 0.",
             ["flow", "step", "variant", "location"], registry,
         )  # fmt: skip
         self.flow_up = GaugeFamily("hopwatch_flow_up", "1 if the last run succeeded.", flow,
@@ -128,11 +147,22 @@ class Metrics:
 class _Hop:
     """Where one hop's updates go, as offsets into the families (see metric_types.Family)."""
 
-    __slots__ = ("duration", "failures", "kind", "link_up", "phases", "tls_expiry")
+    __slots__ = (
+        "duration",
+        "failures",
+        "kind",
+        "link_up",
+        "own",
+        "phases",
+        "skipped",
+        "tls_expiry",
+    )
 
     def __init__(self, m: Metrics, flow: str, step: str, kind: str, variant: str, loc: str):
         self.kind = kind
         self.link_up = m.link_up.reserve((flow, step, variant, loc))
+        self.skipped = -1  # link_skipped's offset, reserved when the hop is first skipped
+        self.own = -1  # step_own_duration's offset, reserved when the hop first reports one
         self.duration = m.step_duration.reserve((flow, step, kind, variant, loc))
         self.failures: dict[str, int] = {}  # reason → offset, filled when first needed
         self.phases: dict[str, int] = {}  # phase → offset, filled when first seen
@@ -205,9 +235,9 @@ class MetricsSink:
 
     def forget(self, flows: Iterable[str], *, every_series: bool = False) -> None:
         """Remove the gauges of flows this replica no longer runs (`flow_up`, `link_up`,
-        `last_success_timestamp_seconds`), so Prometheus never sees two owners' values; the
-        counters and histograms stay (they only grow, and rules sum replicas away). With
-        `every_series`, those too: the flow is gone from the config (a reload)."""
+        `link_skipped`, `last_success_timestamp_seconds`, the certificate expiry), so Prometheus
+        never sees two owners' values; the counters and histograms stay (they only grow, and
+        rules sum replicas away). With `every_series`, those too: the flow is gone (a reload)."""
         names = set(flows)
         m = self.m
         for (flow, _, _), run in self._runs.items():
@@ -217,6 +247,10 @@ class MetricsSink:
             m.last_success.hide(run.last_success)
             for hop in run.hops.values():
                 m.link_up.hide(hop.link_up)
+                if hop.skipped >= 0:
+                    m.link_skipped.hide(hop.skipped)
+                if hop.tls_expiry is not None:
+                    m.tls_expiry.hide(hop.tls_expiry)
             if every_series:
                 self._hide_history(run)
 
@@ -229,6 +263,8 @@ class MetricsSink:
             m.cleanup_failures.hide(offset)
         for hop in run.hops.values():
             m.step_duration.hide(hop.duration)
+            if hop.own >= 0:
+                m.step_own_duration.hide(hop.own)
             for offset in hop.failures.values():
                 m.step_failures.hide(offset)
             for offset in hop.phases.values():
@@ -281,23 +317,46 @@ class MetricsSink:
         if hop is None or hop.kind != step.kind:
             hop = run.hop(m, step.name, step.kind)
         status = step.status
+        if status == "skipped":
+            if hop.skipped < 0:
+                key = (run.flow, step.name, run.variant, run.loc)
+                hop.skipped = m.link_skipped.reserve(key)
+            m.link_skipped.set_at(hop.skipped, 1.0)
+            return
         m.link_up.set_at(hop.link_up, 1.0 if status == "passed" else 0.0)
+        if hop.skipped >= 0:
+            m.link_skipped.set_at(hop.skipped, 0.0)
         if status == "failed":
             m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
         if (status == "passed" or status == "failed") and step.latency_s is not None:
-            m.step_duration.observe_at(hop.duration, step.latency_s, trace_id)
+            self._latency(run, hop, step, step.latency_s, trace_id)
         if step.phases:
-            phases = hop.phases
-            for phase, seconds in step.phases.items():
-                offset = phases.get(phase)
-                if offset is None:
-                    offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
-                m.http_phase.observe_at(offset, seconds)
+            self._phases(run, hop, step)
         if step.tls_not_after is not None:
             if hop.tls_expiry is None:
                 key = (run.flow, step.name, run.variant, run.loc)
                 hop.tls_expiry = m.tls_expiry.reserve(key)
             m.tls_expiry.set_at(hop.tls_expiry, step.tls_not_after)
+
+    def _latency(
+        self, run: _Run, hop: _Hop, step: StepResult, latency_s: float, trace_id: str | None
+    ) -> None:
+        m = self.m
+        m.step_duration.observe_at(hop.duration, latency_s, trace_id)
+        if step.own_latency_s is not None:
+            if hop.own < 0:
+                labels = (run.flow, step.name, hop.kind, run.variant, run.loc)
+                hop.own = m.step_own_duration.reserve(labels)
+            m.step_own_duration.observe_at(hop.own, step.own_latency_s, trace_id)
+
+    def _phases(self, run: _Run, hop: _Hop, step: StepResult) -> None:
+        m = self.m
+        phases = hop.phases
+        for phase, seconds in step.phases.items():
+            offset = phases.get(phase)
+            if offset is None:
+                offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
+            m.http_phase.observe_at(offset, seconds)
 
 
 class SharedReadings(Collector):

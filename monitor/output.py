@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
+from typing import TextIO
 from xml.etree import ElementTree as ET
 
 from rich.console import Console
@@ -14,14 +16,38 @@ from monitor.results import RunResult
 STATUS_STYLE = {"passed": "green", "failed": "bold red", "skipped": "yellow", "aborted": "magenta"}
 
 
+# Wide enough for any row: a CI log or a file is read unwrapped, a name never breaks mid-word.
+UNWRAPPED_WIDTH = 100_000
+DETAIL_ON_TERMINAL = 200  # characters of a failure's detail in a terminal's table
+
+
+def console_for(stream: TextIO | None = None) -> Console:
+    """A console for `stream` (stdout): a terminal's own width, else full-width and unwrapped
+    (CI logs, pipes, files), whatever COLUMNS says."""
+    stream = sys.stdout if stream is None else stream
+    if stream.isatty():
+        return Console(file=stream)
+    return Console(file=stream, width=UNWRAPPED_WIDTH, soft_wrap=True)
+
+
+def unwrapped(console: Console) -> bool:
+    return console.width >= UNWRAPPED_WIDTH
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 flow`, `2 flows`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1000:.1f}"
 
 
 def table(results: Sequence[RunResult], console: Console) -> None:
     grid = Table(title="hopwatch check", show_lines=False)
+    full = unwrapped(console)
     for column in ("flow", "variant", "step", "kind", "status", "ms", "reason", "detail"):
-        grid.add_column(column, overflow="fold")
+        grid.add_column(column, overflow="fold", no_wrap=full)
     for run in results:
         for step in run.steps:
             style = STATUS_STYLE.get(step.status, "")
@@ -34,7 +60,7 @@ def table(results: Sequence[RunResult], console: Console) -> None:
                 f"[{style}]{step.status}[/]",
                 _ms(step.latency_s),
                 step.reason or "",
-                (step.message or "")[:200],
+                (step.message or "")[: None if full else DETAIL_ON_TERMINAL],
             )
     console.print(grid)
     failed = [r for r in results if r.outcome != "success"]

@@ -13,7 +13,10 @@ RunOutcome = Literal["success", "failure", "aborted"]
 
 @dataclass(slots=True)
 class StepResult:
-    """One hop of one run. `latency_s` is the hop's latency as the probe defines it."""
+    """One hop of one run. `latency_s` is the hop's latency as the probe defines it;
+    `own_latency_s` the part of it that is this hop's own (for a waiting hop timed from an
+    earlier step: from the previous step's end to the arrival; else `latency_s`);
+    `duration_s` how long the step ran (a wait included, whatever its outcome)."""
 
     name: str
     kind: str
@@ -28,6 +31,8 @@ class StepResult:
     excerpt: str | None = None
     cleanup: bool = False
     tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
+    own_latency_s: float | None = None
+    duration_s: float | None = None
     # Evidence of a failure (a screenshot): for the store and the run page only, never in
     # `to_dict` (the API, events, the results topic) nor in spans.
     artifacts: list[Artifact] = field(default_factory=list)
@@ -93,6 +98,8 @@ class RunResult:
                     "attributes": s.attributes,
                     "excerpt": s.excerpt,
                     "cleanup": s.cleanup,
+                    "own_latency_s": s.own_latency_s,
+                    "duration_s": s.duration_s,
                 }
                 for s in self.steps
             ],

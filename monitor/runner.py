@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,29 @@ def new_run_id() -> str:
 
 
 _ids = random.Random()
+
+
+_STEP_REF = re.compile(r"\bsteps\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")
+
+
+def step_references(step: Any) -> tuple[tuple[str, str], ...]:
+    """The `steps.<name>.<var>` values a step's templates use, in order, each once."""
+    found: dict[tuple[str, str], None] = {}
+    for text in _strings(step.model_dump()):
+        if "{" in text:
+            for match in _STEP_REF.finditer(text):
+                found[(match[1], match[2])] = None
+    return tuple(found)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _strings(v)]
+    return []
 
 
 class StepTimeout:
@@ -98,6 +122,7 @@ class Runner:
         self._variants: dict[tuple[str, str], dict[str, Any]] = {}  # flows are frozen
         # flow's identity → (the flow, its waiting steps and their `expect`), found once
         self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
+        self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
 
     def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
@@ -142,15 +167,19 @@ class Runner:
                 trace_id = span_scope.__enter__()
             self._register_expectations(flow, ctx)
             try:
-                broken = False
+                broken: StepResult | None = None
                 for step in flow.steps:
-                    if broken:
-                        results.append(self._skipped(step, ctx, started, started_unix))
+                    if broken is not None:
+                        skipped = self._skipped(step, ctx, started, started_unix)
+                        # says why on every surface (page, API, JUnit): not broken, not run
+                        skipped.message = f"skipped: {broken.name} broke ({broken.reason})"
+                        results.append(skipped)
                         continue
                     step_result = await self._step(step, ctx, started, started_unix, cleanup=False)
                     results.append(step_result)
-                    broken = step_result.status == "failed"
-                outcome = "failure" if broken else "success"
+                    if step_result.status == "failed":
+                        broken = step_result
+                outcome = "failure" if broken is not None else "success"
             except asyncio.CancelledError:
                 outcome = "aborted"
                 self._mark_aborted(flow, results, ctx, started, started_unix)
@@ -158,7 +187,9 @@ class Runner:
             finally:
                 if outcome != "aborted":
                     for step in flow.cleanup:
-                        results.append(await self._cleanup(step, ctx, started, started_unix))
+                        results.append(
+                            await self._cleanup(step, ctx, started, started_unix, results)
+                        )
                 await self._release(ctx)
         finally:
             result = RunResult(
@@ -228,7 +259,10 @@ class Runner:
             if scope is not None:
                 scope.__enter__()
             outcome = await self._execute(step, ctx, budget, result)
+            ended = ctx.step_ended[step.name] = time.monotonic()
+            result.duration_s = ended - now  # the waterfall draws every wait at its length
             if outcome is not None:
+                result.own_latency_s = outcome.own_latency_s
                 result.latency_s = (
                     outcome.latency_s if outcome.latency_s is not None else result.latency_s
                 )
@@ -286,13 +320,43 @@ class Runner:
         return None
 
     async def _cleanup(
-        self, step: Any, ctx: StepContext, run_start: float, run_unix: float
+        self,
+        step: Any,
+        ctx: StepContext,
+        run_start: float,
+        run_unix: float,
+        done: list[StepResult],
     ) -> StepResult:
+        missing = self._unproduced(step, ctx, done)
+        if missing is not None:
+            # nothing to clean up: what it would delete was never made (not a flow bug)
+            skipped = self._skipped(step, ctx, run_start, run_unix, cleanup=True)
+            skipped.message = missing
+            return skipped
         try:
             return await self._step(step, ctx, run_start, run_unix, cleanup=True)
         except Exception:
             log.exception("cleanup step %s failed", step.name)
             return self._skipped(step, ctx, run_start, run_unix, cleanup=True)
+
+    def _unproduced(self, step: Any, ctx: StepContext, done: list[StepResult]) -> str | None:
+        """A plain reason to skip a cleanup step that needs a value this run never produced
+        (`steps.<name>.<var>` of a step that failed or was skipped), else None."""
+        needs = self._needs.get(id(step))
+        if needs is None or needs[0] is not step:  # configs are frozen: read once per step
+            needs = self._needs[id(step)] = (step, step_references(step))
+        status = {r.name: r for r in done}
+        for name, var in needs[1]:
+            if var in ctx.steps.get(name, {}):
+                continue
+            ran = status.get(name)
+            how = f"{ran.status}" if ran is not None else "did not run"
+            if ran is not None and ran.reason:
+                how += f": {ran.reason}"
+            return (
+                f"skipped: needs steps.{name}.{var}, which this run never produced ({name} {how})"
+            )
+        return None
 
     @staticmethod
     def _skipped(

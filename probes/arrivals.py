@@ -15,8 +15,11 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from probes.errors import AssertionFailed
+
 __all__ = [
     "Arrival",
+    "CloseMatch",
     "CorrelatorPort",
     "IndexedMatcher",
     "Matcher",
@@ -60,11 +63,23 @@ class Selector(Hashable, Protocol):
 
 
 class IndexedMatcher(Protocol):
-    """A Matcher that names equalities it requires, so the correlator can index it."""
+    """A Matcher that names equalities it requires, so the correlator can index it. It may
+    also name, in `run_keys`, those of its keys that hold its run's own values (rendered from
+    templates): an arrival carrying one of them that the matcher refuses is this run's
+    arrival gone wrong, reported as `CloseMatch` instead of not_received."""
 
     keys: tuple[tuple[Selector, str], ...]
 
     def __call__(self, arrival: Arrival) -> bool: ...
+
+
+class CloseMatch(AssertionFailed):
+    """Raised by `Registration.wait`: no arrival matched, but `arrival` (the first of
+    `message`'s count) carried this run's values and failed the rest of the match rule."""
+
+    def __init__(self, message: str, arrival: Arrival) -> None:
+        super().__init__(message)
+        self.arrival = arrival
 
 
 class Registration(Protocol):
@@ -72,7 +87,8 @@ class Registration(Protocol):
 
     async def wait(self, match: Matcher, *, deadline: float | None = None) -> Arrival:
         """The first arrival `match` accepts, kept or still to come; `deadline` (monotonic)
-        replaces the provisional one. Raises probes.errors.NotReceived when it passes."""
+        replaces the provisional one. Raises probes.errors.NotReceived when it passes (or
+        CloseMatch, SignatureInvalid or AssertionFailed when what came says more)."""
         ...
 
     async def duplicate(self, window: float) -> Arrival | None:

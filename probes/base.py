@@ -89,6 +89,9 @@ class StepOutcome:
     phases: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     tls_not_after: float | None = None  # the server's leaf certificate's expiry, unix seconds
+    # the part of latency_s that is this hop's own, when latency_s also covers earlier steps
+    # (a waiting kind timed from its trigger's start): from the previous step's end
+    own_latency_s: float | None = None
 
 
 class Renderer(Protocol):
@@ -145,6 +148,7 @@ class StepContext:
     propagation: Callable[[], dict[str, str]] = dict
     shared: Mapping[str, Shared] = field(default_factory=dict)  # by kind name (KindSpec.shared)
     step_started: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
+    step_ended: dict[str, float] = field(default_factory=dict)  # monotonic, by step name
     run_state: dict[Any, Any] = field(default_factory=dict)  # per-run scratch, e.g. sessions
     step: str = ""
 

@@ -39,10 +39,12 @@ from probes.waiting import (
     latency_from_form,
     no_duplicate,
     no_status,
+    own_latency,
     register,
     render_rule,
     since_sent,
     since_step,
+    wait_attributes,
 )
 
 __all__ = ["Config", "KafkaConsumeProbe", "Match", "Scalar"]
@@ -135,13 +137,21 @@ class KafkaConsumeProbe:
         clients = _clients(config, ctx)
         expectation = _register(config, ctx)
         rule = _rendered_rule(config, ctx)
+        what = f"record on {config.topic} with {rule.describe('any record')}"
         try:
             arrival = await await_arrival(
                 config, ctx, expectation, rule.matcher(_record_header), started
             )
         except NotReceived as missing:
-            raise _why_missing(config, clients, rule, missing) from None
-        attributes = _attributes(config, arrival, started)
+            why = _why_missing(config, clients, rule, missing)
+            why.attributes.update(wait_attributes(what, None, started))
+            raise why from None
+        except StepFailed as failed:
+            failed.attributes.update(wait_attributes(what, None, started))
+            raise
+        attributes = _attributes(config, arrival, started) | wait_attributes(what, arrival, started)
+        if config.duplicate_window > 0:
+            attributes["wait.duplicate_window_s"] = config.duplicate_window
         latency: float | None = None
         try:
             latency = _latency(config, ctx, arrival, started)
@@ -151,7 +161,8 @@ class KafkaConsumeProbe:
         except StepFailed as failed:
             annotate(failed, arrival, latency, attributes)
             raise
-        return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
+        own = own_latency(ctx, arrival)
+        return StepOutcome(latency_s=latency, vars=values, attributes=attributes, own_latency_s=own)
 
 
 def _clients(config: Config, ctx: StepContext) -> KafkaPort:

@@ -36,6 +36,7 @@ __all__ = [
     "SecretUnavailable",
     "SignatureConfig",
     "SignatureError",
+    "StaleTimestamp",
     "StandardWebhooksSignature",
     "StripeSignature",
     "VerifiedDelivery",
@@ -47,9 +48,17 @@ __all__ = [
 class SignatureError(Exception):
     """The delivery is not authentic (missing, malformed, wrong or stale signature)."""
 
+    why = "bad signature"  # how a refusal is summed up to the step that waited for it
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class StaleTimestamp(SignatureError):
+    """The signed timestamp is outside the tolerance: a replay, or a sender's clock adrift."""
+
+    why = "stale timestamp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +173,7 @@ def _timestamp(text: str, now: float, tolerance: float, what: str) -> float:
     except ValueError:
         raise SignatureError(f"{what} {text[:40]!r} is not unix seconds") from None
     if abs(now - stamp) > tolerance:
-        raise SignatureError(
+        raise StaleTimestamp(
             f"{what} is {now - stamp:+.0f}s from now, want within ±{tolerance:.0f}s"
         )
     return stamp

@@ -225,6 +225,7 @@ async def run_query(
     translated (the only place the drivers' errors are seen)."""
     engine = engines.engine_for(url)
     started = time.monotonic()
+    deadline = started + budget
     try:
         conn = await engine.connect()
     except (SQLAlchemyError, OSError) as exc:
@@ -236,7 +237,10 @@ async def run_query(
             if guard is not None:
                 for setting in guard.read_only:
                     await conn.exec_driver_sql(setting)
-                limit = guard.timeout(max(0.001, budget - _MARGIN_S))
+                # What is left after connecting, less a margin for the statement's own trip, so
+                # the server (which names the query) stops it before the runner's timer does.
+                left = deadline - time.monotonic()
+                limit = guard.timeout(max(0.001, left - max(_MARGIN_S, left / 10)))
                 if limit is not None:
                     await conn.exec_driver_sql(limit)
             result = await conn.execute(statement.clause, values)

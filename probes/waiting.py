@@ -9,6 +9,7 @@ differs: where arrivals come from, its default rule, and how a sender stamps the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Final, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probes.arrivals import Arrival, Matcher, Registration, Selector
+from probes.arrivals import Arrival, CloseMatch, Matcher, Registration, Selector
 from probes.base import RenderMode, StepContext
 from probes.checks import (
     JSON_PATH_KEYS,
@@ -83,6 +84,9 @@ class Rule:
     headers: dict[str, str]
     paths: dict[str, Scalar]
     key: bytes | None = None
+    # which parts hold the run's own values (rendered from templates): "key", "header:<name>",
+    # "json:<path>"; an arrival that carries one of them belongs to this run
+    run_parts: frozenset[str] = frozenset()
 
     def matcher(self, header_of: HeaderLookup) -> RuleMatcher:
         """A total predicate on an Arrival (never raises, so a junk arrival is just a
@@ -96,24 +100,53 @@ class Rule:
         parts += [f"{k}={v!r}" for k, v in self.paths.items()]
         return ", ".join(parts) or anything
 
+    def mismatch(self, arrival: Arrival, header_of: HeaderLookup) -> str:
+        """What of the rule `arrival` fails, with what it holds instead."""
+        parts: list[str] = []
+        if self.key is not None and arrival.key != self.key:
+            found = "none" if arrival.key is None else repr(arrival.key.decode("utf-8", "replace"))
+            parts.append(f"key {found}, want {self.key.decode('utf-8', 'replace')!r}")
+        for name, want in self.headers.items():
+            value = header_of(arrival.headers, name)
+            if value != want:
+                seen = "missing" if value is None else repr(value)
+                parts.append(f"header {name} {seen}, want {want!r}")
+        for path, wanted in self.paths.items():
+            values = json_path_get(arrival.json, path) if arrival.json is not None else []
+            if not any(same_value(v, wanted) for v in values):
+                held = ", ".join(repr(v) for v in values[:3]) or "missing"
+                parts.append(f"{path} {held}, want {wanted!r}")
+        return "; ".join(parts)
+
 
 class RuleMatcher:
     """Whether an arrival has a rule's key, headers (read with `header_of`) and JSON values;
     its equalities are its `keys` (probes.arrivals.IndexedMatcher): every arrival it
     accepts holds each key's text at that key's selector."""
 
-    __slots__ = ("header_of", "keys", "paths", "rule")
+    __slots__ = ("header_of", "keys", "paths", "rule", "run_keys")
 
     def __init__(self, rule: Rule, header_of: HeaderLookup) -> None:
         self.rule = rule
         self.header_of = header_of
         self.paths = tuple((_reader(path), want) for path, want in rule.paths.items())
         keys: list[tuple[Selector, str]] = []
+        run = rule.run_parts
+        run_keys: list[tuple[Selector, str]] = []
         if rule.key is not None:
             keys.append((_KEY, _key_text(rule.key)))
-        keys += [(_header(name, header_of), want) for name, want in rule.headers.items()]
-        keys += [(_json_path(path), wanted_text(want)) for path, want in rule.paths.items()]
+            if "key" in run:
+                run_keys.append(keys[-1])
+        for name, want in rule.headers.items():
+            keys.append((_header(name, header_of), want))
+            if f"header:{name}" in run:
+                run_keys.append(keys[-1])
+        for path, wanted in rule.paths.items():
+            keys.append((_json_path(path), wanted_text(wanted)))
+            if f"json:{path}" in run:
+                run_keys.append(keys[-1])
         self.keys = tuple(keys)
+        self.run_keys = tuple(run_keys)
 
     def __call__(self, arrival: Arrival) -> bool:
         rule = self.rule
@@ -215,7 +248,22 @@ def render_rule(
     paths: dict[str, Scalar] = {
         path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()
     }
-    return Rule(headers, paths, ctx.render(key).encode() if key is not None else None)
+    run_parts = {f"header:{n}" for n, v in match.header.items() if _templated(v)}
+    run_parts |= {f"json:{p}" for p, v in match.json_.items() if _templated(v)}
+    if key is not None and _templated(key):
+        run_parts.add("key")
+    rendered_key = ctx.render(key).encode() if key is not None else None
+    return Rule(headers, paths, rendered_key, frozenset(run_parts))
+
+
+_RUN_VALUE = re.compile(r"\{\{[^}]*\b(?:run\.(?:id|correlation)\b|steps\.)")
+
+
+def _templated(value: Scalar) -> bool:
+    """Whether a rule's value is this run's own: a template reading `run.id`,
+    `run.correlation` or `steps.*` (the flow's, a variant's or the monitor's values are shared
+    by every run)."""
+    return isinstance(value, str) and _RUN_VALUE.search(value) is not None
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:
@@ -262,7 +310,15 @@ async def await_arrival(
     deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
     if config.timeout is not None:
         deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
-    arrival = await expectation.wait(matcher, deadline=deadline)
+    try:
+        arrival = await expectation.wait(matcher, deadline=deadline)
+    except CloseMatch as close:
+        # This run's arrival came and the rule refused it: say what differed (assertion).
+        if isinstance(matcher, RuleMatcher):
+            wrong = matcher.rule.mismatch(close.arrival, matcher.header_of)
+            close.message = f"{close.message}: {wrong}" if wrong else close.message
+        close.excerpt = close.excerpt or excerpt(close.arrival.body)
+        raise
     ctx.note_arrival(arrival)
     return arrival
 
@@ -330,6 +386,27 @@ def since_step(ctx: StepContext, arrival: Arrival, latency_from: str, started: f
     else the trigger (`trigger`: the previous step, or this step when it is the first)."""
     _, _, name = latency_from.partition(":")
     return max(0.0, arrival.received_at - _step_start(ctx, name or None, started))
+
+
+def own_latency(ctx: StepContext, arrival: Arrival) -> float | None:
+    """The hop's own part of its latency: from the end of the step before it (what the wait
+    depended on last) to the arrival; 0 when the arrival came before that step ended; None for
+    a first step (its latency is all its own)."""
+    previous: float | None = None
+    for step, ended in ctx.step_ended.items():
+        if step == ctx.step:
+            break
+        previous = ended
+    return None if previous is None else max(0.0, arrival.received_at - previous)
+
+
+def wait_attributes(what: str, arrival: Arrival | None, started: float) -> dict[str, Any]:
+    """What a wait was for, and when its arrival came from the step's start (for the run's
+    waterfall): `wait.for`, `wait.arrived_s`."""
+    attributes: dict[str, Any] = {"wait.for": what}
+    if arrival is not None:
+        attributes["wait.arrived_s"] = max(0.0, arrival.received_at - started)
+    return attributes
 
 
 def since_sent(arrival: Arrival, sent_unix: float) -> float:

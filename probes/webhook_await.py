@@ -38,10 +38,12 @@ from probes.waiting import (
     latency_from_form,
     no_duplicate,
     no_status,
+    own_latency,
     register,
     render_rule,
     since_sent,
     since_step,
+    wait_attributes,
 )
 
 __all__ = [
@@ -148,20 +150,29 @@ class WebhookAwaitProbe:
         started = time.monotonic()
         expectation = _register(config, ctx)
         rule = _rendered_rule(config, ctx)
+        what = f"delivery on {config.path} with {rule.describe('any body')}"
         try:
             arrival = await await_arrival(
                 config, ctx, expectation, rule.matcher(header_value), started
             )
-        except NotReceived:
+        except NotReceived as missing:
+            # keep what the correlator saw instead: other deliveries, refused ones
+            seen = missing.message.partition(" by the deadline")[2]
             raise NotReceived(
-                f"no delivery on {config.path} with {rule.describe('any body')}"
-                f" within {config.within:g}s"
+                f"no {what} within {config.within:g}s{seen}",
+                attributes=wait_attributes(what, None, started),
             ) from None
+        except StepFailed as failed:
+            failed.attributes.update(wait_attributes(what, None, started))
+            raise
         attributes: dict[str, Any] = {
             "webhook.path": config.path,
             "webhook.delivery_id": arrival.delivery_id,
             "webhook.early": arrival.received_at < started,
+            **wait_attributes(what, arrival, started),
         }
+        if config.duplicate_window > 0:
+            attributes["wait.duplicate_window_s"] = config.duplicate_window
         latency: float | None = None
         try:
             latency = _latency(config, ctx, arrival, started)
@@ -172,7 +183,8 @@ class WebhookAwaitProbe:
         except StepFailed as failed:
             annotate(failed, arrival, latency, attributes)
             raise
-        return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
+        own = own_latency(ctx, arrival)
+        return StepOutcome(latency_s=latency, vars=values, attributes=attributes, own_latency_s=own)
 
 
 def _register(config: Config, ctx: StepContext) -> Registration:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from monitor.demo.shop import FAULTS_KEY
+from monitor.output import console_for, table
+from monitor.results import RunResult, StepResult
 from tests.fixtures.core import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -60,6 +63,35 @@ async def test_check_fails_naming_the_broken_step_and_reason(
     [run] = report["runs"]
     assert (run["broken_step"], run["reason"]) == ("create_order", "assertion")
     assert run["steps"][1]["status"] == "skipped"
+    # JUnit: the broken hop fails, the one after it is skipped (and says why), never failed
+    code, out, _ = await hopwatch("check", str(example_for(shop, tmp_path)), "--output", "junit")
+    assert code == 1
+    (suite,) = ET.fromstring(out.split("?>", 1)[1]).iter("testsuite")
+    assert (suite.get("failures"), suite.get("skipped")) == ("1", "1")
+    read_back = next(c for c in suite.iter("testcase") if c.get("name") == "read_back")
+    assert read_back.find("failure") is None
+    skipped = read_back.find("skipped")
+    assert skipped is not None
+    assert skipped.get("message") == "skipped: create_order broke (assertion)"
+
+
+async def test_check_table_is_full_width_and_unwrapped_without_a_terminal(
+    shop: TestServer, tmp_path: Path
+) -> None:
+    """A CI log is not a terminal: no 80-column wrap, no name broken mid-word."""
+    shop.app[FAULTS_KEY].status = 503
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = await asyncio.create_subprocess_exec(
+        *HOPWATCH, "check", str(example_for(shop, tmp_path)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 1
+    row = next(line for line in text.splitlines() if "create_order" in line)
+    assert "http_status" in row and "status 503, want 201" in row, text
+    assert len(max(text.splitlines(), key=len)) > 80
+    assert "\x1b[" not in text  # no colour codes in a log
 
 
 async def test_check_junit_and_repeat(shop: TestServer, tmp_path: Path) -> None:
@@ -82,7 +114,7 @@ async def test_bad_config_exits_2_with_file_and_line(tmp_path: Path) -> None:
 
 async def test_validate_ok_and_schema() -> None:
     code, out, _ = await hopwatch("validate", str(EXAMPLE))
-    assert code == 0 and "ok: 1 flows" in out
+    assert code == 0 and "ok: 1 flow, 2 steps in 1 file" in out
     code, out, _ = await hopwatch("schema")
     assert code == 0
     assert "flows" in json.loads(out)["properties"]
@@ -116,6 +148,13 @@ async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
         await asyncio.wait_for(proc.wait(), 20)
 
 
+async def test_demo_refuses_an_orders_database_it_cannot_write_to() -> None:
+    code, _, err = await hopwatch("demo", "--orders-db", "mysql+pymysql://u:hunter22@db/shop")
+    assert code == 2
+    assert "--orders-db: driver 'mysql+pymysql' is not async" in err
+    assert "hunter22" not in err
+
+
 async def test_run_serves_metrics_and_stops_on_sigterm_within_grace(tmp_path: Path) -> None:
     """A hanging target keeps a run in flight; SIGTERM ends it after the grace, as aborted."""
     from tests.fixtures.core import serve
@@ -142,3 +181,15 @@ async def test_run_serves_metrics_and_stops_on_sigterm_within_grace(tmp_path: Pa
             proc.kill()
             await proc.wait()
         await target.close()
+
+
+def test_tables_without_a_terminal_keep_each_row_on_one_line() -> None:
+    """A failure's detail stays whole on its row (no 80-column wrap, no 200-character cut)."""
+    detail = "no delivery on /hooks/fulfilment with $.order_id='ord-12345' within 10s " * 4
+    step = StepResult("fulfilment_webhook_with_a_long_name", "webhook_await", "failed", 0.0, 0.0,
+                      reason="not_received", message=detail)  # fmt: skip
+    run = RunResult("r", "checkout", "stable", "l", "c", 0.0, 1.0, "failure", [step])
+    stream = io.StringIO()
+    table([run], console_for(stream))
+    row = next(line for line in stream.getvalue().splitlines() if "fulfilment" in line)
+    assert "fulfilment_webhook_with_a_long_name" in row and detail.strip() in row

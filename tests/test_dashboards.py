@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from deploy.kubernetes.generate_prometheusrule import rule_groups
+from monitor.cluster.metrics import CLUSTER_METRIC_NAMES
 from monitor.metrics import METRIC_NAMES
 from tests.fixtures.prometheus import (
     PrometheusError,
@@ -162,7 +163,8 @@ def test_committed_json_is_what_the_generator_writes() -> None:
 
 def test_every_metric_is_on_a_board() -> None:
     exprs = " ".join(t["expr"] for d in DASHBOARDS.values() for _, t in queries(d))
-    missing = [name for name in METRIC_NAMES if not re.search(rf"\b{name}", exprs)]
+    names = METRIC_NAMES | CLUSTER_METRIC_NAMES
+    missing = [name for name in names if not re.search(rf"\b{name}", exprs)]
     assert missing == []
 
 
@@ -174,6 +176,29 @@ def test_flow_dashboard_links_latency_to_traces_and_compares_variants() -> None:
     assert any(p.get("repeat") == "variant" for p in panels(dashboard))
     flow = next(v for v in variables(dashboard) if v["name"] == "flow")
     assert flow["multi"] is False, "the flow dashboard shows one flow"
+
+
+def test_overview_cluster_row_stacks_owned_flows_against_the_configured_line() -> None:
+    dashboard = DASHBOARDS["hopwatch-overview.json"]
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    start = next(i for i, p in enumerate(dashboard["panels"]) if p["title"] == "Cluster")
+    assert rows[-1]["title"] == "Cluster"
+    cluster = {p["title"]: p for p in dashboard["panels"][start + 1 :]}
+    assert set(cluster) == {
+        "Members", "Owned flows per replica", "Rebalances", "Forwarded arrivals",
+        "Forwarding delay",
+    }  # fmt: skip
+    owned = cluster["Owned flows per replica"]
+    by_ref = {t["refId"]: t["expr"] for t in owned["targets"]}
+    assert "by (instance)" in by_ref["A"] and "hopwatch_cluster_owned_flows" in by_ref["A"]
+    assert by_ref["B"] == "max(hopwatch_cluster_flows)"
+    assert owned["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    (override,) = owned["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    unstacked = {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}}
+    assert unstacked in override["properties"], "the configured line must not stack"
+    delay = " ".join(t["expr"] for t in cluster["Forwarding delay"]["targets"])
+    assert "hopwatch_cluster_forward_delay_seconds_bucket" in delay
 
 
 # --- queries parse and name only what hopwatch exports ------------------------------------------
@@ -394,10 +419,18 @@ async def test_every_panel_shows_data_from_a_real_prometheus(
 
 # Panels the bundled demo leaves empty today, and why. The demo test fails when one of them
 # shows data, so that this list only shrinks.
+CLUSTER_PANELS = (
+    "Members [A]", "Members [B]", "Owned flows per replica [A]", "Owned flows per replica [B]",
+    "Rebalances [A]", "Forwarded arrivals [A]", "Forwarding delay [A]", "Forwarding delay [B]",
+)  # fmt: skip
 DEMO_GAPS = {
     "hopwatch-flow.json: Canary gate verdicts [A]": "nothing asks the gate during the demo",
     "hopwatch-flow.json: Canary gate score [A]": "nothing asks the gate during the demo",
     "hopwatch-overview.json: Certificates expiring soonest [A]": "the demo speaks plain HTTP",
+    **{
+        f"hopwatch-overview.json: {panel}": "the demo is one process, not a cluster"
+        for panel in CLUSTER_PANELS
+    },
 }
 
 
@@ -474,3 +507,58 @@ async def test_every_panel_shows_data_from_the_demo(
             assert resp.status == 200
     await wait_for_every_panel(prom, pick_all, DEMO_GAPS)
     await assert_exemplar_queries_link_to_traces(prom)
+
+
+def test_link_health_panels_show_passed_failed_and_skipped_apart(tmp_path: Path) -> None:
+    """A hop skipped after a broken link reads SKIPPED (2), never FAILED (0), on every link
+    panel: promtool evaluates each panel's query on a failed, a passed and a skipped hop."""
+    panels = [
+        (panel, target)
+        for dashboard in DASHBOARDS.values()
+        for panel, target in queries(dashboard)
+        if "hopwatch_link_up" in target["expr"]
+    ]
+    assert len(panels) == 2
+    series = {  # hop: (link_up, link_skipped); c passed before and is skipped now
+        "a": ("0", None),
+        "b": ("1", "0"),
+        "c": ("1", "1"),
+    }
+    input_series = []
+    for step, (up, skipped) in series.items():
+        labels = f'flow="f",step="{step}",variant="stable",location="l",instance="i",job="j"'
+        input_series.append({"series": f"hopwatch_link_up{{{labels}}}", "values": f"{up}x3"})
+        if skipped is not None:
+            input_series.append(
+                {"series": f"hopwatch_link_skipped{{{labels}}}", "values": f"{skipped}x3"}
+            )
+    tests = []
+    for panel, target in panels:
+        states = {m["options"][v]["text"] for m in panel["fieldConfig"]["defaults"]["mappings"]
+                  for v in m["options"]}  # fmt: skip
+        assert states == {"PASSED", "FAILED", "SKIPPED"}
+        expr = target["expr"].replace('flow="$flow"', 'flow="f"')
+        expr = VARIABLE.sub(".*", expr)
+        by = re.search(r"min by \(([^)]*)\)", expr)
+        assert by is not None
+        keep = [label.strip() for label in by.group(1).split(",")]
+        expected = []
+        for step, value in (("a", 0), ("b", 1), ("c", 2)):
+            all_labels = {"flow": "f", "step": step, "variant": "stable"}
+            shown = ",".join(f'{k}="{all_labels[k]}"' for k in keep)
+            expected.append({"labels": f"{{{shown}}}", "value": value})
+        tests.append({"expr": expr, "eval_time": "1m", "exp_samples": expected})
+    path = tmp_path / "link_states_test.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {"interval": "1m", "input_series": input_series, "promql_expr_test": tests}
+                ],
+            }
+        )
+    )
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from monitor.config import Config, load
 from monitor.demo.shop import FAULTS_KEY, Faults, build_shop_app
 from monitor.engine import Engine, Options
 from monitor.gate.command import gate
+from monitor.gate.judge import judge
 from monitor.gate.models import GateError, GateRequest
 from monitor.gate.routes import FLAGGER_PATH, GATE_PATH, install_gate_routes, query_fields
 from monitor.gate.samples import FLOW_ERROR_RATIO, from_runs, metric_samples
@@ -554,3 +556,41 @@ def test_flagger_webhooks_ask_the_gate_what_it_understands() -> None:
         assert metadata.pop("hook", "rollout") == hook["type"]
         assert all(isinstance(v, str) for v in metadata.values())  # Flagger's map[string]string
         GateRequest.model_validate(metadata)
+
+
+def test_the_gate_judges_each_hop_on_its_own_part_and_names_only_the_one_that_changed() -> None:
+    """The API alone got 150 ms slower in the canary: the Kafka hop, timed from the API call's
+    start, carries those 150 ms too, but its own part (after the call ended) did not move."""
+    rng = random.Random(7)
+    runs = []
+    for i in range(30):
+        for variant, extra in (("stable", 0.0), ("canary", 0.150)):
+            api = 0.020 + extra + rng.uniform(0, 0.004)
+            own = 0.030 + rng.uniform(0, 0.004)  # the worker and broker: unchanged
+            steps = [
+                StepResult("create_order", "http", "passed", 0.0, 0.0, api),
+                StepResult("order_event", "kafka_consume", "passed", 0.0, api, api + own,
+                           own_latency_s=own),
+            ]  # fmt: skip
+            runs.append(
+                RunResult(
+                    f"{variant}{i}",
+                    "checkout",
+                    variant,
+                    "local",
+                    "c",
+                    0.0,
+                    api + own,
+                    "success",
+                    steps,
+                )
+            )
+    metrics = metric_samples(
+        from_runs(runs, "checkout", "canary"), from_runs(runs, "checkout", "stable")
+    )
+    result = judge(metrics)
+    high = [m.name for m in result.metrics if m.classification == "high"]
+    assert "hop.create_order.latency" in high
+    assert "hop.order_event.latency" not in high
+    assert any("create_order" in reason for reason in result.reasons)
+    assert not any("order_event" in reason for reason in result.reasons)

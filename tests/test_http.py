@@ -476,3 +476,28 @@ async def test_cleanup_still_gets_values_from_a_step_whose_checks_failed(
     )
     result = await run_flow(load_flows(flow_yaml(base(target), steps, cleanup=cleanup)))
     assert [(s.name, s.status) for s in result.steps] == [("create", "failed"), ("undo", "passed")]
+
+
+async def test_cleanup_needing_a_value_never_produced_is_skipped_plainly(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """An early failure left nothing to clean up: say so, not a raw template error."""
+    steps = (
+        "      - {name: broken, kind: http, url: '{{ variant.base_url }}/status/503'}\n"
+        "      - {name: create, kind: http, url: '{{ variant.base_url }}/json',"
+        " extract: {id: {json: '$.id'}}}\n"
+    )
+    cleanup = (
+        "      - {name: undo, kind: http,"
+        " url: '{{ variant.base_url }}/items/{{ steps.create.id }}'}\n"
+    )
+    result = await run_flow(load_flows(flow_yaml(base(target), steps, cleanup=cleanup)))
+    assert [(s.name, s.status) for s in result.steps] == [
+        ("broken", "failed"),
+        ("create", "skipped"),
+        ("undo", "skipped"),
+    ]
+    assert result.steps[1].message == "skipped: broken broke (http_status)"
+    assert result.steps[2].message == (
+        "skipped: needs steps.create.id, which this run never produced (create skipped)"
+    )

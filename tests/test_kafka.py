@@ -334,6 +334,40 @@ async def test_not_received(
     assert arrivals(registry, "unmatched") == 1
 
 
+@pytest.mark.parametrize(
+    ("rule", "expect", "message"),
+    [
+        # the run's record came (its ref) but with another sku: the rule refused it
+        ({"json": {"$.ref": "{{ run.correlation }}", "$.sku": "probe-2"}}, {},
+         "carried this run's values but not all the step matches on: $.sku 'probe-1', "
+         "want 'probe-2'"),
+        # matched, then failed `expect`
+        ({"json": {"$.ref": "{{ run.correlation }}"}}, {"json": {"$.sku": "probe-2"}},
+         "$.sku is 'probe-1', want 'probe-2'"),
+    ],
+    ids=["rule", "expect"],
+)  # fmt: skip
+async def test_this_runs_record_gone_wrong_is_an_assertion(
+    kafka_broker: TansuBroker,
+    make_env: MakeEnv,
+    unique_topic: str,
+    rule: dict[str, Any],
+    expect: dict[str, Any],
+    message: str,
+) -> None:
+    env = await make_env({"main": cluster(kafka_broker.bootstrap)}, {"main": [unique_topic]})
+    flow = steps(
+        produce(unique_topic),
+        consume(unique_topic, within="700ms", match=rule, expect=expect),
+    )
+    sent, wrong = await env.run(flow)
+    assert isinstance(sent, StepOutcome)
+    assert isinstance(wrong, StepFailed)
+    assert wrong.reason == "assertion"
+    assert message in wrong.message
+    assert wrong.excerpt is not None and "probe-1" in wrong.excerpt
+
+
 async def test_duplicate(
     kafka_broker: TansuBroker, make_env: MakeEnv, unique_topic: str, registry: CollectorRegistry
 ) -> None:

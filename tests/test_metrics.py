@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import Config
 from monitor.engine import Engine, Options
-from monitor.metrics import METRIC_NAMES
+from monitor.metrics import METRIC_NAMES, Metrics, MetricsSink
+from monitor.results import RunResult, StepResult
 from tests.fixtures.core import free_port, serve
 from tests.test_http import target_app
 
@@ -67,7 +68,11 @@ async def test_metrics_carry_contract_labels_and_openmetrics(
     assert value("hopwatch_step_duration_seconds_count", step="ok", kind="http") == 1
     assert value("hopwatch_link_up", step="ok") == 1
     assert value("hopwatch_link_up", step="bad") == 0
-    assert value("hopwatch_link_up", step="never") == 0  # skipped after the broken link
+    # skipped after the broken link: it did not run, so it is not down (no link_up yet: it
+    # never ran), and it says it was skipped
+    assert value("hopwatch_link_up", step="never") is None
+    assert value("hopwatch_link_skipped", step="never") == 1
+    assert value("hopwatch_link_skipped", step="bad") is None
     assert (
         value("hopwatch_step_failures_total", step="never", kind="http", reason="http_status")
         == 0  # created at 0 at start, so the first failure is an increase; never counted
@@ -85,6 +90,7 @@ async def test_metrics_carry_contract_labels_and_openmetrics(
             assert f"{name}_bucket" in exported or name in (
                 "hopwatch_event_loop_lag_seconds",  # observed by a background task over time
                 "hopwatch_scheduler_lag_seconds",  # only with the scheduler on
+                "hopwatch_step_own_duration_seconds",  # waiting hops only (test_webhooks)
             )
     assert ("hopwatch_build_info", (("version", __import__("monitor").__version__),)) in samples
 
@@ -133,3 +139,53 @@ async def test_token_protects_everything_but_health(load_flows: Callable[[str], 
                 assert resp.status == 200
     finally:
         await engine.stop()
+
+
+def _run(statuses: dict[str, str]) -> RunResult:
+    steps = [
+        StepResult(name=name, kind="http", status=status, started_at=0.0, offset_s=0.0,  # type: ignore[arg-type]
+                   latency_s=0.01 if status == "passed" else None,
+                   reason="http_status" if status == "failed" else None)
+        for name, status in statuses.items()
+    ]  # fmt: skip
+    outcome = "failure" if "failed" in statuses.values() else "success"
+    return RunResult("r", "f", "stable", "here", "c", 0.0, 0.1, outcome, steps)  # type: ignore[arg-type]
+
+
+def test_a_skipped_hop_keeps_its_link_up_and_says_skipped() -> None:
+    """One break is counted once: the hops after it are skipped, not down."""
+    registry = CollectorRegistry()
+    sink = MetricsSink(Metrics(registry))
+    labels = {"flow": "f", "variant": "stable", "location": "here"}
+
+    def gauge(name: str, step: str) -> float | None:
+        return registry.get_sample_value(name, {**labels, "step": step})
+
+    sink.submit(_run({"a": "passed", "b": "passed"}))
+    sink.submit(_run({"a": "failed", "b": "skipped"}))
+    assert (gauge("hopwatch_link_up", "a"), gauge("hopwatch_link_up", "b")) == (0, 1)
+    assert gauge("hopwatch_link_skipped", "b") == 1
+    sink.submit(_run({"a": "passed", "b": "failed"}))
+    assert (gauge("hopwatch_link_up", "b"), gauge("hopwatch_link_skipped", "b")) == (0, 0)
+    sink.submit(_run({"a": "failed", "b": "skipped"}))
+    assert gauge("hopwatch_link_up", "b") == 0  # still what it was when it last ran
+
+
+def test_forgetting_a_flow_removes_its_skipped_gauge_and_own_latency() -> None:
+    registry = CollectorRegistry()
+    sink = MetricsSink(Metrics(registry))
+    run = _run({"a": "failed", "b": "skipped"})
+    sink.submit(_run({"a": "passed", "b": "passed"}))
+    sink.submit(run)
+    waiting = _run({"a": "passed", "b": "passed"})
+    waiting.steps[1].own_latency_s = 0.004
+    sink.submit(waiting)
+    labels = {"flow": "f", "variant": "stable", "location": "here", "step": "b"}
+    own = {**labels, "kind": "http"}
+    assert registry.get_sample_value("hopwatch_link_skipped", labels) == 0
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) == 1
+    sink.forget(["f"])
+    assert registry.get_sample_value("hopwatch_link_skipped", labels) is None
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) == 1
+    sink.forget(["f"], every_series=True)
+    assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) is None

@@ -61,6 +61,11 @@ class ReferenceMetrics:
             "hopwatch_step_duration_seconds", "Per-hop latency.", step,
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.step_own_duration = Histogram(
+            "hopwatch_step_own_duration_seconds",
+            "A waiting hop's own latency: from the previous step's end to the arrival.",
+            step, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.step_failures = Counter(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry=r
         )
@@ -69,7 +74,14 @@ class ReferenceMetrics:
             ["flow", "step", "variant", "location"], registry=r,
         )  # fmt: skip
         self.link_up = Gauge(
-            "hopwatch_link_up", "1 if the hop passed in the last run, else 0.",
+            "hopwatch_link_up",
+            "1 if the hop passed the last time it ran, 0 if it failed; a hop skipped after a "
+            "broken link keeps its value (see hopwatch_link_skipped).",
+            ["flow", "step", "variant", "location"], registry=r,
+        )  # fmt: skip
+        self.link_skipped = Gauge(
+            "hopwatch_link_skipped",
+            "1 if the hop was skipped in the last run (an earlier hop broke), else 0.",
             ["flow", "step", "variant", "location"], registry=r,
         )  # fmt: skip
         self.flow_up = Gauge("hopwatch_flow_up", "1 if the last run succeeded.", flow, registry=r)
@@ -110,6 +122,7 @@ class ReferenceSink:
     def __init__(self, metrics: ReferenceMetrics) -> None:
         self.m = metrics
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._skipped: set[tuple[str, ...]] = set()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -152,13 +165,23 @@ class ReferenceSink:
                 if step.status == "failed":
                     self._child(self.m.cleanup_failures, f, step.name, v, loc).inc()
                 continue
+            skipped_key = (f, step.name, v, loc)
+            if step.status == "skipped":
+                self._child(self.m.link_skipped, *skipped_key).set(1)
+                self._skipped.add(skipped_key)
+                continue
             self._child(self.m.link_up, f, step.name, v, loc).set(1 if step.passed else 0)
+            if skipped_key in self._skipped:
+                self._child(self.m.link_skipped, *skipped_key).set(0)
             if step.status == "failed":
                 reason = step.reason or "error"
                 self._child(self.m.step_failures, f, step.name, step.kind, v, loc, reason).inc()
             if step.status in ("passed", "failed") and step.latency_s is not None:
                 child = self._child(self.m.step_duration, f, step.name, step.kind, v, loc)
                 child.observe(step.latency_s, exemplar)
+                if step.own_latency_s is not None:
+                    own = self._child(self.m.step_own_duration, f, step.name, step.kind, v, loc)
+                    own.observe(step.own_latency_s, exemplar)
             for phase, seconds in step.phases.items():
                 self._child(self.m.http_phase, f, step.name, phase).observe(seconds)
             if step.tls_not_after is not None:
@@ -236,6 +259,7 @@ def step_result(
         if status == "failed" else None,
         phases=phases, cleanup=cleanup,
         tls_not_after=1.8e9 - round_ * 86400 if kind == "http" and status != "skipped" else None,
+        own_latency_s=latency / 2 if kind in ("webhook_await", "kafka_consume") else None,
     )  # fmt: skip
 
 

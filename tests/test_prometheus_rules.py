@@ -3,6 +3,7 @@ configs, the compose file, the Kubernetes manifests and the container image defi
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROM_DIR / "tests").glob("*.yml"))
 K8S_DIR = DEPLOY / "kubernetes"
 SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+CLUSTER_FLAGS = ("--cluster", "--cluster-group", "--replica", "--store")
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
 
 pytestmark = pytest.mark.prometheus
@@ -217,8 +219,10 @@ def test_compose_gives_prometheus_and_hopwatch_the_same_admin_token() -> None:
 
 def test_compose_flows_are_the_demo_flows_at_the_compose_addresses() -> None:
     demo = (REPO / "monitor" / "demo" / "flows.yaml").read_text(encoding="utf-8")
-    expected = demo.replace("SHOP_URL", "http://demo-shop:8000").replace(
-        "KAFKA_BOOTSTRAP", "kafka:9092"
+    expected = (
+        demo.replace("SHOP_URL", "http://demo-shop:8000")
+        .replace("KAFKA_BOOTSTRAP", "kafka:9092")
+        .replace("sqlite:///ORDERS_DB_URL", "sqlite:////var/lib/hopwatch-demo/demo-orders.db")
     )
     assert load_yaml(DEPLOY / "compose" / "flows.yaml") == yaml.safe_load(expected)
 
@@ -295,6 +299,106 @@ def test_servicemonitor_scrapes_the_admin_service_only() -> None:
     secret = token_ref["valueFrom"]["secretKeyRef"]
     for endpoint in monitor["endpoints"]:
         assert endpoint["authorization"]["credentials"] == secret
+
+
+# --- Kubernetes, cluster mode -------------------------------------------------------------------
+
+CLUSTER_DIR = DEPLOY / "kubernetes-cluster"
+# Strategic-merge keys of the lists the cluster patch touches (Kubernetes' patchMergeKey).
+MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name",
+              "volumeMounts": "mountPath", "ports": "containerPort"}  # fmt: skip
+
+
+def strategic_merge(base: Any, patch: Any, key: str = "") -> Any:
+    """`patch` over `base` as kustomize applies a strategic-merge patch: maps merge, lists with a
+    merge key merge item by item (`$patch: delete` removes one), other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for name, value in patch.items():
+            out[name] = strategic_merge(base[name], value, name) if name in base else value
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
+        merge_key, out = MERGE_KEYS[key], [dict(item) for item in base]
+        for item in patch:
+            found = next((i for i, b in enumerate(out) if b[merge_key] == item[merge_key]), None)
+            if item.get("$patch") == "delete":
+                assert found is not None, f"the patch deletes a missing {key} item: {item}"
+                del out[found]
+            elif found is None:
+                out.append(item)
+            else:
+                out[found] = strategic_merge(out[found], item, key)
+        return out
+    return patch
+
+
+def cluster_objects() -> dict[str, dict[str, Any]]:
+    """What `kubectl apply -k deploy/kubernetes-cluster` applies, by kind/name."""
+    kustomization = load_yaml(CLUSTER_DIR / "kustomization.yaml")
+    assert kustomization["namespace"] == load_yaml(K8S_DIR / "kustomization.yaml")["namespace"]
+    objects: dict[str, dict[str, Any]] = {}
+    for resource in kustomization["resources"]:
+        if (CLUSTER_DIR / resource).resolve() == K8S_DIR:
+            objects.update(k8s_objects())
+            continue
+        for obj in yaml.safe_load_all((CLUSTER_DIR / resource).read_text()):
+            objects[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
+    for entry in kustomization["patches"]:
+        patch = load_yaml(CLUSTER_DIR / entry["path"])
+        key = f"{patch['kind']}/{patch['metadata']['name']}"
+        assert key in objects, f"the patch {entry['path']} names no object of the base"
+        objects[key] = strategic_merge(objects[key], patch)
+    return objects
+
+
+def test_cluster_manifests_build_on_the_base_and_match_the_api_schemas() -> None:
+    objects = cluster_objects()
+    assert set(k8s_objects()) | {"PodDisruptionBudget/hopwatch"} == set(objects)
+    for key in ("Deployment/hopwatch", "PodDisruptionBudget/hopwatch"):
+        try:
+            kubernetes_validate.validate(objects[key], K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{key}: {exc}")
+
+
+def test_cluster_deployment_runs_two_replicas_named_by_their_pods_on_a_shared_store() -> None:
+    objects = cluster_objects()
+    deployment = objects["Deployment/hopwatch"]["spec"]
+    assert deployment["replicas"] == 2
+    (container,) = deployment["template"]["spec"]["containers"]
+    args = container["args"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--"))
+    assert flags["cluster"] and flags["cluster-group"]
+    assert flags["replica"] == "$(POD_NAME)"
+    assert "store" not in flags, "the store URL (a password) comes from HOPWATCH_STORE, not argv"
+    env = {e["name"]: e for e in container["env"]}
+    for var in re.findall(r"\$\((\w+)\)", " ".join(args)):
+        assert var in env, f"args use $({var}) but the container has no such variable"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["HOPWATCH_STORE"]["valueFrom"]["secretKeyRef"]["key"]
+    assert "HOPWATCH_ADMIN_TOKEN" in env, "the admin token stays (ServiceMonitor, API)"
+    # The single replica's conventions stay: the same command, listeners and location.
+    (base,) = k8s_objects()["Deployment/hopwatch"]["spec"]["template"]["spec"]["containers"]
+    assert [a for a in args if a.split("=")[0] not in CLUSTER_FLAGS] == base["args"]
+    assert all(m["name"] != "data" for m in container["volumeMounts"]), "no SQLite file"
+    assert all(v["name"] != "data" for v in deployment["template"]["spec"]["volumes"])
+    # Every flag is one `hopwatch run` takes.
+    usage = subprocess.run(
+        [sys.executable, "-m", "monitor", "run", "--help"], capture_output=True, text=True,
+        timeout=60, check=True, env={**os.environ, "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    assert all(f"--{flag}" in usage for flag in flags), (flags, usage)
+
+
+def test_cluster_disruption_budget_keeps_one_replica_of_the_deployment() -> None:
+    objects = cluster_objects()
+    budget = objects["PodDisruptionBudget/hopwatch"]["spec"]
+    deployment = objects["Deployment/hopwatch"]["spec"]
+    assert budget["minAvailable"] == 1 < deployment["replicas"]
+    pod_labels = deployment["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
+    rollout = deployment["strategy"]["rollingUpdate"]
+    assert rollout["maxUnavailable"] == 0, "a rollout never takes a replica away first"
 
 
 def test_prometheusrule_holds_the_rule_files() -> None:

@@ -233,3 +233,24 @@ async def test_a_reload_watches_the_topics_of_added_kafka_steps(
         assert result.outcome == "success", result.steps
     finally:
         await engine.stop()
+
+
+async def test_a_reload_brings_new_incident_rules(target: TestServer, tmp_path: Path) -> None:
+    base = f"http://127.0.0.1:{target.port}"
+    path = tmp_path / "flows.yaml"
+    path.write_text("flows:\n" + http_flow("kept", base, interval="1h"))
+    options = Options(config_paths=[path], store_url=str(tmp_path / "h.db"), grace=0.1)
+    engine = Engine(load([path]), options, CollectorRegistry())
+    await engine.start(admin=False)
+    try:
+        assert engine.reloader is not None and engine.store is not None
+        assert engine.store.book.policy.rules("kept").flap_window == 60.0
+        edited = http_flow("kept", base, interval="1h").replace(
+            "steps:", "incidents: {flap_window: 10m}, steps:"
+        )
+        path.write_text("flows:\n" + edited)
+        ok, _ = await engine.reloader.reload()
+        assert ok
+        assert engine.store.book.policy.rules("kept").flap_window == 600.0
+    finally:
+        await engine.stop()

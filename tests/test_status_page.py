@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from monitor.api import install_api_routes
 from monitor.results import RunResult
-from monitor.status_page import install_status_routes
-from monitor.status_page.svg import nice_step, sparkline, waterfall
+from monitor.status_page import install_status_routes, make_environment
+from monitor.status_page.svg import nice_step, slow_note, sparkline, waterfall
 from monitor.store import LinkPoint, RunDetail, Store
 from tests.fixtures.store import T0, flow_stub, make_run
 
@@ -99,6 +99,37 @@ async def test_page_shows_links_incidents_and_runs(store: Store) -> None:
     assert 'class="spark"' in html
 
 
+async def test_page_reads_skipped_slow_and_only_configured_links(store: Store) -> None:
+    last_runs: dict[tuple[str, str], RunResult] = {}
+    await _healthy_history(store, last_runs)
+    # a flow that is no longer configured left an open incident behind
+    store.submit(make_run(flow="renamed_away", started_at=T0 + 200, fail_at="read_back"))
+    # stable: create_order broke, read_back skipped; canary: read_back took 6 s, and passed
+    _record(store, last_runs, make_run(variant="stable", started_at=T0 + 300,
+                                       fail_at="create_order"))  # fmt: skip
+    slow = make_run(variant="canary", started_at=T0 + 300)
+    slow.steps[1].latency_s = 6.0
+    _record(store, last_runs, slow)
+    assert await store.flush()
+    async with TestClient(TestServer(_app(store, last_runs), host="127.0.0.1")) as client:
+        html = await (await client.get("/")).text()
+    cells = dict(
+        ((variant, step), classes)
+        for classes, variant, step in re.findall(
+            r'<td class="cell ([\w ]+)" data-flow="checkout" data-variant="(\w+)"\s+'
+            r'data-step="(\w+)"',
+            html,
+        )
+    )
+    assert cells[("stable", "read_back")] == "skipped"
+    assert cells[("canary", "read_back")] == "passed slow"
+    assert cells[("canary", "create_order")] == "passed"
+    assert "slow: 3e+02 times" not in html and "times its usual" in html
+    incidents = re.findall(r'class="incident" data-incident-id="[^"]+" data-flow="(\w+)"', html)
+    assert incidents == ["checkout"]  # renamed_away's incident is not on the page
+    assert 'class="muted spark-scale"' in html
+
+
 async def test_run_page_draws_the_waterfall_and_escapes_the_excerpt(store: Store) -> None:
     run = make_run(
         fail_at="read_back", excerpt="<script>alert(1)</script>", cleanup=["delete_order"]
@@ -163,6 +194,14 @@ def test_waterfall_geometry_puts_phases_inside_their_hop() -> None:
 )
 def test_ticks_are_round(span: float, step: float) -> None:
     assert nice_step(span) == pytest.approx(step)
+
+
+def test_slow_note() -> None:
+    usual = [LinkPoint(T0 + i, 0.05, "passed") for i in range(5)]
+    assert slow_note(0.06, [*usual, usual[0]], 20.0) is None
+    assert slow_note(6.0, [*usual, usual[0]], 20.0) == "slow: 120.0 times its usual 50 ms"
+    assert slow_note(0.01, [], 0.015) == "slow: 67% of the flow's 15 ms limit"
+    assert slow_note(None, usual, 1.0) is None
 
 
 def test_sparkline_marks_failures() -> None:
@@ -252,3 +291,42 @@ async def test_browser_sees_a_broken_link_open_an_incident_and_its_waterfall(
                 await browser.close()
     finally:
         await runner.cleanup()
+
+
+def test_waterfall_draws_every_wait_at_its_length_and_what_it_waited_for() -> None:
+    """A failed 10 s wait is a 10 s bar, not a tick at 0; a passed wait shows its duplicate
+    window after the arrival."""
+    run = make_run(steps=["create_order", "order_event", "fulfilment_webhook"])
+    hook, event = run.steps[2], run.steps[1]
+    event.status, event.reason, event.latency_s, event.duration_s = (
+        "failed",
+        "not_received",
+        None,
+        10.0,
+    )
+    event.attributes = {"wait.for": "record on orders with $.order_id='ord-7'"}
+    hook.status, hook.latency_s, hook.duration_s = "skipped", None, None
+    detail = RunDetail.model_validate(run.to_dict())
+    fall = waterfall(detail, width=900, label_width=190)
+    _, failed, _ = fall.hops
+    (wait,) = failed.waits
+    assert wait.name == "wait" and wait.seconds == 10.0
+    assert failed.width == pytest.approx(wait.width) and failed.width > 500
+    assert failed.note == "waited 10 s for record on orders with $.order_id='ord-7'"
+
+    passed = make_run(steps=["create_order", "fulfilment_webhook"])
+    hop = passed.steps[1]
+    hop.duration_s, hop.kind, hop.phases = 0.35, "webhook_await", {}
+    hop.attributes = {"wait.for": "delivery on /hooks/fulfilment", "wait.arrived_s": 0.05,
+                      "wait.duplicate_window_s": 0.3}  # fmt: skip
+    fall = waterfall(RunDetail.model_validate(passed.to_dict()), width=900, label_width=190)
+    waited, window = fall.hops[1].waits
+    assert (waited.name, window.name) == ("wait", "duplicate_window")
+    assert (waited.seconds, window.seconds) == pytest.approx((0.05, 0.3))
+    assert window.x == pytest.approx(waited.x + waited.width, abs=0.02)
+    assert "then 300 ms of duplicate_window" in (fall.hops[1].note or "")
+    html = make_environment().get_template("run.html.j2").render(
+        now=T0, refresh_s=10.0, has_store=True, run=RunDetail.model_validate(passed.to_dict()),
+        fall=fall,
+    )  # fmt: skip
+    assert 'data-wait="duplicate_window"' in html and "waited 50 ms for delivery" in html

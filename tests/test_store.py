@@ -6,6 +6,7 @@ import asyncio
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,10 +17,12 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, insert, inspect, select
 
+from monitor.config import Config
 from monitor.results import RunResult
 from monitor.sinks import Sink
 from monitor.store import EXCERPT_LIMIT, IncidentBook, Store, normalize_url
 from monitor.store import migrate as migrations
+from monitor.store.incidents import IncidentPolicy, IncidentRules, policy_of
 from monitor.store.rows import run_rows
 from monitor.store.schema import incidents, metadata, runs, step_results
 from tests.fixtures.store import PG_HOST, PG_PORT, T0, TcpProxy, make_run
@@ -75,6 +78,8 @@ async def test_v0002_names_replicas_on_a_v0001_database_that_has_rows(store_url:
         old = make_run(run_id="old", fail_at="read_back")
         run_row, step_rows = run_rows(old)
         del run_row["replica"]  # v0001 has no such column
+        for row in step_rows:  # nor these (v0003)
+            del row["own_latency_s"], row["duration_s"]
         async with store.engine.begin() as conn:
             await conn.execute(insert(runs), [run_row])
             await conn.execute(insert(step_results), step_rows)
@@ -322,12 +327,25 @@ async def test_incident_opens_counts_and_closes(store: Store) -> None:
     assert (closed.id, closed.closed_at, closed.closing_run_id) == (incident.id, T0 + 90, "ok3")
 
 
-async def test_a_skipped_hop_neither_opens_nor_closes(store: Store) -> None:
+async def test_a_skipped_hop_neither_opens_nor_keeps_an_incident(store: Store) -> None:
     # create_order broken: read_back is skipped, so nothing is known about read_back.
     store.submit(make_run(started_at=T0, fail_at="create_order"))
     assert await store.flush()
     (incident,) = (await store.list_incidents()).incidents
     assert incident.step == "create_order"
+    # read_back broken, then skipped behind create_order: its incident closes, saying why,
+    # and the open incident is the hop that broke
+    store.submit(make_run(run_id="rb", started_at=T0 + 10, fail_at="read_back"))
+    store.submit(make_run(run_id="co", started_at=T0 + 20, fail_at="create_order"))
+    assert await store.flush()
+    opened = (await store.list_incidents(status="open")).incidents
+    assert [i.step for i in opened] == ["create_order"]
+    read_back = next(i for i in (await store.list_incidents()).incidents if i.step == "read_back")
+    assert (read_back.status, read_back.closing_run_id, read_back.close_reason) == (
+        "closed",
+        "co",
+        "skipped: create_order broke (http_status)",
+    )
 
 
 async def test_incident_state_is_reloaded_at_start(store_url: str) -> None:
@@ -347,6 +365,89 @@ async def test_incident_state_is_reloaded_at_start(store_url: str) -> None:
         assert (incident.status, incident.closing_run_id) == ("closed", "ok")
     finally:
         await second.close()
+
+
+async def test_incidents_of_links_no_longer_configured_close_at_start(store_url: str) -> None:
+    first = Store(store_url)
+    await first.migrate()
+    await first.start()
+    first.submit(make_run(run_id="old", flow="renamed_away", started_at=T0, fail_at="read_back"))
+    first.submit(make_run(run_id="kept", started_at=T0, fail_at="read_back"))
+    await first.close()
+
+    configured = {("checkout", "default", s) for s in ("create_order", "read_back")}
+    second = Store(
+        store_url, incidents=IncidentPolicy(configured=configured), clock=lambda: T0 + 100
+    )
+    await second.start()
+    try:
+        assert [i.flow for i in second.open_incidents()] == ["checkout"]
+        assert await second.flush()
+        gone = (await second.list_incidents(flow="renamed_away")).incidents
+        assert [(i.status, i.closed_at, i.close_reason) for i in gone] == [
+            ("closed", T0 + 100, "link no longer configured")
+        ]
+        assert [i.flow for i in (await second.list_incidents(status="open")).incidents] == [
+            "checkout"
+        ]
+    finally:
+        await second.close()
+
+
+@pytest.mark.parametrize(
+    ("rules", "reasons", "incidents_expected", "flaps"),
+    [
+        # the default keeps faults minutes apart as separate incidents
+        pytest.param(IncidentRules(), [(0, "x"), (30, None), (200, "x")], 2, 0, id="default"),
+        pytest.param(IncidentRules(), [(0, "x"), (30, None), (60, "x")], 1, 1, id="flap"),
+        # another reason soon after is another fault, unless any reason reopens
+        pytest.param(IncidentRules(), [(0, "x"), (30, None), (60, "y")], 2, 0, id="same-reason"),
+        pytest.param(IncidentRules(reopen="any_reason"), [(0, "x"), (30, None), (60, "y")], 1, 1,
+                     id="any-reason"),
+        pytest.param(IncidentRules(600.0), [(0, "x"), (30, None), (200, "x")], 1, 1, id="wide"),
+        pytest.param(IncidentRules(0.0), [(0, "x"), (30, None), (31, "x")], 2, 0, id="never"),
+    ],
+)  # fmt: skip
+def test_flap_window_and_reopen_rules(
+    rules: IncidentRules,
+    reasons: list[tuple[float, str | None]],
+    incidents_expected: int,
+    flaps: int,
+) -> None:
+    book = IncidentBook(policy=IncidentPolicy(flows={"checkout": rules}))
+    for i, (at, reason) in enumerate(reasons):
+        failing = reason is not None
+        run = make_run(
+            run_id=f"r{i}",
+            started_at=T0 + at,
+            fail_at="read_back" if failing else None,
+            reason=reason or "x",
+        )
+        book.apply(run)
+    made = {i.id: i for i in book.take_dirty()}
+    assert len(made) == incidents_expected
+    assert max(i.flaps for i in made.values()) == flaps
+
+
+def test_incident_rules_come_from_settings_and_each_flow(
+    load_flows: Callable[[str], Config],
+) -> None:
+    config = load_flows(
+        """settings:
+  incidents: {flap_window: 5m}
+flows:
+  - name: a
+    steps: [{name: s, kind: http, url: "http://127.0.0.1:1/"}]
+  - name: b
+    incidents: {flap_window: 0s, reopen: any_reason}
+    steps: [{name: s, kind: http, url: "http://127.0.0.1:1/"}]
+"""
+    )
+    policy = policy_of(config)
+    assert policy.rules("a") == IncidentRules(300.0, "same_reason")
+    assert policy.rules("b") == IncidentRules(0.0, "any_reason")
+    assert policy.configured == {("a", "default", "s"), ("b", "default", "s")}
+    assert policy_of(load_flows("flows: []\n")).default == IncidentRules(60.0, "same_reason")
 
 
 def _feed(book: IncidentBook, seq: list[tuple[float, bool]]) -> None:

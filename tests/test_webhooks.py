@@ -17,7 +17,14 @@ from pydantic import ValidationError
 from monitor.correlator import Correlator
 from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes, routes_from_steps
 from probes.base import StepContext, StepOutcome
-from probes.errors import AssertionFailed, ConfigError, Duplicate, ExtractFailed, NotReceived
+from probes.errors import (
+    AssertionFailed,
+    ConfigError,
+    Duplicate,
+    ExtractFailed,
+    NotReceived,
+    SignatureInvalid,
+)
 from probes.signatures import StandardWebhooksSignature
 from probes.waiting import expectation_key
 from probes.webhook_await import KIND, Config, WebhookAwaitProbe
@@ -348,10 +355,98 @@ async def test_forged_webhook_is_refused_and_never_matched(
         async with client.post(PATH, data=b'{"order_id": 42}', headers=forged) as resp:
             assert resp.status == 401
 
-    with pytest.raises(NotReceived):
+    # A rotated secret is not a dead sender: the step names the refusal, not not_received.
+    with pytest.raises(SignatureInvalid) as caught:
         await run_step(config, run_context(), trigger)
+    assert caught.value.message == (
+        f"nothing accepted on {PATH} by the deadline: 1 delivery refused (1 bad signature)"
+    )
     assert arrivals_count(registry, "bad_signature") == 1
     assert arrivals_count(registry, "matched") == 0
+
+
+@pytest.mark.parametrize(
+    ("refusals", "error", "detail"),
+    [
+        (["stale", "forged", "forged"], SignatureInvalid,
+         "3 deliveries refused (1 stale timestamp, 2 bad signature)"),
+        (["text"], AssertionFailed, "1 delivery refused (1 wrong content type)"),
+        (["text", "forged"], SignatureInvalid,
+         "2 deliveries refused (1 wrong content type, 1 bad signature)"),
+    ],
+    ids=["signature", "content-type", "both"],
+)  # fmt: skip
+async def test_only_refused_deliveries_name_why(
+    webhook_server: ServerFactory,
+    run_context: ContextFactory,
+    refusals: list[str],
+    error: type[Exception],
+    detail: str,
+) -> None:
+    config = step(signature=SIGNED, within="100ms", match={"json": {"$.order_id": 42}})
+    client = await webhook_server(routes_from_steps([config]))
+    body = b'{"order_id": 42}'
+    headers = {
+        "stale": standard_headers(body, "m1", stamp=int(time.time()) - 3600),
+        "forged": standard_headers(body, "m2", secret="whsec_Zm9yZ2VkIGtleQ=="),
+        "text": {**standard_headers(body, "m3"), "Content-Type": "text/plain"},
+    }
+
+    async def trigger() -> None:
+        for which in refusals:
+            async with client.post(PATH, data=body, headers=headers[which]) as resp:
+                assert resp.status in (401, 415)
+
+    with pytest.raises(error) as caught:
+        await run_step(config, run_context(), trigger)
+    assert caught.value.message == f"nothing accepted on {PATH} by the deadline: {detail}"  # type: ignore[attr-defined]
+
+
+async def test_refusals_beside_other_deliveries_stay_not_received(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    """Another sender's delivery got through: the refusal may not be this run's."""
+    config = step(signature=SIGNED, within="100ms", match={"json": {"$.order_id": 42}})
+    client = await webhook_server(routes_from_steps([config]))
+
+    async def trigger() -> None:
+        forged = standard_headers(b'{"order_id": 42}', "m1", secret="whsec_Zm9yZ2VkIGtleQ==")
+        async with client.post(PATH, data=b'{"order_id": 42}', headers=forged) as resp:
+            assert resp.status == 401
+        assert await post(client, {"order_id": 7}, "m2") == (202, "")
+
+    with pytest.raises(NotReceived) as caught:
+        await run_step(config, run_context(), trigger)
+    assert "1 other arrival(s) on it did not match; 1 refused: bad signature" in str(
+        caught.value.message
+    )
+
+
+async def test_this_runs_delivery_failing_the_rest_of_the_rule_is_an_assertion(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    config = step(
+        signature=SIGNED,
+        within="100ms",
+        match={"json": {"$.order_id": "{{ steps.create_order.order_id }}", "$.type": "done"}},
+    )
+    client = await webhook_server(routes_from_steps([config]))
+
+    async def trigger() -> None:
+        assert await post(client, {"order_id": 42, "type": "failed"}, "m1") == (202, "")
+        # another run's: carries a literal value of the rule only, so it says nothing
+        assert await post(client, {"order_id": 7, "type": "done"}, "m2") == (202, "")
+
+    async def during() -> None:
+        assert await post(client, {"order_id": 42, "type": "refunded"}, "m3") == (202, "")
+
+    with pytest.raises(AssertionFailed) as caught:
+        await run_step(config, order_ctx(run_context), trigger, before_run=during)
+    assert caught.value.message == (
+        f"2 arrival(s) on {PATH} carried this run's values but not all the step matches on: "
+        "$.type 'failed', want 'done'"
+    )
+    assert caught.value.excerpt is not None and '"failed"' in caught.value.excerpt
 
 
 async def test_duplicate_delivery_fails_within_window_and_is_counted(
@@ -578,3 +673,48 @@ def test_config_defaults() -> None:
     assert config.duplicate_window == 0
     assert config.latency_from == "trigger"
     assert config.match is None and config.signature is None
+
+
+async def test_own_latency_starts_when_the_trigger_ended_and_the_wait_is_described(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    """The hop's latency runs from its trigger's start and contains the trigger's time; its
+    own part starts when the trigger ended."""
+    config = step(signature=SIGNED, match={"json": {"$.order_id": 42}}, duplicate_window="50ms")
+    client = await webhook_server(routes_from_steps([config]))
+    ctx = run_context()
+
+    async def slow_trigger() -> None:
+        await asyncio.sleep(0.1)  # stands for a slow API call: time is what is measured
+
+    async def deliver() -> None:
+        ctx.step_ended["create_order"] = time.monotonic()
+        assert await post(client, {"order_id": 42}, "m1") == (202, "")
+
+    outcome = await run_step(config, ctx, slow_trigger, before_run=deliver)
+    assert outcome.latency_s is not None and outcome.latency_s >= 0.1
+    assert outcome.own_latency_s is not None and outcome.own_latency_s < 0.05
+    assert outcome.attributes["wait.for"] == f"delivery on {PATH} with $.order_id=42"
+    assert outcome.attributes["wait.duplicate_window_s"] == 0.05
+    assert 0 <= outcome.attributes["wait.arrived_s"] < 0.05
+
+
+async def test_a_value_every_run_shares_does_not_make_an_arrival_this_runs(
+    webhook_server: ServerFactory, run_context: ContextFactory
+) -> None:
+    """`{{ run.flow }}` is a template, but every run of the flow has it: another run's delivery
+    carrying it is not this run's gone wrong."""
+    config = step(
+        signature=SIGNED,
+        within="100ms",
+        match={
+            "json": {"$.flow": "{{ run.flow }}", "$.order_id": "{{ steps.create_order.order_id }}"}
+        },
+    )
+    client = await webhook_server(routes_from_steps([config]))
+
+    async def trigger() -> None:
+        assert await post(client, {"flow": "checkout", "order_id": 7}, "m1") == (202, "")
+
+    with pytest.raises(NotReceived):
+        await run_step(config, order_ctx(run_context), trigger)

@@ -16,9 +16,11 @@ from monitor.correlator.expectation import (
     Expectation,
     State,
     accepts,
+    keys_of,
+    run_keys_of,
     without_body,
 )
-from monitor.correlator.tables import Expectations, Table, Texts
+from monitor.correlator.tables import Expectations, Table, Texts, carries
 from probes.arrivals import Arrival
 
 if TYPE_CHECKING:
@@ -77,6 +79,9 @@ class Correlator:
         # expectation or a kept early arrival; seqs are unique across tables), or None
         self._ids: OrderedDict[str, int | None] = OrderedDict()
         self._channel_seen: dict[str, int] = {}
+        # channel -> (why, a signature refusal?) -> deliveries the receiver refused there
+        # (never offered): an expectation compares with the tally at its registration
+        self._refused: dict[str, dict[tuple[str, bool], int]] = {}
         self._children: dict[tuple[str, str], Any] = {}  # the counter's child per label pair
         self.overflow: dict[str, int] = {"pending": 0, "early": 0, "late": 0, "delivery_ids": 0}
 
@@ -134,6 +139,7 @@ class Correlator:
             if accepts(expectation, kept.arrival)
         ]
         if not matching:
+            self._note_kept_near_misses(expectation)
             return None
         for seq, _ in matching:
             self._forget_early(seq)
@@ -151,6 +157,16 @@ class Correlator:
                 expectation._add_duplicate(duplicate)
         self._flush_unclaimable(expectation.channel)
         return claimed
+
+    def _note_kept_near_misses(self, expectation: Expectation) -> None:
+        """Kept arrivals that carry one of the expectation's keys but that it refused."""
+        keys = keys_of(expectation.match)
+        if len(keys) < 2:  # one key: carrying it is matching it
+            return
+        run_keys = run_keys_of(expectation.match)
+        for _, kept in self._early.channel(expectation.channel):
+            if carries(Texts(kept.arrival), run_keys):
+                expectation._near_miss(kept.arrival)
 
     def _expire(self, expectation: Expectation) -> None:
         if expectation.state not in ("registered", "waiting"):
@@ -200,10 +216,28 @@ class Correlator:
             waiter._fulfil(arrival)
             self._hold_id(arrival, waiter.seq)
             return self._count(arrival, "matched")
+        self._note_near_misses(texts)
         if not self._claimable(arrival.channel):
             self._hold_id(arrival, None)
             return self._count(arrival, "unmatched")
         return self._keep_early(arrival, now)
+
+    def refused(self, channel: str, why: str, *, signature: bool) -> None:
+        """A receiver refused a delivery on `channel` (`why`: bad signature, stale timestamp,
+        wrong content type, ...; `signature`: refused as not authentic). Not offered, not
+        counted here (the receiver counts it): kept as a tally so a step that saw nothing else
+        can say what really broke."""
+        tally = self._refused.get(channel)
+        if tally is None:
+            tally = self._refused[channel] = {}
+        key = (why, signature)
+        tally[key] = tally.get(key, 0) + 1
+
+    def _note_near_misses(self, texts: Texts) -> None:
+        """Waiting expectations whose key this arrival carries but whose matcher refused it:
+        their run's record came and was wrong, which is not the same as never coming."""
+        for expectation in self._pending.index.near(texts):
+            expectation._near_miss(texts.arrival)
 
     def _claimable(self, channel: str) -> bool:
         """Whether an expectation without a matcher yet could still claim an arrival here."""

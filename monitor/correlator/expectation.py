@@ -8,8 +8,8 @@ import time
 from dataclasses import replace
 from typing import Final, Literal, Protocol
 
-from probes.arrivals import Arrival, Matcher, Selector
-from probes.errors import NotReceived
+from probes.arrivals import Arrival, CloseMatch, Matcher, Selector
+from probes.errors import AssertionFailed, NotReceived, SignatureInvalid, StepFailed
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
 
@@ -22,6 +22,7 @@ class _Owner(Protocol):
     """What an expectation asks of the correlator that made it (its tables, its timers)."""
 
     _channel_seen: dict[str, int]
+    _refused: dict[str, dict[tuple[str, bool], int]]
 
     def _claim_early(self, expectation: Expectation) -> Arrival | None: ...
 
@@ -45,9 +46,12 @@ class Expectation:
         "_filed",
         "_future",
         "_keys",
+        "_near",
+        "_near_count",
         "_order",
         "_owner",
-        "_seen_on_channel",
+        "_refused_at",
+        "_seen_at_start",
         "channel",
         "deadline",
         "delivery_id",
@@ -80,7 +84,14 @@ class Expectation:
         self.finished_at = 0.0
         self._future: asyncio.Future[Arrival] | None = None
         self._dup_future: asyncio.Future[Arrival] | None = None
-        self._seen_on_channel = 0
+        # what the receiver had refused on the channel when the run started (a copy only when
+        # it refused anything: usually nothing), and arrivals of this run that the matcher
+        # refused (the first kept, with its body, only until the expectation finishes)
+        self._seen_at_start = owner._channel_seen.get(channel, 0)
+        refused = owner._refused.get(channel)
+        self._refused_at = None if refused is None else dict(refused)
+        self._near: Arrival | None = None
+        self._near_count = 0
         self._keys: tuple[Key, ...] | None = None  # the matcher's, once read
         # where an index holds it: its order there and the key it is filed under
         self._order = -1
@@ -105,7 +116,6 @@ class Expectation:
         if deadline is not None:
             self.deadline = deadline
         self.match = match
-        self._seen_on_channel = self._owner._channel_seen.get(self.channel, 0)
         claimed = self._owner._claim_early(self)
         if claimed is not None:
             return claimed
@@ -149,7 +159,13 @@ class Expectation:
                 self._future.cancel()  # before expiring, so the waiter sees CancelledError
             self._owner._expire(self)
 
+    def _near_miss(self, arrival: Arrival) -> None:
+        self._near_count += 1
+        if self._near is None:
+            self._near = arrival
+
     def _fulfil(self, arrival: Arrival) -> None:
+        self._near = None
         self.state = "fulfilled"
         self.delivery_id = arrival.delivery_id
         if self._future is not None and not self._future.done():
@@ -165,10 +181,43 @@ class Expectation:
         if self._dup_future is not None and not self._dup_future.done():
             self._dup_future.set_result(remembered)
 
-    def _not_received(self) -> NotReceived:
-        others = self._owner._channel_seen.get(self.channel, 0) - self._seen_on_channel
-        seen = f" ({others} other arrival(s) on it did not match)" if others else ""
-        return NotReceived(f"nothing matching arrived on {self.channel} by the deadline{seen}")
+    def _not_received(self) -> StepFailed:
+        """Why nothing matched: this run's arrival came but was wrong (assertion); everything
+        that came was refused by the receiver (signature, or assertion when refused for its
+        content); else not_received, saying what else came and what was refused."""
+        near, self._near = self._near, None
+        if near is not None:
+            return CloseMatch(
+                f"{self._near_count} arrival(s) on {self.channel} carried this run's values "
+                "but not all the step matches on",
+                near,
+            )
+        refused = self._refused_since()
+        # arrivals on the channel since the run began (this step may have started later)
+        others = self._owner._channel_seen.get(self.channel, 0) - self._seen_at_start
+        if refused and not others:
+            total = sum(refused.values())
+            detail = ", ".join(f"{n} {why}" for (why, _), n in refused.items())
+            failure = SignatureInvalid if any(sig for _, sig in refused) else AssertionFailed
+            return failure(
+                f"nothing accepted on {self.channel} by the deadline: {total} "
+                f"deliver{'y' if total == 1 else 'ies'} refused ({detail})"
+            )
+        seen = []
+        if others:
+            seen.append(f"{others} other arrival(s) on it did not match")
+        if refused:
+            seen.append(", ".join(f"{n} refused: {why}" for (why, _), n in refused.items()))
+        said = f" ({'; '.join(seen)})" if seen else ""
+        return NotReceived(f"nothing matching arrived on {self.channel} by the deadline{said}")
+
+    def _refused_since(self) -> dict[tuple[str, bool], int]:
+        """The receiver's refusals on the channel since this expectation was registered."""
+        now = self._owner._refused.get(self.channel)
+        if not now:
+            return {}
+        before = self._refused_at or {}
+        return {k: n - before.get(k, 0) for k, n in now.items() if n > before.get(k, 0)}
 
 
 def accepts(expectation: Expectation, arrival: Arrival) -> bool:
@@ -195,6 +244,15 @@ def keys_of(match: Matcher | None) -> tuple[Key, ...]:
     if all(isinstance(k, tuple) and len(k) == 2 and isinstance(k[1], str) for k in keys):
         return keys
     return ()
+
+
+def run_keys_of(match: Matcher | None) -> tuple[Key, ...]:
+    """The keys of a matcher that carry its run's own values (rendered from templates), as
+    an IndexedMatcher may name them in `run_keys`; none otherwise."""
+    keys = getattr(match, "run_keys", None)
+    if not isinstance(keys, tuple):
+        return ()
+    return tuple(k for k in keys if isinstance(k, tuple) and len(k) == 2)
 
 
 def without_body(arrival: Arrival) -> Arrival:

@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from monitor.correlator.expectation import Expectation, Key, accepts, keys_of
+from monitor.correlator.expectation import Expectation, Key, accepts, keys_of, run_keys_of
 from probes.arrivals import Arrival, Selector
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
@@ -84,6 +84,11 @@ class Texts:
         return texts
 
 
+def carries(texts: Texts, keys: tuple[Key, ...]) -> bool:
+    """Whether the arrival holds the wanted text of any of `keys`."""
+    return any(text in (texts.get(selector) or ()) for selector, text in keys)
+
+
 Bucket = Expectation | dict[int, Expectation]  # one, or several by order
 
 
@@ -146,6 +151,12 @@ class ChannelIndex:
 
     def candidates(self, texts: Texts) -> Iterator[Bucket]:
         """The buckets an arrival may match in, unkeyed ones last."""
+        yield from self.keyed(texts)
+        if self.unkeyed:
+            yield self.unkeyed
+
+    def keyed(self, texts: Texts) -> Iterator[Bucket]:
+        """The buckets filed under a key the arrival carries."""
         for selector in list(self.selectors):
             found = texts.get(selector)
             if found is None:
@@ -155,8 +166,6 @@ class ChannelIndex:
                 held = self.buckets.get((selector, text))
                 if held is not None:
                     yield held
-        if self.unkeyed:
-            yield self.unkeyed
 
     def expectations(self) -> Iterator[Expectation]:
         for held in self.buckets.values():
@@ -203,6 +212,22 @@ class Index:
                 ):
                     best = candidate
         return best
+
+    def near(self, texts: Texts) -> list[Expectation]:
+        """Expectations filed under a key the arrival carries that also carries one of their
+        run's own values (`run_keys`), though their matchers refused it (the caller knows none
+        accepted): this run's record came, and was wrong."""
+        index = self._channels.get(texts.arrival.channel)
+        if index is None:
+            return []
+        return [
+            candidate
+            for held in index.keyed(texts)
+            for candidate in ([held] if isinstance(held, Expectation) else list(held.values()))
+            if candidate._keys is not None
+            and len(candidate._keys) > 1
+            and carries(texts, run_keys_of(candidate.match))
+        ]
 
     def seqs(self) -> set[int]:
         """The seqs of the expectations indexed, for tests of the index's consistency."""

@@ -40,7 +40,7 @@ from monitor.kafka.cluster import Cluster, ClusterHealth, stop_quietly
 from monitor.kafka.errors import describe
 from monitor.kafka.settings import KafkaCluster
 from monitor.results import RunResult
-from monitor.store.incidents import DEFAULT_FLAP_WINDOW_S, Incident, IncidentBook, Transition
+from monitor.store.incidents import Incident, IncidentBook, Transition
 from probes.errors import ConfigError
 
 __all__ = ["EventsSink", "events_sink"]
@@ -109,7 +109,7 @@ class EventsSink:
         self.retry_max_s = retry_max_s
         self.close_timeout_s = close_timeout_s
         self._own_book = book is None  # no store: this sink decides incidents itself
-        self.book = IncidentBook(DEFAULT_FLAP_WINDOW_S) if book is None else book
+        self.book = IncidentBook() if book is None else book
         self.book.observe(self._incident_changed)
         self._incoming: deque[RunResult] = deque()  # results not yet turned into events
         self._outgoing: deque[Event] = deque()  # encoded, waiting for the broker

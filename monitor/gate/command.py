@@ -25,6 +25,7 @@ from monitor.gate.models import GateError, GateRequest, GateResult, SourceUnavai
 from monitor.gate.service import evaluate
 from monitor.gate.verdict import JudgeConfig, MetricResult
 from monitor.lifecycle import run_async
+from monitor.output import console_for, unwrapped
 from probes.errors import ConfigError
 
 __all__ = ["GateOutput", "gate", "render_table"]
@@ -87,7 +88,7 @@ def render_table(result: GateResult, console: Console) -> None:
     """Per-metric findings, then the verdict and its reasons."""
     grid = Table(title=f"hopwatch gate: {result.request.canary} vs {result.request.baseline}")
     for column in ("flow", "metric", "result", "canary", "baseline", "ratio"):
-        grid.add_column(column, overflow="fold")
+        grid.add_column(column, overflow="fold", no_wrap=unwrapped(console))
     for flow in result.flows:
         for m in flow.verdict.metrics:
             word = m.classification + (" (critical)" if m.critical else "")
@@ -209,5 +210,5 @@ def gate(
     if output is GateOutput.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
-        render_table(result, Console())
+        render_table(result, console_for())
     raise typer.Exit(result.exit_code)

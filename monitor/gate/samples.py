@@ -1,6 +1,9 @@
 """Turns run results (fresh from a burst, or read back from the store) into the judge's samples.
 
-Per link (hop): the latency of each passed hop, and one error observation per hop that ran
+Per link (hop): the latency of each passed hop — its own part (`own_latency_s`) where the
+probe reports one: a waiting hop timed from its trigger's start contains the hops before it,
+and judged on that figure it would be blamed for their slowdown — and one error observation
+per hop that ran
 (failed = 1, passed = 0; skipped and aborted hops are not counted, since a broken link is
 counted once, on the hop that broke). Per flow: the end-to-end duration of each successful run
 and one error observation per finished run (failure = 1, success = 0; aborted runs are the
@@ -74,12 +77,20 @@ class VariantObservations:
             found = self.links[step] = LinkObservations(kind)
         return found
 
-    def add_hop(self, step: str, kind: str, status: str, latency_s: float | None) -> None:
+    def add_hop(
+        self,
+        step: str,
+        kind: str,
+        status: str,
+        latency_s: float | None,
+        own_latency_s: float | None = None,
+    ) -> None:
         if status == "passed":
             link = self.link(step, kind)
             link.errors.append(0.0)
-            if latency_s is not None:
-                link.latencies.append(latency_s)
+            judged = own_latency_s if own_latency_s is not None else latency_s
+            if judged is not None:
+                link.latencies.append(judged)
         elif status == "failed":
             self.link(step, kind).errors.append(1.0)
         else:
@@ -104,7 +115,7 @@ def from_runs(results: Iterable[RunResult], flow: str, variant: str) -> VariantO
             continue
         observed.add_run(run.outcome, run.duration_s)
         for step in run.hops:
-            observed.add_hop(step.name, step.kind, step.status, step.latency_s)
+            observed.add_hop(step.name, step.kind, step.status, step.latency_s, step.own_latency_s)
     return observed
 
 
@@ -119,6 +130,9 @@ class StepSamplesLike(Protocol):
 
     @property
     def status(self) -> Sequence[str]: ...
+
+    @property
+    def own_latency_s(self) -> Sequence[float | None]: ...
 
 
 class RunSummaryLike(Protocol):
@@ -150,8 +164,9 @@ def from_store(
     for run in runs:
         observed.add_run(run.outcome, run.duration_s)
     for name, sample in steps.items():
-        for status, latency in zip(sample.status, sample.latency_s, strict=True):
-            observed.add_hop(name, sample.kind, status, latency)
+        own = sample.own_latency_s or [None] * len(sample.status)
+        for status, latency, mine in zip(sample.status, sample.latency_s, own, strict=True):
+            observed.add_hop(name, sample.kind, status, latency, mine)
     return observed
 
 

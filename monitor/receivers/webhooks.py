@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
+_WHY_REFUSED: Final = {413: "too large", 415: "wrong content type", 400: "not JSON"}
 
 
 class Inbox(Protocol):
@@ -73,6 +74,10 @@ class Inbox(Protocol):
     hands it to the replica whose run waits for it."""
 
     def offer(self, arrival: Arrival) -> str: ...
+
+    def refused(self, channel: str, why: str, *, signature: bool) -> None:
+        """A delivery on `channel` was refused (`why`), so a waiting step can say so."""
+        ...
 
 
 def routes_from_steps(steps: Iterable[Any]) -> list[WebhookRoute]:
@@ -222,7 +227,7 @@ class _PathHandler:
         try:
             verified = self._verify(request.headers, body, received_unix)
         except SignatureError as exc:
-            return self._refuse(401, "bad_signature", f"signature: {exc.message}")
+            return self._refuse(401, "bad_signature", f"signature: {exc.message}", exc.why)
         except SecretUnavailable as exc:
             log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
             return self._refuse(500, "bad_signature", "signature secret unavailable")
@@ -275,7 +280,13 @@ class _PathHandler:
         assert first is not None  # self.signatures is never empty when unsigned_ok is False
         raise first
 
-    def _refuse(self, status: int, outcome: str, text: str) -> web.Response:
+    def _refuse(self, status: int, outcome: str, text: str, why: str | None = None) -> web.Response:
+        # The step waiting on this path learns of it: a delivery refused here is why a step
+        # saw nothing (a rotated secret is not a dead sender). Our own 500 is not the sender's.
+        why = why or _WHY_REFUSED.get(status)
+        # The correlator keeps a tally (in a cluster, the owning replica's correlator).
+        if why is not None:
+            self.correlator.refused(self.path, why, signature=outcome == "bad_signature")
         if self.counter is not None:
             child = self._refused.get(outcome)
             if child is None:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from monitor.api import FlowLike, FlowView, flow_views
 from monitor.results import RunResult
-from monitor.status_page.svg import Spark, format_seconds, sparkline, waterfall
+from monitor.status_page.svg import Spark, format_seconds, slow_note, sparkline, waterfall
 from monitor.store import ArtifactInfo, IncidentView, RunDetail, RunSummary, Store
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def make_environment() -> jinja2.Environment:
 class _Overview:
     flows: list[FlowView]
     sparks: dict[tuple[str, str, str], Spark | None]
+    slow: dict[tuple[str, str, str], str]  # (flow, variant, step) → why it reads slow
     incidents: list[IncidentView]
     runs: list[RunSummary]
     store_error: str | None
@@ -90,8 +91,9 @@ class _StatusPage:
 
     async def _overview(self) -> _Overview:
         views = await flow_views(self.flows, self.last_runs, self.store)
-        overview = _Overview(views, {}, [], [], None)
+        overview = _Overview(views, {}, {}, [], [], None)
         if self.store is None:
+            self._mark_slow(overview, {})
             return overview
         pairs = [(f.name, v.variant) for f in views for v in f.variants]
         try:
@@ -103,7 +105,30 @@ class _StatusPage:
             overview.store_error = f"{type(exc).__name__}: {exc}"
             return overview
         overview.sparks = {key: sparkline(points) for key, points in history.items()}
+        # only links the configuration has: a renamed flow's old incident is not this page's
+        configured = {
+            (f.name, variant, step.name)
+            for f in self.flows
+            for variant in f.variants or {"default": None}
+            for step in f.steps
+        }
+        overview.incidents = [
+            i for i in overview.incidents if (i.flow, i.variant, i.step) in configured
+        ]
+        self._mark_slow(overview, history)
         return overview
+
+    @staticmethod
+    def _mark_slow(overview: _Overview, history: Mapping[tuple[str, str, str], Any]) -> None:
+        for flow in overview.flows:
+            for variant in flow.variants:
+                for link in variant.links:
+                    if link.status != "passed":
+                        continue
+                    key = (flow.name, variant.variant, link.step)
+                    note = slow_note(link.latency_s, history.get(key, []), flow.timeout_s)
+                    if note is not None:
+                        overview.slow[key] = note
 
     async def run(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]

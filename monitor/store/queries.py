@@ -78,6 +78,8 @@ def _step(row: _AnyRow) -> StepView:
         started_at=row.started_at,
         offset_s=row.offset_s,
         latency_s=row.latency_s,
+        own_latency_s=row.own_latency_s,
+        duration_s=row.duration_s,
         reason=row.reason,
         message=row.message,
         phases=row.phases or {},
@@ -265,6 +267,7 @@ async def samples(
             step_results.c.kind,
             step_results.c.status,
             step_results.c.latency_s,
+            step_results.c.own_latency_s,
             runs.c.started_at,
         )
         .join(runs, runs.c.id == step_results.c.run_id)
@@ -285,6 +288,7 @@ async def samples(
         entry.started_at.append(row.started_at)
         entry.latency_s.append(row.latency_s)
         entry.status.append(row.status)
+        entry.own_latency_s.append(row.own_latency_s)
     return out
 
 

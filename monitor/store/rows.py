@@ -71,6 +71,8 @@ def _step_row(run_id: str, position: int, step: StepResult, excerpt_limit: int) 
         "started_at": step.started_at,
         "offset_s": _finite(step.offset_s) or 0.0,
         "latency_s": _finite(step.latency_s),
+        "own_latency_s": _finite(step.own_latency_s),
+        "duration_s": _finite(step.duration_s),
         "reason": _clip_opt(step.reason, 64),
         "message": clip_utf8(step.message, MESSAGE_LIMIT),
         "phases": _phases(step.phases),
@@ -137,4 +139,5 @@ def incident_row(incident: Incident) -> dict[str, Any]:
     row["closing_run_id"] = _clip_opt(row["closing_run_id"], 64)
     row["reason"] = _clip_opt(row["reason"], 64)
     row["last_reason"] = _clip_opt(row["last_reason"], 64)
+    row["close_reason"] = _clip_opt(row["close_reason"], 200)
     return row

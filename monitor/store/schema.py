@@ -61,6 +61,8 @@ step_results = Table(
     Column("started_at", Double, nullable=False),
     Column("offset_s", Double, nullable=False),
     Column("latency_s", Double, nullable=True),
+    Column("own_latency_s", Double, nullable=True),  # 0003: the hop's own part of latency_s
+    Column("duration_s", Double, nullable=True),  # 0003: how long the step ran
     Column("reason", String(64), nullable=True),
     Column("message", Text, nullable=True),
     Column("phases", JSON, nullable=False),
@@ -102,6 +104,7 @@ incidents = Table(
     Column("first_run_id", String(64), nullable=False),
     Column("last_failed_run_id", String(64), nullable=False),
     Column("closing_run_id", String(64), nullable=True),
+    Column("close_reason", String(200), nullable=True),  # 0003: why, when not a passing run
     Index(None, "closed_at"),
     Index(None, "opened_at"),
     Index(None, "flow", "variant", "location", "step"),

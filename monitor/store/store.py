@@ -27,7 +27,7 @@ from monitor.results import RunResult
 from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
-from monitor.store.incidents import DEFAULT_FLAP_WINDOW_S, Incident, IncidentBook
+from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
 from monitor.store.rows import (
     ARTIFACTS_KEPT,
     EXCERPT_LIMIT,
@@ -69,7 +69,8 @@ class Store:
         url: str,
         *,
         retention_s: float | None = 7 * 86400.0,
-        flap_window_s: float = DEFAULT_FLAP_WINDOW_S,
+        flap_window_s: float = 60.0,
+        incidents: IncidentPolicy | None = None,
         batch_size: int = 200,
         max_buffer: int = 10_000,
         linger_s: float = 0.25,
@@ -95,7 +96,7 @@ class Store:
         self.prune_every_s = prune_every_s
         self.excerpt_limit = excerpt_limit
         self.clock = clock
-        self.book = IncidentBook(flap_window_s)
+        self.book = IncidentBook(flap_window_s, policy=incidents)
         self.stats = StoreStats()
         self._incoming: deque[RunResult] = deque()  # incidents not yet decided
         self._ready: deque[_Rows] = deque()  # decided, waiting to be written
@@ -247,7 +248,7 @@ class Store:
     async def _load_incidents(self) -> None:
         async with self.engine.connect() as conn:
             found = await queries.load_incidents(conn, self.clock() - self.book.flap_window)
-        self.book.load(found)
+        self.book.load(found, self.clock())
         self._loaded = True
 
     async def _load_taken(self) -> None:

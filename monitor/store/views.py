@@ -24,6 +24,14 @@ class StepView(_View):
     started_at: float = Field(description="Unix seconds.")
     offset_s: float = Field(description="Seconds from the run's start.")
     latency_s: float | None
+    own_latency_s: float | None = Field(
+        default=None,
+        description="The hop's own part of latency_s: for a waiting hop timed from an earlier "
+        "step, from the previous step's end to the arrival; else latency_s.",
+    )
+    duration_s: float | None = Field(
+        default=None, description="How long the step ran, waits included, whatever its outcome."
+    )
     reason: str | None = Field(description="Why the hop failed, from the fixed vocabulary.")
     message: str | None
     phases: dict[str, float] = Field(description="HTTP phases in seconds: dns, connect, tls, ...")
@@ -96,6 +104,11 @@ class IncidentView(_View):
     first_run_id: str
     last_failed_run_id: str
     closing_run_id: str | None
+    close_reason: str | None = Field(
+        default=None,
+        description="Why it closed when not by a passing run: e.g. the link is no longer "
+        "configured, or the hop is skipped after an earlier hop broke.",
+    )
 
 
 class IncidentPage(_View):
@@ -114,6 +127,7 @@ class StepSamples:
     started_at: list[float] = field(default_factory=list)
     latency_s: list[float | None] = field(default_factory=list)
     status: list[str] = field(default_factory=list)
+    own_latency_s: list[float | None] = field(default_factory=list)  # None: as latency_s
 
     def passed_latencies(self) -> list[float]:
         return [
