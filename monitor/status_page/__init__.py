@@ -58,6 +58,7 @@ def make_environment() -> jinja2.Environment:
     env.filters["ts"] = _timestamp
     env.filters["secs"] = format_seconds
     env.globals["ago"] = _ago
+    env.globals["evidence"] = {}  # a run page's kept artifacts by hop position: none unless given
     return env
 
 
