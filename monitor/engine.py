@@ -26,7 +26,7 @@ from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.listen import serve_app, split_hostport
 from monitor.maintenance import MaintenanceBook
-from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.metrics import Metrics, MetricsSink, SharedReadings, watch_event_loop
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import (
     Inbox,
@@ -131,6 +131,7 @@ class Engine:
                 in_maintenance=self.maintenance.covers,
             )
         )
+        self.registry.register(SharedReadings(self.runner.deps.shared))
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -11,15 +11,21 @@ they are in place before `gc.freeze()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from monitor import __version__
 from monitor.config import Flow
 from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily
 from monitor.results import RunResult, StepResult
 from probes import KINDS
+from probes.base import Reading, Shared
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
@@ -352,6 +358,28 @@ class MetricsSink:
             if offset is None:
                 offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
             m.http_phase.observe_at(offset, seconds)
+
+
+class SharedReadings(Collector):
+    """The figures the kinds' shared resources report (`readings()`: a browser's memory), read
+    at scrape time; the kind names its series, so the engine needs to know none."""
+
+    def __init__(self, shared: Mapping[str, Shared]) -> None:
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        for kind, resources in list(self._shared.items()):
+            readings = getattr(resources, "readings", None)
+            if readings is None:
+                continue
+            try:
+                found: list[Reading] = list(readings())
+            except Exception:  # a scrape must not fail for one kind's trouble
+                log.exception("the %s kind's readings failed", kind)
+                continue
+            for reading in found:
+                family = GaugeMetricFamily if reading.type == "gauge" else CounterMetricFamily
+                yield family(reading.name, reading.help, value=reading.value)
 
 
 async def watch_event_loop(metrics: Metrics, interval: float = 0.25, every: float = 0.05) -> None:

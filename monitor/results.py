@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probes.errors import Artifact
+
 StepStatus = Literal["passed", "failed", "skipped", "aborted"]
 RunOutcome = Literal["success", "failure", "aborted"]
 
@@ -31,6 +33,9 @@ class StepResult:
     tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
     own_latency_s: float | None = None
     duration_s: float | None = None
+    # Evidence of a failure (a screenshot): for the store and the run page only, never in
+    # `to_dict` (the API, events, the results topic) nor in spans.
+    artifacts: list[Artifact] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

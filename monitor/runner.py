@@ -306,6 +306,7 @@ class Runner:
             result.attributes = failed.attributes
             result.latency_s = failed.latency_s
             result.tls_not_after = failed.tls_not_after
+            result.artifacts = failed.artifacts
             if failed.vars:
                 ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
         except TimeoutError:

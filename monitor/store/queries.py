@@ -7,13 +7,20 @@ import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy import Row, Select, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from monitor.maintenance.windows import Window
 from monitor.store.incidents import Incident
-from monitor.store.schema import incidents, maintenance_windows, runs, step_results
+from monitor.store.schema import (
+    incidents,
+    maintenance_windows,
+    runs,
+    step_artifacts,
+    step_results,
+)
 from monitor.store.views import (
+    ArtifactInfo,
     IncidentPage,
     IncidentView,
     LinkPoint,
@@ -145,6 +152,39 @@ async def get_run(conn: AsyncConnection, run_id: str) -> RunDetail | None:
     ).all()
     summary = _summary(row)
     return RunDetail(**summary.model_dump(), steps=[_step(s) for s in steps])
+
+
+async def artifacts(conn: AsyncConnection, run_id: str) -> list[ArtifactInfo]:
+    """The evidence a run's hops kept, by hop position, without the bytes."""
+    a = step_artifacts.c
+    rows = await conn.execute(
+        select(a.position, a.name, a.media_type, func.length(a.data).label("size"))
+        .where(a.run_id == run_id)
+        .order_by(a.position, a.id)
+    )
+    return [ArtifactInfo(**row._asdict()) for row in rows]
+
+
+async def keep_newest_artifacts(conn: AsyncConnection, kept: int) -> None:
+    """Delete all but the newest `kept` artifacts (ids grow with every insert)."""
+    a = step_artifacts.c
+    oldest_kept = select(a.id).order_by(a.id.desc()).offset(kept - 1).limit(1).scalar_subquery()
+    await conn.execute(delete(step_artifacts).where(a.id < oldest_kept))
+
+
+async def artifact(
+    conn: AsyncConnection, run_id: str, position: int, name: str
+) -> tuple[str, bytes] | None:
+    a = step_artifacts.c
+    row = (
+        await conn.execute(
+            select(a.media_type, a.data)
+            .where(a.run_id == run_id, a.position == position, a.name == name)
+            .order_by(a.id.desc())
+            .limit(1)
+        )
+    ).first()
+    return None if row is None else (row.media_type, bytes(row.data))
 
 
 async def latest_run(conn: AsyncConnection, flow: str, variant: str) -> RunDetail | None:

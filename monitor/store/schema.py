@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -70,6 +71,20 @@ step_results = Table(
     Column("excerpt", Text, nullable=True),
     Column("cleanup", Boolean, nullable=False),
     Index(None, "run_id", "position"),
+)
+
+# Evidence of failed hops (a browser step's screenshot): the newest ARTIFACTS_KEPT are kept
+# (monitor/store/rows.py), so the table stays bounded whatever fails how often.
+step_artifacts = Table(
+    "step_artifacts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),  # the hop's, as in step_results
+    Column("name", String(64), nullable=False),
+    Column("media_type", String(100), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index(None, "run_id"),
 )
 
 incidents = Table(

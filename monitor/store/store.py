@@ -29,10 +29,23 @@ from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
-from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
-from monitor.store.schema import incidents, maintenance_windows, runs, step_results
+from monitor.store.rows import (
+    ARTIFACTS_KEPT,
+    EXCERPT_LIMIT,
+    artifact_rows,
+    incident_row,
+    run_rows,
+)
+from monitor.store.schema import (
+    incidents,
+    maintenance_windows,
+    runs,
+    step_artifacts,
+    step_results,
+)
 from monitor.store.stats import StoreCollector, StoreStats
 from monitor.store.views import (
+    ArtifactInfo,
     IncidentPage,
     LinkPoint,
     RunDetail,
@@ -42,7 +55,10 @@ from monitor.store.views import (
 
 log = logging.getLogger(__name__)
 
-_Rows = tuple[dict[str, Any], list[dict[str, Any]]]
+_Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]  # run, hops, artifacts
+# Runs waiting to be written keep their artifacts only while the queue is this short: a
+# database that is away costs a bounded buffer, not one screenshot per buffered run.
+ARTIFACTS_BUFFERED = 25
 
 
 def _is_poison(exc: BaseException) -> bool:
@@ -259,7 +275,9 @@ class Store:
                 continue
             try:
                 self.book.apply(result)
-                self._ready.append(run_rows(result, self.excerpt_limit))
+                run, hops = run_rows(result, self.excerpt_limit)
+                evidence = artifact_rows(result) if len(self._ready) < ARTIFACTS_BUFFERED else []
+                self._ready.append((run, hops, evidence))
             except Exception:  # a malformed result must not wedge the writer
                 self.stats.rejected += 1
                 log.exception("store cannot record run %s", getattr(result, "run_id", "?"))
@@ -301,10 +319,14 @@ class Store:
     async def _write(self, batch: Sequence[_Rows], dirty: Sequence[Incident]) -> None:
         async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
             if batch:
-                await conn.execute(insert(runs), [run for run, _ in batch])
-                steps = [step for _, run_steps in batch for step in run_steps]
+                await conn.execute(insert(runs), [run for run, _, _ in batch])
+                steps = [step for _, run_steps, _ in batch for step in run_steps]
                 if steps:
                     await conn.execute(insert(step_results), steps)
+                evidence = [row for _, _, rows in batch for row in rows]
+                if evidence:
+                    await conn.execute(insert(step_artifacts), evidence)
+                    await queries.keep_newest_artifacts(conn, ARTIFACTS_KEPT)
             for incident in dirty:
                 await self._upsert_incident(conn, incident_row(incident))
         self.stats.written += len(batch)
@@ -394,6 +416,7 @@ class Store:
         cutoff = (self.clock() if now is None else now) - self.retention_s
         old = select(runs.c.id).where(runs.c.started_at < cutoff)
         async with self.engine.begin() as conn:
+            await conn.execute(delete(step_artifacts).where(step_artifacts.c.run_id.in_(old)))
             await conn.execute(delete(step_results).where(step_results.c.run_id.in_(old)))
             deleted = await conn.execute(delete(runs).where(runs.c.started_at < cutoff))
             await conn.execute(delete(incidents).where(incidents.c.closed_at < cutoff))
@@ -466,6 +489,16 @@ class Store:
     async def get_run(self, run_id: str) -> RunDetail | None:
         async with self.engine.connect() as conn:
             return await queries.get_run(conn, run_id)
+
+    async def artifacts(self, run_id: str) -> list[ArtifactInfo]:
+        """What evidence the run's hops kept (without the bytes)."""
+        async with self.engine.connect() as conn:
+            return await queries.artifacts(conn, run_id)
+
+    async def artifact(self, run_id: str, position: int, name: str) -> tuple[str, bytes] | None:
+        """One artifact's media type and bytes; None when it is not (or no longer) kept."""
+        async with self.engine.connect() as conn:
+            return await queries.artifact(conn, run_id, position, name)
 
     async def latest_run(self, flow: str, variant: str) -> RunDetail | None:
         async with self.engine.connect() as conn:
