@@ -290,14 +290,18 @@ class Engine:
         self.metrics_sink.forget([f.name for f in changes.stopping])
         for key in [k for k in self.last_runs if k[0] in removed]:
             del self.last_runs[key]
-        if self.store is not None and removed:
-            await self.store.release_flows(removed)
         self.config = new
         self.maintenance.set_declared(new.maintenance)
         if self.store is not None:  # the incident rules and links of the new flow files
             from monitor.store.incidents import policy_of
 
             self.store.book.policy = policy_of(new)
+            # Open incidents of links gone (a flow, a variant or a step) close as at a start.
+            # In a cluster the owners take their changed flows again on joining; removed
+            # flows nobody takes, so each replica closes them (each writes the same close).
+            await self.store.close_unconfigured(
+                removed if cluster else [f.name for f in changes.stopping]
+            )
         self.steps = [s for f in new.flows for s in f.all_steps()]
         self.last_runs.expected = sum(len(f.variants) for f in new.flows)
         self.metrics_sink.init_series(changes.starting, self.location)
@@ -431,7 +435,8 @@ class Engine:
         from monitor.api import install_api_routes  # the admin app's parts: not for `check`
         from monitor.status_page import install_status_routes
 
-        flows, last = self.config.flows, self.last_runs
+        # Asked at each request: a reload replaces self.config, and the answers follow it.
+        flows, last = (lambda: self.config.flows), self.last_runs
         install_api_routes(
             app,
             store=self.store,
@@ -440,7 +445,6 @@ class Engine:
             bearer_auth=token is not None,
             cluster=self.membership.describe if self.membership is not None else None,
             maintenance=self.maintenance,
-            current_flows=lambda: self.config.flows,
         )
         install_status_routes(
             app, store=self.store, flows=flows, last_runs=last, maintenance=self.maintenance

@@ -157,8 +157,46 @@ def load_generator() -> ModuleType:
 
 
 def test_committed_json_is_what_the_generator_writes() -> None:
-    for path, text in load_generator().rendered():
+    generator = load_generator()
+    boards = list(generator.rendered())
+    for path, text in boards:
         assert path.read_text(encoding="utf-8") == text, f"run: python grafana/generate.py ({path})"
+    # The sidecar's ConfigMap holds the same JSON, byte for byte.
+    configmap = generator.CONFIGMAP
+    assert configmap.read_text(encoding="utf-8") == generator.configmap(boards), (
+        f"run: python grafana/generate.py ({configmap})"
+    )
+    data = yaml.safe_load(configmap.read_text(encoding="utf-8"))["data"]
+    assert data == {path.name: text for path, text in boards}
+
+
+RECORDED = re.compile(r"hopwatch:[a-z0-9_:]+")
+
+
+def test_deploy_readme_lists_the_panels_that_need_recording_rules() -> None:
+    """deploy/README.md's table names each panel that reads a recorded series, and only those."""
+    wanted = set()
+    for dashboard in DASHBOARDS.values():
+        row = ""
+        for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                row = panel["title"]
+                continue
+            series = {s for t in panel["targets"] for s in RECORDED.findall(t["expr"])}
+            if series:
+                wanted.add((dashboard["title"], row, panel["title"], frozenset(series)))
+    text = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    after = text.split("<!-- checked: tests/test_dashboards.py", 1)[1]
+    table = after.split("\n", 1)[1].split("\n\n", 1)[0]
+    listed = set()
+    for line in table.splitlines()[2:]:
+        board, row, panel, series = (cell.strip() for cell in line.strip("|").split("|"))
+        listed.add((board, row, panel, frozenset(RECORDED.findall(series))))
+    assert listed == wanted
+    recorded = {
+        rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule
+    }
+    assert all(s <= recorded for *_, s in wanted), "a panel reads a series no rule records"
 
 
 def test_every_metric_is_on_a_board() -> None:

@@ -498,6 +498,42 @@ async def test_window_judges_one_location_when_asked(
         await store.close()
 
 
+async def test_window_leaves_out_runs_in_maintenance_windows(
+    shops: Shops, config: Config, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """The canary breaks only while a window covers it (planned work): not the canary's doing."""
+    from monitor.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'hopwatch.db'}")
+    await store.migrate()
+    engine = Engine(config, Options(extra_sinks=[store]), registry)
+    await engine.start(schedule=False, admin=False)
+    try:
+        pairs = engine.select(["checkout"], ["stable", "canary"])
+        now = engine.maintenance.clock()
+        window = await engine.maintenance.add(
+            flows=["checkout"], variants=[], start=now, end=now + 3600, reason="db upgrade"
+        )
+        faults(shops[1]).status = 503
+        planned = await engine.run_once(pairs, repeat=12, concurrency=8)
+        assert all(r.maintenance for r in planned)
+        assert {r.outcome for r in planned if r.variant == "canary"} == {"failure"}
+        await engine.maintenance.end(window.id)
+        faults(shops[1]).status = None
+        after = await engine.run_once(pairs, repeat=12, concurrency=8)
+        assert not any(r.maintenance for r in after)
+        assert await store.flush()
+        request = GateRequest(flow=("checkout",), window="10m", min_samples=10)
+        result = await evaluate(request, engine=engine, store=store)
+        assert (result.flows[0].canary_runs, result.flows[0].baseline_runs) == (12, 12)
+        assert result.verdict == "pass", result.reasons
+        errors = next(m for m in result.flows[0].verdict.metrics if m.name == FLOW_ERROR_RATIO)
+        assert errors.classification == "pass"
+    finally:
+        await engine.stop()
+        await store.close()
+
+
 async def test_window_without_a_flow_name_or_a_store_is_refused() -> None:
     with pytest.raises(GateError, match="name the flow"):
         await evaluate(GateRequest(window="5m"), engine=None, store=object())

@@ -5,8 +5,9 @@ response bodies are pydantic models whose JSON schemas go into the document, so 
 says exactly what the routes accept and return.
 
 What is where:
-- `views`: what the API needs of a flow (`FlowLike`, `StepLike`), the response bodies, and the
-  views built from runs (`summary_of`, `flow_view`, `flow_views`).
+- `views`: what the API needs of a flow (`FlowLike`, `StepLike`; `FlowSource`, a list or a
+  callable, so the answers follow a reload), the response bodies, and the views built from
+  runs (`summary_of`, `flow_view`, `flow_views`).
 - `params`: the query parameters (`Param`, the run and incident tables), their parsing and
   `BadRequest`.
 - `routes`: the aiohttp handlers and `install_api_routes`, which adds them to the admin app.
@@ -24,6 +25,7 @@ from monitor.api.views import (
     ErrorBody,
     FlowLike,
     FlowList,
+    FlowSource,
     FlowView,
     HealthBody,
     LinkState,
@@ -31,6 +33,7 @@ from monitor.api.views import (
     StepInfo,
     StepLike,
     VariantState,
+    current_flows,
     flow_view,
     flow_views,
     summary_of,
@@ -43,6 +46,7 @@ __all__ = [
     "ErrorBody",
     "FlowLike",
     "FlowList",
+    "FlowSource",
     "FlowView",
     "HealthBody",
     "LinkState",
@@ -50,6 +54,7 @@ __all__ = [
     "StepInfo",
     "StepLike",
     "VariantState",
+    "current_flows",
     "flow_view",
     "flow_views",
     "install_api_routes",

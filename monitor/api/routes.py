@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,9 @@ from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS, BadRequest, parse_qu
 from monitor.api.views import (
     ClusterView,
     ErrorBody,
-    FlowLike,
     FlowList,
+    FlowSource,
+    current_flows,
     flow_views,
     standalone_view,
 )
@@ -37,13 +38,13 @@ def _error(status: int, message: str) -> web.Response:
 @dataclass(slots=True)
 class _Api:
     store: Store | None
-    flows: Sequence[FlowLike]
+    flows: FlowSource
     last_runs: Mapping[tuple[str, str], RunResult]
     document: dict[str, Any] = field(default_factory=dict)
     cluster: Callable[[], dict[str, Any]] | None = None
 
     async def flows_handler(self, request: web.Request) -> web.Response:
-        views = await flow_views(self.flows, self.last_runs, self.store)
+        views = await flow_views(current_flows(self.flows), self.last_runs, self.store)
         return _json(FlowList(flows=views))
 
     async def runs_handler(self, request: web.Request) -> web.Response:
@@ -85,7 +86,7 @@ class _Api:
 
     async def cluster_handler(self, request: web.Request) -> web.Response:
         if self.cluster is None:
-            return _json(standalone_view(default_replica(), self.flows))
+            return _json(standalone_view(default_replica(), current_flows(self.flows)))
         return _json(ClusterView.model_validate(self.cluster()))
 
     async def openapi_handler(self, request: web.Request) -> web.Response:
@@ -96,16 +97,16 @@ def install_api_routes(
     app: web.Application,
     *,
     store: Store | None,
-    flows: Sequence[FlowLike],
+    flows: FlowSource,
     last_runs: Mapping[tuple[str, str], RunResult],
     bearer_auth: bool = True,
     cluster: Callable[[], dict[str, Any]] | None = None,
     maintenance: MaintenanceBook | None = None,
-    current_flows: Callable[[], Sequence[FlowLike]] | None = None,
 ) -> None:
-    """Add /api/v1/* to the admin app; `bearer_auth` says whether the document requires a token;
-    `cluster` describes the group (None: this replica runs alone); `maintenance` keeps the
-    windows (default: in memory), checked against `current_flows` (default: `flows`)."""
+    """Add /api/v1/* to the admin app; `flows` is the configured flows (a callable to follow
+    reloads); `bearer_auth` says whether the document requires a token; `cluster` describes
+    the group (None: this replica runs alone); `maintenance` keeps the windows (default: in
+    memory), checked against `flows`."""
     document = openapi_document(bearer_auth=bearer_auth)
     api = _Api(store, flows, last_runs, document, cluster)
     app.router.add_get(f"{API_PREFIX}/flows", api.flows_handler)
@@ -115,4 +116,4 @@ def install_api_routes(
     app.router.add_get(f"{API_PREFIX}/cluster", api.cluster_handler)
     app.router.add_get(f"{API_PREFIX}/openapi.json", api.openapi_handler)
     book = maintenance if maintenance is not None else MaintenanceBook()
-    install_maintenance_routes(app, book, current_flows or (lambda: flows))
+    install_maintenance_routes(app, book, lambda: current_flows(flows))

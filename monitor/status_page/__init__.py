@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from monitor.api import FlowLike, FlowView, flow_views
+from monitor.api import FlowSource, FlowView, current_flows, flow_views
 from monitor.maintenance import MaintenanceBook, Window
 from monitor.results import RunResult
 from monitor.status_page.svg import Spark, format_seconds, slow_note, sparkline, waterfall
@@ -77,7 +77,7 @@ class _Overview:
 @dataclass(slots=True)
 class _StatusPage:
     store: Store | None
-    flows: Sequence[FlowLike]
+    flows: FlowSource
     last_runs: Mapping[tuple[str, str], RunResult]
     refresh_s: float
     env: jinja2.Environment
@@ -94,7 +94,8 @@ class _StatusPage:
         return self._render("index.html.j2", view=overview)
 
     async def _overview(self) -> _Overview:
-        views = await flow_views(self.flows, self.last_runs, self.store)
+        flows = current_flows(self.flows)  # once: one reload-consistent list per page
+        views = await flow_views(flows, self.last_runs, self.store)
         overview = _Overview(views, {}, {}, [], [], None)
         if self.maintenance is not None:
             overview.maintenance = self.maintenance.windows()
@@ -114,7 +115,7 @@ class _StatusPage:
         # only links the configuration has: a renamed flow's old incident is not this page's
         configured = {
             (f.name, variant, step.name)
-            for f in self.flows
+            for f in flows
             for variant in f.variants or {"default": None}
             for step in f.steps
         }
@@ -217,13 +218,14 @@ def install_status_routes(
     app: web.Application,
     *,
     store: Store | None,
-    flows: Sequence[FlowLike],
+    flows: FlowSource,
     last_runs: Mapping[tuple[str, str], RunResult],
     refresh_s: float = 10.0,
     maintenance: MaintenanceBook | None = None,
 ) -> None:
     """Add the status page (`/`) and run waterfalls (`/runs/{run_id}`) to the admin app;
-    `maintenance` lists the active and upcoming windows."""
+    `flows` is the configured flows (a callable to follow reloads); `maintenance` lists the
+    active and upcoming windows."""
     page = _StatusPage(store, flows, last_runs, refresh_s, make_environment(), maintenance)
     app.router.add_get("/", page.index)
     app.router.add_get("/runs/{run_id}", page.run)

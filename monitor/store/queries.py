@@ -273,7 +273,8 @@ async def samples(
     until: float,
     location: str | None = None,
 ) -> dict[str, StepSamples]:
-    """Per-hop samples of one flow variant for runs started in [since, until), in time order."""
+    """Per-hop samples of one flow variant for runs started in [since, until), in time order;
+    runs in a maintenance window are left out (planned trouble says nothing of a canary)."""
     query = (
         select(
             step_results.c.name,
@@ -290,6 +291,7 @@ async def samples(
             runs.c.started_at >= since,
             runs.c.started_at < until,
             step_results.c.cleanup.is_(False),
+            runs.c.maintenance.is_not(True),  # NULL: stored before windows existed
         )
         .order_by(runs.c.started_at, runs.c.id, step_results.c.position)
     )

@@ -388,6 +388,12 @@ class Store(StoreReads):
             self._releasing |= names
             await self._handover("release", names)
 
+    async def close_unconfigured(self, flows: Collection[str]) -> None:
+        """After a reload changed `flows` (the book's policy already the new one): load their
+        stored incidents again, as `take_flows` does, so that those of links no longer
+        configured close as they would at a start (`link no longer configured`)."""
+        await self.take_flows(flows)
+
     async def _handover(self, what: str, names: set[str]) -> None:
         try:
             async with asyncio.timeout(self.handover_timeout_s):
