@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.tls",
     "tests.fixtures.dns_server",
     "tests.fixtures.grpc_server",
+    "tests.fixtures.faults",
 ]
