@@ -24,7 +24,6 @@ import os
 import signal
 import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,7 +208,7 @@ class Soak:
         print(f"  {time.strftime('%H:%M:%S')} {what} {more or ''}", flush=True)
 
     async def start_demo(self) -> asyncio.subprocess.Process:
-        log = (self.folder / "demo.log").open("ab")
+        log = (self.folder / "demo.log").open("wb")
         demo = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "monitor", "demo", "--shop-only",
             "--shop-listen", self.shop, "--kafka-listen", self.kafka, "--listen", self.public,
@@ -296,9 +295,22 @@ class Soak:
         finally:
             sampler.cancel()
             await self.stop_hopwatch()
-            demo.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(demo.wait(), 30)
+            await self.stop_demo(demo)
         return windows
+
+    async def stop_demo(self, demo: asyncio.subprocess.Process) -> None:
+        """SIGTERM, and SIGKILL after 30 s (its broker dies with it): the figures come from
+        hopwatch's store, so a demo slow to stop is noted, never a lost soak."""
+        began = time.monotonic()
+        demo.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(demo.wait(), 30)
+        except TimeoutError:
+            demo.kill()
+            await demo.wait()
+            self.log("demo did not stop within 30 s of SIGTERM: killed")
+        else:
+            self.log("demo stopped", seconds=round(time.monotonic() - began, 1))
 
 
 async def _until(at: float) -> None:
@@ -362,13 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="one fault per minute")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="hopwatch-soak-") as tmp:
-        soak = Soak(args.minutes, Path(tmp))
-        restarts = min(len(RESTART_SLOTS), max(0, round(args.minutes) - 1))
-        print(f"soak: {args.minutes:g} minutes, a fault a minute, {restarts} restarts", flush=True)
-        windows = asyncio.run(soak.run())
-        runs = read_runs(soak.db)
-        goals = detection_goals(soak.folder / "demo-flows.yaml")
+    # The store and the logs stay beside the JSON (results/ is git-ignored) for a second look.
+    folder = args.out.parent / f"{args.out.stem}-files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in ("soak.db", "soak.db-wal", "soak.db-shm", "hopwatch.log"):
+        (folder / old).unlink(missing_ok=True)  # a previous soak's runs must not count
+    soak = Soak(args.minutes, folder)
+    restarts = min(len(RESTART_SLOTS), max(0, round(args.minutes) - 1))
+    print(f"soak: {args.minutes:g} minutes, a fault a minute, {restarts} restarts", flush=True)
+    windows = asyncio.run(soak.run())
+    runs = read_runs(soak.db)
+    goals = detection_goals(folder / "demo-flows.yaml")
     false_alarms = attribute(runs, windows, goals)
     outcomes: dict[str, int] = {}
     for run in runs:
