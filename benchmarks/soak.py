@@ -190,6 +190,7 @@ async def _answers(url: str, within: float) -> None:
 class Soak:
     minutes: float
     folder: Path
+    first_fault: int = 0  # where in FAULTS the first minute starts
     shop: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     public: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     admin: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
@@ -278,7 +279,7 @@ class Soak:
             began = time.monotonic()
             for slot in range(slots):
                 at = began + slot * SLOT_S
-                name, body = FAULTS[slot % len(FAULTS)]
+                name, body = FAULTS[(self.first_fault + slot) % len(FAULTS)]
                 await _until(at + FAULT_ON_S)
                 await self.set_faults(body)
                 windows.append(Window(name, time.time(), float("inf")))
@@ -372,6 +373,9 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0, help="one fault per minute")
+    parser.add_argument(
+        "--first-fault", type=int, default=0, help=f"start at this fault (0-{len(FAULTS) - 1})"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
     args = parser.parse_args(argv)
     # The store and the logs stay beside the JSON (results/ is git-ignored) for a second look.
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for old in ("soak.db", "soak.db-wal", "soak.db-shm", "hopwatch.log"):
         (folder / old).unlink(missing_ok=True)  # a previous soak's runs must not count
-    soak = Soak(args.minutes, folder)
+    soak = Soak(args.minutes, folder, args.first_fault)
     restarts = min(len(RESTART_SLOTS), max(0, round(args.minutes) - 1))
     print(f"soak: {args.minutes:g} minutes, a fault a minute, {restarts} restarts", flush=True)
     windows = asyncio.run(soak.run())
@@ -391,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes[run.outcome] = outcomes.get(run.outcome, 0) + 1
     result = {
         "minutes": args.minutes,
+        "first_fault": args.first_fault,
         "windows": [asdict(w) for w in windows],
         "false_alarms": [asdict(r) for r in false_alarms],
         "runs": len(runs),
