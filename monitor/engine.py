@@ -262,6 +262,12 @@ class Engine:
         if self.tracing is not None:
             await self.tracing.aclose()
 
+    def hurry(self) -> None:
+        """Cut the shutdown grace short (a second SIGTERM): in-flight runs end as aborted now,
+        and are recorded like any other before the sinks close."""
+        if self.scheduler is not None:
+            self.scheduler.hurry()
+
     async def __aenter__(self) -> Engine:
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Coroutine
@@ -19,6 +20,7 @@ from probes.errors import ConfigError
 __all__ = ["engine_or_exit", "exit_with", "run_async", "serve_until_signal", "wait_for_signal"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -80,4 +82,23 @@ async def serve_until_signal(engine: Engine, duration: float | None = None) -> N
             loop.remove_signal_handler(signal.SIGHUP)
         if reloads:
             await asyncio.wait(reloads)
+        await _stop_hurried_by_signal(engine)
+
+
+async def _stop_hurried_by_signal(engine: Engine) -> None:
+    """Stop the engine; a signal during the grace (a second SIGTERM, Ctrl-C again) ends the
+    grace at once instead of killing the process, so in-flight runs are recorded as aborted
+    and what the sinks hold is written before exit."""
+    loop = asyncio.get_running_loop()
+
+    def hurry() -> None:
+        log.warning("signalled again: aborting the runs in flight now")
+        engine.hurry()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, hurry)
+    try:
         await engine.stop()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -65,6 +65,7 @@ class Scheduler:
         self._timer_at = math.inf
         self._tasks: dict[asyncio.Task[None], bool] = {}  # task → running a run now
         self._stopping = False
+        self._hurry = asyncio.Event()  # set by a second SIGTERM: the grace is over now
         # Built here, so that an engine freezing its start-up objects out of the GC freezes
         # these too; planned by start().
         self._slots = [_Slot(f, v, 0.0, 0.0) for f in self.flows for v in f.variants]
@@ -206,9 +207,26 @@ class Scheduler:
                 task.cancel()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            _, still = await asyncio.wait(pending, timeout=grace)
+            await self._graced(pending, grace)
+            still = [t for t in pending if not t.done()]
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
         self._tasks.clear()
+
+    def hurry(self) -> None:
+        """End the shutdown grace now (or at once, if stop() has not begun): in-flight runs
+        are cancelled and recorded as aborted, as when the grace runs out."""
+        self._hurry.set()
+
+    async def _graced(self, pending: list[asyncio.Task[None]], grace: float) -> None:
+        """Wait until `pending` are done, the grace is over, or hurry() is called."""
+        finished = asyncio.ensure_future(asyncio.wait(pending))
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({finished, hurried}, timeout=grace, return_when="FIRST_COMPLETED")
+        finally:
+            for waiter in (finished, hurried):
+                waiter.cancel()
+            await asyncio.gather(finished, hurried, return_exceptions=True)

@@ -408,6 +408,8 @@ def translate(exc: BaseException, url: str, phases: dict[str, float]) -> StepFai
         return Timeout(f"no answer from {url} in time", phases=phases)
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         return ConnectError(f"connection to {url} failed: {exc}", phases=phases)
+    if isinstance(exc, aiohttp.ClientPayloadError):  # the target cut the body short
+        return ConnectError(f"connection to {url} broke mid-response: {exc}", phases=phases)
     return OtherFailure(f"request to {url} failed: {type(exc).__name__}: {exc}", phases=phases)
 
 

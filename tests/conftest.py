@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.grpc_server",
     "tests.fixtures.line_servers",
+    "tests.fixtures.faults",
 ]

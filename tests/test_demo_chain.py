@@ -165,3 +165,17 @@ async def test_broker_down_breaks_only_kafka_links_and_heals_without_restart(dem
             if flow not in healed and (await demo.run(flow)).outcome == "success":
                 healed.add(flow)
     assert healed == {"checkout", "order_via_kafka"}
+
+
+async def test_the_worker_reads_a_broker_back_with_empty_logs_from_the_start(demo: Demo) -> None:
+    """Far into the logs when the broker comes back empty, the worker must not wait for its old
+    offsets: in the soak it ignored new orders for minutes (true not_received, but not a demo
+    that heals)."""
+    for _ in range(45):  # ~15 orders on each of the topic's partitions
+        assert (await demo.run("checkout")).outcome == "success"
+    await demo.set_faults(broker_stopped=True)
+    await demo.clear_faults()
+    back, streak = time.monotonic(), 0
+    while streak < 3:  # healed: three checkouts in a row fulfilled
+        assert time.monotonic() - back < 45, "the demo did not heal"
+        streak = streak + 1 if (await demo.run("checkout")).outcome == "success" else 0

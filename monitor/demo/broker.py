@@ -201,7 +201,9 @@ class TansuBroker:
         if self.running:
             return
         _check_port_free(self.host, self.port)
-        self._proc = self._spawn()
+        # Forking a large process takes tens of milliseconds: off the loop, so the monitor
+        # sharing it (the demo, the tests) keeps its schedule while the broker comes back.
+        self._proc = await asyncio.to_thread(self._spawn)
         deadline = time.monotonic() + ready_within
         while True:
             if self._proc.poll() is not None:

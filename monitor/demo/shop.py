@@ -43,6 +43,8 @@ ORDERS_KEY = web.AppKey("orders", dict)
 HOOKS_KEY = web.AppKey("order_hooks", list)
 IDS_KEY: web.AppKey[Iterator[int]] = web.AppKey("ids")
 LISTENERS_KEY = web.AppKey("fault_listeners", list)  # called after every change of faults
+# Notified after every change of faults and at shutdown: what hanging requests wait on.
+CHANGED_KEY = web.AppKey("faults_changed", asyncio.Condition)
 
 
 @web.middleware
@@ -51,7 +53,11 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path.startswith("/faults") or not faults.applies(request):
         return await handler(request)
     if faults.hang:
-        await asyncio.sleep(3600)  # the client's timeout ends it
+        # Until the fault is cleared or the shop stops: a request the client gave up on must
+        # not outlive the fault (nor hold the shop's shutdown for aiohttp's 60 s).
+        changed = request.app[CHANGED_KEY]
+        async with changed:
+            await changed.wait_for(lambda: not faults.hang)
     if faults.latency_ms:
         await asyncio.sleep(faults.latency_ms / 1000)
     if faults.status is not None:
@@ -143,6 +149,15 @@ async def set_faults(request: web.Request) -> web.StreamResponse:
 async def _notify(app: web.Application) -> None:
     for listener in app[LISTENERS_KEY]:
         await listener(app[FAULTS_KEY])
+    async with app[CHANGED_KEY]:
+        app[CHANGED_KEY].notify_all()
+
+
+async def _release_hangs(app: web.Application) -> None:
+    """At shutdown (before the server waits for its handlers): no request hangs any longer."""
+    app[FAULTS_KEY].hang = False
+    async with app[CHANGED_KEY]:
+        app[CHANGED_KEY].notify_all()
 
 
 async def clear_faults(request: web.Request) -> web.StreamResponse:
@@ -160,6 +175,8 @@ def build_shop_app(faults: Faults | None = None) -> web.Application:
     app[HOOKS_KEY] = []
     app[LISTENERS_KEY] = []
     app[IDS_KEY] = itertools.count(1)
+    app[CHANGED_KEY] = asyncio.Condition()
+    app.on_shutdown.append(_release_hangs)
     app.router.add_post("/orders", create_order)
     app.router.add_get("/orders/{id}", read_order)
     app.router.add_patch("/orders/{id}", update_order)

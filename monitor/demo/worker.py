@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ORDERS_TOPIC = "orders"
 COMMANDS_TOPIC = "order-commands"
+LOG_CHECK_S = 2.0  # how often the worker checks that the broker's logs did not start over
 
 
 async def ensure_topics(bootstrap: str, partitions: int = 3) -> None:
@@ -175,10 +177,14 @@ class Worker:
             await asyncio.sleep(1.0)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        next_check = time.monotonic() + LOG_CHECK_S
         while True:
             if self.faults.extra.get("worker_stopped"):
                 await asyncio.sleep(0.2)
                 continue
+            if time.monotonic() >= next_check:
+                await self._reread_if_log_restarted(consumer)
+                next_check = time.monotonic() + LOG_CHECK_S
             batches = await consumer.getmany(timeout_ms=500, max_records=50)
             for partition, records in batches.items():
                 if self.faults.extra.get("worker_stopped"):  # stopped while fetching
@@ -186,6 +192,23 @@ class Worker:
                     continue
                 for record in records:
                     await self._handle(record)
+
+    @staticmethod
+    async def _reread_if_log_restarted(consumer: AIOKafkaConsumer) -> None:
+        """A broker back with empty storage starts each log at 0 again, and no fetch error says
+        so: the consumer would wait for its old offset, ignoring every new order until the log
+        got that far (minutes of lost fulfilments). Positions before ends, as the monitor's
+        shared consumer does, so `end < position` means the log really went backwards."""
+        partitions = list(consumer.assignment())
+        if not partitions:
+            return
+        async with asyncio.timeout(5):  # a broker away: _supervise starts over
+            positions = {tp: await consumer.position(tp) for tp in partitions}
+            ends = await consumer.end_offsets(partitions)
+        restarted = [tp for tp, end in ends.items() if end < positions[tp]]
+        if restarted:
+            log.warning("demo worker: the broker's log restarted; reading it from the start")
+            await consumer.seek_to_beginning(*restarted)
 
     async def _handle(self, record: Any) -> None:
         delay = float(self.faults.extra.get("worker_delay_ms") or 0)

@@ -1,0 +1,64 @@
+"""The soak's judge (benchmarks/soak.py): which failures a fault explains, how fast each link
+showed it, when its flow passed again, and which failures are false alarms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.soak import COMPRESS, Run, Window, attribute, detection_goals
+
+ON, OFF = 1000.0, 1020.0
+GOALS = {"shop/create": 20.55, "shop/hook": 10.55}
+
+
+def run(at: float, took: float = 0.1, broken: str | None = None, flow: str = "shop") -> Run:
+    outcome = "success" if broken is None else "failure"
+    step, reason = broken.split(":") if broken else (None, None)
+    return Run(flow, "stable", at, at + took, outcome, step, reason)
+
+
+def test_failures_in_a_fault_are_its_breaks_and_the_rest_false_alarms() -> None:
+    runs = [
+        run(990.0),
+        run(995.0, broken="create:http_status"),  # before the fault: a false alarm
+        run(999.0, took=10.5, broken="hook:not_received"),  # started before, ended during
+        run(1001.0, broken="create:http_status"),
+        run(1019.9, took=20.0, broken="create:timeout"),  # started while on, ends after
+        run(1021.0, took=1.0, broken="create:connect_error"),  # off, but not passed yet
+        run(1023.0),  # passed again: recovered 3 s after the fault went off
+        run(1030.0, broken="create:http_status"),  # after recovery: a false alarm
+        run(1001.0, flow="other"),
+    ]
+    window = Window("API answers 503", ON, OFF)
+    false = attribute(runs, [window], GOALS)
+    assert [(r.started_at, r.broken_step) for r in false] == [(995.0, "create"), (1030.0, "create")]
+    assert window.links["shop/hook"] == {
+        "detected_s": 9.5, "reasons": {"not_received": 1}, "failed_runs": 1, "goal_s": 10.55
+    }  # fmt: skip
+    create = window.links["shop/create"]
+    assert create["detected_s"] == 1.1
+    assert create["reasons"] == {"http_status": 1, "timeout": 1, "connect_error": 1}
+    assert window.detected_s == 1.1
+    assert window.recovery_s == {"shop/stable": 3.0}
+
+
+def test_a_fault_nothing_noticed_has_no_detection() -> None:
+    window = Window("webhooks dropped", ON, OFF)
+    assert attribute([run(1005.0), run(1010.0)], [window], GOALS) == []
+    assert window.links == {} and window.detected_s is None
+
+
+def test_goals_are_interval_jitter_and_the_steps_deadline(tmp_path: Path) -> None:
+    from monitor.demo.runner import demo_flows_file
+
+    path = demo_flows_file(
+        "http://127.0.0.1:1", "127.0.0.1:2", tmp_path, f"sqlite:///{tmp_path}/o.db"
+    )
+    text = path.read_text()
+    for slow, fast in COMPRESS.items():
+        text = text.replace(slow, fast)
+    path.write_text(text)
+    goals = detection_goals(path)
+    assert goals["checkout/fulfilment_webhook"] == 10.55  # 500 ms + 10 % jitter + within 10 s
+    assert goals["checkout/create_order"] == 20.55  # no within: the run's timeout
+    assert goals["shop_health/lookup"] == 5.55
