@@ -2,7 +2,7 @@
 tables (markdown) and write benchmarks/results/latest.json.
 
 Every measured process is pinned to one core (the monitor's), the target and the load drivers to
-the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale, cluster.
+the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale, series, cluster.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.common import TARGET_LOAD, Ctx, cores, machine_info, target_server
+from benchmarks.series import table as series_table
 from benchmarks.throughput import paired_ratios
 
-PARTS = ("throughput", "blackbox", "fidelity", "webhooks", "chain", "scale", "cluster")
+PARTS = (
+    "throughput", "blackbox", "fidelity", "webhooks", "chain", "scale", "series", "cluster",
+)  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 NOTE_SHARED = (
     "CPU stolen = share of wall time the measured process was runnable but waiting for a CPU "
@@ -107,6 +110,7 @@ def render(results: dict[str, Any]) -> str:
          report.fidelity_table),
         ("webhooks", "Webhook receiver (one core)", report.webhooks_table),
         ("scale", "Scale (default interval 1 m)", report.scale_table),
+        ("series", "Series (what a scrape of /metrics holds and costs)", series_table),
     )  # fmt: skip
     for key, title, render_table in sections:
         if results.get(key):

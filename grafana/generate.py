@@ -62,6 +62,14 @@ def rate(series: str, sel: str, fn: str = "rate", window: str = "$__rate_interva
     return f"{fn}({selector}[{window}])"
 
 
+def failures(sel: str, window: str = "$__rate_interval") -> str:
+    """Step failures in each window, per series: increase(), or all of a series that appeared
+    within it (a failure counter is exported from the hop's first failure of that reason on,
+    and increase() cannot see its step from nothing to the first count)."""
+    series = f"hopwatch_step_failures_total{{{sel}}}" if sel else "hopwatch_step_failures_total"
+    return f"({series} unless {series} offset {window} or increase({series}[{window}]))"
+
+
 def ratio(by: str, series: str, sel: str, fn: str = "rate") -> str:
     """Mean of a histogram: rate of its _sum over rate of its _count, summed by `by`."""
     return (
@@ -524,13 +532,12 @@ def _overview_health(lay: Layout, sel: str) -> None:
 
 def _overview_breaks(lay: Layout, sel: str) -> None:
     lay.row("Broken links")
-    failures = "hopwatch_step_failures_total"
     lay.add(
         timeseries(
             "Broken links by reason",
             "Broken runs per interval, by the reason of the first failing hop"
             " (hopwatch_step_failures_total).",
-            [target(f"sum by (reason) ({rate(failures, sel, 'increase')})", "{{reason}}")],
+            [target(f"sum by (reason) {failures(sel)}", "{{reason}}")],
             "short",
             bars=True,
             stack=True,
@@ -538,14 +545,14 @@ def _overview_breaks(lay: Layout, sel: str) -> None:
         w=12,
         h=8,
     )
-    in_range = rate(failures, sel, "increase", "$__range")
+    in_range = failures(sel, "$__range")
     lay.add(
         table(
             "Broken links in the time range",
             "Which hop broke, how often and why, over the dashboard's time range.",
             [
                 instant_table_target(
-                    f"sort_desc(sum by (flow, step, variant, location, reason) ({in_range}) > 0)"
+                    f"sort_desc(sum by (flow, step, variant, location, reason) {in_range} > 0)"
                 )
             ],
             "short",
@@ -938,12 +945,11 @@ def _flow_runs(lay: Layout) -> None:
         w=12,
         h=8,
     )
-    failures = rate("hopwatch_step_failures_total", STEP_SEL, "increase")
     lay.add(
         timeseries(
             "Broken links by hop and reason",
             "The first failing hop of each broken run and why it failed.",
-            [target(f"sum by (step, reason) ({failures})", "{{step}}: {{reason}}")],
+            [target(f"sum by (step, reason) {failures(STEP_SEL)}", "{{step}}: {{reason}}")],
             "short",
             bars=True,
             stack=True,

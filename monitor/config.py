@@ -15,6 +15,7 @@ from monitor.config_errors import format_problems, nodes
 from monitor.events.settings import EventsSettings
 from monitor.kafka.settings import KafkaCluster
 from monitor.maintenance.windows import MaintenanceSpec, unknown_names
+from monitor.metrics_settings import MetricsSettings
 from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
@@ -75,6 +76,10 @@ class Flow(BaseModel):
     cookies: bool = Field(
         default=False,
         description="Keep cookies between the steps of a run (login flows); default false.",
+    )
+    http_phases: bool | None = Field(
+        default=None,
+        description="Export this flow's HTTP phase histograms; default: settings.metrics.",
     )
     variants: dict[str, Variant] = Field(
         default_factory=lambda: {"default": Variant()},
@@ -144,6 +149,10 @@ class Settings(BaseModel):
         gt=0,
         description="Public listener: seconds for a whole request head, from connect or the "
         "last answer (also the keep-alive idle limit); default 10s.",
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings,
+        description="Optional series of /metrics; default: none of them, 15 latency buckets.",
     )
     webhook_body_timeout: Duration = Field(
         default=BODY_TIMEOUT,

@@ -26,6 +26,7 @@ from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
 from monitor.listen import serve_app, split_hostport
 from monitor.maintenance import MaintenanceBook
+from monitor.metric_types import set_created_series
 from monitor.metrics import Metrics, MetricsSink, SharedReadings, watch_event_loop
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import (
@@ -83,13 +84,15 @@ class Engine:
         self.options = options or Options()
         self.steps = [s for f in config.flows for s in f.all_steps()]  # the config is frozen
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        wanted = config.settings.metrics
+        set_created_series(wanted.created_series)  # the process's switch, read at each scrape
+        self.metrics = Metrics(self.registry, wanted.latency_buckets)
         self.templates = Templates()
         self.http = HttpClientPool()
         self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))
         self.location = self.options.location or config.settings.location
         self.tracing = Tracing.from_env(location=self.location)
-        self.metrics_sink = MetricsSink(self.metrics)
+        self.metrics_sink = MetricsSink(self.metrics, http_phases=wanted.http_phases)
         self.metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut(
             [self.metrics_sink, self.last_runs, *self.options.extra_sinks],
