@@ -21,10 +21,10 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from deploy.kubernetes.generate_prometheusrule import rule_groups
 from monitor.cluster.metrics import CLUSTER_METRIC_NAMES
+from monitor.metric_text import choose_encoder  # what hopwatch's /metrics writes
 from monitor.metrics import METRIC_NAMES
 from tests.fixtures.prometheus import (
     PrometheusError,
