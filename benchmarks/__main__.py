@@ -2,7 +2,8 @@
 tables (markdown) and write benchmarks/results/latest.json.
 
 Every measured process is pinned to one core (the monitor's), the target and the load drivers to
-the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale, series, cluster.
+the other. Parts: throughput, scheduled, blackbox, fidelity, webhooks, chain, scale, series,
+cluster.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.common import TARGET_LOAD, Ctx, cores, machine_info, target_server
+from benchmarks.scheduled import table as scheduled_table
 from benchmarks.series import table as series_table
 from benchmarks.throughput import paired_ratios
 
 PARTS = (
-    "throughput", "blackbox", "fidelity", "webhooks", "chain", "scale", "series", "cluster",
+    "throughput", "scheduled", "blackbox", "fidelity", "webhooks", "chain", "scale", "series",
+    "cluster",
 )  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 NOTE_SHARED = (
@@ -105,6 +108,8 @@ def render(results: dict[str, Any]) -> str:
     out = [f"Machine: {report.machine_line(results['machine'])}. "
            f"Mode: {results['mode']}, {results.get('elapsed_s', 0):.0f} s."]  # fmt: skip
     sections = (
+        ("scheduled", "Scheduled (`hopwatch run` beside blackbox_exporter, one core each)",
+         scheduled_table),
         ("throughput", "Throughput (closed loop, one core each)", report.throughput_table),
         ("fidelity", "Fidelity (target holds each request 50 ms; error = reported - held)",
          report.fidelity_table),
@@ -161,6 +166,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{rate:.2f}x by rate, {cpu:.2f}x by CPU per check (median of rounds)",
             "verdict": _verdict(min(rate, cpu) >= wanted),
         })  # fmt: skip
+    _scheduled_targets(results.get("scheduled", []), out)
     for reuse in (False, True):
         fid = _find(results.get("fidelity", []), tool="hopwatch", reuse=reuse, load=TARGET_LOAD)
         if fid is None:
@@ -198,6 +204,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for row in cluster_targets(results["cluster"]):
             out.append({**row, "verdict": _verdict(row.pop("ok"))})
     return out
+
+
+def _scheduled_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+    from benchmarks.scheduled import ratios
+
+    wanted = {(False, "saturated"): 1.5, (True, "saturated"): 4.0,
+              (False, "10% of blackbox_exporter's max"): 1.0,
+              (True, "10% of blackbox_exporter's max"): 1.0}  # fmt: skip
+    for row in ratios(rows):
+        want = wanted.get((row["reuse"], row["load"]))
+        if want is None:
+            continue
+        case = "reused" if row["reuse"] else "fresh"
+        each = ", ".join(f"{x:.2f}" for x in row["rounds"])
+        out.append({
+            "target": f"hopwatch run, {row['load']}, {case} connections, checks per CPU-s "
+                      "vs blackbox_exporter",
+            "wanted": f"≥ {want}x",
+            "measured": f"{row['ratio']:.2f}x (rounds: {each})",
+            "verdict": _verdict(row["ratio"] >= want),
+        })  # fmt: skip
 
 
 def _scale_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
