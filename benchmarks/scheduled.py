@@ -47,8 +47,10 @@ RATE_INTERVAL = 1.0
 RATE_JITTER = 0.9
 
 
-def flows_yaml(n: int, url: str, interval: float, jitter: float | None, reuse: bool) -> str:
-    lines = ["flows:"]
+def flows_yaml(
+    n: int, url: str, interval: float, jitter: float | None, reuse: bool, settings: str = ""
+) -> str:
+    lines = [f"settings: {{{settings}}}", "flows:"] if settings else ["flows:"]
     extra = f", jitter: {jitter}s" if jitter is not None else ""
     keep = "true" if reuse else "false"
     for i in range(n):
@@ -86,7 +88,15 @@ def _window(target: str, pid: int, core: int, duration: float) -> dict[str, Any]
     }
 
 
-def hopwatch_run(ctx: Ctx, *, reuse: bool, rate: float | None, duration: float) -> dict[str, Any]:
+def hopwatch_run(
+    ctx: Ctx,
+    *,
+    reuse: bool,
+    rate: float | None,
+    duration: float,
+    extra: tuple[str, ...] = (),
+    settings: str = "",
+) -> dict[str, Any]:
     """`hopwatch run` (python -m monitor run) with its default store, pinned to the monitor core;
     saturated when `rate` is None, else `rate` one-second flows."""
     if rate is None:
@@ -96,11 +106,11 @@ def hopwatch_run(ctx: Ctx, *, reuse: bool, rate: float | None, duration: float) 
         n, interval, jitter = max(1, round(rate * RATE_INTERVAL)), RATE_INTERVAL, RATE_JITTER
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "flows.yaml"
-        path.write_text(flows_yaml(n, ctx.target.url + "/ok", interval, jitter, reuse))
+        path.write_text(flows_yaml(n, ctx.target.url + "/ok", interval, jitter, reuse, settings))
         admin, listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "monitor", "run", str(path), "--admin-listen", admin,
-               "--listen", listen, "--log-level", "warning", "--grace", "1"]  # fmt: skip
+               "--listen", listen, "--log-level", "warning", "--grace", "1", *extra]  # fmt: skip
         core = ctx.monitor_core
         proc = subprocess.Popen(  # in the temp dir: the default store, hopwatch.db, lands there
             cmd, cwd=tmp, env=env, text=True, stdout=subprocess.DEVNULL,
