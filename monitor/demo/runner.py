@@ -9,14 +9,16 @@ database.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.console import Console
 
-from monitor.config import load
+from monitor.config import Config, load
 from monitor.demo.broker import TansuBroker
 from monitor.demo.orders_table import OrdersTable, default_url
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, build_shop_app
@@ -26,6 +28,8 @@ from monitor.demo.worker import OrderPublisher, Worker
 from monitor.engine import Options
 from monitor.lifecycle import engine_or_exit, exit_with, serve_until_signal, wait_for_signal
 from monitor.listen import serve_app, split_hostport
+from probes import browser as browser_kind
+from probes.browser_pool import settings_from_env
 from probes.sql_engines import async_url
 
 FLOWS = Path(__file__).with_name("flows.yaml")
@@ -41,6 +45,23 @@ def demo_flows_file(shop_url: str, bootstrap: str, folder: Path, orders_db: str)
     text = text.replace("SHOP_URL", shop_url).replace("KAFKA_BOOTSTRAP", bootstrap)
     path.write_text(text.replace("sqlite:///ORDERS_DB_URL", orders_db))
     return path
+
+
+def without_browser_flows(config: Config, console: Console) -> Config:
+    """The demo's flows less the ones with a browser step when this machine has no Chromium
+    (or no Playwright): the rest of the demo runs, and the console says how to get them."""
+    chromium, _ = settings_from_env()
+    if shutil.which(chromium) is not None and importlib.util.find_spec("playwright"):
+        return config
+    browser = browser_kind.SPEC.name
+    kept = [f for f in config.flows if not any(s.kind == browser for s in f.all_steps())]
+    if len(kept) < len(config.flows):
+        console.print(
+            "no Chromium (or Playwright) here: the demo runs without checkout_ui "
+            "(apt-get install chromium; pip install 'hopwatch[demo]')",
+            soft_wrap=True, highlight=False,
+        )  # fmt: skip
+    return config.model_copy(update={"flows": kept})
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +163,9 @@ async def run_demo(
                                   f"{table}; Ctrl-C stops it.")  # fmt: skip
                     await wait_for_signal(duration)
                     return
-                config = load([demo_flows_file(shop_url, bootstrap, Path(tmp), orders_url)])
+                config = without_browser_flows(
+                    load([demo_flows_file(shop_url, bootstrap, Path(tmp), orders_url)]), console
+                )
                 if store == "temporary":
                     store = str(Path(tmp) / "demo-history.db")
                 elif store == "none":
