@@ -201,9 +201,10 @@ class TansuBroker:
         if self.running:
             return
         _check_port_free(self.host, self.port)
-        # Forking a large process takes tens of milliseconds: off the loop, so the monitor
-        # sharing it (the demo, the tests) keeps its schedule while the broker comes back.
-        self._proc = await asyncio.to_thread(self._spawn)
+        # Forked on the loop's own thread, though that takes tens of milliseconds: the child's
+        # PR_SET_PDEATHSIG fires when the *thread* that forked it ends, so a broker forked from
+        # an executor thread would be killed with that thread.
+        self._proc = self._spawn()
         deadline = time.monotonic() + ready_within
         while True:
             if self._proc.poll() is not None:
