@@ -2,7 +2,8 @@
 tables (markdown) and write benchmarks/results/latest.json.
 
 Every measured process is pinned to one core (the monitor's), the target and the load drivers to
-the other. Parts: throughput, blackbox, fidelity, webhooks, chain, scale.
+the other. Parts: throughput, scheduled, blackbox, fidelity, webhooks, chain, scale, series,
+cluster.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.common import TARGET_LOAD, Ctx, cores, machine_info, target_server
+from benchmarks.scheduled import table as scheduled_table
+from benchmarks.series import table as series_table
 from benchmarks.throughput import paired_ratios
 
-PARTS = ("throughput", "blackbox", "fidelity", "webhooks", "chain", "scale")
+PARTS = (
+    "throughput", "scheduled", "blackbox", "fidelity", "webhooks", "chain", "scale", "series",
+    "cluster",
+)  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 NOTE_SHARED = (
     "CPU stolen = share of wall time the measured process was runnable but waiting for a CPU "
@@ -102,15 +108,23 @@ def render(results: dict[str, Any]) -> str:
     out = [f"Machine: {report.machine_line(results['machine'])}. "
            f"Mode: {results['mode']}, {results.get('elapsed_s', 0):.0f} s."]  # fmt: skip
     sections = (
+        ("scheduled", "Scheduled (`hopwatch run` beside blackbox_exporter, one core each)",
+         scheduled_table),
         ("throughput", "Throughput (closed loop, one core each)", report.throughput_table),
         ("fidelity", "Fidelity (target holds each request 50 ms; error = reported - held)",
          report.fidelity_table),
         ("webhooks", "Webhook receiver (one core)", report.webhooks_table),
         ("scale", "Scale (default interval 1 m)", report.scale_table),
+        ("series", "Series (what a scrape of /metrics holds and costs)", series_table),
     )  # fmt: skip
     for key, title, render_table in sections:
         if results.get(key):
             out += ["", f"### {title}", "", render_table(results[key])]
+    if results.get("cluster"):
+        from benchmarks.cluster import table as cluster_table  # aiokafka, asyncpg: only here
+
+        out += ["", "### Cluster (replicas on Tansu and PostgreSQL)", "",
+                cluster_table(results["cluster"])]  # fmt: skip
     for part, why in results.get("skipped", {}).items():
         out += ["", f"{part}: skipped ({why})"]
     for part in results.get("errors", {}):
@@ -152,6 +166,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{rate:.2f}x by rate, {cpu:.2f}x by CPU per check (median of rounds)",
             "verdict": _verdict(min(rate, cpu) >= wanted),
         })  # fmt: skip
+    _scheduled_targets(results.get("scheduled", []), out)
     for reuse in (False, True):
         fid = _find(results.get("fidelity", []), tool="hopwatch", reuse=reuse, load=TARGET_LOAD)
         if fid is None:
@@ -183,7 +198,33 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": "verified and matched webhooks per core", "wanted": "≥ 10,000/s",
                     "measured": measured, "verdict": _verdict(rate >= 10_000)})  # fmt: skip
     _scale_targets(results.get("scale", []), out)
+    if results.get("cluster"):
+        from benchmarks.cluster import targets as cluster_targets
+
+        for row in cluster_targets(results["cluster"]):
+            out.append({**row, "verdict": _verdict(row.pop("ok"))})
     return out
+
+
+def _scheduled_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+    from benchmarks.scheduled import ratios
+
+    wanted = {(False, "saturated"): 1.5, (True, "saturated"): 4.0,
+              (False, "10% of blackbox_exporter's max"): 1.0,
+              (True, "10% of blackbox_exporter's max"): 1.0}  # fmt: skip
+    for row in ratios(rows):
+        want = wanted.get((row["reuse"], row["load"]))
+        if want is None:
+            continue
+        case = "reused" if row["reuse"] else "fresh"
+        each = ", ".join(f"{x:.2f}" for x in row["rounds"])
+        out.append({
+            "target": f"hopwatch run, {row['load']}, {case} connections, checks per CPU-s "
+                      "vs blackbox_exporter",
+            "wanted": f"≥ {want}x",
+            "measured": f"{row['ratio']:.2f}x (rounds: {each})",
+            "verdict": _verdict(row["ratio"] >= want),
+        })  # fmt: skip
 
 
 def _scale_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:

@@ -31,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from monitor.demo.orders_table import default_url
+
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 SLOT_S = 60.0  # one fault per slot
 FAULT_ON_S, FAULT_OFF_S, RESTART_AT_S = 15.0, 35.0, 50.0  # within each slot
@@ -204,6 +206,11 @@ class Soak:
     def db(self) -> Path:
         return self.folder / "soak.db"
 
+    @property
+    def orders_db(self) -> str:
+        """The table the demo's worker writes and checkout's sql step reads back."""
+        return default_url(self.folder)
+
     def log(self, what: str, **more: Any) -> None:
         self.events.append({"at": time.time(), "what": what, **more})
         print(f"  {time.strftime('%H:%M:%S')} {what} {more or ''}", flush=True)
@@ -213,7 +220,7 @@ class Soak:
         demo = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "monitor", "demo", "--shop-only",
             "--shop-listen", self.shop, "--kafka-listen", self.kafka, "--listen", self.public,
-            stdout=log, stderr=log,
+            "--orders-db", self.orders_db, stdout=log, stderr=log,
         )  # fmt: skip
         await _answers(f"http://{self.shop}/faults", 60)
         return demo
@@ -221,7 +228,7 @@ class Soak:
     def flows(self) -> Path:
         from monitor.demo.runner import demo_flows_file
 
-        path = demo_flows_file(f"http://{self.shop}", self.kafka, self.folder)
+        path = demo_flows_file(f"http://{self.shop}", self.kafka, self.folder, self.orders_db)
         text = path.read_text()
         for slow, fast in COMPRESS.items():
             text = text.replace(slow, fast)

@@ -1,19 +1,22 @@
 """Writes hopwatch's Grafana dashboards as JSON, so all panels share one layout and data source.
 
 Run `python grafana/generate.py` after changing a panel; tests/test_dashboards.py fails when the
-JSON under grafana/dashboards/ and this file disagree. The JSON is what Grafana provisions.
+JSON under grafana/dashboards/ and this file disagree. The JSON is what Grafana provisions; the
+same JSON, wrapped in a ConfigMap for Grafana's dashboard sidecar, goes to
+deploy/kubernetes-grafana/configmap-dashboards.yaml.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
+CONFIGMAP = DASHBOARD_DIR.parents[1] / "deploy" / "kubernetes-grafana" / "configmap-dashboards.yaml"
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -57,6 +60,14 @@ def rate(series: str, sel: str, fn: str = "rate", window: str = "$__rate_interva
     """`rate(series{sel}[window])`, or another range function over the same selection."""
     selector = f"{series}{{{sel}}}" if sel else series
     return f"{fn}({selector}[{window}])"
+
+
+def failures(sel: str, window: str = "$__rate_interval") -> str:
+    """Step failures in each window, per series: increase(), or all of a series that appeared
+    within it (a failure counter is exported from the hop's first failure of that reason on,
+    and increase() cannot see its step from nothing to the first count)."""
+    series = f"hopwatch_step_failures_total{{{sel}}}" if sel else "hopwatch_step_failures_total"
+    return f"({series} unless {series} offset {window} or increase({series}[{window}]))"
 
 
 def ratio(by: str, series: str, sel: str, fn: str = "rate") -> str:
@@ -438,7 +449,8 @@ def dashboard(
 
 
 def overview() -> dict[str, Any]:
-    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor."""
+    """Every flow and link at a glance; broken links, latency, arrivals, SLOs, the monitor and
+    its cluster."""
     lay = Layout()
     _overview_health(lay, OVERVIEW_SEL)
     _overview_breaks(lay, OVERVIEW_SEL)
@@ -446,6 +458,8 @@ def overview() -> dict[str, Any]:
     _overview_arrivals(lay)
     _overview_slo(lay, OVERVIEW_SEL)
     _monitor_health(lay)
+    _overview_maintenance(lay, OVERVIEW_SEL)
+    _cluster(lay)
     for panel in lay.panels:
         if any("{{flow}}" in t.get("legendFormat", "") for t in panel.get("targets", [])):
             with_flow_link(panel)
@@ -518,13 +532,12 @@ def _overview_health(lay: Layout, sel: str) -> None:
 
 def _overview_breaks(lay: Layout, sel: str) -> None:
     lay.row("Broken links")
-    failures = "hopwatch_step_failures_total"
     lay.add(
         timeseries(
             "Broken links by reason",
             "Broken runs per interval, by the reason of the first failing hop"
             " (hopwatch_step_failures_total).",
-            [target(f"sum by (reason) ({rate(failures, sel, 'increase')})", "{{reason}}")],
+            [target(f"sum by (reason) {failures(sel)}", "{{reason}}")],
             "short",
             bars=True,
             stack=True,
@@ -532,14 +545,14 @@ def _overview_breaks(lay: Layout, sel: str) -> None:
         w=12,
         h=8,
     )
-    in_range = rate(failures, sel, "increase", "$__range")
+    in_range = failures(sel, "$__range")
     lay.add(
         table(
             "Broken links in the time range",
             "Which hop broke, how often and why, over the dashboard's time range.",
             [
                 instant_table_target(
-                    f"sort_desc(sum by (flow, step, variant, location, reason) ({in_range}) > 0)"
+                    f"sort_desc(sum by (flow, step, variant, location, reason) {in_range} > 0)"
                 )
             ],
             "short",
@@ -720,6 +733,100 @@ def _monitor_health(lay: Layout) -> None:
     )
 
 
+def _cluster(lay: Layout) -> None:
+    """Replicas sharing the flows (`hopwatch run --cluster`); empty for a single process."""
+    lay.row("Cluster")
+    lay.add(
+        timeseries(
+            "Members",
+            "Replicas in the group as each replica saw it at its last rebalance; and members"
+            " whose flow set differs from the reporting replica's (should be 0: every replica"
+            " must load the same flow files).",
+            targets(
+                ("max by (instance) (hopwatch_cluster_members)", "{{instance}}"),
+                ("max(hopwatch_cluster_flow_set_mismatch)", "members with other flows"),
+            ),
+            "none",
+        ),
+        w=8,
+        h=8,
+    )
+    owned = timeseries(
+        "Owned flows per replica",
+        "Flows each replica schedules now, stacked, against the flows the files configure: the"
+        " stack must reach the line (HopwatchClusterFlowsUnowned pages when it does not).",
+        targets(
+            ("sum by (instance) (hopwatch_cluster_owned_flows)", "{{instance}}"),
+            ("max(hopwatch_cluster_flows)", "configured"),
+        ),
+        "none",
+        stack=True,
+    )
+    owned["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": "B"},
+            "properties": [
+                {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}},
+                {"id": "custom.fillOpacity", "value": 0},
+                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+            ],
+        }
+    ]
+    lay.add(owned, w=8, h=8)
+    lay.add(
+        timeseries(
+            "Rebalances",
+            "Rebalances each replica took part in: one per replica joining or leaving (a"
+            " rolling restart makes two per pod); a steady stream means replicas flap.",
+            [
+                target(
+                    "sum by (instance) "
+                    f"({rate('hopwatch_cluster_rebalances_total', '', 'increase')})",
+                    "{{instance}}",
+                )
+            ],
+            "none",
+            bars=True,
+        ),
+        w=8,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Forwarded arrivals",
+            "Webhooks a replica received for a flow another replica owns, sent to the owner"
+            " over the control topic (sent, failed), and control records that were not"
+            " arrivals (malformed). Each is counted in hopwatch_arrivals_total once, by its owner.",
+            [
+                target(
+                    "sum by (instance, outcome) "
+                    f"({rate('hopwatch_cluster_forwarded_arrivals_total', '')})",
+                    "{{instance}} {{outcome}}",
+                )
+            ],
+            "ops",
+        ),
+        w=12,
+        h=8,
+    )
+    delay = "hopwatch_cluster_forward_delay_seconds"
+    lay.add(
+        timeseries(
+            "Forwarding delay",
+            "From a webhook reaching one replica to its owner offering it to the waiting run:"
+            " what forwarding adds (the webhook's latency is stamped where it arrived).",
+            targets(
+                (quantile("0.5", "instance", delay, ""), "{{instance}} p50"),
+                (quantile("0.99", "instance", delay, ""), "{{instance}} p99"),
+            ),
+            "s",
+        ),
+        w=12,
+        h=8,
+    )
+
+
 def flow_detail() -> dict[str, Any]:
     """One flow in depth: runs, per-hop latency with trace exemplars, HTTP phases, variants."""
     lay = Layout()
@@ -728,6 +835,7 @@ def flow_detail() -> dict[str, Any]:
     _flow_hops(lay)
     _flow_http(lay)
     _flow_variants(lay)
+    _flow_locations(lay)
     variables = [
         datasource_variable(),
         query_variable("flow", "Flow", "label_values(hopwatch_runs_total, flow)", multi=False),
@@ -837,12 +945,11 @@ def _flow_runs(lay: Layout) -> None:
         w=12,
         h=8,
     )
-    failures = rate("hopwatch_step_failures_total", STEP_SEL, "increase")
     lay.add(
         timeseries(
             "Broken links by hop and reason",
             "The first failing hop of each broken run and why it failed.",
-            [target(f"sum by (step, reason) ({failures})", "{{step}}: {{reason}}")],
+            [target(f"sum by (step, reason) {failures(STEP_SEL)}", "{{step}}: {{reason}}")],
             "short",
             bars=True,
             stack=True,
@@ -1019,6 +1126,88 @@ def _flow_gate(lay: Layout) -> None:
     )
 
 
+def _overview_maintenance(lay: Layout, sel: str) -> None:
+    """When flows were in a maintenance window: their runs count for no alert and no SLO."""
+    lay.row("Maintenance")
+    panel = status_history(
+        "Maintenance windows",
+        "Flow variants in a maintenance window (hopwatch_maintenance 1): their runs go on and"
+        " show on every other panel, but open no incident, raise no alert and stay out of the"
+        " SLO ratios.",
+        [
+            target(
+                # hopwatch_maintenance appears with a flow's first window: 0 for the others
+                f"max by (flow, variant, location) (hopwatch_maintenance{{{sel}}})"
+                f" or 0 * max by (flow, variant, location) (hopwatch_flow_up{{{sel}}})",
+                "{{flow}} · {{variant}} · {{location}}",
+            )
+        ],
+    )
+    panel["fieldConfig"]["defaults"]["mappings"] = [
+        {
+            "type": "value",
+            "options": {
+                "0": {"text": "-", "color": "transparent", "index": 0},
+                "1": {"text": "MAINTENANCE", "color": "blue", "index": 1},
+            },
+        }
+    ]
+    panel["fieldConfig"]["defaults"]["thresholds"] = thresholds((None, "transparent"), (1, "blue"))
+    lay.add(panel, w=24, h=6)
+
+
+def _flow_locations(lay: Layout) -> None:
+    """The flow as each location sees it, side by side, and how many see each link broken
+    (the quorum HopwatchLinkBrokenInLocations pages on)."""
+    lay.row("Locations side by side")
+    loc_sel = 'flow="$flow", variant=~"$variant", location="$location"'
+    side_by_side = {"repeat": "location", "repeatDirection": "h", "maxPerRow": 3}
+    lay.add(
+        link_history(
+            "Link states · $location",
+            "Each hop's state from one location; the panel repeats per selected location.",
+            [target(link_state("step, variant", loc_sel), "{{step}} · {{variant}}")],
+        ),
+        w=24,
+        h=6,
+        **side_by_side,
+    )
+    lay.add(
+        timeseries(
+            "Hop latency p95 · $location",
+            "Each hop's p95 from one location; the panel repeats per selected location.",
+            [
+                target(
+                    quantile("0.95", "step, variant", STEP_DURATION, loc_sel),
+                    "{{step}} · {{variant}}",
+                )
+            ],
+            "s",
+        ),
+        w=24,
+        h=8,
+        **side_by_side,
+    )
+    quorum = 'flow="$flow", variant=~"$variant"'
+    broken = f"hopwatch:link_broken:locations{{{quorum}}}"
+    reporting = f"hopwatch:link_reporting:locations{{{quorum}}}"
+    lay.add(
+        timeseries(
+            "Locations seeing each link broken",
+            "Per hop, how many locations see it broken, out of how many run it (recording rules"
+            " of deploy/prometheus/rules/locations.yml); HopwatchLinkBrokenInLocations pages"
+            " when a majority of at least 2 do.",
+            [
+                target(f"{broken} or 0 * {reporting}", "{{step}} · {{variant}} broken"),
+                target(reporting, "{{step}} · {{variant}} reporting", "B"),
+            ],
+            "short",
+        ),
+        w=24,
+        h=8,
+    )
+
+
 DASHBOARDS = {"hopwatch-overview.json": overview, "hopwatch-flow.json": flow_detail}
 
 
@@ -1032,11 +1221,45 @@ def rendered() -> Iterator[tuple[Path, str]]:
         yield DASHBOARD_DIR / name, render(build)
 
 
+CONFIGMAP_HEADER = """\
+# Generated by grafana/generate.py from grafana/dashboards/*.json: edit the generator and run it.
+# Grafana's dashboard sidecar (the Grafana and kube-prometheus-stack Helm charts' default label
+# grafana_dashboard) loads every JSON key as a board. It carries no namespace: apply it where
+# the sidecar looks (deploy/README.md). The grafana_folder annotation names the folder for a
+# sidecar whose folderAnnotation is grafana_folder; others put the boards in their default folder.
+"""
+
+
+def configmap(boards: Iterable[tuple[Path, str]]) -> str:
+    """The dashboards as one ConfigMap, each JSON text a literal block (kept byte for byte)."""
+    lines = [
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        "  name: hopwatch-dashboards",
+        "  labels:",
+        "    app.kubernetes.io/name: hopwatch",
+        "    app.kubernetes.io/part-of: hopwatch",
+        '    grafana_dashboard: "1"',
+        "  annotations:",
+        "    grafana_folder: hopwatch",
+        "data:",
+    ]
+    for path, text in sorted(boards):
+        lines.append(f"  {path.name}: |")
+        lines.extend(f"    {line}" for line in text.splitlines())
+    return CONFIGMAP_HEADER + "\n".join(lines) + "\n"
+
+
 def main() -> int:
     DASHBOARD_DIR.mkdir(exist_ok=True)
-    for path, text in rendered():
+    boards = list(rendered())
+    for path, text in boards:
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}")
+    CONFIGMAP.parent.mkdir(exist_ok=True)
+    CONFIGMAP.write_text(configmap(boards), encoding="utf-8")
+    print(f"wrote {CONFIGMAP}")
     return 0
 
 

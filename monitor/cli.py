@@ -21,6 +21,7 @@ from monitor.engine import Options
 from monitor.gate.command import gate
 from monitor.importers.command import import_app
 from monitor.lifecycle import engine_or_exit, exit_with, run_async, serve_until_signal
+from monitor.maintenance.command import maintenance_app
 from monitor.output import as_json, as_junit, console_for, plural, table
 from probes.errors import ConfigError
 
@@ -48,8 +49,9 @@ AdminToken = Annotated[
 Store = Annotated[
     str,
     typer.Option(
+        envvar="HOPWATCH_STORE",  # a URL with a password stays out of the command line
         help="Run history: a SQLite file, sqlite+aiosqlite:///path.db, "
-        "postgresql+asyncpg://user@host/db, or 'none'."
+        "postgresql+asyncpg://user@host/db, or 'none'.",
     ),
 ]
 
@@ -245,6 +247,13 @@ def demo(
         str, typer.Option(help="Where the demo's own broker listens.")
     ] = "127.0.0.1:9092",
     store: Store = "temporary",
+    orders_db: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the database the demo's worker writes its orders to; "
+            "default: a SQLite file in the demo's temporary directory."
+        ),
+    ] = None,
     shop_only: Annotated[
         bool, typer.Option(help="Run only the demo system (shop, worker, webhooks), no monitor.")
     ] = False,
@@ -268,12 +277,14 @@ def demo(
             duration=duration,
             console=err,
             shop_only=shop_only,
+            orders_db=orders_db,
         )
     )
 
 
 app.command()(gate)
 app.add_typer(import_app, name="import")
+app.add_typer(maintenance_app, name="maintenance")
 
 
 @app.command()

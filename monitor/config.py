@@ -11,8 +11,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from monitor.cluster.settings import ClusterSettings
+from monitor.config_errors import format_problems, nodes
 from monitor.events.settings import EventsSettings
 from monitor.kafka.settings import KafkaCluster
+from monitor.maintenance.windows import MaintenanceSpec, unknown_names
+from monitor.metrics_settings import MetricsSettings
 from monitor.receivers.guard import BODY_TIMEOUT, HEADER_TIMEOUT
 from probes import KINDS, StepConfig
 from probes.durations import Duration
@@ -73,6 +76,10 @@ class Flow(BaseModel):
     cookies: bool = Field(
         default=False,
         description="Keep cookies between the steps of a run (login flows); default false.",
+    )
+    http_phases: bool | None = Field(
+        default=None,
+        description="Export this flow's HTTP phase histograms; default: settings.metrics.",
     )
     variants: dict[str, Variant] = Field(
         default_factory=lambda: {"default": Variant()},
@@ -143,6 +150,10 @@ class Settings(BaseModel):
         description="Public listener: seconds for a whole request head, from connect or the "
         "last answer (also the keep-alive idle limit); default 10s.",
     )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings,
+        description="Optional series of /metrics; default: none of them, 15 latency buckets.",
+    )
     webhook_body_timeout: Duration = Field(
         default=BODY_TIMEOUT,
         gt=0,
@@ -167,6 +178,10 @@ class FileConfig(BaseModel):
     settings: Settings | None = Field(default=None, description="Monitor settings; default none.")
     kafka: KafkaSection | None = Field(default=None, description="Kafka clusters; default none.")
     flows: list[Flow] = Field(default_factory=list, description="The flows.")
+    maintenance: list[MaintenanceSpec] = Field(
+        default_factory=list,
+        description="Maintenance windows: runs go on, marked, but open no incident; default none.",
+    )
 
 
 class Config(BaseModel):
@@ -177,6 +192,7 @@ class Config(BaseModel):
     settings: Settings = Field(default_factory=Settings)
     kafka: KafkaSection = Field(default_factory=KafkaSection)
     flows: list[Flow] = Field(default_factory=list)
+    maintenance: list[MaintenanceSpec] = Field(default_factory=list)
     sources: dict[str, str] = Field(default_factory=dict, description="flow name → file")
 
     def flow(self, name: str) -> Flow:
@@ -184,56 +200,6 @@ class Config(BaseModel):
             if flow.name == name:
                 return flow
         raise KeyError(name)
-
-
-def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int:
-    """The 1-based line of the deepest YAML node along a pydantic error location."""
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            child = next((v for k, v in node.value if k.value == part), None)
-            if child is None:
-                continue  # a union tag, or a missing field: stay on the mapping's line
-            node = child
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return line
-            node = node.value[part]
-        else:
-            continue  # union tags in the location (e.g. "http") have no node of their own
-        line = node.start_mark.line + 1
-    return line
-
-
-def _where(data: Any, loc: Sequence[int | str]) -> str:
-    """`flow 'x' step 'y'` for an error location, from the raw data."""
-    parts: list[str] = []
-    if len(loc) >= 2 and loc[0] == "flows" and isinstance(loc[1], int):
-        try:
-            flow = data["flows"][loc[1]]
-            parts.append(f"flow {flow.get('name', '#' + str(loc[1]))!r}")
-            if len(loc) >= 4 and loc[2] in ("steps", "cleanup") and isinstance(loc[3], int):
-                step = flow[loc[2]][loc[3]]
-                label = "step" if loc[2] == "steps" else "cleanup step"
-                parts.append(f"{label} {step.get('name', '#' + str(loc[3]))!r}")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            pass
-    return " ".join(parts)
-
-
-def _field(loc: Sequence[int | str]) -> str:
-    """The field path after the flow/step prefix, without union tags."""
-    rest = list(loc)
-    if rest[:1] == ["flows"]:
-        rest = rest[4:] if len(rest) >= 4 and rest[2] in ("steps", "cleanup") else rest[2:]
-    return ".".join(str(p) for p in rest if not _is_union_tag(p))
-
-
-def _is_union_tag(part: int | str) -> bool:
-    """Pydantic puts the union member in error locations: a kind name or a type like list[int]."""
-    return isinstance(part, str) and (
-        part in KINDS or "[" in part or part in {"int", "str", "float", "bool", "dict", "list"}
-    )
 
 
 _union_version = KINDS.version  # the registry's state the models' step union was built from
@@ -282,47 +248,15 @@ def load_file(path: Path) -> FileConfig:
             if error["type"] == "union_tag_invalid":
                 message = f"unknown kind {error['input'].get('kind')!r}; {_kinds_hint()}"
             errors.append((error["loc"], message))
-        raise ConfigError(_format(path, _nodes(text), data, errors)) from exc
+        raise ConfigError(format_problems(path, nodes(text), data, errors)) from exc
     semantic = semantic_problems(file)
     if semantic:
-        raise ConfigError(_format(path, _nodes(text), data, semantic))
+        raise ConfigError(format_problems(path, nodes(text), data, semantic))
     return file
 
 
 # libyaml's loader where installed: 10,000 flows load in about a second instead of ten.
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _nodes(text: str) -> yaml.Node | None:
-    """The node tree, for line numbers: composed only when there is an error to place."""
-    return yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
-def _format(
-    path: Path, node: yaml.Node | None, data: Any, errors: Sequence[tuple[Sequence[int | str], str]]
-) -> list[str]:
-    """`file:line: flow 'x' step 'y': field: message`, one line per problem."""
-    problems: list[str] = []
-    for loc, message in errors:
-        where = _where(data, loc)
-        field = _field(loc)
-        text = f"{field}: {message}" if field else message
-        prefix = f"{path}:{_line_of(node, loc)}:"
-        problem = f"{prefix} {where}: {text}" if where else f"{prefix} {text}"
-        if not _merge_union_alternative(problems, problem):
-            problems.append(problem)
-    return problems
-
-
-def _merge_union_alternative(problems: list[str], problem: str) -> bool:
-    """Fold `x: want int` and `x: want list` for one field into one line with both wants."""
-    head, _, message = problem.rpartition(": ")
-    for i, earlier in enumerate(problems):
-        if earlier.startswith(head + ": "):
-            if message not in earlier:
-                problems[i] = f"{earlier}; or {message[0].lower()}{message[1:]}"
-            return True
-    return False
 
 
 def semantic_problems(file: FileConfig) -> list[tuple[tuple[int | str, ...], str]]:
@@ -452,7 +386,9 @@ def load(paths: Iterable[str | Path]) -> Config:
     clusters: dict[str, KafkaCluster] = {}
     flows: list[Flow] = []
     sources: dict[str, str] = {}
+    maintenance: list[MaintenanceSpec] = []
     for path, file in files:
+        maintenance.extend(file.maintenance)
         if file.settings is not None:
             if settings is not None and settings != file.settings:
                 problems.append(f"{path}:1: settings differ from those in another file")
@@ -469,11 +405,14 @@ def load(paths: Iterable[str | Path]) -> Config:
                 continue
             sources[flow.name] = str(path)
             flows.append(flow)
+    for path, file in files:
+        problems.extend(unknown_names(path, file.maintenance, flows))
     if problems:
         raise ConfigError(problems)
     return Config(
         settings=settings or Settings(),
         kafka=KafkaSection(clusters=clusters),
         flows=flows,
+        maintenance=maintenance,
         sources=sources,
     )

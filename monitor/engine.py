@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -24,7 +24,10 @@ from monitor.correlator import Correlator
 from monitor.gate.routes import install_gate_routes
 from monitor.gc_settle import settle_after_first_round, settle_start
 from monitor.http_clients import HttpClientPool
-from monitor.metrics import Metrics, MetricsSink, watch_event_loop
+from monitor.listen import serve_app, split_hostport
+from monitor.maintenance import MaintenanceBook
+from monitor.metric_types import set_created_series
+from monitor.metrics import Metrics, MetricsSink, SharedReadings, watch_event_loop
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import (
     Inbox,
@@ -43,7 +46,6 @@ from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
 from probes.arrivals import Arrival
-from probes.kinds import KindSpec
 
 if TYPE_CHECKING:
     from monitor.cluster.membership import Membership
@@ -51,37 +53,6 @@ if TYPE_CHECKING:
     from monitor.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"want HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-async def serve_app(app: web.Application, listen: str) -> web.AppRunner:
-    """Serve `app` on HOST:PORT; the caller cleans the returned runner up."""
-    host, port = split_hostport(listen)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
-
-
-T = TypeVar("T")
-
-
-def _asked(
-    steps: Sequence[Any], need: Callable[[KindSpec[Any]], Callable[[Any], T | None] | None]
-) -> list[T]:
-    """What the steps' kinds ask the engine to prepare (`tls`, `watches`)."""
-    out: list[T] = []
-    for step in steps:
-        ask = need(KINDS[step.kind])
-        if ask is not None and (value := ask(step)) is not None:
-            out.append(value)
-    return out
 
 
 @dataclass
@@ -113,19 +84,23 @@ class Engine:
         self.options = options or Options()
         self.steps = [s for f in config.flows for s in f.all_steps()]  # the config is frozen
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        wanted = config.settings.metrics
+        set_created_series(wanted.created_series)  # the process's switch, read at each scrape
+        self.metrics = Metrics(self.registry, wanted.latency_buckets)
         self.templates = Templates()
         self.http = HttpClientPool()
         self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))
         self.location = self.options.location or config.settings.location
         self.tracing = Tracing.from_env(location=self.location)
-        self.metrics_sink = MetricsSink(self.metrics)
+        self.metrics_sink = MetricsSink(self.metrics, http_phases=wanted.http_phases)
         self.metrics_sink.init_series(config.flows, self.location)
         self.sinks = FanOut(
             [self.metrics_sink, self.last_runs, *self.options.extra_sinks],
             self.metrics.sink_errors,
         )
         self.correlator = Correlator(self.metrics.arrivals)
+        # the flow files' windows now; the store's (runtime ones) once it is open
+        self.maintenance = MaintenanceBook(config.maintenance, registry=self.registry)
         self.inbox: Inbox = self.correlator  # where arrivals go; in a cluster, the membership
         self.membership: Membership | None = None
         self.rejects = RejectLog(self.metrics.arrivals)  # the public listener's refusals
@@ -156,8 +131,10 @@ class Engine:
                 correlator=self.correlator,
                 tracing=self.tracing,
                 replica=cluster.replica_name() if cluster is not None else None,
+                in_maintenance=self.maintenance.covers,
             )
         )
+        self.registry.register(SharedReadings(self.runner.deps.shared))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -172,10 +149,17 @@ class Engine:
         if cluster is not None:
             self._prepare_membership(cluster)
         await self.sinks.start()
-        self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
+        self.http.prepare(set(KINDS.asked(self.steps, lambda kind: kind.tls)))
         self._make_shared()
         self._background.append(asyncio.create_task(watch_event_loop(self.metrics)))
         self._background.append(asyncio.create_task(self.correlator.janitor()))
+        self.maintenance.store = self.store
+        if self.store is not None:  # the runtime windows before the first runs, if it answers
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.maintenance.sync()
+        keeping = self.maintenance.keep(self.maintenance_pairs)
+        self._background.append(asyncio.create_task(keeping))
         if self.needs_public_listener():
             await self._serve_public()
         if admin:
@@ -214,7 +198,7 @@ class Engine:
         host, port = split_hostport(self.options.listen)
         await web.TCPSite(runner, host, port).start()
 
-    async def _start_optional_parts(self) -> None:
+    async def _start_optional_parts(self, *, watch: bool = True) -> None:
         """Kafka clients (with their shared consumers) and the store, when asked for."""
         if self.options.store_url:
             from monitor.store import Store  # SQLAlchemy and Alembic: only when storing
@@ -233,7 +217,10 @@ class Engine:
                 on_arrival=self._offer,
                 arrivals_counter=self.metrics.arrivals,
             )
-            for cluster, topic in _asked(self.steps, lambda kind: kind.watches):
+            # In a cluster a replica reads only the topics of the flows it owns (take_flows).
+            for cluster, topic in KINDS.asked(
+                self.steps if watch else [], lambda kind: kind.watches
+            ):
                 self.kafka.watch(cluster, topic)
             self.runner.deps.kafka = self.kafka
             await self.kafka.start()
@@ -312,19 +299,24 @@ class Engine:
         self.metrics_sink.forget([f.name for f in changes.stopping])
         for key in [k for k in self.last_runs if k[0] in removed]:
             del self.last_runs[key]
-        if self.store is not None and removed:
-            await self.store.release_flows(removed)
         self.config = new
+        self.maintenance.set_declared(new.maintenance)
         if self.store is not None:  # the incident rules and links of the new flow files
             from monitor.store.incidents import policy_of
 
             self.store.book.policy = policy_of(new)
+            # Open incidents of links gone (a flow, a variant or a step) close as at a start.
+            # In a cluster the owners take their changed flows again on joining; removed
+            # flows nobody takes, so each replica closes them (each writes the same close).
+            await self.store.close_unconfigured(
+                removed if cluster else [f.name for f in changes.stopping]
+            )
         self.steps = [s for f in new.flows for s in f.all_steps()]
         self.last_runs.expected = sum(len(f.variants) for f in new.flows)
         self.metrics_sink.init_series(changes.starting, self.location)
-        self.http.prepare(set(_asked(self.steps, lambda kind: kind.tls)))
+        self.http.prepare(set(KINDS.asked(self.steps, lambda kind: kind.tls)))
         if self.kafka is not None:
-            await self.kafka.rewatch(_asked(self.steps, lambda kind: kind.watches))
+            await self.kafka.rewatch(KINDS.asked(self.steps, lambda kind: kind.watches))
         if self.webhook_paths is not None:
             self.webhook_paths.set_routes(routes_from_steps(self.steps))
         elif self.needs_public_listener():
@@ -336,16 +328,26 @@ class Engine:
         elif self.scheduler is not None:
             self.scheduler.add(changes.starting)
 
+    def maintenance_pairs(self) -> list[tuple[str, str, str]]:
+        """(flow, variant, location) of every configured run, for `hopwatch_maintenance`."""
+        return [
+            (flow.name, variant, flow.location or self.location)
+            for flow in self.config.flows
+            for variant in flow.variants
+        ]
+
     # -- the cluster -----------------------------------------------------------------------
 
     def _offer(self, arrival: Arrival) -> str:
         return self.inbox.offer(arrival)
 
     def _check_cluster_store(self) -> None:
-        if not (self.options.store_url or "").startswith("postgresql"):
+        url = self.options.store_url
+        if not (url or "").startswith("postgresql"):
             raise ValueError(
-                "a cluster needs a shared store: give --store postgresql+asyncpg://USER@HOST/DB "
-                "(SQLite or none would keep each replica's history apart)"
+                f"a cluster needs a shared store, not {url or 'none'!r}: give --store "
+                "postgresql+asyncpg://USER@HOST/DB (SQLite or none would keep each replica's "
+                "history apart)"
             )
 
     def _prepare_membership(self, cluster: ClusterSettings) -> None:
@@ -357,17 +359,30 @@ class Engine:
             self.config.flows,
             own=self.take_flows,
             disown=self.release_flows,
-            offer=self.correlator.offer,
+            local=self.correlator,
             registry=self.registry,
         )
         self.inbox = self.membership
 
     async def take_flows(self, flows: list[Flow]) -> None:
-        """Start flows this replica was given: their open incidents first, then their grid."""
+        """Start flows this replica was given: their open incidents and their topics first,
+        then their grid."""
         if self.store is not None:
             await self.store.take_flows([f.name for f in flows])
+        await self._watch_owned()
         if self.scheduler is not None:
             self.scheduler.add(flows)
+
+    async def _watch_owned(self) -> None:
+        """Read only the topics of the flows this replica owns: with many replicas, each
+        topic is read by its owner alone, not by every replica."""
+        if self.kafka is None or self.membership is None:
+            return
+        steps = [s for f in self.membership.owned_flows for s in f.all_steps()]
+        await self.kafka.rewatch(KINDS.asked(steps, lambda kind: kind.watches))
+        with contextlib.suppress(TimeoutError):  # a broker that is down does not hold us up
+            async with asyncio.timeout(10):
+                await self.kafka.wait_consumer()
 
     async def release_flows(self, flows: list[Flow]) -> None:
         """Stop flows another replica will run: runs aborted, gauges gone, incidents written."""
@@ -375,6 +390,7 @@ class Engine:
         if self.scheduler is not None:
             await self.scheduler.remove(names)
         self.metrics_sink.forget(names)
+        await self._watch_owned()
         if self.store is not None:
             await self.store.release_flows(names)
 
@@ -428,7 +444,8 @@ class Engine:
         from monitor.api import install_api_routes  # the admin app's parts: not for `check`
         from monitor.status_page import install_status_routes
 
-        flows, last = self.config.flows, self.last_runs
+        # Asked at each request: a reload replaces self.config, and the answers follow it.
+        flows, last = (lambda: self.config.flows), self.last_runs
         install_api_routes(
             app,
             store=self.store,
@@ -436,8 +453,11 @@ class Engine:
             last_runs=last,
             bearer_auth=token is not None,
             cluster=self.membership.describe if self.membership is not None else None,
+            maintenance=self.maintenance,
         )
-        install_status_routes(app, store=self.store, flows=flows, last_runs=last)
+        install_status_routes(
+            app, store=self.store, flows=flows, last_runs=last, maintenance=self.maintenance
+        )
         install_gate_routes(app, engine=self, store=self.store, metrics_registry=self.registry)
         return app
 

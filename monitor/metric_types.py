@@ -53,6 +53,15 @@ def created_series_enabled() -> bool:
     return bool(getattr(_client_metrics, "_use_created", True))
 
 
+def set_created_series(enabled: bool) -> None:
+    """Set prometheus_client's `_created` switch for the process (the families read it at each
+    scrape): hopwatch's engine turns it off unless `settings.metrics.created_series` asks."""
+    if enabled:
+        _client_metrics.enable_created_metrics()  # type: ignore[no-untyped-call]
+    else:
+        _client_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
 def check_exemplar(labels: dict[str, str]) -> None:
     """Raises ValueError for exemplar labels longer than OpenMetrics allows (as the client)."""
     runes = sum(len(k) + len(v) for k, v in labels.items())
@@ -110,6 +119,7 @@ class Family(Collector):
         self._shown = bytearray()  # at a series' offset: 1 once exported
         self._order: list[int] = []  # offsets of the exported series, in the order shown
         self._exemplars: dict[int, StoredExemplar] = {}  # array position → its last exemplar
+        self._text: dict[int, tuple[str, str]] = {}  # offset → its labels as written (metric_text)
         if not self.labelnames:  # a label-less metric exists from the start, as in the client
             self.show(self.reserve(()))
         if registry is not None:

@@ -11,22 +11,24 @@ they are in place before `gc.freeze()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from monitor import __version__
 from monitor.config import Flow
 from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily
+from monitor.metrics_settings import LATENCY_BUCKETS
 from monitor.results import RunResult, StepResult
-from probes import KINDS
+from probes.base import Reading, Shared
 
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
-)  # fmt: skip
-# The phases keep the latency buckets: with compact histograms they cost 8 bytes a bucket, and
-# changing them would change the `le` series that dashboards and recorded data already use.
+log = logging.getLogger(__name__)
+
+# The phases keep the default latency buckets (monitor/metrics_settings.py), whatever a config
+# gives the run and hop histograms: only flows that ask for them (`http_phases`) have them.
 PHASE_BUCKETS = LATENCY_BUCKETS
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OUTCOMES = ("success", "failure", "aborted")
@@ -52,6 +54,7 @@ METRIC_NAMES: dict[str, str] = {
     "hopwatch_build_info": "gauge",
     "hopwatch_gate_verdicts_total": "counter",  # monitor/gate/service.py
     "hopwatch_gate_score": "gauge",
+    "hopwatch_maintenance": "gauge",  # monitor/maintenance/book.py
 }
 
 
@@ -62,7 +65,9 @@ class Metrics:
     and the receivers and FanOut are typed against `Counter`.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> None:
         self.registry = registry
         flow = ["flow", "variant", "location"]
         step = ["flow", "step", "kind", "variant", "location"]
@@ -70,11 +75,11 @@ class Metrics:
                                   registry)  # fmt: skip
         self.run_duration = HistogramFamily(
             "hopwatch_run_duration_seconds", "End-to-end duration of a run.", flow, registry,
-            buckets=LATENCY_BUCKETS,
+            buckets=buckets,
         )  # fmt: skip
         self.step_duration = HistogramFamily(
             "hopwatch_step_duration_seconds", "Per-hop latency.", step, registry,
-            buckets=LATENCY_BUCKETS,
+            buckets=buckets,
         )  # fmt: skip
         # A waiting hop's latency runs from its trigger's start, so it contains the hops
         # before it; its own part (from the previous step's end to the arrival) is what
@@ -82,7 +87,7 @@ class Metrics:
         self.step_own_duration = HistogramFamily(
             "hopwatch_step_own_duration_seconds",
             "A waiting hop's own latency: from the previous step's end to the arrival.",
-            step, registry, buckets=LATENCY_BUCKETS,
+            step, registry, buckets=buckets,
         )  # fmt: skip
         self.step_failures = CounterFamily(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry
@@ -167,10 +172,11 @@ class _Run:
     """Every series one (flow, variant, location) run touches: built once, looked up once."""
 
     __slots__ = ("cleanup", "duration", "flow", "flow_up", "hops", "last_success", "loc",
-                 "outcomes", "variant")  # fmt: skip
+                 "outcomes", "phases", "variant")  # fmt: skip
 
-    def __init__(self, m: Metrics, flow: str, variant: str, loc: str) -> None:
+    def __init__(self, m: Metrics, flow: str, variant: str, loc: str, phases: bool) -> None:
         self.flow, self.variant, self.loc = flow, variant, loc
+        self.phases = phases  # whether the flow's HTTP phase histograms are exported
         key = (flow, variant, loc)
         self.outcomes = {o: m.runs.reserve((*key, o)) for o in OUTCOMES}
         self.duration = m.run_duration.reserve(key)
@@ -189,8 +195,9 @@ class _Run:
 class MetricsSink:
     """Turns each RunResult into metric updates through one pre-built record per run key."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, http_phases: bool = False) -> None:
         self.m = metrics
+        self.http_phases = http_phases  # settings.metrics.http_phases: flows that do not say
         self._runs: dict[tuple[str, str, str], _Run] = {}
 
     async def start(self) -> None:
@@ -199,33 +206,38 @@ class MetricsSink:
     async def close(self) -> None:
         return None
 
-    def _run(self, flow: str, variant: str, loc: str) -> _Run:
+    def _run(self, flow: str, variant: str, loc: str, phases: bool | None = None) -> _Run:
         key = (flow, variant, loc)
         run = self._runs.get(key)
         if run is None:
-            run = self._runs[key] = _Run(self.m, flow, variant, loc)
+            wanted = self.http_phases if phases is None else phases
+            run = self._runs[key] = _Run(self.m, flow, variant, loc, wanted)
+        elif phases is not None:
+            run.phases = phases  # a reload changed the flow's choice
         return run
 
     def init_series(self, flows: Sequence[Flow], location: str, max_links: int = 2000) -> None:
-        """Build every configured run's record, and export each flow's run counters and each
-        link's failure counters at 0, so the first failure is an increase that rate() and
-        alerts see (the failure counters up to `max_links`, to bound the series scraped)."""
+        """Build every configured run's record, and export each flow's run counters and its
+        cleanups' failure counters at 0 (up to `max_links`), so the first failure is an
+        increase that rate() and alerts see.
+
+        A hop's failure counters are not exported before its first failure: one per reason the
+        kind knows (8 for http) was 8 series a link that never failed; the alert and the
+        boards count a failure series that has just appeared (deploy/prometheus/rules)."""
         m = self.m
         links = sum(len(f.steps) * len(f.variants) for f in flows)
         for flow in flows:
             loc = flow.location or location
             for variant in flow.variants:
-                run = self._run(flow.name, variant, loc)
+                run = self._run(flow.name, variant, loc, flow.http_phases)
                 for offset in run.outcomes.values():
                     m.runs.show(offset)
-                hops = [run.hop(m, step.name, step.kind) for step in flow.steps]
+                for step in flow.steps:
+                    run.hop(m, step.name, step.kind)
                 if links > max_links:
                     continue
                 for step in flow.cleanup:
                     m.cleanup_failures.show(self._cleanup(run, step.name))
-                for step, hop in zip(flow.steps, hops, strict=True):
-                    for reason in KINDS[step.kind].reasons:
-                        m.step_failures.show(self._failure(run, hop, step.name, reason))
 
     def forget(self, flows: Iterable[str], *, every_series: bool = False) -> None:
         """Remove the gauges of flows this replica no longer runs (`flow_up`, `link_up`,
@@ -324,7 +336,7 @@ class MetricsSink:
             m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
         if (status == "passed" or status == "failed") and step.latency_s is not None:
             self._latency(run, hop, step, step.latency_s, trace_id)
-        if step.phases:
+        if step.phases and run.phases:
             self._phases(run, hop, step)
         if step.tls_not_after is not None:
             if hop.tls_expiry is None:
@@ -351,6 +363,28 @@ class MetricsSink:
             if offset is None:
                 offset = phases[phase] = m.http_phase.reserve((run.flow, step.name, phase))
             m.http_phase.observe_at(offset, seconds)
+
+
+class SharedReadings(Collector):
+    """The figures the kinds' shared resources report (`readings()`: a browser's memory), read
+    at scrape time; the kind names its series, so the engine needs to know none."""
+
+    def __init__(self, shared: Mapping[str, Shared]) -> None:
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        for kind, resources in list(self._shared.items()):
+            readings = getattr(resources, "readings", None)
+            if readings is None:
+                continue
+            try:
+                found: list[Reading] = list(readings())
+            except Exception:  # a scrape must not fail for one kind's trouble
+                log.exception("the %s kind's readings failed", kind)
+                continue
+            for reading in found:
+                family = GaugeMetricFamily if reading.type == "gauge" else CounterMetricFamily
+                yield family(reading.name, reading.help, value=reading.value)
 
 
 async def watch_event_loop(metrics: Metrics, interval: float = 0.25, every: float = 0.05) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probes.errors import Artifact
+
 StepStatus = Literal["passed", "failed", "skipped", "aborted"]
 RunOutcome = Literal["success", "failure", "aborted"]
 
@@ -31,6 +33,9 @@ class StepResult:
     tls_not_after: float | None = None  # the server certificate's expiry, unix seconds
     own_latency_s: float | None = None
     duration_s: float | None = None
+    # Evidence of a failure (a screenshot): for the store and the run page only, never in
+    # `to_dict` (the API, events, the results topic) nor in spans.
+    artifacts: list[Artifact] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -52,6 +57,7 @@ class RunResult:
     steps: list[StepResult]
     trace_id: str | None = None
     replica: str | None = None  # the cluster member that ran it; None outside a cluster
+    maintenance: bool = False  # it ran (in part) in a maintenance window: no incident, no SLO
 
     @property
     def broken(self) -> StepResult | None:
@@ -79,6 +85,7 @@ class RunResult:
             "broken_step": broken.name if broken else None,
             "reason": broken.reason if broken else None,
             "trace_id": self.trace_id,
+            "maintenance": self.maintenance,
             "steps": [
                 {
                     "name": s.name,

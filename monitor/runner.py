@@ -113,6 +113,8 @@ class RunnerDeps:
     tracing: Tracing | None = None  # when traces are on
     release_run: Callable[[StepContext], Awaitable[None]] | None = None
     replica: str | None = None  # named on every result when in a cluster
+    # (flow, variant, start, end) → whether a maintenance window covered the run
+    in_maintenance: Callable[[str, str, float, float], bool] | None = None
     shared: dict[str, Shared] = field(default_factory=dict)  # the kinds' own, by kind name
 
 
@@ -205,6 +207,10 @@ class Runner:
                 trace_id=trace_id,
                 replica=self.deps.replica,
             )
+            covered = self.deps.in_maintenance
+            if covered is not None:
+                end = started_unix + result.duration_s
+                result.maintenance = covered(flow.name, variant, started_unix, end)
             if span_scope is not None:
                 span_scope.finish(result)
             if submit:
@@ -300,6 +306,7 @@ class Runner:
             result.attributes = failed.attributes
             result.latency_s = failed.latency_s
             result.tls_not_after = failed.tls_not_after
+            result.artifacts = failed.artifacts
             if failed.vars:
                 ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
         except TimeoutError:

@@ -6,7 +6,18 @@ Installed packages add kinds through the `hopwatch.kinds` entry point group inst
 
 from __future__ import annotations
 
-from probes import dns, grpc, http, http_poll, kafka_consume, kafka_produce, sql, tcp, webhook_await
+from probes import (
+    browser,
+    dns,
+    grpc,
+    http,
+    http_poll,
+    kafka_consume,
+    kafka_produce,
+    sql,
+    tcp,
+    webhook_await,
+)
 from probes.kinds import Kinds, KindSpec
 
 __all__ = ["KINDS", "KindSpec", "StepConfig"]
@@ -22,6 +33,7 @@ KINDS = Kinds(
         tcp.SPEC,
         dns.SPEC,
         grpc.SPEC,
+        browser.SPEC,
     )
 )
 KINDS.load_entry_points()

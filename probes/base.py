@@ -106,9 +106,21 @@ class Renderer(Protocol):
 
 class Shared(Protocol):
     """A kind's long-lived resources (pools, channels): made by the engine at start, closed at
-    stop, lent to every run as `StepContext.shared[<kind>]`."""
+    stop, lent to every run as `StepContext.shared[<kind>]`. One that also has a `readings()`
+    method returning `Reading`s has them shown on /metrics at every scrape."""
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A figure a kind's shared resources report on /metrics (a browser's memory): the kind
+    names its own series, `hopwatch_<kind>_…`, so the engine never has to."""
+
+    name: str
+    help: str
+    value: float
+    type: Literal["gauge", "counter"] = "gauge"
 
 
 class HttpClients(Protocol):

@@ -24,7 +24,18 @@ from __future__ import annotations
 
 import os
 import traceback
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """Evidence a failed step keeps with its run (a screenshot): bounded by the kind, and
+    written only to the store, never to spans, events or metrics."""
+
+    name: str
+    media_type: str
+    data: bytes
 
 
 class StepFailed(Exception):
@@ -49,6 +60,7 @@ class StepFailed(Exception):
         self.latency_s = latency_s
         self.vars: dict[str, Any] = {}  # values taken despite the failure, for cleanup steps
         self.tls_not_after: float | None = None  # known even when the step failed on it
+        self.artifacts: list[Artifact] = []  # kept with the run in the store
 
 
 class Timeout(StepFailed):

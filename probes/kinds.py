@@ -9,7 +9,7 @@ name. Kinds come from `probes/__init__.py`, from installed packages through the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, Union, get_args
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "hopwatch.kinds"
 SpanKindName = Literal["client", "producer", "consumer", "internal"]
 ConfigT = TypeVar("ConfigT", bound=StepConfigBase)
+T = TypeVar("T")
 # The runner gives these to any step: its time limit ran out, or a template or our code failed.
 _RUNNER_REASONS: Final = (Timeout.reason, OtherFailure.reason)
 
@@ -148,6 +149,19 @@ class Kinds(Mapping[str, KindSpec[Any]]):
                 self.register(spec)
             except Exception:
                 log.exception("kind %r from entry point %s not loaded", point.name, point.value)
+
+    def asked(
+        self,
+        steps: Iterable[Any],
+        need: Callable[[KindSpec[Any]], Callable[[Any], T | None] | None],
+    ) -> list[T]:
+        """What the steps' kinds ask the engine to prepare, e.g. `lambda kind: kind.tls`."""
+        out: list[T] = []
+        for step in steps:
+            ask = need(self[step.kind])
+            if ask is not None and (value := ask(step)) is not None:
+                out.append(value)
+        return out
 
     def union(self) -> Any:
         """The discriminated union of every kind's config model, for a `steps` field."""

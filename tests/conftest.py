@@ -13,5 +13,6 @@ pytest_plugins = [
     "tests.fixtures.tls",
     "tests.fixtures.dns_server",
     "tests.fixtures.grpc_server",
+    "tests.fixtures.line_servers",
     "tests.fixtures.faults",
 ]

@@ -4,6 +4,7 @@ short real run of one part through the command users run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -12,12 +13,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Histogram
 
+from benchmarks.cluster import hist_quantile
+from benchmarks.cluster import targets as cluster_targets
+from benchmarks.cluster_parts import histogram, overlapping_flows, parse_metrics, total
 from benchmarks.common import (
     HistSnapshot,
     Target,
@@ -156,3 +161,52 @@ async def test_webhook_sender_signs_what_hopwatch_verifies_and_counts_answers() 
         failing = RawSender(f"http://127.0.0.1:{server.port}/fail", width=2)
         assert await failing.send_all([signed_request(failing.url, {"ref": "x"})]) == (0, 1)
     assert sorted(seen) == sorted([*refs, "again", "x"])
+
+
+def test_cluster_overlaps_are_runs_starting_before_the_previous_one_finished() -> None:
+    def run(flow: str, started: float, finished: float) -> dict[str, Any]:
+        return {"flow": flow, "started_at": started, "finished_at": finished}
+
+    rows = [
+        run("a", 0.0, 1.0), run("a", 1.0, 2.0),  # back to back: no overlap
+        run("b", 0.0, 5.0), run("b", 1.0, 1.5), run("b", 4.0, 6.0),  # both inside the first
+        run("c", 0.0, 1.0), run("c", 0.9995, 2.0),  # within the store's 1 ms rounding
+    ]  # fmt: skip
+    assert overlapping_flows(rows) == ["b"]  # type: ignore[arg-type]
+
+
+def test_cluster_metrics_are_summed_over_the_series_the_labels_select() -> None:
+    samples = parse_metrics(
+        "# HELP hopwatch_arrivals_total x\n"
+        'hopwatch_arrivals_total{source="webhook",outcome="matched"} 7.0\n'
+        'hopwatch_arrivals_total{outcome="matched",source="kafka"} 2.0\n'
+        'hopwatch_arrivals_total{source="webhook",outcome="unmatched"} 1.0\n'
+        'hopwatch_cluster_forward_delay_seconds_bucket{le="0.005"} 3.0\n'
+        'hopwatch_cluster_forward_delay_seconds_bucket{le="0.01"} 4.0\n'
+        'hopwatch_cluster_forward_delay_seconds_bucket{le="+Inf"} 4.0\n'
+        "hopwatch_cluster_owned_flows 5.0\n"
+    )
+    assert total(samples, "hopwatch_arrivals_total", outcome="matched") == 9
+    assert total(samples, "hopwatch_arrivals_total", source="webhook") == 8
+    assert samples["hopwatch_cluster_owned_flows"] == 5
+    buckets = histogram(samples, "hopwatch_cluster_forward_delay_seconds")
+    assert buckets == [(0.005, 3.0), (0.01, 4.0), (math.inf, 4.0)]
+    assert hist_quantile(buckets, 0.5) == pytest.approx(0.005 * 2 / 3)  # PromQL's interpolation
+    assert hist_quantile(buckets, 1.0) == pytest.approx(0.01)
+
+
+def test_cluster_targets_judge_each_handover_against_its_own_session_timeout() -> None:
+    def moved(gap: float) -> dict[str, Any]:
+        return {"moved_flows": 3, "gap_p50_s": gap, "gap_max_s": gap, "members_settled_s": gap}
+
+    arrivals = {"sent_2xx": 5, "counted_total": 5, "counted": {"matched": 5}}
+    handover = {"session_timeout_s": 10.0, "interval_s": 1.0, "sigkill": moved(11.0),
+                "sigterm": moved(4.5), "overlap": {"flows_with_two_runs_in_flight": 0},
+                "arrivals": arrivals}  # fmt: skip
+    verdicts = {row["target"]: row["ok"] for row in cluster_targets({"handover": handover})}
+    assert verdicts == {
+        "every flow of a replica stopped by SIGKILL runs again (session timeout 10 s)": True,
+        "every flow of a replica stopped by SIGTERM runs again (session timeout 10 s)": False,
+        "flows with two runs in flight at once": True,
+        "webhooks counted once across replicas (all sent to one)": True,
+    }

@@ -148,6 +148,13 @@ async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
         await asyncio.wait_for(proc.wait(), 20)
 
 
+async def test_demo_refuses_an_orders_database_it_cannot_write_to() -> None:
+    code, _, err = await hopwatch("demo", "--orders-db", "mysql+pymysql://u:hunter22@db/shop")
+    assert code == 2
+    assert "--orders-db: driver 'mysql+pymysql' is not async" in err
+    assert "hunter22" not in err
+
+
 async def test_run_serves_metrics_and_stops_on_sigterm_within_grace(tmp_path: Path) -> None:
     """A hanging target keeps a run in flight; SIGTERM ends it after the grace, as aborted."""
     from tests.fixtures.core import serve

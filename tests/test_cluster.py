@@ -170,8 +170,20 @@ def _flow_file(tmp: Path, bootstrap: str, group: str, target: int, hooks_at: int
         "settings:",
         f"  cluster: {{bootstrap_servers: '{bootstrap}', group: {group}, "
         f"partitions: {PARTITIONS}, session_timeout: {SESSION_TIMEOUT}s}}",
+        f"kafka: {{clusters: {{main: {{bootstrap_servers: '{bootstrap}'}}}}}}",
         "flows:",
     ]
+    for name in _names("topic", 1, 3):  # each on a topic of its own, read by its owner only
+        lines += [
+            f"  - name: {name}",
+            f"    interval: {INTERVAL}s",
+            "    timeout: 3s",
+            "    steps:",
+            f"      - {{name: send, kind: kafka_produce, cluster: main, topic: {group}-{name}, "
+            "value: {ref: '{{ run.correlation }}'}}",
+            f"      - {{name: see, kind: kafka_consume, cluster: main, topic: {group}-{name}, "
+            "within: 2s, match: {json: {'$.ref': '{{ run.correlation }}'}}}",
+        ]
     for name in _names("plain", 3, 3):
         lines += [
             f"  - name: {name}",
@@ -200,7 +212,7 @@ async def _runs(pg: str) -> list[asyncpg.Record]:
     try:
         return list(
             await conn.fetch(
-                "SELECT id, flow, replica, outcome, started_at, finished_at FROM runs "
+                "SELECT id, flow, replica, outcome, reason, started_at, finished_at FROM runs "
                 "ORDER BY flow, started_at"
             )
         )
@@ -227,7 +239,7 @@ async def test_three_replicas_share_flows_forward_webhooks_and_hand_over(
     ]
     r1, r2, r3 = replicas
     _flow_file(tmp_path, kafka_broker.bootstrap, group, target.port, r1.listen)
-    flows = 15
+    flows = 18
     try:
         await r1.start()  # the first one migrates the shared store alone
         await eventually(lambda: r1.get("/readyz"), 30, "r1 ready")
@@ -238,21 +250,22 @@ async def test_three_replicas_share_flows_forward_webhooks_and_hand_over(
         members = await eventually(lambda: _members(r1, 3, flows), 40, "three members")
         for other in (r2, r3):
             assert await eventually(lambda o=other: _members(o, 3, flows), 10, "agreement")
-        assert all(len(names) == 5 for names in members.values()), members
+        assert all(len(names) == 6 for names in members.values()), members
         owned = [await r.sample("hopwatch_cluster_owned_flows", {}) for r in replicas]
-        assert owned == [5.0, 5.0, 5.0]
+        assert owned == [6.0, 6.0, 6.0]
 
         # 2. Webhooks all go to r1; runs on r2 and r3 still get theirs, counted once.
         target.app[EMITTING]["on"] = True
         hooks_elsewhere = [f for r in ("r2", "r3") for f in members[r] if f.startswith("hook")]
         assert len(hooks_elsewhere) == 4
+        topic_flows = [f for names in members.values() for f in names if f.startswith("topic")]
 
         async def hooks_passed() -> bool:
             runs = await _runs(pg_url)
             good = {r["flow"] for r in runs if r["outcome"] == "success"}
-            return set(hooks_elsewhere) <= good
+            return set(hooks_elsewhere) | set(topic_flows) <= good
 
-        await eventually(hooks_passed, 20, "webhook flows on r2 and r3 passing")
+        await eventually(hooks_passed, 20, "webhook flows on r2 and r3, and Kafka flows, passing")
         target.app[EMITTING]["on"] = False
         await asyncio.sleep(2.5)  # the last deliveries land or their waits end (within: 2s)
         stopped_at = time.time()
@@ -260,16 +273,37 @@ async def test_three_replicas_share_flows_forward_webhooks_and_hand_over(
         for r in replicas:
             labels = {"source": "webhook"}
             matched += await r.sample("hopwatch_arrivals_total", labels | {"outcome": "matched"})
+            # Webhooks only: the Kafka flows ran through the rebalances of the start, and the
+            # records of runs those aborted are counted unmatched where they were read.
             for outcome in ("unmatched", "duplicate", "late"):
-                unmatched += await r.sample(
-                    "hopwatch_arrivals_total", labels | {"outcome": outcome}
-                )
+                count = labels | {"outcome": outcome}
+                unmatched += await r.sample("hopwatch_arrivals_total", count)
         assert unmatched == 0
         assert matched == target.app[EMITTING]["sent"] > 0
         forwarded = await r1.sample(
             "hopwatch_cluster_forwarded_arrivals_total", {"outcome": "sent"}
         )
         assert forwarded > 0
+        # Forwarding adds milliseconds, not a fetch wait (aiokafka's 500 ms default: 100-250 ms).
+        delay = "hopwatch_cluster_forward_delay_seconds"
+        fast = [await r.sample(f"{delay}_bucket", {"le": "0.025"}) for r in (r2, r3)]
+        taken = [await r.sample(f"{delay}_count", {}) for r in (r2, r3)]
+        assert sum(taken) > 0 and sum(fast) >= 0.5 * sum(taken), (fast, taken)
+
+        # A delivery refused at r1 for a run waiting on r2 tells that run why (a wrong content
+        # type here; a rotated secret alike), instead of leaving it to say not_received.
+        hook = next(f for f in members["r2"] if f.startswith("hook"))
+        url = f"http://127.0.0.1:{r1.listen}/hooks/{hook}"
+
+        async def told() -> bool:
+            plain = {"Content-Type": "text/plain"}
+            async with aiohttp.ClientSession() as session, session.post(url, headers=plain):
+                pass
+            return any(
+                r["flow"] == hook and r["reason"] == "assertion" for r in await _runs(pg_url)
+            )
+
+        await eventually(told, 20, f"{hook} on r2 failing assertion for a refusal at r1")
         target.app[EMITTING]["on"] = True
 
         # 3. SIGKILL r3: its flows run again elsewhere within the session timeout, a

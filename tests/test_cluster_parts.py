@@ -20,7 +20,7 @@ from multidict import CIMultiDict, istr
 
 from monitor.cluster.assignor import FlowAssignor, plan
 from monitor.cluster.ownership import Ownership, ownership_keys, partition_of
-from monitor.cluster.wire import decode_arrival, encode_arrival
+from monitor.cluster.wire import Refusal, decode_arrival, encode_arrival, encode_refusal
 from monitor.config import Config
 from monitor.demo.broker import free_port
 from probes.arrivals import Arrival
@@ -93,6 +93,20 @@ def test_plan_gives_balanced_contiguous_ranges(
     members: int, partitions: int, want: list[list[int]]
 ) -> None:
     assert plan([f"m{i}" for i in range(members)], list(range(partitions))) == want
+
+
+def test_plan_is_sticky_when_members_come_and_go() -> None:
+    parts = list(range(12))
+    before = dict(zip(["r1", "r2", "r3"], plan(["r1", "r2", "r3"], parts), strict=True))
+    # r2 leaves: r1 and r3 keep all they had and share out r2's partitions.
+    after = dict(zip(["r1", "r3"], plan(["r1", "r3"], parts, before), strict=True))
+    assert set(before["r1"]) <= set(after["r1"]) and set(before["r3"]) <= set(after["r3"])
+    assert sorted(after["r1"] + after["r3"]) == parts and len(after["r1"]) == 6
+    # r4 joins: it takes 3 partitions, and only 3 partitions move in all.
+    joined = dict(zip(["r1", "r3", "r4"], plan(["r1", "r3", "r4"], parts, after), strict=True))
+    moved = sum(len(set(after[r]) - set(joined[r])) for r in ("r1", "r3"))
+    assert (len(joined["r4"]), moved) == (4, 4)
+    assert sorted(p for part in joined.values() for p in part) == parts
 
 
 def test_the_assignor_tells_every_member_who_owns_what() -> None:
@@ -195,11 +209,11 @@ async def test_giving_flows_up_aborts_their_runs_and_removes_their_gauges(
         await engine.stop()
 
 
-async def _hopwatch(*args: str) -> tuple[int, str]:
+async def _hopwatch(*args: str, **env: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "monitor", *args,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "300"},
+        env={**os.environ, "COLUMNS": "300", **env},
     )  # fmt: skip
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -210,7 +224,7 @@ async def _hopwatch(*args: str) -> tuple[int, str]:
     ("args", "want"),
     [
         (["--cluster", "127.0.0.1:9", "--store", "{tmp}/h.db"],
-         "a cluster needs a shared store: give --store postgresql+asyncpg://"),
+         "a cluster needs a shared store, not '{tmp}/h.db': give --store postgresql+asyncpg://"),
         (["--replica", "r1", "--store", "none"],
          "--cluster-group and --replica need --cluster (or settings.cluster)"),
     ],
@@ -226,4 +240,24 @@ async def test_run_refuses_a_cluster_it_cannot_be(
         "run", str(flows), *admin, *(a.replace("{tmp}", str(tmp_path)) for a in args)
     )
     assert code == 2
-    assert want in err
+    assert want.replace("{tmp}", str(tmp_path)) in err
+
+
+async def test_the_store_url_may_come_from_the_environment(
+    write_flows: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """HOPWATCH_STORE keeps a URL with a password out of the command line (a pod's args)."""
+    flows = write_flows(
+        "flows:\n  - {name: a, steps: [{name: s, kind: http, url: 'http://127.0.0.1:9/'}]}\n"
+    )
+    admin = ["--admin-listen", f"127.0.0.1:{free_port()}"]
+    code, err = await _hopwatch(
+        "run", str(flows), *admin, "--cluster", "127.0.0.1:9", HOPWATCH_STORE=str(tmp_path / "x.db")
+    )
+    assert code == 2
+    assert f"a cluster needs a shared store, not '{tmp_path / 'x.db'}'" in err
+
+
+def test_a_refusal_crosses_the_control_topic() -> None:
+    value, headers = encode_refusal(Refusal("/hooks/own", "bad signature", True), "r1")
+    assert decode_arrival(value, headers) == Refusal("/hooks/own", "bad signature", True)

@@ -106,11 +106,15 @@ def test_validate_reports_secret_references_that_do_not_resolve(
     from monitor.config import unresolved_secrets
 
     monkeypatch.delenv("HOPWATCH_DEMO_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("HOPWATCH_DEMO_ORDERS_DB", raising=False)
     path = ROOT / "examples" / "shop.yaml"
     problem = "environment variable HOPWATCH_DEMO_WEBHOOK_SECRET is not set"
     assert unresolved_secrets(load([path])) == [
-        f"{path}:38: flow 'checkout' step 'fulfilment_webhook': {problem}",
-        f"{path}:73: flow 'order_via_kafka' step 'confirmation': {problem}",
+        f"{path}:40: flow 'checkout' step 'fulfilment_webhook': {problem}",
+        f"{path}:54: flow 'checkout' step 'order_row': environment variable "
+        "HOPWATCH_DEMO_ORDERS_DB is not set",
+        f"{path}:82: flow 'order_via_kafka' step 'confirmation': {problem}",
     ]
     monkeypatch.setenv("HOPWATCH_DEMO_WEBHOOK_SECRET", "whsec_QUJD")
+    monkeypatch.setenv("HOPWATCH_DEMO_ORDERS_DB", "sqlite:///orders.db")
     assert unresolved_secrets(load([path])) == []

@@ -21,9 +21,10 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from deploy.kubernetes.generate_prometheusrule import rule_groups
+from monitor.cluster.metrics import CLUSTER_METRIC_NAMES
+from monitor.metric_text import choose_encoder  # what hopwatch's /metrics writes
 from monitor.metrics import METRIC_NAMES
 from tests.fixtures.prometheus import (
     PrometheusError,
@@ -156,13 +157,52 @@ def load_generator() -> ModuleType:
 
 
 def test_committed_json_is_what_the_generator_writes() -> None:
-    for path, text in load_generator().rendered():
+    generator = load_generator()
+    boards = list(generator.rendered())
+    for path, text in boards:
         assert path.read_text(encoding="utf-8") == text, f"run: python grafana/generate.py ({path})"
+    # The sidecar's ConfigMap holds the same JSON, byte for byte.
+    configmap = generator.CONFIGMAP
+    assert configmap.read_text(encoding="utf-8") == generator.configmap(boards), (
+        f"run: python grafana/generate.py ({configmap})"
+    )
+    data = yaml.safe_load(configmap.read_text(encoding="utf-8"))["data"]
+    assert data == {path.name: text for path, text in boards}
+
+
+RECORDED = re.compile(r"hopwatch:[a-z0-9_:]+")
+
+
+def test_deploy_readme_lists_the_panels_that_need_recording_rules() -> None:
+    """deploy/README.md's table names each panel that reads a recorded series, and only those."""
+    wanted = set()
+    for dashboard in DASHBOARDS.values():
+        row = ""
+        for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                row = panel["title"]
+                continue
+            series = {s for t in panel["targets"] for s in RECORDED.findall(t["expr"])}
+            if series:
+                wanted.add((dashboard["title"], row, panel["title"], frozenset(series)))
+    text = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    after = text.split("<!-- checked: tests/test_dashboards.py", 1)[1]
+    table = after.split("\n", 1)[1].split("\n\n", 1)[0]
+    listed = set()
+    for line in table.splitlines()[2:]:
+        board, row, panel, series = (cell.strip() for cell in line.strip("|").split("|"))
+        listed.add((board, row, panel, frozenset(RECORDED.findall(series))))
+    assert listed == wanted
+    recorded = {
+        rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule
+    }
+    assert all(s <= recorded for *_, s in wanted), "a panel reads a series no rule records"
 
 
 def test_every_metric_is_on_a_board() -> None:
     exprs = " ".join(t["expr"] for d in DASHBOARDS.values() for _, t in queries(d))
-    missing = [name for name in METRIC_NAMES if not re.search(rf"\b{name}", exprs)]
+    names = METRIC_NAMES | CLUSTER_METRIC_NAMES
+    missing = [name for name in names if not re.search(rf"\b{name}", exprs)]
     assert missing == []
 
 
@@ -174,6 +214,29 @@ def test_flow_dashboard_links_latency_to_traces_and_compares_variants() -> None:
     assert any(p.get("repeat") == "variant" for p in panels(dashboard))
     flow = next(v for v in variables(dashboard) if v["name"] == "flow")
     assert flow["multi"] is False, "the flow dashboard shows one flow"
+
+
+def test_overview_cluster_row_stacks_owned_flows_against_the_configured_line() -> None:
+    dashboard = DASHBOARDS["hopwatch-overview.json"]
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    start = next(i for i, p in enumerate(dashboard["panels"]) if p["title"] == "Cluster")
+    assert rows[-1]["title"] == "Cluster"
+    cluster = {p["title"]: p for p in dashboard["panels"][start + 1 :]}
+    assert set(cluster) == {
+        "Members", "Owned flows per replica", "Rebalances", "Forwarded arrivals",
+        "Forwarding delay",
+    }  # fmt: skip
+    owned = cluster["Owned flows per replica"]
+    by_ref = {t["refId"]: t["expr"] for t in owned["targets"]}
+    assert "by (instance)" in by_ref["A"] and "hopwatch_cluster_owned_flows" in by_ref["A"]
+    assert by_ref["B"] == "max(hopwatch_cluster_flows)"
+    assert owned["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    (override,) = owned["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    unstacked = {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}}
+    assert unstacked in override["properties"], "the configured line must not stack"
+    delay = " ".join(t["expr"] for t in cluster["Forwarding delay"]["targets"])
+    assert "hopwatch_cluster_forward_delay_seconds_bucket" in delay
 
 
 # --- queries parse and name only what hopwatch exports ------------------------------------------
@@ -394,10 +457,18 @@ async def test_every_panel_shows_data_from_a_real_prometheus(
 
 # Panels the bundled demo leaves empty today, and why. The demo test fails when one of them
 # shows data, so that this list only shrinks.
+CLUSTER_PANELS = (
+    "Members [A]", "Members [B]", "Owned flows per replica [A]", "Owned flows per replica [B]",
+    "Rebalances [A]", "Forwarded arrivals [A]", "Forwarding delay [A]", "Forwarding delay [B]",
+)  # fmt: skip
 DEMO_GAPS = {
     "hopwatch-flow.json: Canary gate verdicts [A]": "nothing asks the gate during the demo",
     "hopwatch-flow.json: Canary gate score [A]": "nothing asks the gate during the demo",
     "hopwatch-overview.json: Certificates expiring soonest [A]": "the demo speaks plain HTTP",
+    **{
+        f"hopwatch-overview.json: {panel}": "the demo is one process, not a cluster"
+        for panel in CLUSTER_PANELS
+    },
 }
 
 
@@ -485,7 +556,7 @@ def test_link_health_panels_show_passed_failed_and_skipped_apart(tmp_path: Path)
         for panel, target in queries(dashboard)
         if "hopwatch_link_up" in target["expr"]
     ]
-    assert len(panels) == 2
+    assert len(panels) == 3  # overview, flow, and the flow's per-location copy
     series = {  # hop: (link_up, link_skipped); c passed before and is skipped now
         "a": ("0", None),
         "b": ("1", "0"),
@@ -505,6 +576,7 @@ def test_link_health_panels_show_passed_failed_and_skipped_apart(tmp_path: Path)
                   for v in m["options"]}  # fmt: skip
         assert states == {"PASSED", "FAILED", "SKIPPED"}
         expr = target["expr"].replace('flow="$flow"', 'flow="f"')
+        expr = expr.replace('location="$location"', 'location="l"')  # a repeated panel's own
         expr = VARIABLE.sub(".*", expr)
         by = re.search(r"min by \(([^)]*)\)", expr)
         assert by is not None

@@ -1,9 +1,12 @@
-"""The demo chain end to end (API → Kafka → worker → signed webhook → read-back) on a real broker,
-with each fault showing as the right broken link and reason."""
+"""The demo chain end to end (API → Kafka → worker → signed webhook → read-back → the worker's
+row) on a real broker, with each fault showing as the right broken link and reason."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from monitor.demo.webhooks import DEMO_SECRET, sign_standard_webhook
 from tests.fixtures.demo import Demo, wait_until
 
-CHAIN = ["create_order", "order_event", "fulfilment_webhook", "read_back"]
+CHAIN = ["create_order", "order_event", "fulfilment_webhook", "read_back", "order_row"]
 
 
 def arrivals(demo: Demo, source: str, outcome: str) -> float:
@@ -28,7 +31,7 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
     assert all(s.latency_s is not None and s.latency_s > 0 for s in result.hops)
     labels = {"flow": "checkout", "variant": "stable", "location": "local"}
     for step, kind in zip(
-        CHAIN, ["http", "kafka_consume", "webhook_await", "http_poll"], strict=True
+        CHAIN, ["http", "kafka_consume", "webhook_await", "http_poll", "sql"], strict=True
     ):
         count = demo.registry.get_sample_value(
             "hopwatch_step_duration_seconds_count", {**labels, "step": step, "kind": kind}
@@ -43,6 +46,18 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
     assert arrivals(demo, "webhook", "matched") >= 3
 
 
+async def test_the_chain_ends_at_the_row_the_worker_wrote(demo: Demo, tmp_path: Path) -> None:
+    result = await demo.run("checkout")
+    assert result.outcome == "success", [(s.name, s.reason, s.message) for s in result.steps]
+    with contextlib.closing(sqlite3.connect(tmp_path / "demo-orders.db")) as db:
+        rows = db.execute(
+            "SELECT status, synthetic_run FROM fulfilled_orders WHERE ref = ?",
+            (result.correlation,),
+        ).fetchall()
+    # The row carries the run's marker, so the shop's own figures can leave probes out.
+    assert rows == [("fulfilled", result.run_id)]
+
+
 @pytest.mark.parametrize(
     ("faults", "step", "reason"),
     [
@@ -51,6 +66,7 @@ async def test_every_hop_of_the_chain_passes_and_is_timed(demo: Demo) -> None:
         ({"webhook_bad_signature": True}, "fulfilment_webhook", "signature"),
         ({"webhook_duplicate": True}, "fulfilment_webhook", "duplicate"),
         ({"worker_stopped": True}, "fulfilment_webhook", "not_received"),
+        ({"table_drop": True}, "order_row", "assertion"),
         ({"status": 503}, "create_order", "http_status"),
         ({"wrong_body": True}, "create_order", "assertion"),
     ],

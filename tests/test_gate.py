@@ -458,6 +458,82 @@ async def test_window_judges_the_stores_runs(
         await store.close()
 
 
+async def test_window_judges_one_location_when_asked(
+    shops: Shops, flow_file: Path, config: Config, tmp_path: Path
+) -> None:
+    """Two monitors at two locations share a store; the canary is slow from one only."""
+    from monitor.store import Store
+
+    store_url = f"sqlite+aiosqlite:///{tmp_path / 'hopwatch.db'}"
+    store = Store(store_url)
+    await store.migrate()
+    engines = {
+        loc: Engine(config, Options(location=loc, extra_sinks=[store]), CollectorRegistry())
+        for loc in ("eu-west-1", "us-east-1")
+    }
+    try:
+        for loc, engine in engines.items():
+            await engine.start(schedule=False, admin=False)
+            faults(shops[1]).latency_ms = SLOWER_MS if loc == "eu-west-1" else 0
+            pairs = engine.select(["checkout"], ["stable", "canary"])
+            await engine.run_once(pairs, repeat=12, concurrency=8)
+        assert await store.flush()
+        request = GateRequest(flow=("checkout",), window="10m", min_samples=10)
+        slow = await evaluate(request.model_copy(update={"location": "eu-west-1"}), engine=None,
+                              store=store, registry=CollectorRegistry())  # fmt: skip
+        assert slow.verdict == "fail", slow.reasons
+        assert (slow.flows[0].canary_runs, slow.flows[0].baseline_runs) == (12, 12)
+        # The command line (and so the HTTP gate, with the same field) filters the same way.
+        code, out, err = await cli(
+            str(flow_file), "--window", "10m", "--store", store_url, "--min-samples", "10",
+            "--location", "us-east-1", "--output", "json",
+        )  # fmt: skip
+        assert json.loads(out)["samples"] == {"canary": 12, "baseline": 12}, err
+        assert (code, json.loads(out)["verdict"]) == (0, "pass"), out
+        both = await evaluate(request, engine=None, store=store, registry=CollectorRegistry())
+        assert both.flows[0].canary_runs == 24  # no filter: every location
+    finally:
+        for engine in engines.values():
+            await engine.stop()
+        await store.close()
+
+
+async def test_window_leaves_out_runs_in_maintenance_windows(
+    shops: Shops, config: Config, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """The canary breaks only while a window covers it (planned work): not the canary's doing."""
+    from monitor.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'hopwatch.db'}")
+    await store.migrate()
+    engine = Engine(config, Options(extra_sinks=[store]), registry)
+    await engine.start(schedule=False, admin=False)
+    try:
+        pairs = engine.select(["checkout"], ["stable", "canary"])
+        now = engine.maintenance.clock()
+        window = await engine.maintenance.add(
+            flows=["checkout"], variants=[], start=now, end=now + 3600, reason="db upgrade"
+        )
+        faults(shops[1]).status = 503
+        planned = await engine.run_once(pairs, repeat=12, concurrency=8)
+        assert all(r.maintenance for r in planned)
+        assert {r.outcome for r in planned if r.variant == "canary"} == {"failure"}
+        await engine.maintenance.end(window.id)
+        faults(shops[1]).status = None
+        after = await engine.run_once(pairs, repeat=12, concurrency=8)
+        assert not any(r.maintenance for r in after)
+        assert await store.flush()
+        request = GateRequest(flow=("checkout",), window="10m", min_samples=10)
+        result = await evaluate(request, engine=engine, store=store)
+        assert (result.flows[0].canary_runs, result.flows[0].baseline_runs) == (12, 12)
+        assert result.verdict == "pass", result.reasons
+        errors = next(m for m in result.flows[0].verdict.metrics if m.name == FLOW_ERROR_RATIO)
+        assert errors.classification == "pass"
+    finally:
+        await engine.stop()
+        await store.close()
+
+
 async def test_window_without_a_flow_name_or_a_store_is_refused() -> None:
     with pytest.raises(GateError, match="name the flow"):
         await evaluate(GateRequest(window="5m"), engine=None, store=object())

@@ -13,6 +13,7 @@ from monitor.config import Config
 from monitor.engine import Engine, Options
 from monitor.metrics import METRIC_NAMES, Metrics, MetricsSink
 from monitor.results import RunResult, StepResult
+from probes.errors import ConfigError
 from tests.fixtures.core import free_port, serve
 from tests.test_http import target_app
 
@@ -73,26 +74,68 @@ async def test_metrics_carry_contract_labels_and_openmetrics(
     assert value("hopwatch_link_up", step="never") is None
     assert value("hopwatch_link_skipped", step="never") == 1
     assert value("hopwatch_link_skipped", step="bad") is None
+    # a failure series appears with the hop's first failure of that reason (the alert and the
+    # boards count a series that just appeared): none for a hop that never failed
     assert (
-        value("hopwatch_step_failures_total", step="never", kind="http", reason="http_status")
-        == 0  # created at 0 at start, so the first failure is an increase; never counted
+        value("hopwatch_step_failures_total", step="ok", kind="http", reason="http_status") is None
     )
     assert value("hopwatch_flow_up") == 0
-    phases = {
-        dict(labels)["phase"]
-        for (name, labels) in samples
-        if name == "hopwatch_http_phase_duration_seconds_count"
-    }
-    assert {"connect", "processing", "transfer"} <= phases
     exported = {name for name, _ in samples}
+    # by default: no `_created` samples, no phase histograms, 15 latency buckets
+    assert not any(name.endswith("_created") for name in exported)
+    assert "hopwatch_http_phase_duration_seconds_count" not in exported
+    les = {dict(labels)["le"] for (name, labels) in samples
+           if name == "hopwatch_step_duration_seconds_bucket"}  # fmt: skip
+    assert len(les) == 15 and "5.0" in les
+    of_flow = [labels for _, labels in samples if ("flow", "f") in labels]
+    assert len(of_flow) <= 30 * 3, f"{len(of_flow)} series for the flow's 3 links"
     for name, kind in METRIC_NAMES.items():
         if kind == "histogram":
             assert f"{name}_bucket" in exported or name in (
+                "hopwatch_http_phase_duration_seconds",  # asked for (test below)
                 "hopwatch_event_loop_lag_seconds",  # observed by a background task over time
                 "hopwatch_scheduler_lag_seconds",  # only with the scheduler on
                 "hopwatch_step_own_duration_seconds",  # waiting hops only (test_webhooks)
             )
     assert ("hopwatch_build_info", (("version", __import__("monitor").__version__),)) in samples
+
+
+ASKED = """\
+settings:
+  metrics: {http_phases: true, created_series: true, latency_buckets: [0.01, 0.1, 1, 5]}
+flows:
+  - name: f
+    steps: [{name: ok, kind: http, url: "http://127.0.0.1:%d/json"}]
+  - name: g
+    http_phases: false
+    steps: [{name: ok, kind: http, url: "http://127.0.0.1:%d/json"}]
+"""
+
+
+async def test_optional_series_when_asked(load_flows: Callable[[str], Config]) -> None:
+    """settings.metrics: phase histograms (a flow may say no), `_created` samples, buckets."""
+    target = await serve(target_app())
+    registry = CollectorRegistry()
+    engine = Engine(load_flows(ASKED % (target.port, target.port)), Options(), registry)
+    try:
+        await engine.start(schedule=False, admin=False)
+        await engine.run_once(engine.select())
+        samples = [s for family in registry.collect() for s in family.samples]
+    finally:
+        await engine.stop()
+        await target.close()
+        Engine(load_flows(FLOW.format(port=1)), Options(), CollectorRegistry())  # switch back
+    phased = {s.labels["flow"] for s in samples
+              if s.name == "hopwatch_http_phase_duration_seconds_count"}  # fmt: skip
+    assert phased == {"f"}
+    assert any(s.name == "hopwatch_runs_created" for s in samples)
+    les = {s.labels["le"] for s in samples if s.name == "hopwatch_run_duration_seconds_bucket"}
+    assert les == {"0.01", "0.1", "1.0", "5.0", "+Inf"}
+
+
+def test_latency_buckets_must_keep_the_slo_bound(load_flows: Callable[[str], Config]) -> None:
+    with pytest.raises(ConfigError, match="must include 5"):
+        load_flows("settings: {metrics: {latency_buckets: [0.1, 1]}}\n" + FLOW.format(port=1))
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,6 @@ from monitor.metrics import (
     watch_event_loop,
 )
 from monitor.results import RunOutcome, RunResult, StepResult, StepStatus
-from probes import KINDS
 from probes.errors import REASONS
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -142,12 +141,6 @@ class ReferenceSink:
                     continue
                 for step in flow.cleanup:
                     self._child(self.m.cleanup_failures, flow.name, step.name, variant, loc)
-                for step in flow.steps:
-                    for reason in KINDS[step.kind].reasons:
-                        self._child(
-                            self.m.step_failures, flow.name, step.name, step.kind, variant, loc,
-                            reason,
-                        )  # fmt: skip
 
     def submit(self, result: RunResult) -> None:
         f, v, loc = result.flow, result.variant, result.location
@@ -326,7 +319,7 @@ def scrape(registry: CollectorRegistry, accept: str) -> str:
 # (name, metrics class, sink class): the reference first
 BUILDS: list[tuple[str, Callable[[CollectorRegistry], Any], Callable[[Any], Any]]] = [
     ("reference", ReferenceMetrics, ReferenceSink),
-    ("compact", Metrics, MetricsSink),
+    ("compact", Metrics, lambda m: MetricsSink(m, http_phases=True)),  # as the reference
 ]
 
 
@@ -376,9 +369,47 @@ def test_exposition_without_created_series() -> None:
         enable_created_metrics()
 
 
+def test_phase_histograms_only_for_flows_that_ask(registry: CollectorRegistry) -> None:
+    """settings.metrics.http_phases (the sink's default) and a flow's own `http_phases`."""
+    asked = flows()
+    asked[1] = asked[1].model_copy(update={"http_phases": True})  # ping asks, checkout not
+    for default, want in ((False, {"ping"}), (True, {"checkout", "ping"})):
+        reg = CollectorRegistry()
+        sink = MetricsSink(Metrics(reg), http_phases=default)
+        sink.init_series(asked, "eu-1")
+        for flow, variant, loc in RUN_KEYS:
+            sink.submit(run_result(0, flow, variant, loc, HOPS[flow]))
+        phased = {
+            s.labels["flow"]
+            for family in reg.collect()
+            if family.name == "hopwatch_http_phase_duration_seconds"
+            for s in family.samples
+        }
+        # adhoc was never configured: it follows the default
+        assert phased == want | ({"adhoc"} if default else set())
+
+
+def test_failure_counters_appear_with_the_first_failure(registry: CollectorRegistry) -> None:
+    """No zero series per reason before a hop fails (8 series a link for http); a reason's
+    series appears with its first failure, and only for the hop that failed."""
+    sink = MetricsSink(Metrics(registry))
+    sink.init_series(flows(), "eu-1")
+    names = {s.name for family in registry.collect() for s in family.samples}
+    assert "hopwatch_step_failures_total" not in names
+    assert "hopwatch_cleanup_failures_total" in names  # a cleanup's failures still are, at 0
+    sink.submit(run_result(1, "ping", "default", "us-1", HOPS["ping"]))  # round 1: get breaks
+    failures = [
+        (s.labels["step"], s.labels["reason"], s.value)
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "hopwatch_step_failures_total"
+    ]
+    assert len(failures) == 1 and failures[0][0] == "get" and failures[0][2] == 1.0
+
+
 def test_configured_series_wait_for_their_first_update(registry: CollectorRegistry) -> None:
-    """init_series builds every record up front, but only the run and failure counters are
-    exported before a run: a flow_up of 0 would claim the flow is down."""
+    """init_series builds every record up front, but only the run (and cleanup failure)
+    counters are exported before a run: a flow_up of 0 would claim the flow is down."""
     sink = MetricsSink(Metrics(registry))
     sink.init_series(flows(), "eu-1")
     labels = {"flow": "ping", "variant": "default", "location": "us-1"}
@@ -523,12 +554,12 @@ def cost_per_flow(
 
 def test_a_flow_costs_three_tracked_objects_and_a_sixth_of_the_memory() -> None:
     ref_objects, ref_bytes = cost_per_flow(ReferenceMetrics, ReferenceSink)
-    objects, size = cost_per_flow(Metrics, MetricsSink)
+    objects, size = cost_per_flow(*BUILDS[1][1:])
     # prometheus_client: a child, a lock and a value object per bucket of each histogram
-    # series (~260 objects, ~36 kB per flow here); compact: the run record, its hop record and
-    # the hops dict are GC-tracked, the numbers sit in float arrays (~5.5 kB with 8 failure
-    # counters, 2 histograms and 3 phase histograms)
-    assert ref_objects > 200
+    # series (~195 objects per flow here); compact: the run record, its hop record and the
+    # hops dict are GC-tracked, the numbers sit in float arrays (2 histograms and 3 phase
+    # histograms)
+    assert ref_objects > 150
     assert objects <= 4, f"{objects:.1f} GC-tracked objects per flow (client: {ref_objects:.0f})"
     assert size <= 7000, f"{size:.0f} bytes per flow (client: {ref_bytes:.0f})"
     assert size * 5 < ref_bytes

@@ -254,3 +254,89 @@ async def test_a_reload_brings_new_incident_rules(target: TestServer, tmp_path: 
         assert engine.store.book.policy.rules("kept").flap_window == 600.0
     finally:
         await engine.stop()
+
+
+# -- what the admin listener and the store say after a reload ---------------------------------
+
+
+async def test_the_api_and_the_status_page_follow_a_reload(
+    target: TestServer, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{target.port}"
+    path = tmp_path / "flows.yaml"
+    path.write_text("flows:\n" + http_flow("kept_flow", base) + http_flow("removed_flow", base))
+    admin = f"127.0.0.1:{free_port()}"
+    options = Options(config_paths=[path], admin_listen=admin)
+    engine = Engine(load([path]), options, CollectorRegistry())
+    await engine.start(schedule=False)
+
+    async def shown() -> tuple[set[str], str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{admin}/api/v1/flows") as resp:
+                assert resp.status == 200
+                names = {f["name"] for f in (await resp.json())["flows"]}
+            async with session.get(f"http://{admin}/") as resp:
+                assert resp.status == 200
+                return names, await resp.text()
+
+    try:
+        assert engine.reloader is not None
+        names, page = await shown()
+        assert names == {"kept_flow", "removed_flow"}
+        assert "removed_flow" in page and "added_flow" not in page
+        path.write_text("flows:\n" + http_flow("kept_flow", base) + http_flow("added_flow", base))
+        assert (await engine.reloader.reload())[0]
+        names, page = await shown()
+        assert names == {"kept_flow", "added_flow"}
+        assert "added_flow" in page and "kept_flow" in page
+        assert "removed_flow" not in page
+    finally:
+        await engine.stop()
+
+
+async def test_a_reload_closes_the_open_incidents_of_links_it_removes(
+    target: TestServer, tmp_path: Path
+) -> None:
+    """A removed flow's incidents and a removed step's close as at a start; the rest stay."""
+    from monitor.store.incidents import NOT_CONFIGURED
+
+    base = f"http://127.0.0.1:{target.port}"
+    broken = "/status/500"
+    two_steps = (
+        f"  - {{name: edited, interval: 1h, steps: [{{name: a, kind: http, url: '{base}/json'}},"
+        f" {{name: b, kind: http, url: '{base}{broken}'}}]}}\n"
+    )
+    path = tmp_path / "flows.yaml"
+    path.write_text(
+        "flows:\n" + http_flow("gone", base, broken) + two_steps
+        + http_flow("kept", base, broken)
+    )  # fmt: skip
+    options = Options(config_paths=[path], store_url=str(tmp_path / "h.db"), grace=0.1)
+    engine = Engine(load([path]), options, CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        assert engine.reloader is not None and engine.store is not None
+        store = engine.store
+        results = await engine.run_once(engine.select())
+        assert {r.flow: r.outcome for r in results} == dict.fromkeys(
+            ("gone", "edited", "kept"), "failure"
+        )
+        assert await store.flush()
+        opened = (await store.list_incidents(status="open")).incidents
+        assert {(i.flow, i.step) for i in opened} == {("gone", "s"), ("edited", "b"), ("kept", "s")}
+
+        one_step = two_steps.replace(f", {{name: b, kind: http, url: '{base}{broken}'}}", "")
+        path.write_text("flows:\n" + one_step + http_flow("kept", base, broken))
+        assert (await engine.reloader.reload())[0]
+        assert await store.flush()
+        after = {(i.flow, i.step): i for i in (await store.list_incidents(status="all")).incidents}
+        for link in (("gone", "s"), ("edited", "b")):
+            assert (after[link].status, after[link].close_reason) == ("closed", NOT_CONFIGURED)
+        assert after["kept", "s"].status == "open"
+        # The kept link's incident goes on: its next failure extends it, opens no other.
+        await engine.run_once(engine.select(["kept"]))
+        assert await store.flush()
+        [still] = (await store.list_incidents(status="open")).incidents
+        assert (still.id, still.failures) == (after["kept", "s"].id, 2)
+    finally:
+        await engine.stop()

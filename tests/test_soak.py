@@ -51,7 +51,9 @@ def test_a_fault_nothing_noticed_has_no_detection() -> None:
 def test_goals_are_interval_jitter_and_the_steps_deadline(tmp_path: Path) -> None:
     from monitor.demo.runner import demo_flows_file
 
-    path = demo_flows_file("http://127.0.0.1:1", "127.0.0.1:2", tmp_path)
+    path = demo_flows_file(
+        "http://127.0.0.1:1", "127.0.0.1:2", tmp_path, f"sqlite:///{tmp_path}/o.db"
+    )
     text = path.read_text()
     for slow, fast in COMPRESS.items():
         text = text.replace(slow, fast)

@@ -5,15 +5,17 @@ response bodies are pydantic models whose JSON schemas go into the document, so 
 says exactly what the routes accept and return.
 
 What is where:
-- `views`: what the API needs of a flow (`FlowLike`, `StepLike`), the response bodies, and the
-  views built from runs (`summary_of`, `flow_view`, `flow_views`).
+- `views`: what the API needs of a flow (`FlowLike`, `StepLike`; `FlowSource`, a list or a
+  callable, so the answers follow a reload), the response bodies, and the views built from
+  runs (`summary_of`, `flow_view`, `flow_views`).
 - `params`: the query parameters (`Param`, the run and incident tables), their parsing and
   `BadRequest`.
 - `routes`: the aiohttp handlers and `install_api_routes`, which adds them to the admin app.
+- `maintenance`: `/api/v1/maintenance` (list, add, end windows) with its bodies.
 - `openapi`: `API_PREFIX` and `openapi_document`, built from the tables and the body models.
 
 Import from here; the modules import each other only in that order (views and params first,
-then openapi, then routes), never back.
+then maintenance, then openapi, then routes), never back.
 """
 
 from monitor.api.openapi import API_PREFIX, openapi_document
@@ -23,6 +25,7 @@ from monitor.api.views import (
     ErrorBody,
     FlowLike,
     FlowList,
+    FlowSource,
     FlowView,
     HealthBody,
     LinkState,
@@ -30,6 +33,7 @@ from monitor.api.views import (
     StepInfo,
     StepLike,
     VariantState,
+    current_flows,
     flow_view,
     flow_views,
     summary_of,
@@ -42,6 +46,7 @@ __all__ = [
     "ErrorBody",
     "FlowLike",
     "FlowList",
+    "FlowSource",
     "FlowView",
     "HealthBody",
     "LinkState",
@@ -49,6 +54,7 @@ __all__ = [
     "StepInfo",
     "StepLike",
     "VariantState",
+    "current_flows",
     "flow_view",
     "flow_views",
     "install_api_routes",

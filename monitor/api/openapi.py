@@ -6,6 +6,12 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from monitor.api.maintenance import (
+    MAINTENANCE_PATH,
+    MaintenanceList,
+    MaintenanceRequest,
+    MaintenanceWindowView,
+)
 from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS
 from monitor.api.views import ClusterView, ErrorBody, FlowList, HealthBody
 from monitor.store import IncidentPage, RunDetail, RunPage
@@ -26,14 +32,61 @@ def _responses(ok: str, ok_model: str, *codes: int) -> dict[str, Any]:
         404: "No such run.",
         503: "No store is configured.",
     }
+    texts.update(_MAINTENANCE_TEXTS if ok_model.startswith("Maintenance") else {})
     out: dict[str, Any] = {"200": {"description": ok, "content": _content(ok_model)}}
     for code in codes:
         out[str(code)] = {"description": texts[code], "content": _content("ErrorBody")}
     return out
 
 
-def _paths() -> dict[str, Any]:
+_MAINTENANCE_TEXTS = {
+    400: "The body is not JSON or not of the schema; the error says why.",
+    422: "Not a window to keep (unknown flows, an end in the past, ...); the error says why.",
+    404: "No such window.",
+    409: "The window is declared in a flow file: edit the file.",
+    503: "The store could not keep the change.",
+}
+
+
+def _maintenance_paths() -> dict[str, Any]:
+    created = _responses("The window added.", "MaintenanceWindowView", 400, 422, 503)
+    created["201"] = created.pop("200")
     return {
+        MAINTENANCE_PATH: {
+            "get": {
+                "operationId": "listMaintenance",
+                "summary": "Active and upcoming maintenance windows, soonest first.",
+                "responses": _responses("The windows.", "MaintenanceList"),
+            },
+            "post": {
+                "operationId": "addMaintenance",
+                "summary": "Add a maintenance window: runs go on, marked, but open no incident.",
+                "requestBody": {"required": True, "content": _content("MaintenanceRequest")},
+                "responses": created,
+            },
+        },
+        f"{MAINTENANCE_PATH}/{{window_id}}": {
+            "delete": {
+                "operationId": "endMaintenance",
+                "summary": "End a runtime window now (one not started yet is cancelled).",
+                "parameters": [
+                    {
+                        "name": "window_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                    }
+                ],
+                "responses": _responses(
+                    "The window, ended.", "MaintenanceWindowView", 404, 409, 503
+                ),
+            }
+        },
+    }
+
+
+def _paths() -> dict[str, Any]:
+    return _maintenance_paths() | {
         f"{API_PREFIX}/flows": {
             "get": {
                 "operationId": "listFlows",
@@ -126,18 +179,22 @@ def openapi_document(*, bearer_auth: bool = True) -> dict[str, Any]:
                 ErrorBody,
                 HealthBody,
                 ClusterView,
+                MaintenanceList,
+                MaintenanceWindowView,
             )
-        ],
+        ]
+        + [(MaintenanceRequest, "validation")],
         ref_template=_REF,
     )
     paths = _paths()
     if bearer_auth:
         for path, item in paths.items():
             if path.startswith(API_PREFIX):
-                item["get"]["responses"]["401"] = {
-                    "description": "Missing or wrong token.",
-                    "content": _content("ErrorBody"),
-                }
+                for operation in item.values():
+                    operation["responses"]["401"] = {
+                        "description": "Missing or wrong token.",
+                        "content": _content("ErrorBody"),
+                    }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {

@@ -102,6 +102,7 @@ INCIDENT_PARAMS = (
     ),
     _text("flow", "Only incidents of this flow."),
     _text("variant", "Only incidents of this variant."),
+    _text("location", "Only incidents seen from this location."),
     _LIMIT,
     _CURSOR,
 )

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from monitor.api.maintenance import install_maintenance_routes
 from monitor.api.openapi import API_PREFIX, openapi_document
 from monitor.api.params import INCIDENT_PARAMS, RUN_PARAMS, BadRequest, parse_query
 from monitor.api.views import (
     ClusterView,
     ErrorBody,
-    FlowLike,
     FlowList,
+    FlowSource,
+    current_flows,
     flow_views,
     standalone_view,
 )
 from monitor.cluster.settings import default_replica
+from monitor.maintenance import MaintenanceBook
 from monitor.results import RunResult
 from monitor.store import BadCursor, IncidentPage, RunPage, Store
 
@@ -35,13 +38,13 @@ def _error(status: int, message: str) -> web.Response:
 @dataclass(slots=True)
 class _Api:
     store: Store | None
-    flows: Sequence[FlowLike]
+    flows: FlowSource
     last_runs: Mapping[tuple[str, str], RunResult]
     document: dict[str, Any] = field(default_factory=dict)
     cluster: Callable[[], dict[str, Any]] | None = None
 
     async def flows_handler(self, request: web.Request) -> web.Response:
-        views = await flow_views(self.flows, self.last_runs, self.store)
+        views = await flow_views(current_flows(self.flows), self.last_runs, self.store)
         return _json(FlowList(flows=views))
 
     async def runs_handler(self, request: web.Request) -> web.Response:
@@ -83,7 +86,7 @@ class _Api:
 
     async def cluster_handler(self, request: web.Request) -> web.Response:
         if self.cluster is None:
-            return _json(standalone_view(default_replica(), self.flows))
+            return _json(standalone_view(default_replica(), current_flows(self.flows)))
         return _json(ClusterView.model_validate(self.cluster()))
 
     async def openapi_handler(self, request: web.Request) -> web.Response:
@@ -94,13 +97,16 @@ def install_api_routes(
     app: web.Application,
     *,
     store: Store | None,
-    flows: Sequence[FlowLike],
+    flows: FlowSource,
     last_runs: Mapping[tuple[str, str], RunResult],
     bearer_auth: bool = True,
     cluster: Callable[[], dict[str, Any]] | None = None,
+    maintenance: MaintenanceBook | None = None,
 ) -> None:
-    """Add /api/v1/* to the admin app; `bearer_auth` says whether the document requires a token;
-    `cluster` describes the group (None: this replica runs alone)."""
+    """Add /api/v1/* to the admin app; `flows` is the configured flows (a callable to follow
+    reloads); `bearer_auth` says whether the document requires a token; `cluster` describes
+    the group (None: this replica runs alone); `maintenance` keeps the windows (default: in
+    memory), checked against `flows`."""
     document = openapi_document(bearer_auth=bearer_auth)
     api = _Api(store, flows, last_runs, document, cluster)
     app.router.add_get(f"{API_PREFIX}/flows", api.flows_handler)
@@ -109,3 +115,5 @@ def install_api_routes(
     app.router.add_get(f"{API_PREFIX}/incidents", api.incidents_handler)
     app.router.add_get(f"{API_PREFIX}/cluster", api.cluster_handler)
     app.router.add_get(f"{API_PREFIX}/openapi.json", api.openapi_handler)
+    book = maintenance if maintenance is not None else MaintenanceBook()
+    install_maintenance_routes(app, book, lambda: current_flows(flows))

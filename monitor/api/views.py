@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,16 @@ class FlowLike(Protocol):
 
     @property
     def cleanup(self) -> Sequence[StepLike]: ...
+
+
+# The flows as configured: a fixed list, or a callable asked at each request, so that the API
+# and the status page follow a live reload of the flow files.
+FlowSource = Sequence[FlowLike] | Callable[[], Sequence[FlowLike]]
+
+
+def current_flows(source: FlowSource) -> Sequence[FlowLike]:
+    """The flows `source` holds now."""
+    return source() if callable(source) else source
 
 
 # --- response bodies -----------------------------------------------------------------------
@@ -152,6 +162,7 @@ def summary_of(result: RunResult) -> RunSummary:
         reason=broken.reason if broken else None,
         trace_id=result.trace_id,
         replica=result.replica,
+        maintenance=result.maintenance,
     )
 
 

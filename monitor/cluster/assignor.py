@@ -3,8 +3,10 @@
 Kafka's group protocol lets each member send bytes with its join (here: its replica name and
 flow-set digest) and lets the elected leader send bytes back with each assignment (here: who
 owns what). So every replica learns the whole membership from the broker it already talks to,
-with no coordinator of our own. The leader's plan is deterministic: members sorted by replica
-name, each given a contiguous range of partitions, the first few one more.
+with no coordinator of our own. The leader's plan is deterministic and sticky: each member
+keeps what it had (up to its fair share), and what is left is dealt out in order; with no
+history (a new group) that is a contiguous range per member, sorted by replica name. Sticky,
+because a partition that moves hands its flows' incidents and schedule to another replica.
 """
 
 from __future__ import annotations
@@ -42,15 +44,29 @@ class View:
         return {m.digest for m in self.members}
 
 
-def plan(replicas: list[str], partitions: list[int]) -> list[list[int]]:
-    """Contiguous, balanced ranges of `partitions` for the sorted `replicas`."""
+def plan(
+    replicas: list[str], partitions: list[int], had: Mapping[str, Iterable[int]] | None = None
+) -> list[list[int]]:
+    """Balanced shares of `partitions` for `replicas` (in order): each keeps what it `had` up
+    to its share (those that had most get the larger shares), the rest dealt in order."""
+    had = had or {}
     share, extra = divmod(len(partitions), len(replicas))
-    out, start = [], 0
+    by_history = sorted(range(len(replicas)), key=lambda i: -len(list(had.get(replicas[i], ()))))
+    quota = [share] * len(replicas)
+    for i in by_history[:extra]:
+        quota[i] += 1
+    valid, taken = set(partitions), set()
+    out: list[list[int]] = [[] for _ in replicas]
+    for i, replica in enumerate(replicas):
+        for p in sorted(had.get(replica, ())):
+            if p in valid and p not in taken and len(out[i]) < quota[i]:
+                out[i].append(p)
+                taken.add(p)
+    free = iter(p for p in partitions if p not in taken)
     for i in range(len(replicas)):
-        size = share + (1 if i < extra else 0)
-        out.append(partitions[start : start + size])
-        start += size
-    return out
+        while len(out[i]) < quota[i]:
+            out[i].append(next(free))
+    return [sorted(part) for part in out]
 
 
 class FlowAssignor:
@@ -65,9 +81,12 @@ class FlowAssignor:
         self.digest = digest
         self.topic = topic
         self.view = View()
+        self.had: tuple[int, ...] = ()  # this member's partitions in the last assignment
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        me = json.dumps({"replica": self.replica, "digest": self.digest}).encode()
+        me = json.dumps(
+            {"replica": self.replica, "digest": self.digest, "had": list(self.had)}
+        ).encode()
         return ConsumerProtocolMemberMetadata(VERSION, list(topics), me)
 
     def assign(
@@ -76,7 +95,8 @@ class FlowAssignor:
         seen = {member_id: _decode(meta.user_data) for member_id, meta in members.items()}
         order = sorted(members, key=lambda m: (str(seen[m].get("replica", "")), m))
         partitions = sorted(cluster.partitions_for_topic(self.topic) or ())
-        ranges = plan(order, partitions)
+        had = {m: [int(p) for p in seen[m].get("had", ())] for m in order}
+        ranges = plan(order, partitions, had)
         view = [
             {
                 "replica": str(seen[m].get("replica", m)),
@@ -92,6 +112,7 @@ class FlowAssignor:
         }
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        self.had = tuple(sorted(tp.partition for tp in assignment.partitions()))
         members = _decode(assignment.user_data).get("members", [])
         self.view = View(
             [

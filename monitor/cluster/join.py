@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -13,7 +13,7 @@ from monitor.cluster.settings import ClusterSettings
 from monitor.config import Flow
 from monitor.kafka.cluster import Cluster, ClusterHealth
 from monitor.kafka.settings import KafkaCluster
-from probes.arrivals import Arrival
+from monitor.receivers.webhooks import Inbox
 from probes.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def membership_for(
     *,
     own: OwnFlows,
     disown: OwnFlows,
-    offer: Callable[[Arrival], object],
+    local: Inbox,
     registry: CollectorRegistry,
 ) -> Membership:
     if settings.kafka is not None:
@@ -51,6 +51,6 @@ def membership_for(
         session_timeout_s=settings.session_timeout,
         own=own,
         disown=disown,
-        offer=offer,
+        local=local,
         metrics=ClusterMetrics(registry),
     )

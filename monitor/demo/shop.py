@@ -1,6 +1,7 @@
 """A small shop API to watch, with faults that can be switched at runtime.
 
-POST /orders → 201 {id, status: "pending"}; GET, PATCH {status}, DELETE /orders/{id}.
+POST /orders → 201 {id, status: "pending"}; GET, PATCH {status}, DELETE /orders/{id}; GET /order
+is a small order page whose form posts to /orders from the browser (the `checkout_ui` flow).
 Faults: POST /faults {"latency_ms": 300, "status": 503, "wrong_body": true, "hang": true,
 "paths": ["/orders"], "canary_only": true}, DELETE /faults to clear, GET /faults to read.
 """
@@ -12,6 +13,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -119,6 +121,11 @@ async def delete_order(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+async def order_page(request: web.Request) -> web.StreamResponse:
+    page = resources.files("monitor.demo").joinpath("order.html").read_text(encoding="utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
 async def get_faults(request: web.Request) -> web.StreamResponse:
     return web.json_response(asdict(request.app[FAULTS_KEY]))
 
@@ -174,6 +181,7 @@ def build_shop_app(faults: Faults | None = None) -> web.Application:
     app.router.add_get("/orders/{id}", read_order)
     app.router.add_patch("/orders/{id}", update_order)
     app.router.add_delete("/orders/{id}", delete_order)
+    app.router.add_get("/order", order_page)
     app.router.add_get("/faults", get_faults)
     app.router.add_post("/faults", set_faults)
     app.router.add_delete("/faults", clear_faults)

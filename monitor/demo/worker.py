@@ -1,10 +1,12 @@
 """The demo's event side: the shop publishes orders to Kafka; a worker fulfils them and calls back.
 
-shop API ──► topic `orders` ──► worker ──► PATCH /orders/{id} (fulfilled) ──► signed webhook
+shop API ──► topic `orders` ──► worker ──► PATCH /orders/{id} (fulfilled) ──► row in its table
+                                                                          ──► signed webhook
 topic `order-commands` ──► worker ──► POST /orders (then the same chain)
 
 Faults (in `Faults.extra`): `worker_stopped` (the worker consumes nothing), `worker_delay_ms`
-(a slow consumer). The broker itself is stopped and started by the demo runner.
+(a slow consumer), `table_drop` (the order's row is not written). The broker itself is stopped
+and started by the demo runner.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from sqlalchemy.exc import SQLAlchemyError
 
+from monitor.demo.orders_table import OrdersTable
 from monitor.demo.shop import Faults
 from monitor.demo.telemetry import KafkaHeaders, Telemetry
 from monitor.demo.webhooks import WebhookSender
@@ -125,8 +129,10 @@ class Worker:
         sender: WebhookSender,
         faults: Faults,
         telemetry: Telemetry | None = None,
+        table: OrdersTable | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.table = table
         self.shop_url = shop_url
         self.sender = sender
         self.faults = faults
@@ -144,6 +150,8 @@ class Worker:
         self._task = asyncio.create_task(self._supervise(), name="demo-worker")
 
     async def _supervise(self) -> None:
+        if self.table is not None:
+            await self.table.prepare()
         while True:
             await ensure_topics(self.bootstrap)
             consumer = AIOKafkaConsumer(
@@ -242,11 +250,23 @@ class Worker:
             if resp.status == 404:
                 return  # deleted by the probe's cleanup before we got to it
             resp.raise_for_status()
+        await self._land(event, headers.get("X-Hopwatch-Run", ""))
         self.sender.send(
             {"type": "order.fulfilled", "order_id": order_id, "ref": event.get("ref"),
              "status": "fulfilled"},
             url=event.get("callback_url"),
         )  # fmt: skip
+
+    async def _land(self, event: dict[str, Any], marker: str) -> None:
+        """The order's row, written before the webhook says it is fulfilled; a failing
+        database is logged, and the webhook still goes (the row is the link that breaks)."""
+        if self.table is None or self.faults.extra.get("table_drop"):
+            return
+        order_id = str(event["order_id"])
+        try:
+            await self.table.record(order_id, event.get("ref"), event.get("sku"), marker)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("demo worker could not write order %s: %s", order_id, exc)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -7,7 +7,9 @@ per hop that ran
 (failed = 1, passed = 0; skipped and aborted hops are not counted, since a broken link is
 counted once, on the hop that broke). Per flow: the end-to-end duration of each successful run
 and one error observation per finished run (failure = 1, success = 0; aborted runs are the
-monitor's own shutdown, not the target's doing, and are left out).
+monitor's own shutdown, not the target's doing, and are left out). A window read from the
+store leaves out runs made in a maintenance window: planned work on the target would otherwise
+be judged as the canary's doing (or hide it). A burst runs now and counts what it ran.
 
 Metric names: ``hop.<step>.latency``, ``hop.<step>.error_ratio``, ``flow.duration`` and
 ``flow.error_ratio``; each carries ``flow`` (and ``step``) labels. ``flow.error_ratio`` is
@@ -144,6 +146,9 @@ class RunSummaryLike(Protocol):
     @property
     def outcome(self) -> str: ...
 
+    @property
+    def maintenance(self) -> bool: ...
+
 
 def from_store(
     flow: str,
@@ -156,13 +161,15 @@ def from_store(
 
     `hops` are the flow's (step, kind) pairs from the config: they come first and in the
     flow's order, even without a sample, so a quiet window shows every hop (as nodata);
-    hops the store knows but the config no longer has follow in the store's order.
+    hops the store knows but the config no longer has follow in the store's order. Runs in a
+    maintenance window are left out (the store's `samples()` leaves out their hops).
     """
     observed = VariantObservations(flow, variant)
     for step, kind in hops:
         observed.link(step, kind)
     for run in runs:
-        observed.add_run(run.outcome, run.duration_s)
+        if not run.maintenance:
+            observed.add_run(run.outcome, run.duration_s)
     for name, sample in steps.items():
         own = sample.own_latency_s or [None] * len(sample.status)
         for status, latency, mine in zip(sample.status, sample.latency_s, own, strict=True):

@@ -2,27 +2,63 @@
 scrape jobs that use them, as flows — one per (job, module), one variant per target, the
 job's scrape interval as the flow's interval.
 
-Only `http` modules become steps for now: `tcp`, `dns` and `grpc` modules are listed as not
-yet supported (they need the tcp/dns/grpc kinds), `icmp` and the rest as not supported.
+A module becomes one step of the kind of the same name as its prober (http, tcp, dns, grpc;
+each translated by its own module); `icmp` and other probers are listed as not supported.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.importers.blackbox_dns import dns_step
+from monitor.importers.blackbox_grpc import grpc_step
 from monitor.importers.blackbox_http import http_step
+from monitor.importers.blackbox_step import PLACEHOLDER
+from monitor.importers.blackbox_tcp import tcp_step
 from monitor.importers.report import FlowOut, ImportError_, ImportResult, safe_name
+from probes import dns as dns_kind
+from probes import grpc as grpc_kind
 from probes import http as http_kind
+from probes import tcp as tcp_kind
 from probes.durations import format_duration
 
-_SOON = {"tcp", "dns", "grpc"}
 _PROMETHEUS_INTERVAL = "1m"  # Prometheus' defaults when the file says nothing
 _PROMETHEUS_TIMEOUT = "10s"
 _DEFAULT_MODULE = "http_2xx"  # what blackbox_exporter probes when `module` is not given
 _TARGET_SOURCES = ("file_sd_configs", "kubernetes_sd_configs", "consul_sd_configs",
                    "dns_sd_configs", "http_sd_configs", "ec2_sd_configs")  # fmt: skip
+
+
+Translate = Callable[
+    [str, dict[str, Any], list[str], ImportResult], tuple[dict[str, Any], list[str]] | None
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Prober:
+    """How a blackbox prober becomes a step: its translator, and a scrape target as the
+    variant's `target` (the placeholder's value when no job names one)."""
+
+    translate: Translate
+    target: Callable[[str], str]
+    placeholder: str
+
+
+def _as_url(target: str) -> str:
+    """A target as blackbox_exporter's http prober reads it: http:// when no scheme is given."""
+    return target if "://" in target else "http://" + target
+
+
+# blackbox's probers are named as hopwatch's kinds: a module's section has the prober's name.
+PROBERS: dict[str, Prober] = {
+    http_kind.SPEC.name: Prober(http_step, _as_url, _as_url(PLACEHOLDER)),
+    tcp_kind.SPEC.name: Prober(tcp_step, str, f"{PLACEHOLDER}:PORT"),
+    dns_kind.SPEC.name: Prober(dns_step, str, PLACEHOLDER),
+    grpc_kind.SPEC.name: Prober(grpc_step, str, f"{PLACEHOLDER}:PORT"),
+}
 
 
 @dataclass(slots=True)
@@ -49,8 +85,9 @@ def import_blackbox(config: Any, prometheus: Any = None, *, source: str = "") ->
             result.leave_out(f"module '{name}'", "not a mapping")
             continue
         prober = str(module.get("prober", ""))
-        if prober != http_kind.SPEC.name:  # blackbox's http prober is our http kind
-            _not_supported(name, prober, result)
+        if prober not in PROBERS:
+            result.leave_out(f"module '{name}'", f"prober {prober or '(none)'} is not supported: "
+                             "no flow made")  # fmt: skip
             continue
         if jobs is None:
             placeholder = Job(name, name, [], _PROMETHEUS_INTERVAL, _PROMETHEUS_TIMEOUT)
@@ -59,14 +96,14 @@ def import_blackbox(config: Any, prometheus: Any = None, *, source: str = "") ->
                 "no targets without --prometheus: the flow probes the placeholder variant "
                 "'example', set its target",
             )
-            result.flows.append(_flow(placeholder, name, module, result, taken, one=True))
+            _add(result, _flow(placeholder, name, module, result, taken, one=True))
             continue
         users = [j for j in jobs if j.module == name]
         if not users:
             result.leave_out(f"module '{name}'", "no scrape job uses it: no flow made")
         for job in users:
             one = sum(1 for j in jobs if j.name == job.name) == 1
-            result.flows.append(_flow(job, name, module, result, taken, one=one))
+            _add(result, _flow(job, name, module, result, taken, one=one))
     if jobs is not None:
         for job in jobs:
             if job.module not in modules:
@@ -77,19 +114,28 @@ def import_blackbox(config: Any, prometheus: Any = None, *, source: str = "") ->
     return result
 
 
-def _not_supported(name: str, prober: str, result: ImportResult) -> None:
-    where = f"module '{name}'"
-    if prober in _SOON:
-        result.leave_out(where, f"prober {prober} is not yet supported (needs the "
-                         "tcp/dns/grpc kinds): no flow made")  # fmt: skip
-    else:
-        result.leave_out(where, f"prober {prober or '(none)'} is not supported: no flow made")
+def _add(result: ImportResult, flow: FlowOut | None) -> None:
+    if flow is not None:
+        result.flows.append(flow)
 
 
 def _flow(
     job: Job, module_name: str, module: dict[str, Any], result: ImportResult, taken: set[str],
     *, one: bool,
-) -> FlowOut:  # fmt: skip
+) -> FlowOut | None:  # fmt: skip
+    """The flow probing `job`'s targets with the module; None when the module cannot become a
+    step (what stopped it is listed)."""
+    prober = PROBERS[str(module["prober"])]
+    targets = job.targets or [PLACEHOLDER]
+    section = module.get(str(module["prober"])) or {}
+    if not isinstance(section, dict):
+        result.leave_out(f"module '{module_name}'", f"its {module['prober']} section is not a "
+                         "mapping: no flow made")  # fmt: skip
+        return None
+    made = prober.translate(module_name, section, targets, result)
+    if made is None:
+        return None
+    step, notes = made
     name = job.name if one else f"{job.name}_{module_name}"
     flow = FlowOut(fields={"name": safe_name(name, taken, "probe")})
     scraped = job.name != module_name or job.targets
@@ -98,11 +144,12 @@ def _flow(
     )
     flow.fields["interval"] = _duration(job.interval)
     flow.fields["timeout"] = _duration(module.get("timeout") or job.timeout)
-    targets = job.targets or ["TARGET"]
     flow.fields["variants"] = {
-        ("example" if t == "TARGET" else t): {"target": _as_url(t)} for t in targets
+        ("example" if t == PLACEHOLDER else t): {
+            "target": prober.placeholder if t == PLACEHOLDER else prober.target(t)
+        }
+        for t in targets
     }
-    step, notes = http_step(module_name, module.get(http_kind.SPEC.name) or {}, targets, result)
     flow.steps.append(step)
     flow.notes[step["name"]] = notes
     return flow
@@ -120,11 +167,6 @@ def _duration(value: Any) -> str:
     if not parts or "".join(n + u for n, u in parts) != text:
         return text
     return format_duration(sum(int(n) * _PROM_UNITS[u] for n, u in parts))
-
-
-def _as_url(target: str) -> str:
-    """A target as blackbox_exporter's http prober reads it: http:// when no scheme is given."""
-    return target if "://" in target else "http://" + target
 
 
 def _jobs(prometheus: Any, result: ImportResult) -> list[Job]:

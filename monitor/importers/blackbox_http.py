@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from monitor.importers.blackbox_step import ModuleStep, ip_protocol, tls_settings
 from monitor.importers.postman_checks import Checks
-from monitor.importers.report import ImportResult, env_name
+from monitor.importers.report import ImportResult
 from probes import http as http_kind
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -29,31 +30,14 @@ _HANDLED = {
 }  # fmt: skip
 
 
-class _Step:
-    """The step being built for one module, and the notes for what it leaves out."""
+class _Step(ModuleStep):
+    """An http module's step, with the headers and checks it gathers."""
 
     def __init__(self, module: str, targets: list[str], result: ImportResult) -> None:
-        self.module = module
-        self.targets = targets
-        self.result = result
-        self.notes: list[str] = []
-        self.step: dict[str, Any] = {
-            "name": "probe",
-            "kind": http_kind.SPEC.name,
-            "url": "{{ variant.target }}",
-        }
+        fields = {"url": "{{ variant.target }}"}
+        super().__init__(module, http_kind.SPEC.name, fields, targets, result)
         self.headers: dict[str, str] = {}
         self.checks = Checks()
-
-    def leave_out(self, what: str, source: Any = "") -> None:
-        text = f"{source}" if source != "" else ""
-        item = self.result.leave_out(f"module '{self.module}'", what, text)
-        self.notes.append("not translated: " + item.line())
-
-    def secret(self, what: str) -> str:
-        """An `${env:…}` reference standing for a credential (its value is never written)."""
-        name = env_name("BLACKBOX", f"{self.module}_{what}")
-        return self.result.export(name, f"{what} of blackbox module {self.module!r}")
 
 
 def http_step(
@@ -63,10 +47,10 @@ def http_step(
     s = _Step(module, targets, result)
     _request(s, http)
     _auth(s, http)
-    for key in http:
-        if key not in _HANDLED:
-            s.leave_out(f"option {key} is not translated", _short(http[key]))
-    _tls(s, http)
+    s.unknown_options(http, _HANDLED)
+    tls = tls_settings(s, http.get("tls_config") or {}, server_name=False)
+    if tls:
+        s.step["tls"] = tls
     _assertions(s, http)
     _transport(s, http)
     if s.headers:
@@ -75,15 +59,6 @@ def http_step(
     if expect:
         s.step["expect"] = expect
     return s.step, s.notes
-
-
-def _short(value: Any) -> str:
-    """An option's value to show: a mapping by its keys only (it may hold a client secret),
-    a URL without its user info."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(str(k) for k in value) + "}"
-    text = re.sub(r"//[^/@\s]+@", "//***@", str(value))
-    return text if len(text) < 80 else text[:77] + "…"
 
 
 def _request(s: _Step, http: dict[str, Any]) -> None:
@@ -131,21 +106,6 @@ def _auth(s: _Step, http: dict[str, Any]) -> None:
         s.step["auth"] = {"bearer": s.secret("bearer_token")}
 
 
-def _tls(s: _Step, http: dict[str, Any]) -> None:
-    tls = http.get("tls_config") or {}
-    out: dict[str, Any] = {}
-    if tls.get("insecure_skip_verify"):
-        out["verify"] = False
-    for key in ("ca_file", "cert_file", "key_file"):
-        if tls.get(key):
-            out[key] = str(tls[key])
-    for key in tls:
-        if key not in ("insecure_skip_verify", "ca_file", "cert_file", "key_file"):
-            s.leave_out(f"tls_config.{key} is not translated", _short(tls[key]))
-    if out:
-        s.step["tls"] = out
-
-
 def _assertions(s: _Step, http: dict[str, Any]) -> None:
     codes = http.get("valid_status_codes") or []
     if codes:
@@ -180,9 +140,4 @@ def _transport(s: _Step, http: dict[str, Any]) -> None:
         if http.get(key) and (redirects or secure - {want_tls} or not s.targets):
             s.leave_out(f"{key}: true is not checked (the final connection's TLS is not "
                         "asserted)")  # fmt: skip
-    if str(http.get("preferred_ip_protocol", "ip6")) != "ip6" or (
-        http.get("ip_protocol_fallback") is False
-    ):
-        s.leave_out("preferred_ip_protocol/ip_protocol_fallback are not translated (hopwatch "
-                    "tries every address the resolver gives)",
-                    http.get("preferred_ip_protocol", ""))  # fmt: skip
+    ip_protocol(s, http)

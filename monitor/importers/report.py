@@ -117,8 +117,21 @@ class ImportResult:
         return "\n".join(out) + "\n"
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes a line of text ending in a newline (a tcp `send`) as `"EHLO\\n"`, not folded
+    over two lines."""
+
+
+def _line(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if value.endswith("\n") and value.count("\n") == 1 else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _line)
+
+
 def _dump(value: Any) -> list[str]:
-    text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, width=100)
+    text = yaml.dump(value, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
     return text.rstrip("\n").split("\n")
 
 

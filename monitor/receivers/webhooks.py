@@ -75,6 +75,10 @@ class Inbox(Protocol):
 
     def offer(self, arrival: Arrival) -> str: ...
 
+    def refused(self, channel: str, why: str, *, signature: bool) -> None:
+        """A delivery on `channel` was refused (`why`), so a waiting step can say so."""
+        ...
+
 
 def routes_from_steps(steps: Iterable[Any]) -> list[WebhookRoute]:
     """One route per distinct (path, signature, answer) among the steps whose kind listens for
@@ -237,7 +241,7 @@ class _PathHandler:
             try:  # refused here, so a step never sees a hostile document
                 parse_xml(body)
             except NotXml as exc:
-                return self._refuse(400, "malformed", str(exc))
+                return self._refuse(400, "malformed", str(exc), "XML refused")
         else:
             return self._refuse(
                 415,
@@ -280,11 +284,9 @@ class _PathHandler:
         # The step waiting on this path learns of it: a delivery refused here is why a step
         # saw nothing (a rotated secret is not a dead sender). Our own 500 is not the sender's.
         why = why or _WHY_REFUSED.get(status)
-        # The correlator keeps a tally; a cluster's membership (an Inbox without one) does not
-        # yet tell the owning replica, whose step then says not_received as before.
-        tell = getattr(self.correlator, "refused", None)
-        if why is not None and tell is not None:
-            tell(self.path, why, signature=outcome == "bad_signature")
+        # The correlator keeps a tally (in a cluster, the owning replica's correlator).
+        if why is not None:
+            self.correlator.refused(self.path, why, signature=outcome == "bad_signature")
         if self.counter is not None:
             child = self._refused.get(outcome)
             if child is None:

@@ -10,8 +10,9 @@ from monitor.store import LinkPoint, RunDetail
 from monitor.store.views import StepView
 from probes.http_common import PHASES
 
-# HTTP phases in the order they happen; unknown phases are drawn after these.
-PHASE_ORDER = PHASES
+# HTTP phases in the order they happen, then a browser step's (its setup comes first; the rest
+# add up the actions of each sort); unknown phases are drawn after these.
+PHASE_ORDER = (*PHASES, "setup", "navigation", "actions", "network")
 
 
 @dataclass(slots=True)

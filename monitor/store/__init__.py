@@ -7,6 +7,7 @@ from monitor.store.rows import EXCERPT_LIMIT
 from monitor.store.stats import StoreStats
 from monitor.store.store import Store
 from monitor.store.views import (
+    ArtifactInfo,
     IncidentPage,
     IncidentView,
     LinkPoint,
@@ -19,6 +20,7 @@ from monitor.store.views import (
 
 __all__ = [
     "EXCERPT_LIMIT",
+    "ArtifactInfo",
     "BadCursor",
     "Incident",
     "IncidentBook",

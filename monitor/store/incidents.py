@@ -8,6 +8,8 @@ incident with many failures rather than as a storm of incidents; faults further 
 another kind, are separate incidents. A hop skipped after an earlier hop broke neither opens
 nor keeps an incident: it closes one that was open (with that reason), since nothing is known
 of the link while it is not run. Incidents of links no longer configured are closed at start.
+A run in a maintenance window neither opens, reopens nor extends an incident (the failure was
+planned); its passing hops still close one, since they show the link works.
 Observers (the events sink) are told of each opening, closing and reopening as it is decided.
 """
 
@@ -176,7 +178,8 @@ class IncidentBook:
         for step in run.hops:
             key = (run.flow, run.variant, run.location, step.name)
             if step.status == "failed":
-                self._failed(key, run, step)
+                if not run.maintenance:
+                    self._failed(key, run, step)
             elif step.status == "passed":
                 self._passed(key, run)
             elif step.status == "skipped":

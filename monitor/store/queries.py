@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy import Row, Select, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from monitor.maintenance.windows import Window
 from monitor.store.incidents import Incident
-from monitor.store.schema import incidents, runs, step_results
+from monitor.store.schema import (
+    incidents,
+    maintenance_windows,
+    runs,
+    step_artifacts,
+    step_results,
+)
 from monitor.store.views import (
+    ArtifactInfo,
     IncidentPage,
     IncidentView,
     LinkPoint,
@@ -38,6 +47,7 @@ _RUN_COLUMNS = (
     runs.c.reason,
     runs.c.trace_id,
     runs.c.replica,
+    runs.c.maintenance,
 )
 
 
@@ -66,6 +76,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 def _summary(row: _AnyRow) -> RunSummary:
     data = row._asdict()
     data["run_id"] = data.pop("id")
+    data["maintenance"] = bool(data["maintenance"])  # null: stored before v0004
     return RunSummary(**data)
 
 
@@ -143,6 +154,39 @@ async def get_run(conn: AsyncConnection, run_id: str) -> RunDetail | None:
     return RunDetail(**summary.model_dump(), steps=[_step(s) for s in steps])
 
 
+async def artifacts(conn: AsyncConnection, run_id: str) -> list[ArtifactInfo]:
+    """The evidence a run's hops kept, by hop position, without the bytes."""
+    a = step_artifacts.c
+    rows = await conn.execute(
+        select(a.position, a.name, a.media_type, func.length(a.data).label("size"))
+        .where(a.run_id == run_id)
+        .order_by(a.position, a.id)
+    )
+    return [ArtifactInfo(**row._asdict()) for row in rows]
+
+
+async def keep_newest_artifacts(conn: AsyncConnection, kept: int) -> None:
+    """Delete all but the newest `kept` artifacts (ids grow with every insert)."""
+    a = step_artifacts.c
+    oldest_kept = select(a.id).order_by(a.id.desc()).offset(kept - 1).limit(1).scalar_subquery()
+    await conn.execute(delete(step_artifacts).where(a.id < oldest_kept))
+
+
+async def artifact(
+    conn: AsyncConnection, run_id: str, position: int, name: str
+) -> tuple[str, bytes] | None:
+    a = step_artifacts.c
+    row = (
+        await conn.execute(
+            select(a.media_type, a.data)
+            .where(a.run_id == run_id, a.position == position, a.name == name)
+            .order_by(a.id.desc())
+            .limit(1)
+        )
+    ).first()
+    return None if row is None else (row.media_type, bytes(row.data))
+
+
 async def latest_run(conn: AsyncConnection, flow: str, variant: str) -> RunDetail | None:
     """The newest stored run of one flow variant, with its hops."""
     run_id = (
@@ -168,6 +212,7 @@ async def list_incidents(
     status: str | None = None,
     flow: str | None = None,
     variant: str | None = None,
+    location: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> IncidentPage:
@@ -181,6 +226,8 @@ async def list_incidents(
         query = query.where(incidents.c.flow == flow)
     if variant is not None:
         query = query.where(incidents.c.variant == variant)
+    if location is not None:
+        query = query.where(incidents.c.location == location)
     if cursor is not None:
         at, key = decode_cursor(cursor)
         query = query.where(
@@ -226,7 +273,8 @@ async def samples(
     until: float,
     location: str | None = None,
 ) -> dict[str, StepSamples]:
-    """Per-hop samples of one flow variant for runs started in [since, until), in time order."""
+    """Per-hop samples of one flow variant for runs started in [since, until), in time order;
+    runs in a maintenance window are left out (planned trouble says nothing of a canary)."""
     query = (
         select(
             step_results.c.name,
@@ -243,6 +291,7 @@ async def samples(
             runs.c.started_at >= since,
             runs.c.started_at < until,
             step_results.c.cleanup.is_(False),
+            runs.c.maintenance.is_not(True),  # NULL: stored before windows existed
         )
         .order_by(runs.c.started_at, runs.c.id, step_results.c.position)
     )
@@ -287,3 +336,44 @@ async def link_history(
             point = LinkPoint(row.started_at, row.latency_s, row.status)
             out.setdefault((flow, variant, row.name), []).append(point)
     return out
+
+
+def window_row(window: Window) -> dict[str, Any]:
+    return {
+        "id": window.id,
+        "flows": list(window.flows),
+        "variants": list(window.variants),
+        "start": window.start,
+        "end": window.end,
+        "reason": window.reason,
+        "created_at": window.created_at if window.created_at is not None else window.start,
+    }
+
+
+def _window(row: _AnyRow) -> Window:
+    return Window(
+        id=row.id,
+        flows=tuple(row.flows),
+        variants=tuple(row.variants),
+        start=row.start,
+        end=row.end,
+        reason=row.reason,
+        source="api",
+        created_at=row.created_at,
+    )
+
+
+def replace_end(window: Window, end: float) -> Window:
+    return dataclasses.replace(window, end=end)
+
+
+async def get_window(conn: AsyncConnection, window_id: str) -> Window | None:
+    table = maintenance_windows
+    row = (await conn.execute(select(table).where(table.c.id == window_id))).first()
+    return None if row is None else _window(row)
+
+
+async def load_windows(conn: AsyncConnection, ended_after: float) -> list[Window]:
+    table = maintenance_windows
+    query = select(table).where(table.c.end > ended_after).order_by(table.c.start, table.c.id)
+    return [_window(row) for row in (await conn.execute(query)).all()]

@@ -12,6 +12,11 @@ from monitor.store.incidents import Incident
 EXCERPT_LIMIT = 2048  # bytes of a failing response kept per hop
 MESSAGE_LIMIT = 1024  # bytes of a failure message kept per hop
 ATTRIBUTES_LIMIT = 4096  # bytes of a hop's attributes, as JSON
+# Failure evidence: a run keeps at most this many artifacts of at most this size, and the store
+# the newest ARTIFACTS_KEPT of all (about 50 MiB at most).
+ARTIFACT_LIMIT = 256 * 1024
+ARTIFACTS_PER_RUN = 4
+ARTIFACTS_KEPT = 200
 _ELLIPSIS = "…"
 
 
@@ -97,9 +102,32 @@ def run_rows(
         "reason": _clip_opt(broken.reason, 64) if broken else None,
         "trace_id": _clip_opt(result.trace_id, 64),
         "replica": _clip_opt(result.replica, 200),
+        "maintenance": result.maintenance,
     }
     steps = [_step_row(run_id, i, s, excerpt_limit) for i, s in enumerate(result.steps)]
     return run, steps
+
+
+def artifact_rows(result: RunResult) -> list[dict[str, Any]]:
+    """The `step_artifacts` rows of one result: its hops' evidence, within the limits."""
+    rows: list[dict[str, Any]] = []
+    run_id = _clip_id(result.run_id, 64)
+    for position, step in enumerate(result.steps):
+        for artifact in step.artifacts:
+            if len(rows) >= ARTIFACTS_PER_RUN:
+                return rows
+            if len(artifact.data) > ARTIFACT_LIMIT:
+                continue
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "position": position,
+                    "name": _clip_id(artifact.name, 64),
+                    "media_type": _clip_id(artifact.media_type, 100),
+                    "data": artifact.data,
+                }
+            )
+    return rows
 
 
 def incident_row(incident: Incident) -> dict[str, Any]:

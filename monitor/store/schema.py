@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -44,6 +45,7 @@ runs = Table(
     Column("reason", String(64), nullable=True),
     Column("trace_id", String(64), nullable=True),
     Column("replica", String(200), nullable=True),  # the cluster member; null outside one
+    Column("maintenance", Boolean, nullable=True),  # 0004: run in a maintenance window
     Index(None, "started_at"),
     Index(None, "flow", "variant", "started_at"),
 )
@@ -71,6 +73,20 @@ step_results = Table(
     Index(None, "run_id", "position"),
 )
 
+# Evidence of failed hops (a browser step's screenshot): the newest ARTIFACTS_KEPT are kept
+# (monitor/store/rows.py), so the table stays bounded whatever fails how often.
+step_artifacts = Table(
+    "step_artifacts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),  # the hop's, as in step_results
+    Column("name", String(64), nullable=False),
+    Column("media_type", String(100), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index(None, "run_id"),
+)
+
 incidents = Table(
     "incidents",
     metadata,
@@ -93,4 +109,19 @@ incidents = Table(
     Index(None, "closed_at"),
     Index(None, "opened_at"),
     Index(None, "flow", "variant", "location", "step"),
+)
+
+# Maintenance windows added at run time (the API): kept here so that they survive a restart
+# and every replica sharing the database sees them. Declared windows stay in the flow files.
+maintenance_windows = Table(
+    "maintenance_windows",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("flows", JSON, nullable=False),
+    Column("variants", JSON, nullable=False),
+    Column("start", Double, nullable=False),
+    Column("end", Double, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index(None, "end"),
 )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,20 +28,29 @@ from monitor.store import migrate as migrations
 from monitor.store import queries
 from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
-from monitor.store.rows import EXCERPT_LIMIT, incident_row, run_rows
-from monitor.store.schema import incidents, runs, step_results
-from monitor.store.stats import StoreCollector, StoreStats
-from monitor.store.views import (
-    IncidentPage,
-    LinkPoint,
-    RunDetail,
-    RunPage,
-    StepSamples,
+from monitor.store.reads import StoreReads
+from monitor.store.rows import (
+    ARTIFACTS_KEPT,
+    EXCERPT_LIMIT,
+    artifact_rows,
+    incident_row,
+    run_rows,
 )
+from monitor.store.schema import (
+    incidents,
+    maintenance_windows,
+    runs,
+    step_artifacts,
+    step_results,
+)
+from monitor.store.stats import StoreCollector, StoreStats
 
 log = logging.getLogger(__name__)
 
-_Rows = tuple[dict[str, Any], list[dict[str, Any]]]
+_Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]  # run, hops, artifacts
+# Runs waiting to be written keep their artifacts only while the queue is this short: a
+# database that is away costs a bounded buffer, not one screenshot per buffered run.
+ARTIFACTS_BUFFERED = 25
 
 
 def _is_poison(exc: BaseException) -> bool:
@@ -51,7 +60,7 @@ def _is_poison(exc: BaseException) -> bool:
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
 
 
-class Store:
+class Store(StoreReads):
     """SQL store of runs, hops and incidents; a Sink, and the source of the API's history."""
 
     def __init__(
@@ -258,7 +267,9 @@ class Store:
                 continue
             try:
                 self.book.apply(result)
-                self._ready.append(run_rows(result, self.excerpt_limit))
+                run, hops = run_rows(result, self.excerpt_limit)
+                evidence = artifact_rows(result) if len(self._ready) < ARTIFACTS_BUFFERED else []
+                self._ready.append((run, hops, evidence))
             except Exception:  # a malformed result must not wedge the writer
                 self.stats.rejected += 1
                 log.exception("store cannot record run %s", getattr(result, "run_id", "?"))
@@ -300,10 +311,14 @@ class Store:
     async def _write(self, batch: Sequence[_Rows], dirty: Sequence[Incident]) -> None:
         async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
             if batch:
-                await conn.execute(insert(runs), [run for run, _ in batch])
-                steps = [step for _, run_steps in batch for step in run_steps]
+                await conn.execute(insert(runs), [run for run, _, _ in batch])
+                steps = [step for _, run_steps, _ in batch for step in run_steps]
                 if steps:
                     await conn.execute(insert(step_results), steps)
+                evidence = [row for _, _, rows in batch for row in rows]
+                if evidence:
+                    await conn.execute(insert(step_artifacts), evidence)
+                    await queries.keep_newest_artifacts(conn, ARTIFACTS_KEPT)
             for incident in dirty:
                 await self._upsert_incident(conn, incident_row(incident))
         self.stats.written += len(batch)
@@ -373,6 +388,12 @@ class Store:
             self._releasing |= names
             await self._handover("release", names)
 
+    async def close_unconfigured(self, flows: Collection[str]) -> None:
+        """After a reload changed `flows` (the book's policy already the new one): load their
+        stored incidents again, as `take_flows` does, so that those of links no longer
+        configured close as they would at a start (`link no longer configured`)."""
+        await self.take_flows(flows)
+
     async def _handover(self, what: str, names: set[str]) -> None:
         try:
             async with asyncio.timeout(self.handover_timeout_s):
@@ -393,89 +414,10 @@ class Store:
         cutoff = (self.clock() if now is None else now) - self.retention_s
         old = select(runs.c.id).where(runs.c.started_at < cutoff)
         async with self.engine.begin() as conn:
+            await conn.execute(delete(step_artifacts).where(step_artifacts.c.run_id.in_(old)))
             await conn.execute(delete(step_results).where(step_results.c.run_id.in_(old)))
             deleted = await conn.execute(delete(runs).where(runs.c.started_at < cutoff))
             await conn.execute(delete(incidents).where(incidents.c.closed_at < cutoff))
+            windows = maintenance_windows.c
+            await conn.execute(delete(maintenance_windows).where(windows.end < cutoff))
         return int(deleted.rowcount)
-
-    # --- reads -----------------------------------------------------------------------------
-
-    async def ping(self) -> bool:
-        """True if the database answers a trivial query within a few seconds."""
-        try:
-            async with asyncio.timeout(5), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception:
-            return False
-        return True
-
-    def open_incidents(self) -> list[Incident]:
-        """Open incidents as decided in memory (may be ahead of the database while it is away)."""
-        return self.book.open_incidents()
-
-    async def list_runs(
-        self,
-        *,
-        flow: str | None = None,
-        variant: str | None = None,
-        location: str | None = None,
-        outcome: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> RunPage:
-        async with self.engine.connect() as conn:
-            return await queries.list_runs(
-                conn,
-                flow=flow,
-                variant=variant,
-                location=location,
-                outcome=outcome,
-                since=since,
-                until=until,
-                limit=limit,
-                cursor=cursor,
-            )
-
-    async def get_run(self, run_id: str) -> RunDetail | None:
-        async with self.engine.connect() as conn:
-            return await queries.get_run(conn, run_id)
-
-    async def latest_run(self, flow: str, variant: str) -> RunDetail | None:
-        async with self.engine.connect() as conn:
-            return await queries.latest_run(conn, flow, variant)
-
-    async def list_incidents(
-        self,
-        *,
-        status: str | None = None,
-        flow: str | None = None,
-        variant: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> IncidentPage:
-        async with self.engine.connect() as conn:
-            return await queries.list_incidents(
-                conn, status=status, flow=flow, variant=variant, limit=limit, cursor=cursor
-            )
-
-    async def samples(
-        self,
-        flow: str,
-        variant: str,
-        since: float,
-        until: float,
-        *,
-        location: str | None = None,
-    ) -> dict[str, StepSamples]:
-        """Per-hop latency/status lists of runs started in [since, until), for the canary gate."""
-        async with self.engine.connect() as conn:
-            return await queries.samples(conn, flow, variant, since, until, location)
-
-    async def link_history(
-        self, pairs: Sequence[tuple[str, str]], limit: int = 30
-    ) -> dict[tuple[str, str, str], list[LinkPoint]]:
-        """Recent points of every hop of each (flow, variant), keyed (flow, variant, step)."""
-        async with self.engine.connect() as conn:
-            return await queries.link_history(conn, pairs, limit)

@@ -40,6 +40,15 @@ class StepView(_View):
     cleanup: bool
 
 
+class ArtifactInfo(_View):
+    """Evidence a hop kept (a screenshot), without its bytes."""
+
+    position: int = Field(description="The hop's position in its run (cleanup steps count).")
+    name: str
+    media_type: str
+    size: int = Field(description="Bytes.")
+
+
 class RunSummary(_View):
     """One run without its hops."""
 
@@ -60,6 +69,10 @@ class RunSummary(_View):
     replica: str | None = Field(
         default=None,
         description="The cluster replica that ran it; null when not run in a cluster.",
+    )
+    maintenance: bool = Field(
+        default=False,
+        description="It ran (in part) in a maintenance window: it opened no incident.",
     )
 
 
