@@ -4,9 +4,11 @@ that "answers", and the broker dies with the process that started it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,3 +89,19 @@ async def test_the_broker_dies_with_its_parent() -> None:
         if child.returncode is None:
             child.kill()
         await child.wait()
+
+
+def test_a_broker_outlives_the_event_loop_that_started_it() -> None:
+    """The session's broker is started in one asyncio.run and used from others: its death
+    signal must follow the process, not a thread (a fork from an executor thread was killed
+    when the loop shut its executor down)."""
+    broker = TansuBroker()
+    asyncio.run(broker.start())
+    try:
+        assert broker._proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            broker._proc.wait(1.0)
+        assert broker.running, broker.output()
+    finally:
+        asyncio.run(broker.stop())
+        broker.close_log()
