@@ -1031,7 +1031,8 @@ def _flow_http(lay: Layout) -> None:
         timeseries(
             "HTTP phase timings (mean, stacked)",
             "Where an HTTP hop's time goes: DNS, connect, TLS, server processing, transfer."
-            " The stacked means add up to the hop's mean.",
+            " The stacked means add up to the hop's mean. Only for flows that export them"
+            " (`http_phases: true` in the flow, or settings.metrics.http_phases).",
             [target(ratio("step, phase", phases, phase_sel), "{{step}} · {{phase}}")],
             "s",
             stack=True,
