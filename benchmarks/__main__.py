@@ -41,7 +41,7 @@ NOTE_SHARED = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes)")
     parser.add_argument(
         "--only", action="append", default=[], metavar="NAME",
         help=f"run only these parts (repeat or comma-separate): {', '.join(PARTS)}",
