@@ -17,6 +17,7 @@ from monitor.demo.broker import free_port
 from monitor.engine import Engine, Options
 from monitor.results import RunResult
 from tests.fixtures.core import serve
+from tests.test_http import run_flow
 
 SEEN = web.AppKey("seen", list[str])
 WHSEC = "whsec_c2lnbmluZy1zZWNyZXQtdGhhdC1tdXN0LXN0YXk="
@@ -52,15 +53,8 @@ async def target() -> AsyncIterator[TestServer]:
 
 
 async def run_once(config: Config, options: Options | None = None) -> RunResult:
-    engine = Engine(
-        config, options or Options(listen=f"127.0.0.1:{free_port()}"), CollectorRegistry()
-    )
-    await engine.start(schedule=False, admin=False)
-    try:
-        [result] = await engine.run_once(engine.select())
-        return result
-    finally:
-        await engine.stop()
+    # Its own listen port: flows here may wait on webhooks, and 8080 may be taken.
+    return await run_flow(config, options=options or Options(listen=f"127.0.0.1:{free_port()}"))
 
 
 def flow(base: str, steps: str) -> str:

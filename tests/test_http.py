@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
-from monitor.engine import Engine
+from monitor.engine import Engine, Options
 from monitor.results import RunResult, StepResult
 from probes.http_common import TimedResolver, TimedResponseHandler, parse_handshake_rtt
 from tests.fixtures.core import free_port, serve
@@ -95,8 +95,11 @@ def flow_yaml(base: str, steps: str, extra: str = "", cleanup: str = "") -> str:
     return text + (f"    cleanup:\n{cleanup}" if cleanup else "")
 
 
-async def run_flow(config: Config, registry: CollectorRegistry | None = None) -> RunResult:
-    engine = Engine(config, registry=registry or CollectorRegistry())
+async def run_flow(
+    config: Config, registry: CollectorRegistry | None = None, options: Options | None = None
+) -> RunResult:
+    """Run the config's one flow once, as `hopwatch check` does."""
+    engine = Engine(config, options, registry or CollectorRegistry())
     await engine.start(schedule=False, admin=False)
     try:
         [result] = await engine.run_once(engine.select())
