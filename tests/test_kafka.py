@@ -498,3 +498,63 @@ async def test_broker_restarts_on_its_port(own_kafka_broker: TansuBroker) -> Non
     await own_kafka_broker.stop()
     assert not own_kafka_broker.running
     assert not await own_kafka_broker._answers_metadata(1.0)
+
+
+async def test_batched_records_are_not_a_log_reset(
+    kafka_broker: TansuBroker,
+    unique_topic: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tansu answers ListOffsets with the last batch's base offset + 1, so after a batch of three
+    the "end" is two below the consumer's position. That is not a log that went backwards: no
+    re-read, no warning (it printed `log end 97 < position 99, re-reading` after `gate`)."""
+    from monitor.kafka.consumer import SharedConsumer
+
+    checked: list[int] = []
+    enough = asyncio.Event()
+    real_check = SharedConsumer._check
+
+    async def counted(self: SharedConsumer, consumer: Any) -> None:
+        await real_check(self, consumer)
+        checked.append(1)
+        if len(checked) >= 3:
+            enough.set()
+
+    monkeypatch.setattr(SharedConsumer, "_check", counted)
+    got: list[Any] = []
+    all_in = asyncio.Event()
+
+    def offered(arrival: Any) -> None:
+        got.append(arrival)
+        if len(got) == 9:
+            all_in.set()
+
+    clients = KafkaClients(
+        {"main": cluster(kafka_broker.bootstrap, health_interval="100ms")},
+        topics={"main": [unique_topic]},
+        on_arrival=offered,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=50)
+    await clients.start()
+    await producer.start()
+    try:
+        async with asyncio.timeout(15):
+            await clients.wait_consumer("main", "up")
+            for batch in range(3):  # three records in one batch, three times
+                sent = [
+                    await producer.send(unique_topic, b'{"n": %d}' % i, partition=0)
+                    for i in range(3 * batch, 3 * batch + 3)
+                ]
+                await asyncio.gather(*sent)
+            await all_in.wait()
+            checked.clear()
+            enough.clear()
+            await enough.wait()  # three health checks after every record was read
+    finally:
+        await producer.stop()
+        async with asyncio.timeout(15):
+            await clients.close()
+    assert [a.json["n"] for a in got] == list(range(9))  # each once, none re-read
+    assert clients.health()["main"].log_resets == 0
+    assert "re-reading" not in caplog.text

@@ -170,10 +170,12 @@ class SharedConsumer:
                 # Positions first: the end can only grow after them, so `end < position` then
                 # means the log really went backwards, not that records came in between.
                 positions = {tp: await consumer.position(tp) for tp in partitions}
+                asked_ms = time.time() * 1000
                 ends = await consumer.end_offsets(partitions) if partitions else {}
+                fresh_ms = asked_ms - max(3 * cluster.config.fetch_max_wait, 1.0) * 1000
                 for tp, end in ends.items():
                     position = positions[tp]
-                    if end < position:
+                    if end < position and not _fetched_past(consumer, tp, position, fresh_ms):
                         starts = await consumer.beginning_offsets([tp])
                         consumer.seek(tp, max(starts[tp], end - _REPLAY_LIMIT))
                         cluster.health.log_resets += 1
@@ -238,6 +240,24 @@ class SharedConsumer:
             self._offer(arrival)
         except Exception:  # the callback's bug must not stop the shared consumer
             log.exception("arrival callback failed for %s", arrival.delivery_id)
+
+
+def _fetched_past(consumer: AIOKafkaConsumer, tp: Any, position: int, since_ms: float) -> bool:
+    """Whether a fetch answered since `since_ms` put the partition's end at or past `position`.
+
+    Some brokers answer ListOffsets with less than the log's end (Tansu: the last batch's base
+    offset + 1, so a batch of three reads two short), while fetch responses carry the true high
+    watermark. A log that really went backwards shows in fresh fetches too (or stops them, and
+    then the timestamp is old), so only an end that fetches do not contradict means a reset.
+    """
+    highwater = consumer.highwater(tp)
+    polled_ms = consumer.last_poll_timestamp(tp)
+    return (
+        highwater is not None
+        and polled_ms is not None
+        and polled_ms >= since_ms
+        and highwater >= position
+    )
 
 
 def _poison(body: bytes) -> bool:
