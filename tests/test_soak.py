@@ -33,13 +33,26 @@ def test_failures_in_a_fault_are_its_breaks_and_the_rest_false_alarms() -> None:
     false = attribute(runs, [window], GOALS)
     assert [(r.started_at, r.broken_step) for r in false] == [(995.0, "create"), (1030.0, "create")]
     assert window.links["shop/hook"] == {
-        "detected_s": 9.5, "reasons": {"not_received": 1}, "failed_runs": 1, "goal_s": 10.55
+        "detected_s": 9.5, "reasons": {"not_received": 1}, "failed_runs": 1, "goal_s": 10.55,
+        "earlier_hops_s": 0.0,
     }  # fmt: skip
     create = window.links["shop/create"]
     assert create["detected_s"] == 1.1
     assert create["reasons"] == {"http_status": 1, "timeout": 1, "connect_error": 1}
     assert window.detected_s == 1.1
     assert window.recovery_s == {"shop/stable": 3.0}
+
+
+def test_a_breaks_goal_counts_the_detecting_runs_earlier_hops() -> None:
+    """The run that saw a dropped webhook spent 1.6 s on its API hops before its 10 s wait
+    began: its reach was 1.6 s longer, which is not the monitor being late."""
+    late = Run("shop", "stable", 1000.4, 1000.4 + 1.6 + 10.0, "failure", "hook", "not_received",
+               broken_offset_s=1.6)  # fmt: skip
+    window = Window("webhooks dropped", ON, OFF)
+    assert attribute([late], [window], GOALS) == []
+    hook = window.links["shop/hook"]
+    assert hook["detected_s"] == 12.0  # over the link's 10.55 s, within this run's reach
+    assert hook["earlier_hops_s"] == 1.6 and hook["goal_s"] == 12.15  # 10.55 + 1.6
 
 
 def test_a_fault_nothing_noticed_has_no_detection() -> None:
