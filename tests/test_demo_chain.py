@@ -179,3 +179,19 @@ async def test_the_worker_reads_a_broker_back_with_empty_logs_from_the_start(dem
     while streak < 3:  # healed: three checkouts in a row fulfilled
         assert time.monotonic() - back < 45, "the demo did not heal"
         streak = streak + 1 if (await demo.run("checkout")).outcome == "success" else 0
+
+
+async def test_the_worker_heals_after_a_long_broker_outage(demo: Demo) -> None:
+    """A broker away long enough for the worker to give its consumer up: aiokafka's `stop()` of
+    that consumer waited forever on the lost group (its last auto-commit), so the worker never
+    made a new one and every later order went unfulfilled (the soak's `never` recoveries)."""
+    for _ in range(6):
+        assert (await demo.run("checkout")).outcome == "success"
+    worker = demo.system.worker
+    await demo.set_faults(broker_stopped=True)
+    await wait_until(lambda: worker.lost >= 1, timeout=30)  # its log check timed out
+    await demo.clear_faults()
+    back, streak = time.monotonic(), 0
+    while streak < 3:  # healed: three checkouts in a row fulfilled
+        assert time.monotonic() - back < 45, "the demo did not heal"
+        streak = streak + 1 if (await demo.run("checkout")).outcome == "success" else 0

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ORDERS_TOPIC = "orders"
 COMMANDS_TOPIC = "order-commands"
 LOG_CHECK_S = 2.0  # how often the worker checks that the broker's logs did not start over
+STOP_WITHIN_S = 5.0  # a consumer that cannot leave its group in time is dropped, not waited on
 
 
 async def ensure_topics(bootstrap: str, partitions: int = 3) -> None:
@@ -139,7 +140,9 @@ class Worker:
         self.telemetry = telemetry or Telemetry.from_env("shop-worker", exporters=())
         self.processed = 0
         self.joined = asyncio.Event()  # set once the consumer has joined its group
+        self.lost = 0  # consumers given up on (broker gone), each replaced by a new one
         self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # consumers still leaving their group
         self._http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -161,6 +164,10 @@ class Worker:
                 group_id="demo-worker",
                 auto_offset_reset="earliest",  # a new group: take orders placed while joining
                 metadata_max_age_ms=2000,
+                # Committed after each batch (below): aiokafka's auto-commit makes `stop()` retry
+                # its last commit until the group's coordinator answers, which a broker back with
+                # empty storage never does, so the worker hung there and never healed.
+                enable_auto_commit=False,
             )
             try:
                 # Joining a group waits for the rebalance; aiokafka's request timeout covers it.
@@ -170,11 +177,21 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker gone: start over when it is back
+                self.lost += 1
                 log.info("demo worker lost the broker (%s); retrying", exc)
             finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                await self._drop(consumer)
             await asyncio.sleep(1.0)
+
+    async def _drop(self, consumer: AIOKafkaConsumer) -> None:
+        """Stop `consumer`, waiting at most STOP_WITHIN_S: aiokafka's `stop()` can wait forever
+        on a group coordinator that is gone and ignores being cancelled (`wait_for` hung with
+        it), so a stop that takes longer goes on alone while a new consumer starts."""
+        stopping = asyncio.create_task(consumer.stop(), name="demo-worker-stop")
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+        stopping.add_done_callback(_quiet)
+        await asyncio.wait({stopping}, timeout=STOP_WITHIN_S)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         next_check = time.monotonic() + LOG_CHECK_S
@@ -192,6 +209,9 @@ class Worker:
                     continue
                 for record in records:
                     await self._handle(record)
+            if batches:
+                async with asyncio.timeout(5):  # a broker away: _supervise starts over
+                    await consumer.commit()
 
     @staticmethod
     async def _reread_if_log_restarted(consumer: AIOKafkaConsumer) -> None:
@@ -272,5 +292,13 @@ class Worker:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for stopping in list(self._stopping):
+            stopping.cancel()
         if self._http is not None:
             await self._http.close()
+
+
+def _quiet(task: asyncio.Task[None]) -> None:
+    """Retrieve a background stop's error (a broker gone), so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
