@@ -280,7 +280,7 @@ async def test_grpc_modules_of_the_default_configuration(
          "valid_rcodes is not translated (unknown rcode 'BOGUS')", {"query_type": "ANY"}),
         ("dns", {"query_name": "example.org", "query_type": "A", "recursion_desired": False,
                  "valid_rcodes": ["NOERROR", "NXDOMAIN"]},
-         "target 'db.internal' is not an IP address",
+         None,  # a name server given by name is resolved at each run, as blackbox does
          {"recursion": False, "expect": {"rcode": ["NOERROR", "NXDOMAIN"]}}),
         ("dns", {"query_name": "example.org", "transport_protocol": "quic"},
          "transport_protocol quic is not translated: the step asks over udp", {}),
