@@ -52,6 +52,7 @@ _TLS_WORDS: Final = ("ssl", "tls", "handshake", "certificate")
 _METHOD: Final = re.compile(r"[A-Za-z_][\w.]*/[A-Za-z_]\w*")
 _CODES: Final = {code.name: code for code in grpc.StatusCode}
 PEEK_TIMEOUT: Final = 10.0  # seconds the certificate handshake may take (the step's own bounds it)
+_MARGIN: Final = 0.05  # of the step's time left to the step after a certificate check timed out
 
 
 class GrpcExpect(BaseModel):
@@ -154,6 +155,7 @@ class GrpcProbe:
         metadata = self._metadata(config, ctx)
         budget = ctx.remaining() if config.timeout is None else min(ctx.remaining(), config.timeout)
         started = time.monotonic()
+        ends = started + budget  # the certificate check must leave the step time to report
         try:
             if config.method is None:
                 method = HEALTH
@@ -175,7 +177,9 @@ class GrpcProbe:
             failure = _translate(exc, target, config.expect.status)
             if failure is not None:
                 if isinstance(failure, AssertionFailed):  # the server answered: it has a cert
-                    failure.tls_not_after = await _expiry(config, channels, target, quiet=True)
+                    failure.tls_not_after = await _expiry(
+                        config, channels, target, ends, quiet=True
+                    )
                 raise failure from exc
         except MethodNotFound as exc:
             raise OtherFailure(f"{target}: {exc}") from None
@@ -190,9 +194,9 @@ class GrpcProbe:
                 _check(config, ctx, code, response, body, latency)
                 values = extract(config.extract, headers={}, body=body)
             except StepFailed as failed:
-                failed.tls_not_after = await _expiry(config, channels, target, quiet=True)
+                failed.tls_not_after = await _expiry(config, channels, target, ends, quiet=True)
                 raise
-            expiry = await _expiry(config, channels, target, quiet=False)
+            expiry = await _expiry(config, channels, target, ends, quiet=False)
             check_valid_for(expiry, config.expect.tls_valid_for)
         except StepFailed as failed:
             failed.attributes.update(attributes)
@@ -213,7 +217,7 @@ class GrpcProbe:
 
 
 async def _expiry(
-    config: Config, channels: GrpcChannels, target: str, *, quiet: bool
+    config: Config, channels: GrpcChannels, target: str, ends: float, *, quiet: bool
 ) -> float | None:
     """The server's leaf certificate's notAfter, over TLS (see the module's docstring for when
     it is looked at). A failed look fails the step only when it asserts `tls_valid_for` and is
@@ -221,9 +225,10 @@ async def _expiry(
     if config.tls is None:
         return None
     host, port = split_address(target)
+    left = ends - time.monotonic() - _MARGIN
     try:
         return await channels.expiries.not_after(
-            host, port, config.tls, config.server_name or host, PEEK_TIMEOUT
+            host, port, config.tls, config.server_name or host, min(PEEK_TIMEOUT, left)
         )
     except StepFailed as failed:
         if quiet or config.expect.tls_valid_for is None:

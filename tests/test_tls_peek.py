@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.errors import ConnectError, TlsError
+from probes.errors import ConnectError, Timeout, TlsError
 from probes.http_common import TlsConfig
 from probes.tls_peek import LeafExpiries
 from tests.fixtures.core import free_port
@@ -84,3 +84,22 @@ async def test_a_wrong_name_or_nothing_listening_is_said_and_not_cached(
         with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}: "):
             await expiries.not_after("127.0.0.1", port, tls, "127.0.0.1", 5.0)
     assert expiries.handshakes == 3
+
+
+async def test_a_server_that_never_answers_the_handshake_times_out_in_the_time_given() -> None:
+    """The kind gives the check only the step's time left, so a silent server costs the step
+    its certificate figure, not its verdict."""
+    accepted = asyncio.Event()
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        expiries = LeafExpiries()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Timeout, match=f"^no TLS handshake with 127.0.0.1:{port} in time$"):
+            await expiries.not_after("127.0.0.1", port, TlsConfig(), "127.0.0.1", 0.3)
+        took = asyncio.get_running_loop().time() - started
+    assert accepted.is_set() and 0.3 <= took < 2.0
