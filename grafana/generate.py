@@ -455,6 +455,7 @@ def overview() -> dict[str, Any]:
     _overview_health(lay, OVERVIEW_SEL)
     _overview_breaks(lay, OVERVIEW_SEL)
     _overview_latency(lay, OVERVIEW_SEL)
+    _overview_kinds(lay, OVERVIEW_SEL)
     _overview_arrivals(lay)
     _overview_slo(lay, OVERVIEW_SEL)
     _monitor_health(lay)
@@ -612,6 +613,152 @@ def _overview_latency(lay: Layout, sel: str) -> None:
             w=8,
             h=9,
         )
+
+
+KINDS = ("sql", "tcp", "dns", "grpc", "browser")  # the kinds with a panel of their own
+
+
+def _kind_phases(kind: str, sel: str) -> str:
+    """p95 of each phase of the `kind` hops: the phase histogram has no kind, variant or
+    location label, so its hops are those of the kind's step-duration series (`and on`)."""
+    phases = rate("hopwatch_http_phase_duration_seconds_bucket", 'flow=~"$flow"')
+    hops = f'hopwatch_step_duration_seconds_count{{kind="{kind}", {sel}}}'
+    return (
+        f"histogram_quantile(0.95, sum by (flow, step, phase, le)"
+        f" ({phases} and on (flow, step) {hops}))"
+    )
+
+
+def _overview_kinds(lay: Layout, sel: str) -> None:
+    """What the kinds beyond HTTP and messaging export: their hops' latency and failures (the
+    series carry `kind`), the phases tcp and browser steps time, certificates of tcp and grpc
+    hops, and the shared browser's own figures."""
+    lay.row("Step kinds: sql, tcp, dns, grpc, browser")
+    kinds = f'kind=~"{"|".join(KINDS)}", {sel}'
+    lay.add(
+        timeseries(
+            "Hop latency p95 by kind",
+            "95th percentile of the latency of every hop of each kind"
+            " (hopwatch_step_duration_seconds by its kind label).",
+            [target(quantile("0.95", "kind", STEP_DURATION, kinds), "{{kind}}")],
+            "s",
+        ),
+        w=12,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Broken links by kind and reason",
+            "Failures per interval of the hops of each kind, by reason (sql: connect_error,"
+            " timeout, assertion, extract; dns: an rcode or answer not wanted is assertion,"
+            " a server name that does not resolve dns_error; grpc: a status not wanted is"
+            " assertion, a failed certificate check its reason).",
+            [target(f"sum by (kind, reason) {failures(kinds)}", "{{kind}} · {{reason}}")],
+            "short",
+            bars=True,
+            stack=True,
+        ),
+        w=12,
+        h=8,
+    )
+    what = {
+        "sql": ("SQL: time to the row p95", "a sql hop's query; a polling one (`until`) from"
+                " its first query to the one that found the row: how late the data landed"),
+        "dns": ("DNS: answer time p95", "a dns hop's question to its answer"),
+        "grpc": ("gRPC: call latency p95", "a grpc hop's call to its answer (reflection,"
+                 " learnt once, and the certificate check are not in it)"),
+    }  # fmt: skip
+    for kind, (title, latency) in what.items():
+        lay.add(
+            timeseries(
+                title,
+                f"95th percentile per hop of {latency} (hopwatch_step_duration_seconds"
+                f'{{kind="{kind}"}}); the points are exemplars: click one for its trace.',
+                [
+                    target(
+                        quantile("0.95", "flow, step", STEP_DURATION, f'kind="{kind}", {sel}'),
+                        HOP_LEGEND,
+                        exemplar=True,
+                    )
+                ],
+                "s",
+            ),
+            w=8,
+            h=8,
+        )
+    lay.add(
+        timeseries(
+            "TCP: DNS, connect and TLS p95",
+            "95th percentile of each phase of the tcp hops (name lookup, connect, TLS or"
+            " STARTTLS handshake), from hopwatch_http_phase_duration_seconds: only for flows"
+            " that export phases (`http_phases: true`, or settings.metrics.http_phases).",
+            [target(_kind_phases("tcp", sel), "{{flow}}: {{step}} · {{phase}}")],
+            "s",
+        ),
+        w=12,
+        h=8,
+    )
+    left = (
+        "min by (flow, step) (hopwatch_tls_cert_expiry_timestamp_seconds"
+        f"{{{sel}}} and on (flow, step, variant, location) hopwatch_step_duration_seconds_count"
+        f'{{kind=~"tcp|grpc", {sel}}}) - time()'
+    )
+    lay.add(
+        timeseries(
+            "TCP and gRPC: certificate time left",
+            "Time left on the server certificate each tcp and grpc hop over TLS saw"
+            " (hopwatch_tls_cert_expiry_timestamp_seconds; a grpc hop reads it by a handshake"
+            " of its own at most every 5 minutes). A rotation shows as a jump up.",
+            [target(left, HOP_LEGEND)],
+            "s",
+            threshold_steps=((None, "red"), (3 * 86400, "orange"), (14 * 86400, "green")),
+        ),
+        w=12,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Browser: phases p95",
+            "95th percentile of each phase of the browser hops: setup (a fresh context),"
+            " navigation, actions, network (requests the page made), from"
+            " hopwatch_http_phase_duration_seconds: only for flows that export phases.",
+            [target(_kind_phases("browser", sel), "{{flow}}: {{step}} · {{phase}}")],
+            "s",
+        ),
+        w=12,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Browser: shared Chromium memory",
+            "Memory of the monitor's one Chromium (PSS of its processes,"
+            " hopwatch_browser_memory_bytes), per monitor: not per flow, the selection does"
+            " not apply. 0 while no browser step has started it.",
+            [target("max by (instance) (hopwatch_browser_memory_bytes)", "{{instance}}")],
+            "bytes",
+        ),
+        w=4,
+        h=8,
+    )
+    lay.add(
+        timeseries(
+            "Browser: steps and restarts",
+            "Browser steps holding a slot and waiting for one (at most"
+            " HOPWATCH_BROWSER_CONCURRENCY run at once; waiting counts against a step's time),"
+            " and restarts of a Chromium that went away, per monitor.",
+            targets(
+                ("sum by (instance) (hopwatch_browser_steps_running)", "{{instance}} running"),
+                ("sum by (instance) (hopwatch_browser_steps_waiting)", "{{instance}} waiting"),
+                (
+                    "sum by (instance) (increase(hopwatch_browser_restarts_total[$__range]))",
+                    "{{instance}} restarts in range",
+                ),
+            ),
+            "short",
+        ),
+        w=8,
+        h=8,
+    )
 
 
 def _overview_arrivals(lay: Layout) -> None:

@@ -43,6 +43,7 @@ class Arrival:
     delivery_id: str | None
     key: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    xml: Any | None = None  # the parsed (hardened: probes.xml_checks) root of an XML body
 
 
 def channel_name(cluster: str, topic: str) -> str:

@@ -64,6 +64,15 @@ def settings_from_env() -> tuple[str, int]:
     return executable, concurrency
 
 
+# What `BrowserPool.readings()` shows on /metrics, by type (the dashboards' tests check names).
+BROWSER_METRIC_NAMES: Final = {
+    "hopwatch_browser_memory_bytes": "gauge",
+    "hopwatch_browser_steps_running": "gauge",
+    "hopwatch_browser_steps_waiting": "gauge",
+    "hopwatch_browser_restarts_total": "counter",
+}
+
+
 class BrowserPool:
     """One Chromium for the engine; a fresh context per step, `concurrency` steps at once."""
 

@@ -2,11 +2,19 @@
 
 Like blackbox_exporter's dns prober: the record type, the server, the wanted response codes,
 and the answers (exactly these, or each matching a regex), with dnspython doing the wire work.
+
+A `server` given as a name (`ns1.example.com:53`) is resolved by the system's resolver at each
+run, as `dig @ns1.example.com` and blackbox_exporter do, and its first IPv4 address asked (else
+its first IPv6 one); a name that does not resolve fails the step `dns_error`. The question's
+latency does not include that resolution.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
+import socket
 import time
 from typing import Any, Final, Literal
 
@@ -26,6 +34,7 @@ from probes.durations import Duration
 from probes.errors import (
     AssertionFailed,
     ConnectError,
+    DnsError,
     OtherFailure,
     StepFailed,
     Timeout,
@@ -112,7 +121,8 @@ class Config(StepConfigBase):
     query_type: str = Field(default="A", description="Record type: A, AAAA, MX, TXT…; default A.")
     server: str | None = Field(
         default=None,
-        description="HOST or HOST:PORT of the name server; default: the system's first one.",
+        description="HOST or HOST:PORT of the name server, HOST an address or a name (resolved "
+        "by the system at each run); default: the system's first one.",
     )
     transport: Literal["udp", "tcp"] = Field(default="udp", description="udp or tcp; default udp.")
     recursion: bool = Field(default=True, description="Ask for recursion (RD); default true.")
@@ -148,22 +158,29 @@ def system_server() -> tuple[str, int]:
 
 class DnsProbe:
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
-        host, port = split_server(ctx.render(config.server)) if config.server else system_server()
+        if config.server:
+            try:
+                host, port = split_server(ctx.render(config.server))
+            except ValueError as exc:
+                raise OtherFailure(f"server: {exc}") from None
+        else:
+            host, port = system_server()
+        address = await resolve_server(host, port)
         name = dns.name.from_text(ctx.render(config.query_name))
         rdtype = dns.rdatatype.from_text(config.query_type)
         query = dns.message.make_query(name, rdtype)
         if not config.recursion:
             query.flags &= ~dns.flags.RD
-        where = f"{host}:{port}/{config.transport}"
+        where = f"{host}{'' if address == host else f' ({address})'}:{port}/{config.transport}"
         budget = ctx.remaining() if config.timeout is None else min(ctx.remaining(), config.timeout)
         started = time.monotonic()
         try:
             if config.transport == "udp":
                 response = await dns.asyncquery.udp(
-                    query, host, port=port, timeout=budget, raise_on_truncation=True
+                    query, address, port=port, timeout=budget, raise_on_truncation=True
                 )
             else:
-                response = await dns.asyncquery.tcp(query, host, port=port, timeout=budget)
+                response = await dns.asyncquery.tcp(query, address, port=port, timeout=budget)
         except (dns.exception.DNSException, OSError, EOFError) as exc:
             raise _translate(exc, where) from exc
         latency = time.monotonic() - started
@@ -178,6 +195,26 @@ class DnsProbe:
             raise
         values = {"answers": [data for _, data in records], "rcode": rcode}
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
+
+
+async def resolve_server(host: str, port: int) -> str:
+    """The address to ask: `host` itself when it is one, else the first IPv4 address the
+    system resolves it to (the first IPv6 one when it has none); DnsError when it has none."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise DnsError(f"cannot resolve the server {host}: {exc.strerror}") from None
+    addresses = [str(info[4][0]) for info in infos]
+    ipv4 = [a for a in addresses if ":" not in a]
+    if not addresses:
+        raise DnsError(f"cannot resolve the server {host}: no address")
+    return (ipv4 or addresses)[0]
 
 
 def answer_records(response: dns.message.Message, rdtype: Any) -> list[tuple[str, str]]:
@@ -243,6 +280,6 @@ def dns_span(config: Config, ctx: StepContext) -> SpanShape:
 SPEC = KindSpec(
     Config,
     DnsProbe(),
-    failures=(Timeout, ConnectError, AssertionFailed, OtherFailure),
+    failures=(Timeout, DnsError, ConnectError, AssertionFailed, OtherFailure),
     span=dns_span,
 )

@@ -3,6 +3,13 @@ types the server describes through reflection, checked by JSON paths on the answ
 
 The channel per target is the engine's (`GrpcChannels`, lent through `ctx.shared`); the call
 carries the synthetic-traffic marker and the trace context as metadata.
+
+Over TLS the server's leaf certificate expiry is read by a handshake of our own
+(`probes.tls_peek`: grpcio does not expose the peer certificate), after the call and outside
+its latency, at most once per target every 5 minutes. A failed handshake fails the step (with
+the handshake's reason, `tls_error`/`connect_error`/`timeout`, "certificate check: …") only
+when the step asserts `tls_valid_for`, which it could not check otherwise; without that
+assertion the call is the step's verdict and the run just has no expiry to export.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import JSON_PATH_KEYS, ExtractRule, check_json_paths, check_latency, extract
@@ -35,6 +42,7 @@ from probes.grpc_channels import GrpcChannels, Method, MethodNotFound
 from probes.http_common import TlsConfig
 from probes.kinds import KindSpec, SpanShape, render_quietly
 from probes.tcp import split_address
+from probes.tls_cert import check_valid_for
 
 KIND: Final = "grpc"
 HEALTH: Final = Method(
@@ -43,6 +51,8 @@ HEALTH: Final = Method(
 _TLS_WORDS: Final = ("ssl", "tls", "handshake", "certificate")
 _METHOD: Final = re.compile(r"[A-Za-z_][\w.]*/[A-Za-z_]\w*")
 _CODES: Final = {code.name: code for code in grpc.StatusCode}
+PEEK_TIMEOUT: Final = 10.0  # seconds the certificate handshake may take (the step's own bounds it)
+_MARGIN: Final = 0.05  # of the step's time left to the step after a certificate check timed out
 
 
 class GrpcExpect(BaseModel):
@@ -59,6 +69,11 @@ class GrpcExpect(BaseModel):
     )
     max_latency: Duration | None = Field(
         default=None, description="Latency budget, e.g. 200ms; default: none."
+    )
+    tls_valid_for: Duration | None = Field(
+        default=None,
+        description="Fail unless the server's certificate is valid this much longer, e.g. 14d "
+        "(read by a handshake of hopwatch's own, at most every 5 minutes); default: no check.",
     )
 
     @field_validator("status")
@@ -113,6 +128,12 @@ class Config(StepConfigBase):
             raise ValueError(f"want package.Service/Method, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _tls_for_expiry(self) -> Config:
+        if self.expect.tls_valid_for is not None and self.tls is None:
+            raise ValueError("expect.tls_valid_for needs tls")
+        return self
+
     @field_validator("extract")
     @classmethod
     def _json_only(cls, value: dict[str, ExtractRule]) -> dict[str, ExtractRule]:
@@ -134,6 +155,7 @@ class GrpcProbe:
         metadata = self._metadata(config, ctx)
         budget = ctx.remaining() if config.timeout is None else min(ctx.remaining(), config.timeout)
         started = time.monotonic()
+        ends = started + budget  # the certificate check must leave the step time to report
         try:
             if config.method is None:
                 method = HEALTH
@@ -154,6 +176,10 @@ class GrpcProbe:
             code, response = exc.code(), None
             failure = _translate(exc, target, config.expect.status)
             if failure is not None:
+                if isinstance(failure, AssertionFailed):  # the server answered: it has a cert
+                    failure.tls_not_after = await _expiry(
+                        config, channels, target, ends, quiet=True
+                    )
                 raise failure from exc
         except MethodNotFound as exc:
             raise OtherFailure(f"{target}: {exc}") from None
@@ -162,14 +188,24 @@ class GrpcProbe:
         latency = time.monotonic() - started
         attributes = {"rpc.grpc.status_code": code.value[0]}
         body = _as_json(response)
+        expiry: float | None = None
         try:
-            _check(config, ctx, code, response, body, latency)
-            values = extract(config.extract, headers={}, body=body)
+            try:
+                _check(config, ctx, code, response, body, latency)
+                values = extract(config.extract, headers={}, body=body)
+            except StepFailed as failed:
+                failed.tls_not_after = await _expiry(config, channels, target, ends, quiet=True)
+                raise
+            expiry = await _expiry(config, channels, target, ends, quiet=False)
+            check_valid_for(expiry, config.expect.tls_valid_for)
         except StepFailed as failed:
             failed.attributes.update(attributes)
             failed.latency_s = latency
+            failed.tls_not_after = failed.tls_not_after or expiry
             raise
-        return StepOutcome(latency_s=latency, vars=values, attributes=attributes)
+        return StepOutcome(
+            latency_s=latency, vars=values, attributes=attributes, tls_not_after=expiry
+        )
 
     @staticmethod
     def _metadata(config: Config, ctx: StepContext) -> list[tuple[str, str]]:
@@ -178,6 +214,26 @@ class GrpcProbe:
         for name, template in config.metadata.items():
             pairs[name.lower()] = ctx.render(template, "header")
         return list(pairs.items())
+
+
+async def _expiry(
+    config: Config, channels: GrpcChannels, target: str, ends: float, *, quiet: bool
+) -> float | None:
+    """The server's leaf certificate's notAfter, over TLS (see the module's docstring for when
+    it is looked at). A failed look fails the step only when it asserts `tls_valid_for` and is
+    not `quiet` (already failing for another reason)."""
+    if config.tls is None:
+        return None
+    host, port = split_address(target)
+    left = ends - time.monotonic() - _MARGIN
+    try:
+        return await channels.expiries.not_after(
+            host, port, config.tls, config.server_name or host, min(PEEK_TIMEOUT, left)
+        )
+    except StepFailed as failed:
+        if quiet or config.expect.tls_valid_for is None:
+            return None
+        raise type(failed)(f"certificate check: {failed.message}") from None
 
 
 def _as_json(response: Any) -> bytes:

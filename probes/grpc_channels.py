@@ -18,6 +18,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from grpc_reflection.v1alpha import reflection_pb2
 
 from probes.http_common import TlsConfig
+from probes.tls_peek import LeafExpiries
 
 _REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 _MAX_FILES = 200  # files one service's description may need (bounds a looping server)
@@ -54,9 +55,10 @@ def credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
 
 class GrpcChannels:
     """A channel per (target, TLS settings, server name), made on first use; the methods each
-    target's reflection described."""
+    target's reflection described; the servers' certificate expiries (`probes.tls_peek`)."""
 
     def __init__(self) -> None:
+        self.expiries = LeafExpiries()
         self._channels: dict[tuple[str, TlsConfig | None, str | None], grpc.aio.Channel] = {}
         self._methods: dict[tuple[int, str], Method] = {}
         self._pools: dict[int, descriptor_pool.DescriptorPool] = {}

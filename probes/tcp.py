@@ -2,7 +2,11 @@
 
 Like blackbox_exporter's `query_response`: a list of `expect` (a regex some line must match;
 lines are read until one does), `send` (text written as is) and `starttls` (upgrade the
-connection). Named groups of `expect` regexes become values for later steps.
+connection). Named groups of `expect` regexes become values for later steps; within the
+conversation a `send` reuses the groups of the last `expect` before it as `${1}` or `${name}`
+(`${0}` the whole match; `$${…}` is a literal `${…}`), as blackbox's `send` does, checked when
+the flow loads. A group's text is put in as it came, never read as a template, and one holding
+a line break is refused (it would smuggle a second command).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from probes.tls_cert import check_valid_for, not_after
 
 MAX_LINE: Final = 64 * 1024  # bytes a line may have before the step fails
 MAX_LINES: Final = 1000  # lines one `expect` reads before giving up
+# ${1} / ${name}: a group of the last expect's match; $${1} a literal ${1}
+_GROUP_REF: Final = re.compile(r"\$(\$?)\{(\w+)\}")
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -55,7 +61,11 @@ class Exchange(BaseModel):
     expect: str | None = Field(
         default=None, description="Regex a line must match (lines are read until one does)."
     )
-    send: str | None = Field(default=None, description="Text to send (a template), as is.")
+    send: str | None = Field(
+        default=None,
+        description="Text to send (a template), as is; `${1}`, `${name}` (`${0}`: the whole "
+        "match) are groups of the last expect's match, `$${…}` a literal `${…}`.",
+    )
     starttls: bool = Field(default=False, description="Upgrade the connection to TLS here.")
 
     @model_validator(mode="after")
@@ -116,7 +126,39 @@ class Config(StepConfigBase):
             raise ValueError("query_response: starttls at most once")
         if self.expect.tls_valid_for is not None and self.tls is None and not starttls:
             raise ValueError("expect.tls_valid_for needs tls or a starttls move")
+        last: re.Pattern[str] | None = None
+        for number, move in enumerate(self.query_response, start=1):
+            if move.expect is not None:
+                last = re.compile(move.expect)
+            elif move.send is not None:
+                _check_refs(move.send, last, number)
         return self
+
+
+def group_refs(text: str) -> list[str]:
+    """The groups a `send` refers to (`${1}`, `${name}`; not the escaped `$${…}`)."""
+    return [m.group(2) for m in _GROUP_REF.finditer(text) if not m.group(1)]
+
+
+def _check_refs(send: str, last: re.Pattern[str] | None, number: int) -> None:
+    """A send's `${…}` must name groups the last expect before it has, outside templates."""
+    refs = group_refs(send)
+    if not refs:
+        return
+    where = f"query_response entry {number}: send uses"
+    if last is None:
+        raise ValueError(f"{where} ${{{refs[0]}}} but no expect comes before it")
+    for ref in refs:
+        if ref.isdigit() and int(ref) > last.groups:
+            plural = "" if last.groups == 1 else "s"
+            raise ValueError(f"{where} ${{{ref}}} but the expect before it, /{last.pattern}/, "
+                             f"has {last.groups} group{plural}")  # fmt: skip
+        if not ref.isdigit() and ref not in last.groupindex:
+            raise ValueError(f"{where} ${{{ref}}} but the expect before it, /{last.pattern}/, "
+                             f"has no group named {ref!r}")  # fmt: skip
+    for segment in _GROUP_REF.split(send)[::3]:  # the text between references
+        if segment.count("{{") != segment.count("}}") or segment.count("{%") != segment.count("%}"):
+            raise ValueError(f"{where} a group inside a {{{{ … }}}} template")
 
 
 @lru_cache(maxsize=64)
@@ -203,12 +245,13 @@ async def _converse(
     phases: dict[str, float],
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
+    last: re.Match[str] | None = None
     for move in config.query_response:
         if move.send is not None:
-            writer.write(ctx.render(move.send).encode())
+            writer.write(send_text(move.send, ctx, last).encode())
             await writer.drain()
         elif move.expect is not None:
-            match = await _expect(reader, move.expect)
+            match = last = await _expect(reader, move.expect)
             values |= {k: Untrusted(v) for k, v in match.groupdict().items() if v is not None}
         else:
             mark = time.monotonic()
@@ -216,6 +259,31 @@ async def _converse(
             await writer.start_tls(tls, server_hostname=server_name)
             phases["tls"] = time.monotonic() - mark
     return values
+
+
+def send_text(template: str, ctx: StepContext, last: re.Match[str] | None) -> str:
+    """The `send` to write: its template parts rendered, its `${…}` replaced by the groups of
+    `last` verbatim (after rendering, so a server's text is never read as a template)."""
+    parts: list[str] = []
+    at = 0
+    for ref in _GROUP_REF.finditer(template):
+        if ref.start() > at:
+            parts.append(ctx.render(template[at : ref.start()]))
+        escaped, name = ref.group(1), ref.group(2)
+        parts.append("${" + name + "}" if escaped else _group(last, name))
+        at = ref.end()
+    if at < len(template) or not parts:
+        parts.append(ctx.render(template[at:]))
+    return "".join(parts)
+
+
+def _group(match: re.Match[str] | None, name: str) -> str:
+    if match is None:  # the flow's check makes this unreachable
+        raise OtherFailure(f"send uses ${{{name}}} before any expect")
+    value = match.group(int(name) if name.isdigit() else name) or ""
+    if "\r" in value or "\n" in value:
+        raise AssertionFailed(f"group {name} of the answer holds a line break: not sent")
+    return value
 
 
 async def _expect(reader: asyncio.StreamReader, pattern: str) -> re.Match[str]:

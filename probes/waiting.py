@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Annotated, Any, Final, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from probes.arrivals import Arrival, CloseMatch, Matcher, Registration, Selector
 from probes.base import RenderMode, StepContext
@@ -36,6 +36,7 @@ from probes.checks import (
     validate_json_path,
 )
 from probes.errors import Duplicate, StepFailed
+from probes.xml_checks import validate_xpath, xpath_get
 
 # Stop waiting this much before the run's own deadline so the step fails with what happened
 # (not_received) rather than with the runner's generic timeout.
@@ -77,6 +78,26 @@ class MatchBase(BaseModel):
     )
 
 
+class XPathMatch(MatchBase):
+    """A match rule that may also read XML arrivals (webhooks): by XPath, with namespaces."""
+
+    xpath: dict[str, Scalar] = Field(
+        default_factory=dict,
+        description="XPath → wanted value (a template) in an XML delivery (an element stands "
+        "for its text), e.g. `{//o:Ref: '{{ run.correlation }}'}`; default: none.",
+    )
+    namespaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="XML namespace prefixes the match's XPaths use, prefix → URI; default: none.",
+    )
+
+    @model_validator(mode="after")
+    def _xpaths_compile(self) -> XPathMatch:
+        for path in self.xpath:
+            validate_xpath(path, self.namespaces)
+        return self
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A match rule with its templates rendered for this run."""
@@ -85,8 +106,11 @@ class Rule:
     paths: dict[str, Scalar]
     key: bytes | None = None
     # which parts hold the run's own values (rendered from templates): "key", "header:<name>",
-    # "json:<path>"; an arrival that carries one of them belongs to this run
+    # "json:<path>", "xpath:<path>"; an arrival that carries one of them belongs to this run
     run_parts: frozenset[str] = frozenset()
+    # XPath → wanted value in an XML arrival (`Arrival.xml`), with the prefixes they use
+    xpaths: Mapping[str, Scalar] = field(default_factory=dict)
+    namespaces: tuple[tuple[str, str], ...] = ()
 
     def matcher(self, header_of: HeaderLookup) -> RuleMatcher:
         """A total predicate on an Arrival (never raises, so a junk arrival is just a
@@ -98,6 +122,7 @@ class Rule:
         parts = [f"key={self.key.decode('utf-8', 'replace')!r}"] if self.key is not None else []
         parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
         parts += [f"{k}={v!r}" for k, v in self.paths.items()]
+        parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
         return ", ".join(parts) or anything
 
     def mismatch(self, arrival: Arrival, header_of: HeaderLookup) -> str:
@@ -113,6 +138,11 @@ class Rule:
                 parts.append(f"header {name} {seen}, want {want!r}")
         for path, wanted in self.paths.items():
             values = json_path_get(arrival.json, path) if arrival.json is not None else []
+            if not any(same_value(v, wanted) for v in values):
+                held = ", ".join(repr(v) for v in values[:3]) or "missing"
+                parts.append(f"{path} {held}, want {wanted!r}")
+        for path, wanted in self.xpaths.items():
+            values = _xpath_values(arrival, path, self.namespaces)
             if not any(same_value(v, wanted) for v in values):
                 held = ", ".join(repr(v) for v in values[:3]) or "missing"
                 parts.append(f"{path} {held}, want {wanted!r}")
@@ -145,6 +175,10 @@ class RuleMatcher:
             keys.append((_json_path(path), wanted_text(wanted)))
             if f"json:{path}" in run:
                 run_keys.append(keys[-1])
+        for path, wanted in rule.xpaths.items():
+            keys.append((_xpath(path, rule.namespaces), wanted_text(wanted)))
+            if f"xpath:{path}" in run:
+                run_keys.append(keys[-1])
         self.keys = tuple(keys)
         self.run_keys = tuple(run_keys)
 
@@ -155,12 +189,17 @@ class RuleMatcher:
         header_of = self.header_of
         if any(header_of(arrival.headers, name) != want for name, want in rule.headers.items()):
             return False
-        if not self.paths:
-            return True
-        doc = arrival.json
-        if doc is None:
-            return False
-        return all(any(same_value(found, want) for found in read(doc)) for read, want in self.paths)
+        if self.paths:
+            doc = arrival.json
+            if doc is None:
+                return False
+            if not all(any(same_value(v, want) for v in read(doc)) for read, want in self.paths):
+                return False
+        spaces = rule.namespaces
+        return all(
+            any(same_value(v, want) for v in _xpath_values(arrival, path, spaces))
+            for path, want in rule.xpaths.items()
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -199,13 +238,41 @@ class JsonPathSelector:
         return texts
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class XPathSelector:
+    """The values at one XPath of an XML arrival, as texts (like JsonPathSelector's)."""
+
+    path: str
+    namespaces: tuple[tuple[str, str], ...]
+
+    def texts(self, arrival: Arrival) -> set[str]:
+        texts: set[str] = set()
+        for found in _xpath_values(arrival, self.path, self.namespaces):
+            texts.update(found_texts(found))
+        return texts
+
+
+def _xpath_values(
+    arrival: Arrival, path: str, namespaces: tuple[tuple[str, str], ...]
+) -> list[Any]:
+    """What `path` selects in the arrival's XML; nothing for a body that is not XML, or when the
+    XPath fails on it (a matcher never raises: a junk arrival is just a non-match)."""
+    if arrival.xml is None:
+        return []
+    try:
+        return xpath_get(arrival.xml, path, dict(namespaces))
+    except Exception:  # lxml's XPathEvalError and kin, on a document the sender chose
+        return []
+
+
 # Selectors are interned: one object per place read (header name, JSON path: from flow files,
 # so few), shared by every matcher, so they compare and hash by identity (eq=False). The
 # correlator's index hashes them many times per arrival, and a dataclass's field-wise hash
-# cost more than the rest of the look-up. Build them only through these three.
+# cost more than the rest of the look-up. Build them only through these four.
 _KEY: Final = KeySelector()
 _header = cache(HeaderSelector)
 _json_path = cache(JsonPathSelector)
+_xpath = cache(XPathSelector)
 
 
 def _reader(path: str) -> PathReader:
@@ -253,7 +320,14 @@ def render_rule(
     if key is not None and _templated(key):
         run_parts.add("key")
     rendered_key = ctx.render(key).encode() if key is not None else None
-    return Rule(headers, paths, rendered_key, frozenset(run_parts))
+    if not isinstance(match, XPathMatch) or not match.xpath:
+        return Rule(headers, paths, rendered_key, frozenset(run_parts))
+    xpaths: dict[str, Scalar] = {
+        path: ctx.render(v) if isinstance(v, str) else v for path, v in match.xpath.items()
+    }
+    run_parts |= {f"xpath:{p}" for p, v in match.xpath.items() if _templated(v)}
+    spaces = tuple(sorted(match.namespaces.items()))
+    return Rule(headers, paths, rendered_key, frozenset(run_parts), xpaths, spaces)
 
 
 _RUN_VALUE = re.compile(r"\{\{[^}]*\b(?:run\.(?:id|correlation)\b|steps\.)")

@@ -28,9 +28,9 @@ from probes.errors import AssertionFailed, NotReceived, StepFailed
 from probes.kinds import KindSpec, SpanShape, WebhookRoute
 from probes.signatures import SignatureConfig
 from probes.waiting import (
-    MatchBase,
     Rule,
     Scalar,
+    XPathMatch,
     annotate,
     assess,
     await_arrival,
@@ -59,8 +59,9 @@ KIND: Final = "webhook_await"
 _MS_THRESHOLD: Final = 1e11  # a numeric sender timestamp above this is in milliseconds
 
 
-class Match(MatchBase):
-    """Which delivery belongs to this run: every given header and JSON value must be equal."""
+class Match(XPathMatch):
+    """Which delivery belongs to this run: every given header, JSON value (JSON deliveries) and
+    XPath value (XML deliveries: SOAP callbacks) must be equal."""
 
 
 class Respond(BaseModel):

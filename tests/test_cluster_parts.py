@@ -24,6 +24,7 @@ from monitor.cluster.wire import Refusal, decode_arrival, encode_arrival, encode
 from monitor.config import Config
 from monitor.demo.broker import free_port
 from probes.arrivals import Arrival
+from probes.xml_checks import parse_xml, xpath_get
 from tests.fixtures.core import serve
 from tests.test_http import STARTED, target_app
 from tests.test_scheduler import Collect, start
@@ -154,6 +155,25 @@ def test_an_arrival_crosses_the_control_topic_as_it_was_received() -> None:
     assert back.headers["content-type"] == "application/json"  # names stay case-insensitive
     assert back.meta == {"remote": "127.0.0.1", "sender_timestamp": 1_700_000_000,
                          "forwarded_by": "r1"}  # fmt: skip
+
+
+def test_an_xml_arrival_crosses_the_control_topic_parsed_again() -> None:
+    """Its body is XML, not JSON: the owner parses it as XML (it used to drop it)."""
+    body = b'<n:Shipped xmlns:n="urn:n"><n:Ref>hw-1</n:Ref></n:Shipped>'
+    arrival = Arrival(
+        source="webhook",
+        channel="/hooks/soap",
+        received_at=0.0,
+        received_unix=1_700_000_000.5,
+        headers=CIMultiDict([(istr("Content-Type"), "text/xml")]),
+        body=body,
+        json=None,
+        delivery_id=None,
+        xml=parse_xml(body),
+    )
+    back = decode_arrival(*encode_arrival(arrival, "r1"))
+    assert isinstance(back, Arrival) and back.json is None
+    assert xpath_get(back.xml, "//n:Ref", {"n": "urn:n"}) == ["hw-1"]
 
 
 @pytest.mark.parametrize(

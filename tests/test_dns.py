@@ -134,3 +134,35 @@ def test_span_is_a_client_span_naming_the_question_and_the_server() -> None:
         "server.address": "127.0.0.1",
         "server.port": 5353,
     }
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_server_given_by_name_is_resolved(
+    dns_server: DnsServer, load_flows: Callable[[str], Config], transport: str
+) -> None:
+    """As `dig @name` and blackbox_exporter do; it used to end the step in a ValueError."""
+    config = (
+        f'        query_name: api.test\n        server: "localhost:{dns_server.port}"\n'
+        f"        transport: {transport}\n        expect: {{min_answers: 2}}\n"
+    )
+    [s] = (await run_flow(load_flows(flow(config)))).steps
+    assert (s.status, s.message) == ("passed", None)
+    assert dns_server.questions == [("api.test.", "A", transport)]
+
+
+async def test_a_server_name_that_does_not_resolve_is_a_dns_error(
+    load_flows: Callable[[str], Config],
+) -> None:
+    config = '        query_name: api.test\n        server: "ns.nowhere.invalid:53"\n'
+    [s] = (await run_flow(load_flows(flow(config)))).steps
+    assert s.reason == "dns_error"
+    assert s.message is not None
+    assert s.message.startswith("cannot resolve the server ns.nowhere.invalid: ")
+
+
+async def test_a_templated_server_that_renders_malformed_is_said(
+    load_flows: Callable[[str], Config],
+) -> None:
+    config = '        query_name: api.test\n        server: "{{ variant.host }}:x"\n'
+    [s] = (await run_flow(load_flows(flow(config)))).steps
+    assert (s.reason, s.message) == ("error", "server: want HOST or HOST:PORT, got 'api:x'")

@@ -26,16 +26,21 @@ class LineServer:
     heard: list[str]
 
 
-async def _serve_lines(tls: ShortCert | None, starttls: bool) -> tuple[asyncio.Server, LineServer]:
-    """A tiny SMTP-like server: greets with an id, answers EHLO, upgrades on STARTTLS."""
+async def _serve_lines(
+    tls: ShortCert | None, starttls: bool, greeting: bytes = b"220 ready id=srv-7\r\n"
+) -> tuple[asyncio.Server, LineServer]:
+    """A tiny SMTP-like server: greets with an id, answers EHLO, echoes ECHO, upgrades on
+    STARTTLS."""
     heard: list[str] = []
 
     async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(b"220 ready id=srv-7\r\n")
+            writer.write(greeting)
             while line := (await reader.readline()).decode().strip():
                 heard.append(line)
-                if line.startswith("EHLO"):
+                if line.startswith("ECHO "):
+                    writer.write(f"250 echo {line[5:]}\r\n".encode())
+                elif line.startswith("EHLO"):
                     writer.write(b"250-hello\r\n250 STARTTLS\r\n")
                 elif line == "STARTTLS" and starttls and tls is not None:
                     writer.write(b"220 go ahead\r\n")
@@ -209,3 +214,68 @@ def test_span_is_a_client_connect_span_with_the_network_attributes() -> None:
         "server.address": "orders.internal",
         "server.port": 25,
     }
+
+
+async def test_a_send_reuses_the_groups_of_the_expect_before_it(
+    load_flows: Callable[[str], Config],
+) -> None:
+    """`${1}` and `${name}` as blackbox's query_response has them; `$${1}` stays literal, the
+    step's own template is rendered, and a server's text is never read as a template."""
+    server, lines = await _serve_lines(None, False, b"220 ready id={{run.id}}x\r\n")
+    step = f"""\
+        address: 127.0.0.1:{lines.port}
+        query_response:
+          - expect: "^220 ready id=(?P<server_id>\\\\S+)"
+          - send: "ECHO ${{server_id}}/${{1}}/$${{1}}/{{{{ run.id }}}}\\r\\n"
+          - expect: "^250 echo (\\\\S+)"
+          - send: "ECHO again ${{1}}\\r\\n"
+          - expect: "^250 echo again"
+          - send: "QUIT\\r\\n"
+          - expect: "^221"
+"""
+    async with server:
+        result = await run_flow(load_flows(flow(step)))
+    [s] = result.steps
+    assert (s.status, s.message) == ("passed", None)
+    first = f"{{{{run.id}}}}x/{{{{run.id}}}}x/${{1}}/{result.run_id}"
+    assert lines.heard == [f"ECHO {first}", f"ECHO again {first}", "QUIT"]
+
+
+async def test_a_group_holding_a_line_break_is_not_sent(
+    load_flows: Callable[[str], Config],
+) -> None:
+    server, lines = await _serve_lines(None, False, b"220 ready id=a\rQUIT\r\n")
+    step = f"""\
+        address: 127.0.0.1:{lines.port}
+        query_response:
+          - expect: "^220 ready id=(.*)$"
+          - send: "ECHO ${{1}}\\r\\n"
+"""
+    async with server:
+        [s] = (await run_flow(load_flows(flow(step)))).steps
+    assert (s.reason, s.message) == (
+        "assertion", "group 1 of the answer holds a line break: not sent")  # fmt: skip
+    assert lines.heard == []
+
+
+@pytest.mark.parametrize(
+    ("moves", "problem"),
+    [
+        ('[{send: "A ${1}"}]', "query_response entry 1: send uses ${1} but no expect comes "
+         "before it"),
+        ('[{expect: "^(a)"}, {send: "A ${2}"}]', "query_response entry 2: send uses ${2} but "
+         "the expect before it, /^(a)/, has 1 group"),
+        ('[{expect: "^(?P<x>a)"}, {send: "A ${y}"}]', "query_response entry 2: send uses ${y} "
+         "but the expect before it, /^(?P<x>a)/, has no group named 'y'"),
+        ('[{expect: "^(a)"}, {send: "A {{ ${1} }}"}]', "query_response entry 2: send uses a "
+         "group inside a {{ … }} template"),
+    ],
+)  # fmt: skip
+def test_groups_a_send_cannot_have_are_refused_when_the_flow_loads(
+    load_flows: Callable[[str], Config], moves: str, problem: str
+) -> None:
+    from probes.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_flows(flow(f"        address: 127.0.0.1:25\n        query_response: {moves}\n"))
+    assert caught.value.problems[0].endswith(problem), caught.value.problems

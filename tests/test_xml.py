@@ -276,3 +276,113 @@ async def test_webhook_await_takes_xml_callbacks_and_checks_them_by_xpath(
             )
             == 1
         )
+
+
+def soap_notifier(listener: str, statuses: list[int]) -> web.Application:
+    """A SOAP service that takes an order and then notifies three times, without any hopwatch
+    header: a hostile document, a notification of someone else's order, and this order's, whose
+    `o:Ref` is the reference it was given. `statuses` holds the listener's answers."""
+    app = web.Application()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def order(request: web.Request) -> web.Response:
+        ref = (await request.json())["ref"]
+
+        async def notify() -> None:
+            shipped = "<o:OrderShipped><o:Ref>{}</o:Ref><o:Carrier>{}</o:Carrier></o:OrderShipped>"
+            async with aiohttp.ClientSession() as session:
+                for body in (LAUGHS.decode(), ENVELOPE.format(shipped.format("other-7", "UPS")),
+                             ENVELOPE.format(shipped.format(ref, "DHL"))):  # fmt: skip
+                    async with session.post(
+                        f"http://{listener}/hooks/soap",
+                        data=body.encode(),
+                        headers={"Content-Type": "application/soap+xml; charset=utf-8"},
+                    ) as answer:
+                        statuses.append(answer.status)
+
+        task = asyncio.create_task(notify())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return web.json_response({"accepted": True}, status=202)
+
+    app.router.add_post("/orders", order)
+    return app
+
+
+async def test_webhook_await_matches_an_xml_delivery_to_its_run_by_xpath(
+    load_flows: Callable[[str], Config], port: Callable[[], int]
+) -> None:
+    listener = f"127.0.0.1:{port()}"
+    statuses: list[int] = []
+    sender = await serve(soap_notifier(listener, statuses))
+    steps = f"""\
+      - name: order
+        kind: http
+        method: POST
+        url: "http://127.0.0.1:{sender.port}/orders"
+        json: {{ref: "{{{{ run.correlation }}}}"}}
+      - name: shipped
+        kind: webhook_await
+        path: /hooks/soap
+        within: 2s
+        match:
+          namespaces: {{o: "{ORDERS}", s: "{SOAP}"}}
+          xpath: {{"/s:Envelope/s:Body/o:OrderShipped/o:Ref": "{{{{ run.correlation }}}}"}}
+        expect:  # this run's notification (DHL), not the other's (UPS)
+          namespaces: {{o: "{ORDERS}"}}
+          xpath: {{"//o:Carrier": DHL}}
+"""
+    flows = "flows:\n  - name: f\n    timeout: 5s\n    variants: {stable: {}}\n    steps:\n"
+    engine = Engine(load_flows(flows + steps), Options(listen=listener, admin_listen="127.0.0.1:0"),
+                    CollectorRegistry())  # fmt: skip
+    await engine.start(schedule=False, admin=False)
+    try:
+        [result] = await engine.run_once(engine.select())
+    finally:
+        await engine.stop()
+        await sender.close()
+    shipped = result.steps[1]
+    assert (shipped.status, shipped.message) == ("passed", None)
+    assert statuses == [400, 202, 202]
+
+    def arrivals(outcome: str) -> float | None:
+        labels = {"source": "webhook", "outcome": outcome}
+        return engine.registry.get_sample_value("hopwatch_arrivals_total", labels)
+
+    assert (arrivals("matched"), arrivals("unmatched"), arrivals("malformed")) == (1, 1, 1)
+
+
+async def test_an_xml_delivery_that_carries_the_run_but_fails_the_rest_is_said(
+    load_flows: Callable[[str], Config], port: Callable[[], int]
+) -> None:
+    """The run's reference is in the delivery but another XPath of the rule is not: the step
+    names what the delivery held instead (a close match), not `not_received`."""
+    listener = f"127.0.0.1:{port()}"
+    statuses: list[int] = []
+    sender = await serve(soap_notifier(listener, statuses))
+    steps = f"""\
+      - name: order
+        kind: http
+        method: POST
+        url: "http://127.0.0.1:{sender.port}/orders"
+        json: {{ref: "{{{{ run.correlation }}}}"}}
+      - name: shipped
+        kind: webhook_await
+        path: /hooks/soap
+        within: 1s
+        match:
+          namespaces: {{o: "{ORDERS}"}}
+          xpath: {{"//o:Ref": "{{{{ run.correlation }}}}", "//o:Carrier": FedEx}}
+"""
+    flows = "flows:\n  - name: f\n    timeout: 5s\n    variants: {stable: {}}\n    steps:\n"
+    engine = Engine(load_flows(flows + steps), Options(listen=listener, admin_listen="127.0.0.1:0"),
+                    CollectorRegistry())  # fmt: skip
+    await engine.start(schedule=False, admin=False)
+    try:
+        [result] = await engine.run_once(engine.select())
+    finally:
+        await engine.stop()
+        await sender.close()
+    shipped = result.steps[1]
+    assert shipped.reason == "assertion", shipped.message
+    assert shipped.message is not None and "//o:Carrier 'DHL', want 'FedEx'" in shipped.message

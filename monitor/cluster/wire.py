@@ -16,6 +16,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from probes.arrivals import Arrival
+from probes.xml_checks import NotXml, parse_xml
 
 META = "hopwatch-arrival"  # the record header with channel, times, delivery id, meta
 
@@ -42,6 +43,7 @@ def encode_arrival(arrival: Arrival, replica: str) -> tuple[bytes, list[tuple[st
         "channel": arrival.channel,
         "received_unix": arrival.received_unix,
         "delivery_id": arrival.delivery_id,
+        "xml": arrival.xml is not None,
         "meta": {k: v for k, v in arrival.meta.items() if _plain(v)},
         "via": replica,
     }
@@ -73,8 +75,11 @@ def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arriva
     try:
         received_unix = float(meta["received_unix"])
         channel = str(meta["channel"])
-        doc = json.loads(value) if value else None
-    except (KeyError, TypeError, ValueError, RecursionError):
+        if meta.get("xml"):  # an XML delivery (refused entities and all at the first replica)
+            doc, root = None, parse_xml(value)
+        else:
+            doc, root = (json.loads(value) if value else None), None
+    except (KeyError, TypeError, ValueError, RecursionError, NotXml):
         return None
     age = max(0.0, time.time() - received_unix)
     return Arrival(
@@ -87,6 +92,7 @@ def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arriva
         json=doc,
         delivery_id=meta.get("delivery_id"),
         meta={**(meta.get("meta") or {}), "forwarded_by": meta.get("via")},
+        xml=root,
     )
 
 

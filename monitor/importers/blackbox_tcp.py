@@ -1,14 +1,15 @@
 """A blackbox_exporter `tcp` module as one `tcp` step: TLS from the start or by `starttls`, and
 its `query_response` conversation as the step's own.
 
-blackbox writes each `send` followed by a newline, and expands `${1}` in a `send` that follows
-an `expect` in the same entry from that expect's match; the step sends text as written and has
-no such expansion, so the newline is added and an expansion ends the translated conversation
-there (what follows is listed: it would wait for an answer to something never sent).
+blackbox writes each `send` followed by a newline, and expands Go's `$1`, `${1}`, `$name`,
+`${name}` (`$$` a literal `$`) in a `send` that follows an `expect` in the same entry from that
+expect's match; the step adds the newline and writes each reference as its own `${…}` (a group
+the expect lacks is empty in Go, so it is left out here too).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -81,6 +82,41 @@ def _conversation(s: ModuleStep, entries: Any) -> list[dict[str, Any]]:
     return moves
 
 
+_GO_REF = re.compile(r"\$(?:(\$)|\{(\w+)\}|(\w+))")  # Go's regexp.Expand template
+_GROUP = re.compile(r"\$\{\w+\}")  # what the step reads as a group (escaped by a leading $)
+
+
+def _expanded(text: str, expect: re.Pattern[str]) -> str:
+    """A Go `Expand` template as the step's send: references as `${…}`, literal text with any
+    `${…}` of its own escaped."""
+    out: list[str] = []
+    literal: list[str] = []
+
+    def flush() -> None:
+        out.append(_GROUP.sub(r"$\g<0>", "".join(literal)))
+        literal.clear()
+
+    at = 0
+    for ref in _GO_REF.finditer(text):
+        literal.append(text[at : ref.start()])
+        at = ref.end()
+        if ref.group(1):
+            literal.append("$")
+            continue
+        name = ref.group(2) or ref.group(3)
+        known = int(name) <= expect.groups if name.isdigit() else name in expect.groupindex
+        if not known:
+            continue  # Go expands a group the regex lacks to nothing
+        flush()
+        if out[-1].endswith("$"):
+            raise _Untranslatable("a literal $ right before a group (the step reads $${…} as "
+                                  "an escaped ${…})")  # fmt: skip
+        out.append("${" + name + "}")
+    literal.append(text[at:])
+    flush()
+    return "".join(out)
+
+
 def _moves(entry: Any) -> list[dict[str, Any]]:
     """One blackbox entry (expect, then send, then starttls) as the step's moves."""
     if not isinstance(entry, dict):
@@ -101,12 +137,13 @@ def _moves(entry: Any) -> list[dict[str, Any]]:
         raise _Untranslatable("send of binary data (the step sends text)")
     if send not in (None, ""):
         text = str(send)
-        if expect and "$" in text.replace("$$", ""):
-            raise _Untranslatable("send uses groups of the expect's match (${1}), which the step "
-                                  "does not expand")  # fmt: skip
         if "{{" in text:
             raise _Untranslatable("send holds {{, which the step would read as a template")
-        moves.append({"send": (text.replace("$$", "$") if expect else text) + "\n"})
+        if expect:
+            text = _expanded(text, re.compile(str(expect)))
+        elif tcp_kind.group_refs(text):  # blackbox sends it as is: so must the step
+            text = _GROUP.sub(r"$\g<0>", text)
+        moves.append({"send": text + "\n"})
     if entry.get("starttls"):
         moves.append({"starttls": True})
     return moves

@@ -232,6 +232,7 @@ class _PathHandler:
             log.error("webhook path %s: cannot verify deliveries: %s", self.path, exc)
             return self._refuse(500, "bad_signature", "signature secret unavailable")
         doc: Any = None
+        root: Any = None
         if _is_json(request):
             try:
                 doc = untrusted_json.loads(body, max_bytes=self.max_body)
@@ -239,7 +240,7 @@ class _PathHandler:
                 return self._refuse(400, "malformed", f"body is not JSON: {exc}")
         elif _is_xml(request.content_type):
             try:  # refused here, so a step never sees a hostile document
-                parse_xml(body)
+                root = parse_xml(body)
             except NotXml as exc:
                 return self._refuse(400, "malformed", str(exc), "XML refused")
         else:
@@ -258,6 +259,7 @@ class _PathHandler:
             json=doc,
             delivery_id=verified.delivery_id,
             meta={"remote": request.remote, "sender_timestamp": verified.timestamp},
+            xml=root,
         )
         self.correlator.offer(arrival)
         return _answer(self.answer)
