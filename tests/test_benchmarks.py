@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Histogram
 
 from benchmarks.cluster import hist_quantile
+from benchmarks.cluster import table as cluster_table
 from benchmarks.cluster import targets as cluster_targets
 from benchmarks.cluster_parts import histogram, overlapping_flows, parse_metrics, total
 from benchmarks.common import (
@@ -210,3 +211,14 @@ def test_cluster_targets_judge_each_handover_against_its_own_session_timeout() -
         "flows with two runs in flight at once": True,
         "webhooks counted once across replicas (all sent to one)": True,
     }
+
+
+def test_the_cluster_table_tells_the_brokers_share_of_a_handover_from_the_grids() -> None:
+    """When the survivors were assigned beside when the flows ran: the rebalance and the wait
+    for each flow's slot apart."""
+    moved = {"moved_flows": 3, "gap_p50_s": 4.1, "gap_max_s": 4.7, "members_settled_s": 3.7,
+             "assigned_s": 3.57}  # fmt: skip
+    handover = {"flows": 300, "interval_s": 1.0, "session_timeout_s": 6.0, "sigkill": moved,
+                "sigterm": moved}  # fmt: skip
+    text = cluster_table({"handover_short": handover})
+    assert "gap p50 4.1 s, max 4.7 s (partitions assigned 3.57 s)" in text

@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from probes.durations import Duration
 
+# A lost replica's flows wait this long before they move. 6 s is the least a stock Kafka broker
+# accepts (group.min.session.timeout.ms); every second above it is a second longer handover
+# after a crash, and on Tansu half a second more after a SIGTERM too (README, "What a handover
+# costs"). Below it needs a broker configured for it, and a replica whose loop stalls that long
+# (a saturated core) is taken for dead.
+DEFAULT_SESSION_TIMEOUT = 6.0
+
 
 class ClusterSettings(BaseModel):
     """Replicas that share the flows through one Kafka consumer group."""
@@ -40,8 +47,9 @@ class ClusterSettings(BaseModel):
         "ownership); default 32.",
     )
     session_timeout: Duration = Field(
-        default=10.0,
-        description="How long a replica that stopped heartbeating keeps its flows; default 10s.",
+        default=DEFAULT_SESSION_TIMEOUT,
+        description="How long a replica that stopped heartbeating keeps its flows; default 6s "
+        "(the least a stock Kafka broker accepts: group.min.session.timeout.ms).",
     )
 
     @model_validator(mode="after")
