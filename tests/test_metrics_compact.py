@@ -15,6 +15,7 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 from unittest import mock
 
@@ -554,7 +555,8 @@ def cost_per_flow(
 
 def test_a_flow_costs_three_tracked_objects_and_a_sixth_of_the_memory() -> None:
     ref_objects, ref_bytes = cost_per_flow(ReferenceMetrics, ReferenceSink)
-    objects, size = cost_per_flow(*BUILDS[1][1:])
+    classic = partial(Metrics, native=False)
+    objects, size = cost_per_flow(classic, BUILDS[1][2])
     # prometheus_client: a child, a lock and a value object per bucket of each histogram
     # series (~195 objects per flow here); compact: the run record, its hop record and the
     # hops dict are GC-tracked, the numbers sit in float arrays (2 histograms and 3 phase
@@ -563,6 +565,12 @@ def test_a_flow_costs_three_tracked_objects_and_a_sixth_of_the_memory() -> None:
     assert objects <= 4, f"{objects:.1f} GC-tracked objects per flow (client: {ref_objects:.0f})"
     assert size <= 7000, f"{size:.0f} bytes per flow (client: {ref_bytes:.0f})"
     assert size * 5 < ref_bytes
+    # native buckets (the default): a dict of ints per histogram series, which the garbage
+    # collector does not track; the client keeps none
+    native_objects, native_size = cost_per_flow(*BUILDS[1][1:])
+    assert native_objects <= objects + 0.1, "native buckets must not add tracked objects"
+    per_series = (native_size - size) / 5
+    assert per_series <= 320, f"{per_series:.0f} bytes of native buckets per histogram series"
 
 
 def test_submit_is_several_times_cheaper_than_the_client() -> None:
