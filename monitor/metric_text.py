@@ -8,7 +8,8 @@ series' label text is made the first time it is written and kept (label values n
 and a line is one string format of cached parts. The output is byte for byte what the client's
 encoder writes (tests/test_metric_text.py), which other collectors still go through. When the
 client's `_created` samples are on, or an Accept header asks for an escaping that would rename
-metrics, the client's encoders write everything, as before.
+metrics, the client's encoders write everything, as before. A scraper that asks for protobuf
+most gets monitor/metric_proto.py's writer (native histograms).
 """
 
 from __future__ import annotations
