@@ -214,6 +214,10 @@ def _histograms(family: HistogramFamily) -> list[bytes]:
         if native is None:
             buckets, total = _classic_buckets(family, offset)
         else:
+            # the native buckets before the count, the reverse of observe_at's order, so that
+            # a scrape from another thread never sends fewer observations than buckets hold
+            # (which Prometheus refuses)
+            native_body = _native(native, offset)
             newest = max(kept, key=lambda e: e[2]) if kept else None
             if family.classic_with_native:
                 buckets, total = _classic_buckets(family, offset, newest)
@@ -223,7 +227,7 @@ def _histograms(family: HistogramFamily) -> list[bytes]:
                 if newest is not None:  # the lone +Inf bucket that carries it (see above)
                     inf = b"\x08" + _varint(total) + b"\x11" + _double(math.inf)
                     buckets = _field(0x1A, inf + _field(0x1A, _exemplar(newest)))
-            body.append(_native(native, offset))
+            body.append(native_body)
             for stored in sorted(kept, key=lambda e: e[2]):
                 body.append(_field(0x82, _exemplar(stored)))  # field 16: tag bytes 0x82 0x01
         body[0] = b"\x08" + _varint(total)

@@ -355,8 +355,13 @@ class HistogramFamily(Family):
             self.show(offset)
         data = self._data
         data[offset + self._sum] += amount
+        if amount == amount:  # NaN counts in the sum only, as in prometheus_client
+            at = offset + bisect_left(self.bounds, amount)
+            data[at] += 1.0
+            if trace_id:
+                self._exemplars[at] = (trace_id, amount, time.time())
         native = self.native
-        if native is not None:
+        if native is not None:  # after the count: a scrape (another thread) reads it first
             # the common case inline (a positive latency into a series at the default schema),
             # which keeps a native observation to a fraction of a microsecond
             buckets = native.positive.get(offset)
@@ -367,11 +372,6 @@ class HistogramFamily(Family):
                     native.check(offset)
             else:
                 native.observe(offset, amount)
-        if amount == amount:  # NaN counts in the sum only, as in prometheus_client
-            at = offset + bisect_left(self.bounds, amount)
-            data[at] += 1.0
-            if trace_id:
-                self._exemplars[at] = (trace_id, amount, time.time())
 
     def hide(self, offset: int) -> None:
         super().hide(offset)
