@@ -28,6 +28,12 @@ FLOW_LEGEND = "{{flow}} · {{variant}}"
 HOP_LEGEND = "{{flow}}: {{step}}"
 RUN_DURATION = "hopwatch_run_duration_seconds"
 STEP_DURATION = "hopwatch_step_duration_seconds"
+# The latency histograms a protobuf scrape gets as native histograms (one series, no _bucket,
+# _count or _sum; README "Metrics"): their queries read either form, the classic one first.
+NATIVE = frozenset({
+    RUN_DURATION, STEP_DURATION, "hopwatch_step_own_duration_seconds",
+    "hopwatch_http_phase_duration_seconds",
+})  # fmt: skip
 
 
 def up_mappings(down: str) -> list[dict[str, Any]]:
@@ -71,17 +77,34 @@ def failures(sel: str, window: str = "$__rate_interval") -> str:
 
 
 def ratio(by: str, series: str, sel: str, fn: str = "rate") -> str:
-    """Mean of a histogram: rate of its _sum over rate of its _count, summed by `by`."""
-    return (
+    """Mean of a histogram: rate of its _sum over rate of its _count, summed by `by` (or of a
+    native one's histogram_sum and histogram_count)."""
+    classic = (
         f"sum by ({by}) ({rate(series + '_sum', sel, fn)})"
         f" / sum by ({by}) ({rate(series + '_count', sel, fn)})"
+    )
+    if series not in NATIVE:
+        return classic
+    native = rate(series, sel, fn)
+    return (
+        f"({classic} or sum by ({by}) (histogram_sum({native}))"
+        f" / sum by ({by}) (histogram_count({native})))"
     )
 
 
 def quantile(q: str, by: str, histogram: str, sel: str) -> str:
-    """`histogram_quantile` of a classic histogram's buckets, kept apart by the `by` labels."""
+    """`histogram_quantile` of a histogram's classic buckets, or of the native histogram, kept
+    apart by the `by` labels."""
     buckets = rate(histogram + "_bucket", sel)
-    return f"histogram_quantile({q}, sum by ({by}, le) ({buckets}))"
+    classic = f"histogram_quantile({q}, sum by ({by}, le) ({buckets}))"
+    if histogram not in NATIVE:
+        return classic
+    return f"({classic} or histogram_quantile({q}, sum by ({by}) ({rate(histogram, sel)})))"
+
+
+def distribution(histogram: str, sel: str) -> str:
+    """A heatmap's buckets over time: the classic ones by `le`, or the native histogram."""
+    return f"sum by (le) ({rate(histogram + '_bucket', sel)}) or sum({rate(histogram, sel)})"
 
 
 def success_ratio(by: str, sel: str) -> str:
@@ -995,7 +1018,10 @@ def flow_detail() -> dict[str, Any]:
             'label_values(hopwatch_runs_total{flow="$flow", variant=~"$variant"}, location)',
         ),
         query_variable(
-            "step", "Hop", 'label_values(hopwatch_step_duration_seconds_count{flow="$flow"}, step)'
+            # link_up: a hop's latency may be a native histogram, without a _count series
+            "step",
+            "Hop",
+            'label_values(hopwatch_link_up{flow="$flow"}, step)',
         ),
         *SLO_CONSTANTS,
     ]
@@ -1122,7 +1148,6 @@ def _flow_runs(lay: Layout) -> None:
 
 def _flow_hops(lay: Layout) -> None:
     lay.row("Per-hop latency")
-    buckets = rate(STEP_DURATION + "_bucket", STEP_SEL)
     lay.add(
         heatmap(
             "Latency of $step",
@@ -1130,7 +1155,7 @@ def _flow_hops(lay: Layout) -> None:
             " open the trace of that run.",
             [
                 target(
-                    f"sum by (le) ({buckets})",
+                    distribution(STEP_DURATION, STEP_SEL),
                     "{{le}}",
                     format="heatmap",
                     exemplar=True,

@@ -1,4 +1,4 @@
-"""The admin listener: /metrics (OpenMetrics negotiated), health, the API and the status page.
+"""The admin listener: /metrics (its format negotiated), health, the API and the status page.
 
 It needs a bearer token unless bound to loopback; the public (webhook) listener never serves
 any of these routes.

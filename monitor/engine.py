@@ -86,7 +86,12 @@ class Engine:
         self.registry = registry if registry is not None else CollectorRegistry()
         wanted = config.settings.metrics
         set_created_series(wanted.created_series)  # the process's switch, read at each scrape
-        self.metrics = Metrics(self.registry, wanted.latency_buckets)
+        self.metrics = Metrics(
+            self.registry,
+            wanted.latency_buckets,
+            native=wanted.native_histograms,
+            classic_with_native=wanted.classic_with_native,
+        )
         self.templates = Templates()
         self.http = HttpClientPool()
         self.last_runs = LastRuns(expected=sum(len(f.variants) for f in config.flows))

@@ -8,7 +8,8 @@ series' label text is made the first time it is written and kept (label values n
 and a line is one string format of cached parts. The output is byte for byte what the client's
 encoder writes (tests/test_metric_text.py), which other collectors still go through. When the
 client's `_created` samples are on, or an Accept header asks for an escaping that would rename
-metrics, the client's encoders write everything, as before.
+metrics, the client's encoders write everything, as before. A scraper that asks for protobuf
+most gets monitor/metric_proto.py's writer (native histograms).
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.utils import floatToGoString
 
+from monitor.metric_proto import CONTENT_TYPE as PROTOBUF
+from monitor.metric_proto import encode as encode_protobuf
+from monitor.metric_proto import wants_protobuf
 from monitor.metric_types import (
     CounterFamily,
     Family,
     GaugeFamily,
     HistogramFamily,
     StoredExemplar,
+    collectors,
     created_series_enabled,
 )
 
@@ -36,7 +41,10 @@ _SAME_NAMES = (om_format.UNDERSCORES, om_format.ALLOWUTF8)  # escapings that kee
 
 
 def choose_encoder(accept: str) -> tuple[Encoder, str]:
-    """prometheus_client's negotiation, with this module's writer where it gives the same bytes."""
+    """Protobuf when the scraper asks for it most (monitor/metric_proto.py); otherwise
+    prometheus_client's negotiation, with this module's writer where it gives the same bytes."""
+    if wants_protobuf(accept):
+        return encode_protobuf, PROTOBUF
     encoder, content_type = text_format.choose_encoder(accept)
     if encoder is text_format.generate_latest:
         return partial(encode, openmetrics=False), content_type
@@ -55,7 +63,7 @@ def encode(registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
     client = om_format.generate_latest if openmetrics else text_format.generate_latest
     if not created_series_enabled():
         out: list[str] = []
-        for collector in _collectors(registry):
+        for collector in collectors(registry):
             if isinstance(collector, Family):
                 write_family(collector, out, openmetrics)
             else:
@@ -65,12 +73,6 @@ def encode(registry: CollectorRegistry, *, openmetrics: bool) -> bytes:
             out.append("# EOF\n")
         return "".join(out).encode()
     return client(registry)
-
-
-def _collectors(registry: CollectorRegistry) -> list[Any]:
-    # The registry has no public list of its collectors; collect() walks this same dict.
-    with registry._lock:
-        return list(registry._collector_to_names)
 
 
 class _Only:

@@ -29,7 +29,7 @@ import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import metrics as _client_metrics
@@ -37,6 +37,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
+
+from monitor.metric_native import MAX_BUCKETS, SCHEMA, NativeBuckets
+
+_ceil, _log2 = math.ceil, math.log2
+_PER_DOUBLING = 2**SCHEMA
+_FAST_MIN, _FAST_MAX = 2.0**-64, 2.0**64  # far inside the zero threshold and infinity
+_HALF_MAX = MAX_BUCKETS // 2
 
 LabelValues = tuple[str, ...]
 # What a bucket (or counter) keeps of its last exemplar: the labels (a bare string is a
@@ -60,6 +67,13 @@ def set_created_series(enabled: bool) -> None:
         _client_metrics.enable_created_metrics()  # type: ignore[no-untyped-call]
     else:
         _client_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def collectors(registry: CollectorRegistry) -> list[Any]:
+    """The registry's collectors in registration order, as `registry.collect()` walks them (the
+    registry has no public list of them)."""
+    with registry._lock:
+        return list(registry._collector_to_names)
 
 
 def check_exemplar(labels: dict[str, str]) -> None:
@@ -120,6 +134,7 @@ class Family(Collector):
         self._order: list[int] = []  # offsets of the exported series, in the order shown
         self._exemplars: dict[int, StoredExemplar] = {}  # array position → its last exemplar
         self._text: dict[int, tuple[str, str]] = {}  # offset → its labels as written (metric_text)
+        self._proto: dict[int, bytes] = {}  # offset → its labels, protobuf-encoded (metric_proto)
         if not self.labelnames:  # a label-less metric exists from the start, as in the client
             self.show(self.reserve(()))
         if registry is not None:
@@ -296,7 +311,12 @@ class GaugeChild:
 
 
 class HistogramFamily(Family):
-    """A histogram: per series [bucket counts (not cumulative)…, sum, created]."""
+    """A histogram: per series [bucket counts (not cumulative)…, sum, created].
+
+    With `native`, each series also keeps native (sparse, exponential) buckets, which
+    protobuf scrapers get instead of the classic ones (monitor/metric_native.py) — or beside
+    them, with `classic_with_native`. The text formats always carry the classic buckets.
+    """
 
     type_name = "histogram"
 
@@ -308,7 +328,11 @@ class HistogramFamily(Family):
         registry: CollectorRegistry | None = None,
         *,
         buckets: Sequence[float],
+        native: bool = False,
+        classic_with_native: bool = False,
     ) -> None:
+        self.native = NativeBuckets() if native else None
+        self.classic_with_native = classic_with_native
         bounds = [float(b) for b in buckets]
         if bounds != sorted(bounds):
             raise ValueError("Buckets not in sorted order")
@@ -336,6 +360,23 @@ class HistogramFamily(Family):
             data[at] += 1.0
             if trace_id:
                 self._exemplars[at] = (trace_id, amount, time.time())
+        native = self.native
+        if native is not None:  # after the count: a scrape (another thread) reads it first
+            # the common case inline (a positive latency into a series at the default schema),
+            # which keeps a native observation to a fraction of a microsecond
+            buckets = native.positive.get(offset)
+            if buckets is not None and _FAST_MIN < amount < _FAST_MAX and not native.schemas:
+                key = _ceil(_log2(amount) * _PER_DOUBLING)
+                buckets[key] = buckets.get(key, 0) + 1
+                if len(buckets) > _HALF_MAX:
+                    native.check(offset)
+            else:
+                native.observe(offset, amount)
+
+    def hide(self, offset: int) -> None:
+        super().hide(offset)
+        if self.native is not None:
+            self.native.drop(offset)
 
     def labels(self, *labelvalues: object, **labelkwargs: object) -> HistogramChild:
         return HistogramChild(self, self.series(*labelvalues, **labelkwargs))

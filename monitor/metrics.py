@@ -66,20 +66,28 @@ class Metrics:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, buckets: Sequence[float] = LATENCY_BUCKETS
+        self,
+        registry: CollectorRegistry,
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+        *,
+        native: bool = True,
+        classic_with_native: bool = False,
     ) -> None:
         self.registry = registry
+        # The latency histograms (not the monitor's own lags, two series in all) keep native
+        # buckets for protobuf scrapers: settings.metrics.native_histograms.
+        latency = {"native": native, "classic_with_native": classic_with_native}
         flow = ["flow", "variant", "location"]
         step = ["flow", "step", "kind", "variant", "location"]
         self.runs = CounterFamily("hopwatch_runs", "Runs by outcome.", [*flow, "outcome"],
                                   registry)  # fmt: skip
         self.run_duration = HistogramFamily(
             "hopwatch_run_duration_seconds", "End-to-end duration of a run.", flow, registry,
-            buckets=buckets,
+            buckets=buckets, **latency,
         )  # fmt: skip
         self.step_duration = HistogramFamily(
             "hopwatch_step_duration_seconds", "Per-hop latency.", step, registry,
-            buckets=buckets,
+            buckets=buckets, **latency,
         )  # fmt: skip
         # A waiting hop's latency runs from its trigger's start, so it contains the hops
         # before it; its own part (from the previous step's end to the arrival) is what
@@ -87,7 +95,7 @@ class Metrics:
         self.step_own_duration = HistogramFamily(
             "hopwatch_step_own_duration_seconds",
             "A waiting hop's own latency: from the previous step's end to the arrival.",
-            step, registry, buckets=buckets,
+            step, registry, buckets=buckets, **latency,
         )  # fmt: skip
         self.step_failures = CounterFamily(
             "hopwatch_step_failures", "Broken links by reason.", [*step, "reason"], registry
@@ -122,7 +130,7 @@ class Metrics:
         )  # fmt: skip
         self.http_phase = HistogramFamily(
             "hopwatch_http_phase_duration_seconds", "HTTP phase timings.",
-            ["flow", "step", "phase"], registry, buckets=PHASE_BUCKETS,
+            ["flow", "step", "phase"], registry, buckets=PHASE_BUCKETS, **latency,
         )  # fmt: skip
         self.arrivals = Counter(
             "hopwatch_arrivals", "Webhooks and messages by outcome.", ["source", "outcome"],

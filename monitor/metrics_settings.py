@@ -32,6 +32,19 @@ class MetricsSettings(BaseModel):
         description="Export the `_created` sample of every counter and histogram (one series "
         "each, which Prometheus 2 stores as a series of its own); default false.",
     )
+    native_histograms: bool = Field(
+        default=True,
+        description="Keep native (sparse, exponential) buckets for the run, hop and HTTP phase "
+        "latency histograms and send them to scrapers that negotiate Prometheus's protobuf "
+        "format (one series per histogram instead of one per bucket); text and OpenMetrics "
+        "scrapes get the classic buckets either way; default true.",
+    )
+    classic_with_native: bool = Field(
+        default=False,
+        description="Send the classic buckets beside the native ones in a protobuf scrape, for "
+        "a Prometheus that keeps both (2.45+: scrape_classic_histograms) while its rules move "
+        "over; default false (Prometheus 2.42 ignores them anyway).",
+    )
     latency_buckets: tuple[float, ...] = Field(
         default=LATENCY_BUCKETS,
         min_length=1,

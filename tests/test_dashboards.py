@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "grafana"
 DASHBOARD_FILES = sorted((GRAFANA / "dashboards").glob("*.json"))
 RULE_FILES = sorted((REPO / "deploy" / "prometheus" / "rules").glob("*.yml"))
+PROTOBUF = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily"
 # Grafana's interval variables, as the test's 1 s scrape interval would make them.
 INTERVALS = {"__rate_interval": "20s", "__interval": "5s", "__range": "1m"}
 VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
@@ -386,7 +387,13 @@ def panel_queries(
 
 
 def has_data(result: list[dict[str, Any]]) -> bool:
-    return any(math.isfinite(float(sample["value"][1])) for sample in result)
+    """Some finite sample, or a native histogram (a heatmap's query) that counted something."""
+    return any(
+        math.isfinite(float(sample["value"][1]))
+        if "value" in sample
+        else float(sample["histogram"][1]["count"]) > 0
+        for sample in result
+    )
 
 
 async def pending_queries(prom: PrometheusServer, pick: Pick) -> dict[str, str]:
@@ -444,16 +451,28 @@ async def assert_exemplar_queries_link_to_traces(prom: PrometheusServer) -> None
 
 
 @pytest.mark.prometheus
+@pytest.mark.parametrize("native", [False, True], ids=["classic", "native"])
 async def test_every_panel_shows_data_from_a_real_prometheus(
-    sample_target: tuple[str, list[str]], prometheus_factory: PrometheusFactory
+    sample_target: tuple[str, list[str]], prometheus_factory: PrometheusFactory, native: bool
 ) -> None:
-    """One Prometheus for all checks: it needs ~5 s before its first scrape."""
+    """Every panel and recording rule, on classic histograms (text and OpenMetrics scrapes) and
+    on native ones (Prometheus with native histograms on negotiates protobuf). One Prometheus
+    for all checks: it needs ~5 s before its first scrape."""
     target, accepts = sample_target
-    prom = await prometheus_factory([target], rule_files=RULE_FILES)
+    prom = await prometheus_factory([target], rule_files=RULE_FILES, native_histograms=native)
     for pick in (pick_all, pick_first):
         await wait_for_every_panel(prom, pick)
-    # Prometheus asks for OpenMetrics only with exemplar storage on; exemplars need it
-    assert any("application/openmetrics-text" in accept for accept in accepts)
+    if native:
+        assert all(PROTOBUF in accept for accept in accepts)
+        # the latency histograms arrived native: no classic series beside them
+        assert await prom.query("count(hopwatch_step_duration_seconds)")
+        assert not await prom.query("count(hopwatch_step_duration_seconds_bucket)")
+        assert not await prom.query("count(hopwatch_run_duration_seconds_count)")
+    else:
+        # Prometheus asks for OpenMetrics only with exemplar storage on; exemplars need it
+        assert any("application/openmetrics-text" in accept for accept in accepts)
+        assert not any(PROTOBUF in accept for accept in accepts)
+        assert not await prom.query("count(hopwatch_step_duration_seconds)")
     await assert_exemplar_queries_link_to_traces(prom)
 
 

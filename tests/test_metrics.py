@@ -232,3 +232,25 @@ def test_forgetting_a_flow_removes_its_skipped_gauge_and_own_latency() -> None:
     assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) == 1
     sink.forget(["f"], every_series=True)
     assert registry.get_sample_value("hopwatch_step_own_duration_seconds_count", own) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "native", "classic"),
+    [
+        ("{}", True, False),
+        ("{native_histograms: false}", False, False),
+        ("{classic_with_native: true}", True, True),
+    ],
+)
+async def test_native_histogram_settings_reach_the_latency_histograms(
+    load_flows: Callable[[str], Config], settings: str, native: bool, classic: bool
+) -> None:
+    """settings.metrics.native_histograms and classic_with_native (README "Metrics")."""
+    text = FLOW.format(port=1)
+    config = load_flows(f"settings:\n  metrics: {settings}\n{text}")
+    metrics = Engine(config, Options(), CollectorRegistry()).metrics
+    for family in (metrics.run_duration, metrics.step_duration, metrics.step_own_duration,
+                   metrics.http_phase):  # fmt: skip
+        assert (family.native is not None) is native
+        assert family.classic_with_native is classic
+    assert metrics.loop_lag.native is None and metrics.scheduler_lag.native is None
