@@ -9,8 +9,9 @@ spells. Loopback only; bounded by --minutes.
 
 From the store (every run of every instance): each fault's detection time per broken link
 (from switching it on to the first failed run's end; goal ≤ the flow's interval + the step's
-deadline + the time the detecting run spent on its earlier hops), recovery time after clearing, and false alarms (a failure outside any fault, or
-after its flow had passed again; goal 0). Memory: the RSS of the longest-lived instance at its
+deadline + the time the detecting run spent on its earlier hops), recovery time after
+clearing, and false alarms (a failure outside any fault, or after its flow had passed again;
+goal 0). Memory: the RSS of the longest-lived instance at its
 start (after a warm-up), middle and end (goal flat within 10 %). Prints the figures and writes
 benchmarks/results/soak.json.
 """
