@@ -644,12 +644,24 @@ KINDS = ("sql", "tcp", "dns", "grpc", "browser")  # the kinds with a panel of th
 def _kind_phases(kind: str, sel: str) -> str:
     """p95 of each phase of the `kind` hops: the phase histogram has no kind, variant or
     location label, so its hops are those of the kind's step-duration series (`and on`)."""
+    hops = hops_of(f'kind="{kind}", {sel}')
     phases = rate("hopwatch_http_phase_duration_seconds_bucket", 'flow=~"$flow"')
-    hops = f'hopwatch_step_duration_seconds_count{{kind="{kind}", {sel}}}'
-    return (
+    classic = (
         f"histogram_quantile(0.95, sum by (flow, step, phase, le)"
         f" ({phases} and on (flow, step) {hops}))"
     )
+    native_phases = rate("hopwatch_http_phase_duration_seconds", 'flow=~"$flow"')
+    native = (
+        f"histogram_quantile(0.95, sum by (flow, step, phase)"
+        f" ({native_phases} and on (flow, step) {hops}))"
+    )
+    return f"({classic} or {native})"
+
+
+def hops_of(sel: str) -> str:
+    """One series per hop matching `sel`, to select other series' hops with `and on`: the
+    step-duration histogram's _count, or the native histogram itself (no _count there)."""
+    return f"({STEP_DURATION}_count{{{sel}}} or {STEP_DURATION}{{{sel}}})"
 
 
 def _overview_kinds(lay: Layout, sel: str) -> None:
@@ -723,8 +735,9 @@ def _overview_kinds(lay: Layout, sel: str) -> None:
     )
     left = (
         "min by (flow, step) (hopwatch_tls_cert_expiry_timestamp_seconds"
-        f"{{{sel}}} and on (flow, step, variant, location) hopwatch_step_duration_seconds_count"
-        f'{{kind=~"tcp|grpc", {sel}}}) - time()'
+        f"{{{sel}}} and on (flow, step, variant, location) "
+        + hops_of('kind=~"tcp|grpc", ' + sel)
+        + ") - time()"
     )
     lay.add(
         timeseries(
