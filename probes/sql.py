@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
-import json
 import re
 import time
 import uuid
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import URL, TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from probes import untrusted_json
 from probes.base import StepConfigBase, StepContext, StepOutcome, Untrusted
 from probes.checks import (
     JSON_PATH_KEYS,
@@ -293,10 +293,10 @@ def _json(value: Any, column: str, failure: type[StepFailed], name: str = "") ->
     if not isinstance(value, str | bytes):
         return value  # a driver that decodes JSON columns itself
     try:
-        return json.loads(value)
-    except ValueError:
+        return untrusted_json.loads(value.encode() if isinstance(value, str) else value)
+    except untrusted_json.NotJson as exc:
         prefix = f"{name}: " if name else ""
-        raise failure(f"{prefix}column {column} is not JSON") from None
+        raise failure(f"{prefix}column {column} is not JSON: {exc}") from None
 
 
 class SqlProbe:

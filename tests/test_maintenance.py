@@ -240,6 +240,10 @@ async def test_bad_windows_are_refused_with_the_reason(
             assert message in (await _json(resp, status))["error"]
             resp = await http.post(f"http://{admin}/api/v1/maintenance", data=b"{")
             assert "not JSON" in (await _json(resp, 400))["error"]
+            # nested past what json.loads can recurse: refused, never a 500
+            deep = b"[" * 10_000 + b"]" * 10_000
+            resp = await http.post(f"http://{admin}/api/v1/maintenance", data=deep)
+            assert "nested deeper" in (await _json(resp, 400))["error"]
             resp = await http.delete(f"http://{admin}/api/v1/maintenance/nope")
             assert "no maintenance window 'nope'" in (await _json(resp, 404))["error"]
     finally:

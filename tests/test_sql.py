@@ -131,7 +131,8 @@ async def test_row_checked_and_values_extracted_for_a_later_step(
          "no column 'nope' (columns: status, payload), want column nope"),
         ('{json: {payload: {"$.total": 1}}}', "assertion",
          "column payload: $.total is 42.5, want 1"),
-        ('{json: {status: {"$.a": 1}}}', "assertion", "column status is not JSON"),
+        ('{json: {status: {"$.a": 1}}}', "assertion",
+         "column status is not JSON: Expecting value at line 1 column 1"),
     ],
 )  # fmt: skip
 async def test_assertions_say_what_was_seen_and_wanted(

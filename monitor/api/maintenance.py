@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from monitor.maintenance import (
     rfc3339,
 )
 from monitor.maintenance.windows import MAX_REASON, TimeValue
+from probes import untrusted_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Maintenance:
 
     async def add_handler(self, request: web.Request) -> web.Response:
         try:
-            body = json.loads(await request.read() or b"null")
+            body = untrusted_json.loads(await request.read() or b"null")
             asked = MaintenanceRequest.model_validate(body)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(400, _problem(exc))

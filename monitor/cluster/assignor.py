@@ -22,6 +22,8 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberMetadata,
 )
 
+from probes import untrusted_json
+
 VERSION = 0
 
 
@@ -124,7 +126,7 @@ class FlowAssignor:
 
 def _decode(data: bytes | None) -> dict[str, Any]:
     try:
-        value = json.loads(data or b"{}")
+        value = untrusted_json.loads(data or b"{}")
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

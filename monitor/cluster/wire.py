@@ -15,6 +15,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from probes import untrusted_json
 from probes.arrivals import Arrival
 from probes.xml_checks import NotXml, parse_xml
 
@@ -78,7 +79,9 @@ def decode_arrival(value: bytes, headers: Sequence[tuple[str, bytes]]) -> Arriva
         if meta.get("xml"):  # an XML delivery (refused entities and all at the first replica)
             doc, root = None, parse_xml(value)
         else:
-            doc, root = (json.loads(value) if value else None), None
+            # The first replica held the body to its own size limit; nesting is checked again.
+            doc = untrusted_json.loads(value, max_bytes=len(value)) if value else None
+            root = None
     except (KeyError, TypeError, ValueError, RecursionError, NotXml):
         return None
     age = max(0.0, time.time() - received_unix)
