@@ -30,9 +30,14 @@ log = logging.getLogger(__name__)
 
 FIRST_STARTS_PER_S = 100.0
 _EARLY = 0.001  # the loop's timers have millisecond resolution: start what is due within it
-# Runs this late are started up to _BURST per loop iteration (see Scheduler._fire).
+# The runs started in one loop iteration may take this long to their first wait (see
+# Scheduler._fire): on schedule about one fresh-connection start on this project's machine;
+# once the earliest due run is more than _BEHIND late, the longer BEHIND_BUDGET_S.
+START_BUDGET_S = 0.0003
+BEHIND_BUDGET_S = 0.001
 _BEHIND = 0.005
-_BURST = 3
+MAX_STARTS = 32
+_COST_WEIGHT = 0.25  # of the newest batch in the running estimate of a start's cost
 
 
 @dataclass(slots=True)
@@ -73,6 +78,10 @@ class Scheduler:
         self._tasks: dict[asyncio.Task[None], bool] = {}  # task → running a run now
         self._stopping = False
         self._hurry = asyncio.Event()  # set by a second SIGTERM: the grace is over now
+        # What starting a run costs the loop (its task's first step): measured on every batch
+        # of starts (a running estimate); until the first is measured, one start at a time.
+        self.start_cost = math.inf
+        self._batch_began = 0.0
         # Built here, so that an engine freezing its start-up objects out of the GC freezes
         # these too; planned by start().
         self._slots = [_Slot(f, v, 0.0, 0.0) for f in self.flows for v in f.variants]
@@ -147,33 +156,53 @@ class Scheduler:
         self._timer_at = due
 
     def _fire(self) -> None:
-        """Start the earliest due run; `_arm` sets the timer again at once if more are due.
+        """Start the earliest due runs, as many as fit START_BUDGET_S; `_arm` sets the timer
+        again at once if more are due.
 
-        One start per loop iteration, not every due run: a task's first step (building the
-        request, connecting) runs in the iteration after its start, and the loop reads sockets
-        only between iterations. Starting the 3-9 runs that fall due together at 1,000 checks/s
-        made iterations of a few milliseconds in which no response was stamped: error p99 1.9-16
-        ms with fresh connections, 1.2-1.5 ms reused; one start per iteration, 1.0-2.8 and
-        0.8-1.1 ms (benchmarks/fidelity.py, alternated runs). The price is more, shorter
-        iterations: saturated, a fresh-connection check cost 400-470 µs of CPU against 320-330
-        µs starting every due run at once (`hopwatch run`, no store, alternated). So once the
-        earliest due run is more than _BEHIND late (the monitor cannot keep up one start per
-        iteration) up to _BURST start per iteration: 14 % more checks per CPU-second there,
-        error p99 under overload 1.4-1.5 ms instead of 0.8-1.0 (a burst of 4: 1.9-2.4 ms, of 8:
-        3.3-3.9 ms); on schedule, one start per iteration as before."""
+        A task's first step (building the request, connecting) runs in the loop iteration after
+        its start, and the loop reads sockets only between iterations: a response that arrives
+        meanwhile is stamped late. Starting every run that falls due together (3-9 at 1,000
+        checks/s) made iterations of a few milliseconds: error p99 1.9-16 ms with fresh
+        connections, 1.2-1.5 ms reused; one start per iteration, 1.0-2.8 and 0.8-1.1 ms
+        (benchmarks/fidelity.py, alternated runs), but at the price of more, shorter iterations:
+        saturated, a fresh-connection check cost 400-470 µs of CPU against 320-330 µs
+        starting every due run at once. So the starts of one iteration are bounded by the time
+        they take, not by their number: each batch's first steps are timed (a callback before
+        and one after them, FIFO), and the next batch is as many as the running estimate of a
+        start's cost fits in START_BUDGET_S (at least one, at most MAX_STARTS). Behind schedule
+        (the earliest due run over _BEHIND late), the budget is BEHIND_BUDGET_S: saturated,
+        fewer and fuller iterations carry more checks per CPU-second (alternated runs, see the
+        README's Performance section), and the error's tail then follows that budget."""
         self._timer, self._timer_at = None, math.inf
         heap = self._heap
         now = time.monotonic()
         if heap and heap[0][0] <= now + _EARLY:
-            burst = _BURST if heap[0][0] < now - _BEHIND else 1
-            create_task, forget, tasks = self._loop().create_task, self._forget, self._tasks
-            while burst and heap and heap[0][0] <= now + _EARLY:
-                burst -= 1
+            budget = BEHIND_BUDGET_S if heap[0][0] < now - _BEHIND else START_BUDGET_S
+            fit = budget / self.start_cost
+            allowed = MAX_STARTS if fit >= MAX_STARTS else max(1, int(fit))
+            loop = self._loop()
+            create_task, forget, tasks = loop.create_task, self._forget, self._tasks
+            loop.call_soon(self._began)
+            started = 0
+            while started < allowed and heap and heap[0][0] <= now + _EARLY:
+                started += 1
                 slot = heapq.heappop(heap)[2]
                 task = slot.task = create_task(self._run(slot), name=slot.name)
                 tasks[task] = False
                 task.add_done_callback(forget)
+            loop.call_soon(self._ended, started)
         self._arm()
+
+    def _began(self) -> None:
+        self._batch_began = time.monotonic()
+
+    def _ended(self, started: int) -> None:
+        """The batch's first steps are done: update the estimate of a start's cost."""
+        cost = max(time.monotonic() - self._batch_began, 1e-9) / started
+        if self.start_cost == math.inf:
+            self.start_cost = cost
+        else:
+            self.start_cost += (cost - self.start_cost) * _COST_WEIGHT
 
     @staticmethod
     def _loop() -> asyncio.AbstractEventLoop:

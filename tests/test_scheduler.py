@@ -178,29 +178,62 @@ async def test_waiting_flows_hold_no_task_each() -> None:
     assert scheduler.waiting == 0
 
 
-async def test_runs_due_together_start_one_per_loop_iteration(
+async def test_starts_that_take_the_budget_start_one_per_loop_iteration(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The loop reads sockets only between iterations: 20 runs started in one iteration would
     run their first steps back to back while responses wait unstamped (benchmarks/fidelity.py:
-    error p99 1.9-16 ms at 1,000 fresh checks/s, 1.0-2.8 ms one start per iteration)."""
+    error p99 1.9-16 ms at 1,000 fresh checks/s, 1.0-2.8 ms one start per iteration). A run
+    whose first step takes the whole budget starts alone."""
     monkeypatch.setattr("monitor.scheduler.FIRST_STARTS_PER_S", 1e9)  # all due at once
     monkeypatch.setattr("monitor.scheduler._BEHIND", 60.0)  # never behind: on schedule
-    assert await starts_by_iteration(20) == [1] * 20
+    monkeypatch.setattr("monitor.scheduler.START_BUDGET_S", 0.001)
+    assert await starts_by_iteration(12, first_step_s=0.002) == [1] * 12
 
 
-async def test_runs_behind_schedule_start_a_few_per_loop_iteration(
+async def test_the_runs_started_in_one_iteration_fit_the_start_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A monitor that cannot keep up one start per iteration starts up to _BURST at once:
-    saturated, that carried 14 % more fresh-connection checks per CPU-second."""
+    """First steps of 2 ms, a budget of 5 ms: two start per iteration once one was timed, never
+    three (a busier machine only makes a start look dearer, so fewer start)."""
+    monkeypatch.setattr("monitor.scheduler.FIRST_STARTS_PER_S", 1e9)
+    monkeypatch.setattr("monitor.scheduler._BEHIND", 60.0)
+    monkeypatch.setattr("monitor.scheduler.START_BUDGET_S", 0.005)
+    starts = await starts_by_iteration(21, first_step_s=0.002)
+    assert starts[0] == 1  # nothing timed yet
+    assert max(starts) == 2
+    assert starts.count(2) >= 5
+
+
+async def test_behind_schedule_the_starts_get_the_longer_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A monitor that cannot keep up starts more per iteration (BEHIND_BUDGET_S): saturated,
+    fuller iterations carry more checks per CPU-second."""
     monkeypatch.setattr("monitor.scheduler.FIRST_STARTS_PER_S", 1e9)
     monkeypatch.setattr("monitor.scheduler._BEHIND", -60.0)  # always behind
-    assert await starts_by_iteration(20) == [3, 3, 3, 3, 3, 3, 2]
+    monkeypatch.setattr("monitor.scheduler.START_BUDGET_S", 0.001)
+    monkeypatch.setattr("monitor.scheduler.BEHIND_BUDGET_S", 0.007)
+    starts = await starts_by_iteration(21, first_step_s=0.002)
+    assert starts[0] == 1
+    assert max(starts) == 3
 
 
-async def starts_by_iteration(n: int) -> list[int]:
-    """How many of `n` runs, all due at once, started in each loop iteration."""
+async def test_cheap_starts_share_an_iteration_up_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starts that cost next to nothing are amortised over one iteration, MAX_STARTS at most:
+    saturated, fewer and fuller iterations are what a scheduled check's CPU was spent on."""
+    monkeypatch.setattr("monitor.scheduler.FIRST_STARTS_PER_S", 1e9)
+    monkeypatch.setattr("monitor.scheduler.START_BUDGET_S", 1.0)
+    monkeypatch.setattr("monitor.scheduler.BEHIND_BUDGET_S", 1.0)
+    monkeypatch.setattr("monitor.scheduler.MAX_STARTS", 8)
+    assert await starts_by_iteration(40) == [1, 8, 8, 8, 8, 7]
+
+
+async def starts_by_iteration(n: int, first_step_s: float = 0.0) -> list[int]:
+    """How many of `n` runs, all due at once, started in each loop iteration (each run's first
+    step busy for `first_step_s`, as building a request and connecting keep the loop busy)."""
     loop = asyncio.get_running_loop()
     iteration = itertools.count()
     now = [0]
@@ -218,6 +251,9 @@ async def starts_by_iteration(n: int) -> list[int]:
             at.append(now[0])
             if len(at) == n:
                 all_started.set()
+            busy_until = time.monotonic() + first_step_s
+            while time.monotonic() < busy_until:
+                pass
             await super().run(flow, variant)
 
     scheduler = Scheduler([quick_flow(f"f{i}", "60s") for i in range(n)], Runner())

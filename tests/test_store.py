@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -23,8 +24,15 @@ from monitor.sinks import Sink
 from monitor.store import EXCERPT_LIMIT, IncidentBook, Store, normalize_url
 from monitor.store import migrate as migrations
 from monitor.store.incidents import IncidentPolicy, IncidentRules, policy_of
-from monitor.store.rows import run_rows
-from monitor.store.schema import incidents, metadata, runs, step_results
+from monitor.store.rows import (
+    ARTIFACT_COLUMNS,
+    ATTRIBUTES_LIMIT,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    row_dict,
+    run_rows,
+)
+from monitor.store.schema import incidents, metadata, runs, step_artifacts, step_results
 from tests.fixtures.store import PG_HOST, PG_PORT, T0, TcpProxy, make_run
 
 # --- migrations ------------------------------------------------------------------------------
@@ -76,7 +84,9 @@ async def test_v0002_names_replicas_on_a_v0001_database_that_has_rows(store_url:
     try:
         await migrations.upgrade(store.engine, "0001")
         old = make_run(run_id="old", fail_at="read_back")
-        run_row, step_rows = run_rows(old)
+        run_tuple, step_tuples = run_rows(old)
+        run_row = row_dict(RUN_COLUMNS, run_tuple)
+        step_rows = [row_dict(STEP_COLUMNS, row) for row in step_tuples]
         del run_row["replica"], run_row["maintenance"]  # v0001 has no such columns
         for row in step_rows:  # nor these (v0003)
             del row["own_latency_s"], row["duration_s"]
@@ -593,6 +603,44 @@ async def test_rows_in_the_database_match_what_was_submitted(store: Store) -> No
             for t in (runs, step_results, incidents)
         ]
     assert counts == [1, 2, 1]
+
+
+def test_row_tuples_name_every_column_their_tables_have() -> None:
+    """The store writes tuples in these columns' order: a column added to a table must be
+    added here too, or it would never be written."""
+    for table, columns in ((runs, RUN_COLUMNS), (step_results, STEP_COLUMNS),
+                           (step_artifacts, ARTIFACT_COLUMNS)):  # fmt: skip
+        declared = [c.name for c in table.columns if c is not table.autoincrement_column]
+        assert sorted(columns) == sorted(declared), table.name
+
+
+async def test_json_columns_are_written_as_sqlalchemy_wrote_them(store: Store) -> None:
+    """Phases and attributes go to the driver as JSON text: the same text SQLAlchemy's JSON
+    type wrote (json.dumps's defaults, attributes' keys sorted), and big attributes clipped."""
+    run = make_run()
+    run.steps[0].attributes = {"z": 1, "a": "é", "n": float("nan")}  # NaN: not JSON
+    run.steps[1].attributes = {"big": "x" * (ATTRIBUTES_LIMIT + 10)}
+    store.submit(run)
+    assert await store.flush()
+    got = await store.get_run(run.run_id)
+    assert got is not None
+    assert got.steps[0].attributes == {"unserialisable": True}
+    assert set(got.steps[1].attributes) == {"truncated"}
+    assert len(got.steps[1].attributes["truncated"].encode()) <= ATTRIBUTES_LIMIT
+    assert got.steps[0].phases == pytest.approx(run.steps[0].phases)
+    if store.url.get_backend_name() == "sqlite":
+        run = make_run()
+        run.steps[0].attributes = {"z": 1, "a": "é"}
+        store.submit(run)
+        assert await store.flush()
+        async with store.engine.connect() as conn:
+            rows = await conn.exec_driver_sql(
+                "SELECT phases, attributes FROM step_results WHERE run_id = ? ORDER BY position",
+                (run.run_id,),
+            )
+            phases, attributes = rows.first() or ("", "")
+        assert attributes == json.dumps({"a": "é", "z": 1})
+        assert phases == json.dumps(dict(run.steps[0].phases))
 
 
 @pytest.mark.parametrize(

@@ -44,73 +44,101 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
-def _phases(phases: dict[str, float]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in phases.items() if math.isfinite(v)}
+_json = json.JSONEncoder().encode  # what SQLAlchemy's JSON type wrote: json.dumps's defaults
+_attributes_json = json.JSONEncoder(default=str, allow_nan=False, sort_keys=True).encode
 
 
-def _attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+def _phases(phases: dict[str, float]) -> str:
+    return _json({str(k): float(v) for k, v in phases.items() if math.isfinite(v)})
+
+
+def _attributes(attributes: dict[str, Any]) -> str:
     # Attributes are free-form: keep only what JSON can hold, and not too much of it.
-    text = json.dumps(attributes, default=str, allow_nan=False, sort_keys=True)
-    if len(text.encode()) > ATTRIBUTES_LIMIT:
-        return {"truncated": clip_utf8(text, ATTRIBUTES_LIMIT)}
-    loaded: dict[str, Any] = json.loads(text)
-    return loaded
+    text = _attributes_json(attributes)
+    if len(text) > ATTRIBUTES_LIMIT:  # ASCII: json.dumps escapes the rest
+        return _json({"truncated": clip_utf8(text, ATTRIBUTES_LIMIT)})
+    return text
 
 
-def _step_row(run_id: str, position: int, step: StepResult, excerpt_limit: int) -> dict[str, Any]:
+# The columns each row tuple holds, in order (the store's INSERTs name them so). JSON columns
+# hold their text, as SQLAlchemy's JSON type would have written it: the rows go to the driver
+# as plain tuples, without SQLAlchemy's per-row parameter processing (the store's hot path).
+RUN_COLUMNS = (
+    "id", "flow", "variant", "location", "correlation", "started_at", "finished_at",
+    "duration_s", "outcome", "broken_step", "reason", "trace_id", "replica", "maintenance",
+)  # fmt: skip
+STEP_COLUMNS = (
+    "run_id", "position", "name", "kind", "status", "started_at", "offset_s", "latency_s",
+    "own_latency_s", "duration_s", "reason", "message", "phases", "attributes", "excerpt",
+    "cleanup",
+)  # fmt: skip
+JSON_COLUMNS = frozenset({"phases", "attributes"})
+ARTIFACT_COLUMNS = ("run_id", "position", "name", "media_type", "data")
+
+Row = tuple[Any, ...]
+
+
+def _step_row(run_id: str, position: int, step: StepResult, excerpt_limit: int) -> Row:
     try:
-        attributes = _attributes(step.attributes)
+        attributes = _attributes(step.attributes) if step.attributes else "{}"
     except (TypeError, ValueError):
-        attributes = {"unserialisable": True}
-    return {
-        "run_id": run_id,
-        "position": position,
-        "name": _clip_id(step.name, 200),
-        "kind": _clip_id(step.kind, 64),
-        "status": step.status,
-        "started_at": step.started_at,
-        "offset_s": _finite(step.offset_s) or 0.0,
-        "latency_s": _finite(step.latency_s),
-        "own_latency_s": _finite(step.own_latency_s),
-        "duration_s": _finite(step.duration_s),
-        "reason": _clip_opt(step.reason, 64),
-        "message": clip_utf8(step.message, MESSAGE_LIMIT),
-        "phases": _phases(step.phases),
-        "attributes": attributes,
-        "excerpt": clip_utf8(step.excerpt, excerpt_limit),
-        "cleanup": step.cleanup,
-    }
+        attributes = '{"unserialisable": true}'
+    return (
+        run_id,
+        position,
+        _clip_id(step.name, 200),
+        _clip_id(step.kind, 64),
+        step.status,
+        step.started_at,
+        _finite(step.offset_s) or 0.0,
+        _finite(step.latency_s),
+        _finite(step.own_latency_s),
+        _finite(step.duration_s),
+        _clip_opt(step.reason, 64),
+        clip_utf8(step.message, MESSAGE_LIMIT),
+        _phases(step.phases) if step.phases else "{}",
+        attributes,
+        clip_utf8(step.excerpt, excerpt_limit),
+        step.cleanup,
+    )
 
 
-def run_rows(
-    result: RunResult, excerpt_limit: int = EXCERPT_LIMIT
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The `runs` row and the `step_results` rows of one result."""
+def run_rows(result: RunResult, excerpt_limit: int = EXCERPT_LIMIT) -> tuple[Row, list[Row]]:
+    """The `runs` row and the `step_results` rows of one result (RUN_COLUMNS, STEP_COLUMNS)."""
     broken = result.broken
     run_id = _clip_id(result.run_id, 64)
-    run = {
-        "id": run_id,
-        "flow": _clip_id(result.flow, 200),
-        "variant": _clip_id(result.variant, 200),
-        "location": _clip_id(result.location, 200),
-        "correlation": _clip_id(result.correlation, 200),
-        "started_at": result.started_at,
-        "finished_at": result.started_at + result.duration_s,
-        "duration_s": result.duration_s,
-        "outcome": result.outcome,
-        "broken_step": _clip_id(broken.name, 200) if broken else None,
-        "reason": _clip_opt(broken.reason, 64) if broken else None,
-        "trace_id": _clip_opt(result.trace_id, 64),
-        "replica": _clip_opt(result.replica, 200),
-        "maintenance": result.maintenance,
-    }
+    run = (
+        run_id,
+        _clip_id(result.flow, 200),
+        _clip_id(result.variant, 200),
+        _clip_id(result.location, 200),
+        _clip_id(result.correlation, 200),
+        result.started_at,
+        result.started_at + result.duration_s,
+        result.duration_s,
+        result.outcome,
+        _clip_id(broken.name, 200) if broken else None,
+        _clip_opt(broken.reason, 64) if broken else None,
+        _clip_opt(result.trace_id, 64),
+        _clip_opt(result.replica, 200),
+        result.maintenance,
+    )
     steps = [_step_row(run_id, i, s, excerpt_limit) for i, s in enumerate(result.steps)]
     return run, steps
 
 
-def artifact_rows(result: RunResult) -> list[dict[str, Any]]:
-    """The `step_artifacts` rows of one result: its hops' evidence, within the limits."""
-    rows: list[dict[str, Any]] = []
+def row_dict(columns: tuple[str, ...], row: Row) -> dict[str, Any]:
+    """A row tuple as the mapping SQLAlchemy Core takes (JSON columns decoded)."""
+    out = dict(zip(columns, row, strict=True))
+    for name in JSON_COLUMNS & out.keys():
+        out[name] = json.loads(out[name])
+    return out
+
+
+def artifact_rows(result: RunResult) -> list[Row]:
+    """The `step_artifacts` rows of one result (ARTIFACT_COLUMNS): its hops' evidence, within
+    the limits."""
+    rows: list[Row] = []
     run_id = _clip_id(result.run_id, 64)
     for position, step in enumerate(result.steps):
         for artifact in step.artifacts:
@@ -118,15 +146,8 @@ def artifact_rows(result: RunResult) -> list[dict[str, Any]]:
                 return rows
             if len(artifact.data) > ARTIFACT_LIMIT:
                 continue
-            rows.append(
-                {
-                    "run_id": run_id,
-                    "position": position,
-                    "name": _clip_id(artifact.name, 64),
-                    "media_type": _clip_id(artifact.media_type, 100),
-                    "data": artifact.data,
-                }
-            )
+            name, media_type = _clip_id(artifact.name, 64), _clip_id(artifact.media_type, 100)
+            rows.append((run_id, position, name, media_type, artifact.data))
     return rows
 
 

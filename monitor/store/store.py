@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,8 +30,12 @@ from monitor.store.connect import create_engine, normalize_url
 from monitor.store.incidents import Incident, IncidentBook, IncidentPolicy
 from monitor.store.reads import StoreReads
 from monitor.store.rows import (
+    ARTIFACT_COLUMNS,
     ARTIFACTS_KEPT,
     EXCERPT_LIMIT,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    Row,
     artifact_rows,
     incident_row,
     run_rows,
@@ -47,7 +51,7 @@ from monitor.store.stats import StoreCollector, StoreStats
 
 log = logging.getLogger(__name__)
 
-_Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]  # run, hops, artifacts
+_Rows = tuple[Row, list[Row], list[Row]]  # run, hops, artifacts
 # Runs waiting to be written keep their artifacts only while the queue is this short: a
 # database that is away costs a bounded buffer, not one screenshot per buffered run.
 ARTIFACTS_BUFFERED = 25
@@ -109,6 +113,7 @@ class Store(StoreReads):
         self._task: asyncio.Task[None] | None = None
         self._written = asyncio.Condition()
         self._next_prune = math.inf  # retention runs once the writer is started
+        self._inserts: tuple[str, str, str] | None = None  # runs, hops, artifacts: driver SQL
         if registry is not None:
             registry.register(StoreCollector(self.stats, lambda: self.buffered))
 
@@ -298,7 +303,7 @@ class Store(StoreReads):
                 if not _is_poison(exc):
                     raise
                 self.stats.rejected += 1
-                log.error("store refused run %s: %s", batch[0][0]["id"], exc)
+                log.error("store refused run %s: %s", batch[0][0][0], exc)
             batch.pop(0)
         try:
             await self._write([], dirty)
@@ -308,16 +313,33 @@ class Store(StoreReads):
             log.error("store refused incidents %s: %s", [i.id for i in dirty], exc)
             dirty.clear()
 
+    def _insert_sql(self, table: Table, columns: tuple[str, ...]) -> str:
+        """The driver's own INSERT of `columns` into `table`, parameters in that order."""
+        statement = insert(table).inline().values({name: bindparam(name) for name in columns})
+        compiled = statement.compile(dialect=self.engine.dialect)
+        if list(compiled.positiontup or ()) != list(columns):
+            raise RuntimeError(f"{table.name}: the driver's parameters are not positional")
+        return str(compiled)
+
     async def _write(self, batch: Sequence[_Rows], dirty: Sequence[Incident]) -> None:
+        """Runs go to the driver as tuples (`exec_driver_sql`, its executemany): SQLAlchemy's
+        per-row parameter processing was most of the store's CPU on the loop's thread."""
+        if self._inserts is None:
+            self._inserts = (
+                self._insert_sql(runs, RUN_COLUMNS),
+                self._insert_sql(step_results, STEP_COLUMNS),
+                self._insert_sql(step_artifacts, ARTIFACT_COLUMNS),
+            )
+        insert_runs, insert_steps, insert_artifacts = self._inserts
         async with asyncio.timeout(self.write_timeout_s), self.engine.begin() as conn:
             if batch:
-                await conn.execute(insert(runs), [run for run, _, _ in batch])
+                await conn.exec_driver_sql(insert_runs, [run for run, _, _ in batch])
                 steps = [step for _, run_steps, _ in batch for step in run_steps]
                 if steps:
-                    await conn.execute(insert(step_results), steps)
+                    await conn.exec_driver_sql(insert_steps, steps)
                 evidence = [row for _, _, rows in batch for row in rows]
                 if evidence:
-                    await conn.execute(insert(step_artifacts), evidence)
+                    await conn.exec_driver_sql(insert_artifacts, evidence)
                     await queries.keep_newest_artifacts(conn, ARTIFACTS_KEPT)
             for incident in dirty:
                 await self._upsert_incident(conn, incident_row(incident))
