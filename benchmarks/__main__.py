@@ -184,19 +184,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": f"error p99 at 1,000 probes/s ({case} connections)",
                     "wanted": "≤ 2 ms, keeping up", "measured": measured,
                     "verdict": _verdict(p99 <= 2.0 and kept_up)})  # fmt: skip
-    wh = _find(results.get("webhooks", []), tool="hopwatch")
-    if wh is not None:
-        rate = wh["steps_per_s"]
-        measured = f"{rate:,.0f}/s"
-        bare = _find(results.get("webhooks", []), tool="bare aiohttp server")
-        if bare is not None:
-            _, share = paired_ratios(wh, bare)
-            measured += f"; {share:.0%} of a bare aiohttp server by CPU per request"
-            if wh.get("receiver_us"):
-                alone = 1e6 / (bare["cpu_us_per_step"] + wh["receiver_us"])
-                measured += f"; receiver alone (aiohttp + handler, no run) ≈ {alone:,.0f}/s"
-        out.append({"target": "verified and matched webhooks per core", "wanted": "≥ 10,000/s",
-                    "measured": measured, "verdict": _verdict(rate >= 10_000)})  # fmt: skip
+    _webhook_targets(results.get("webhooks", []), out)
     _scale_targets(results.get("scale", []), out)
     if results.get("cluster"):
         from benchmarks.cluster import targets as cluster_targets
@@ -204,6 +192,31 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for row in cluster_targets(results["cluster"]):
             out.append({**row, "verdict": _verdict(row.pop("ok"))})
     return out
+
+
+def _webhook_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+    """The receiver against a bare aiohttp server in the same rounds, by CPU per request: the
+    receiver path alone ≥ 70 %, with the run that awaits each webhook ≥ 50 %."""
+    bare = _find(rows, tool="bare aiohttp server")
+    if bare is None:
+        return
+    for tool, what, wanted in (
+        ("hopwatch receiver alone", "receiver path alone (aiohttp + handler + matching)", 0.7),
+        ("hopwatch", "with the run that awaits each one", 0.5),
+    ):
+        row = _find(rows, tool=tool)
+        if row is None:
+            continue
+        rate, share = paired_ratios(row, bare)
+        measured = (
+            f"{share:.0%} by CPU per request ({rate:.0%} by rate): {row['steps_per_s']:,.0f}/s, "
+            f"{row['cpu_us_per_step']:,.0f} µs each; bare {bare['steps_per_s']:,.0f}/s, "
+            f"{bare['cpu_us_per_step']:,.0f} µs"
+        )
+        out.append({"target": f"verified and matched webhooks per CPU-second, {what}, "
+                              "vs a bare aiohttp server",
+                    "wanted": f"≥ {wanted:.0%}", "measured": measured,
+                    "verdict": _verdict(share >= wanted)})  # fmt: skip
 
 
 def _scheduled_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:

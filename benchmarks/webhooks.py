@@ -15,7 +15,12 @@ a while, so every measured webhook also pushes the oldest one out. While that ta
 every webhook leaves objects alive (its finished expectation and matcher) that the garbage
 collector counts and walks: a cost of the first minutes, not of a running monitor.
 
-Beside it, in the same rounds and with the same sender, a bare aiohttp server on the same core
+The receiver path alone is measured the same way without runs (`hopwatch_receiver`): the same
+engine and public listener, each batch's expectations registered and indexed with the matcher a
+run's step would give the correlator, but no run, task or timer awaiting them; each webhook is
+verified, parsed, matched and answered, and its expectation finished.
+
+Beside them, in the same rounds and with the same sender, a bare aiohttp server on the same core
 (one route that reads the body and parses its JSON, no signature, no run): the floor any
 receiver on aiohttp stands on, so the ratio between the two is measured on this machine rather
 than a rate compared with one measured elsewhere.
@@ -47,7 +52,10 @@ from benchmarks.common import (
 from benchmarks.harness import build_engine
 from benchmarks.senders import SECRET
 from monitor.config import Flow
+from monitor.correlator import Correlator
+from monitor.correlator.expectation import Expectation
 from monitor.gc_settle import settle_start
+from probes.waiting import Rule, header_value
 
 PATH = "/hooks/bench"
 WARMUP_LIMIT_S = 30.0
@@ -165,6 +173,54 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def hopwatch_receiver(args: dict[str, Any]) -> dict[str, Any]:
+    """The receiver path alone: the same engine and deliveries as `hopwatch_webhooks`, but each
+    batch's expectations are made waiting directly (as `webhook_await` leaves them) instead of
+    by runs, so what is measured is aiohttp, the handler and the correlator's matching."""
+    flow = webhook_flow()
+    receiver = _time_receiver()
+    engine = build_engine([flow], max_concurrency=4 * args["batch"])
+    await engine.start(schedule=False, admin=False)
+    url = f"http://{engine.options.listen}{PATH}"
+    correlator = engine.correlator
+
+    async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
+        deadline = time.monotonic() + 20.0
+        waiting = [_waiting(correlator, ref, deadline) for ref in refs]
+        await _deliver(session, args["driver"], url, refs)
+        ok = sum(1 for expectation in waiting if expectation.state == "fulfilled")
+        for expectation in waiting:
+            expectation.cancel()  # any left unmatched: out of the pending table
+        return ok, len(refs) - ok
+
+    def steady() -> bool:
+        return correlator.stats()["finished"] >= correlator.max_late
+
+    try:
+        rates = await _drive(args, batch, steady)
+        finished = correlator.stats()["finished"]
+    finally:
+        await engine.stop()
+    return rates | {
+        "receiver_us": round(receiver[0] / receiver[1] * 1e6, 1) if receiver[1] else None,
+        "pending_max": 2 * args["batch"],
+        "finished_remembered": finished,
+        "finished_max": correlator.max_late,
+    }
+
+
+def _waiting(correlator: Correlator, ref: str, deadline: float) -> Expectation:
+    """An expectation in the state `Expectation.wait` leaves it in before it awaits: its
+    matcher (the one `webhook_await` renders for `$.ref` = the run's correlation) indexed, with
+    no future, timer or task behind it."""
+    expectation = correlator.expect(PATH, ref, "hook", deadline)
+    rule = Rule({}, {"$.ref": ref}, run_parts=frozenset({"json:$.ref"}))
+    expectation.match = rule.matcher(header_value)
+    correlator._start_waiting(expectation)
+    expectation.state = "waiting"
+    return expectation
+
+
 def _time_receiver() -> list[float]:
     """Time hopwatch's webhook handler (verify, parse, match, answer: what runs between
     aiohttp's request parsing and its response writing) as [seconds, calls]. Its common path
@@ -228,6 +284,8 @@ def part(ctx: Ctx) -> None:
     plan = [
         ("hopwatch", f"Standard Webhooks signature, JSON-path match, ≤ {2 * batch} runs waiting",
          "webhooks.hopwatch_webhooks", ctx.seconds(3.0, 8.0)),
+        ("hopwatch receiver alone", f"the same, ≤ {2 * batch} expectations waiting, no run",
+         "webhooks.hopwatch_receiver", ctx.seconds(3.0, 8.0)),
         ("bare aiohttp server", "one route: body read and JSON parsed, no signature, no run",
          "webhooks.bare_aiohttp", ctx.seconds(2.0, 4.0)),
     ]  # fmt: skip

@@ -122,10 +122,11 @@ def _render_simple(
             continue
         value: Any = variables
         for name in part:
-            if not isinstance(value, Mapping) or name not in value:
+            # a plain dict first: the ABC's isinstance costs more than the look-up
+            if not (type(value) is dict or isinstance(value, Mapping)) or name not in value:
                 return None
             value = value[name]
-        if isinstance(value, Mapping | list):
+        if type(value) is not str and isinstance(value, Mapping | list):
             return None  # Jinja's repr of containers: leave it to Jinja
         out.append(str(finalize(value)))
     return "".join(out)

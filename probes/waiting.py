@@ -183,23 +183,37 @@ class RuleMatcher:
         self.run_keys = tuple(run_keys)
 
     def __call__(self, arrival: Arrival) -> bool:
+        # Loops, not any()/all() over generators: the correlator confirms every candidate
+        # it finds by index with this, once per arrival.
         rule = self.rule
         if rule.key is not None and arrival.key != rule.key:
             return False
-        header_of = self.header_of
-        if any(header_of(arrival.headers, name) != want for name, want in rule.headers.items()):
-            return False
+        if rule.headers:
+            header_of = self.header_of
+            for name, text in rule.headers.items():
+                if header_of(arrival.headers, name) != text:
+                    return False
         if self.paths:
             doc = arrival.json
             if doc is None:
                 return False
-            if not all(any(same_value(v, want) for v in read(doc)) for read, want in self.paths):
-                return False
-        spaces = rule.namespaces
-        return all(
-            any(same_value(v, want) for v in _xpath_values(arrival, path, spaces))
-            for path, want in rule.xpaths.items()
-        )
+            for read, wanted in self.paths:
+                if not _holds(read(doc), wanted):
+                    return False
+        if rule.xpaths:
+            spaces = rule.namespaces
+            for path, value in rule.xpaths.items():
+                if not _holds(_xpath_values(arrival, path, spaces), value):
+                    return False
+        return True
+
+
+def _holds(values: list[Any], want: Scalar) -> bool:
+    """Whether any of `values` is `same_value` as `want` (a loop: any() makes a generator)."""
+    for value in values:  # noqa: SIM110
+        if same_value(value, want):
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -315,21 +329,42 @@ def render_rule(
     paths: dict[str, Scalar] = {
         path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()
     }
-    run_parts = {f"header:{n}" for n, v in match.header.items() if _templated(v)}
-    run_parts |= {f"json:{p}" for p, v in match.json_.items() if _templated(v)}
-    if key is not None and _templated(key):
-        run_parts.add("key")
+    run_parts = _run_parts(match, key)
     rendered_key = ctx.render(key).encode() if key is not None else None
     if not isinstance(match, XPathMatch) or not match.xpath:
-        return Rule(headers, paths, rendered_key, frozenset(run_parts))
+        return Rule(headers, paths, rendered_key, run_parts)
     xpaths: dict[str, Scalar] = {
         path: ctx.render(v) if isinstance(v, str) else v for path, v in match.xpath.items()
     }
-    run_parts |= {f"xpath:{p}" for p, v in match.xpath.items() if _templated(v)}
     spaces = tuple(sorted(match.namespaces.items()))
-    return Rule(headers, paths, rendered_key, frozenset(run_parts), xpaths, spaces)
+    return Rule(headers, paths, rendered_key, run_parts, xpaths, spaces)
 
 
+# match rule's identity → (the rule, its key template, which parts hold the run's own values)
+_RUN_PARTS: dict[int, tuple[MatchBase, str | None, frozenset[str]]] = {}
+
+
+def _run_parts(match: MatchBase, key: str | None) -> frozenset[str]:
+    """Which parts of `match` (and `key`) hold the run's own values (`Rule.run_parts`): found
+    once per rule, as configs are frozen (a regex per value per run was a tenth of a webhook
+    run's own cost)."""
+    known = _RUN_PARTS.get(id(match))
+    if known is not None and known[0] is match and known[1] == key:
+        return known[2]
+    parts = {f"header:{n}" for n, v in match.header.items() if _templated(v)}
+    parts |= {f"json:{p}" for p, v in match.json_.items() if _templated(v)}
+    if key is not None and _templated(key):
+        parts.add("key")
+    if isinstance(match, XPathMatch):
+        parts |= {f"xpath:{p}" for p, v in match.xpath.items() if _templated(v)}
+    if len(_RUN_PARTS) >= _RUN_PARTS_MAX:  # reloads make new rules: drop the old ones
+        _RUN_PARTS.clear()
+    found = frozenset(parts)
+    _RUN_PARTS[id(match)] = (match, key, found)
+    return found
+
+
+_RUN_PARTS_MAX: Final = 4096
 _RUN_VALUE = re.compile(r"\{\{[^}]*\b(?:run\.(?:id|correlation)\b|steps\.)")
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Histogram
 
+from benchmarks.__main__ import targets
 from benchmarks.cluster import hist_quantile
 from benchmarks.cluster import table as cluster_table
 from benchmarks.cluster import targets as cluster_targets
@@ -162,6 +163,31 @@ async def test_webhook_sender_signs_what_hopwatch_verifies_and_counts_answers() 
         failing = RawSender(f"http://127.0.0.1:{server.port}/fail", width=2)
         assert await failing.send_all([signed_request(failing.url, {"ref": "x"})]) == (0, 1)
     assert sorted(seen) == sorted([*refs, "again", "x"])
+
+
+def test_webhook_targets_are_shares_of_the_bare_server_round_by_round() -> None:
+    """The receiver alone and with its run, each judged by the bare server's CPU per request
+    over its own, round by round (median of the rounds' shares)."""
+
+    def row(tool: str, *cpu_us: float) -> dict[str, Any]:
+        rounds = [{"steps_per_s": 1e6 / us, "cpu_us_per_step": us} for us in cpu_us]
+        return {"tool": tool, **rounds[0], "rounds": rounds}
+
+    rows = [
+        row("hopwatch", 300.0, 180.0, 250.0),  # shares 33 %, 56 %, 40 %: median 40 %
+        row("hopwatch receiver alone", 140.0, 150.0, 160.0),  # 71 %, 67 %, 63 %: median 67 %
+        row("bare aiohttp server", 100.0, 100.0, 100.0),
+    ]
+    found = {t["target"]: t for t in targets({"webhooks": rows})}
+    alone = next(t for name, t in found.items() if "receiver path alone" in name)
+    run = next(t for name, t in found.items() if "with the run" in name)
+    assert (alone["wanted"], alone["verdict"]) == ("≥ 70%", "NOT met")
+    assert alone["measured"].startswith("67% by CPU per request")
+    assert (run["wanted"], run["verdict"]) == ("≥ 50%", "NOT met")
+    assert run["measured"].startswith("40% by CPU per request")
+    rows[0] = row("hopwatch", 190.0, 190.0, 190.0)
+    run = next(t for t in targets({"webhooks": rows}) if "with the run" in t["target"])
+    assert run["verdict"] == "met"
 
 
 def test_cluster_overlaps_are_runs_starting_before_the_previous_one_finished() -> None:

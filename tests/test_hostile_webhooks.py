@@ -134,6 +134,32 @@ async def test_deep_json_validly_signed_is_malformed(
     assert not logs.at(logging.ERROR)
 
 
+@pytest.mark.parametrize("body", [DEEP, b'{"a":', b"\xff\xfe not even text"])
+@pytest.mark.parametrize("forged", [True, False], ids=["forged", "unsigned"])
+async def test_forged_or_unsigned_bodies_are_refused_before_they_are_parsed(
+    listener: Listener, registry: CollectorRegistry, body: bytes, forged: bool
+) -> None:
+    """On a signed path the signature is checked on the raw bytes first: a forged or unsigned
+    delivery is a 401 `bad_signature` whatever its body, never a 400 `malformed` (which would
+    mean its JSON was read), and nothing reaches the correlator."""
+    signature = StandardWebhooksSignature.model_validate(
+        {"scheme": "standard_webhooks", "secret": SW_SECRET}
+    )
+    port = await listener(WebhookRoute(PATH, signature))
+    headers = {"Content-Type": "application/json"}
+    if forged:  # signed with another secret, otherwise well formed
+        headers = standard_headers(body, "m-forged", secret="whsec_" + "QUFBQUFBQUFBQUFB" * 2)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}{PATH}", data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 401
+        assert "signature" in await resp.text()
+    assert arrivals_count(registry, "bad_signature") == 1
+    assert arrivals_count(registry, "malformed") == 0
+    assert arrivals_count(registry, "unmatched") == 0  # never offered
+
+
 async def test_parser_rejects_are_counted_and_logged_once_per_interval(
     listener: Listener, registry: CollectorRegistry, logs: _Records
 ) -> None:

@@ -205,7 +205,7 @@ class Correlator:
         texts = Texts(arrival)
         finished = self._finished.index.find(texts)
         if finished is not None:
-            self._hold_id(arrival, None)
+            self._hold_key(id_key, None)
             if finished.state == "fulfilled":
                 finished._add_duplicate(arrival)
                 return self._count(arrival, "duplicate")
@@ -214,11 +214,11 @@ class Correlator:
         if waiter is not None:
             self._finish(waiter, "fulfilled")
             waiter._fulfil(arrival)
-            self._hold_id(arrival, waiter.seq)
+            self._hold_key(id_key, waiter.seq)
             return self._count(arrival, "matched")
         self._note_near_misses(texts)
         if not self._claimable(arrival.channel):
-            self._hold_id(arrival, None)
+            self._hold_key(id_key, None)
             return self._count(arrival, "unmatched")
         return self._keep_early(arrival, now)
 
@@ -293,13 +293,17 @@ class Correlator:
             kept.duplicates.append(without_body(arrival))
 
     def _hold_id(self, arrival: Arrival, holder: int | None) -> None:
-        id_key = _id_key(arrival)
+        self._hold_key(_id_key(arrival), holder)
+
+    def _hold_key(self, id_key: str | None, holder: int | None) -> None:
+        """Remember an arrival's delivery id (its `_id_key`, None for none) as held by `holder`."""
         if id_key is None:
             return
-        self._ids[id_key] = holder
-        self._ids.move_to_end(id_key)
-        while len(self._ids) > self.max_delivery_ids:
-            self._ids.popitem(last=False)
+        ids = self._ids
+        ids[id_key] = holder
+        ids.move_to_end(id_key)
+        while len(ids) > self.max_delivery_ids:
+            ids.popitem(last=False)
             self.overflow["delivery_ids"] += 1
 
     def _count(self, arrival: Arrival, outcome: Outcome) -> Outcome:
@@ -322,14 +326,17 @@ class Correlator:
     def purge(self, now: float | None = None) -> None:
         """Age out early arrivals (counted unmatched) and finished expectations."""
         now = time.monotonic() if now is None else now
-        while (oldest := self._early.oldest()) is not None and (
-            oldest[1].kept_at + self.early_ttl <= now
+        early, finished = self._early, self._finished
+        while (
+            early
+            and (oldest := early.oldest()) is not None
+            and (oldest[1].kept_at + self.early_ttl <= now)
         ):
             self._drop_early(oldest[0])
-        while (done := self._finished.oldest()) is not None and (
+        while (done := finished.oldest()) is not None and (
             done[1].finished_at + self.late_memory <= now
         ):
-            self._finished.pop(done[0])
+            finished.pop(done[0])
 
     async def janitor(self, every: float = 1.0) -> None:
         """Purge forever, so unmatched arrivals are counted even when no traffic comes."""

@@ -241,9 +241,10 @@ def keys_of(match: Matcher | None) -> tuple[Key, ...]:
         hash(keys)
     except Exception:  # an unhashable selector: scan rather than fail the waiter
         return ()
-    if all(isinstance(k, tuple) and len(k) == 2 and isinstance(k[1], str) for k in keys):
-        return keys
-    return ()
+    for k in keys:  # a loop, not all() over a generator: once per waiting step
+        if not (isinstance(k, tuple) and len(k) == 2 and isinstance(k[1], str)):
+            return ()
+    return keys
 
 
 def run_keys_of(match: Matcher | None) -> tuple[Key, ...]:

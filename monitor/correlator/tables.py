@@ -46,8 +46,9 @@ class Table(Generic[T]):
         return None if entry is None else entry[1]
 
     def oldest(self) -> tuple[int, T] | None:
-        first = next(iter(self._all.items()), None)
-        return None if first is None else (first[0], first[1][1])
+        for seq, (_, item) in self._all.items():
+            return seq, item
+        return None
 
     def channel(self, channel: str) -> list[tuple[int, T]]:
         return list(self._by_channel.get(channel, {}).items())
@@ -70,17 +71,16 @@ class Texts:
 
     def get(self, selector: Selector) -> Collection[str] | None:
         """The texts at `selector`, or None when reading them failed (then scan its buckets)."""
-        try:
-            return self._read[selector]
-        except KeyError:
-            pass
+        read = self._read
+        if selector in read:  # read before (a lookup, not a KeyError: most reads are firsts)
+            return read[selector]
         texts: Collection[str] | None
         try:
             texts = selector.texts(self.arrival)
         except Exception:
             log.exception("selector %r failed on an arrival", selector)
             texts = None
-        self._read[selector] = texts
+        read[selector] = texts
         return texts
 
 
@@ -200,17 +200,25 @@ class Index:
             del self._channels[expectation.channel]
 
     def find(self, texts: Texts) -> Expectation | None:
-        """The first expectation (lowest order) whose matcher accepts the arrival."""
-        index = self._channels.get(texts.arrival.channel)
+        """The first expectation (lowest order) whose matcher accepts the arrival: the buckets
+        of the keys it carries, then the unkeyed ones (`ChannelIndex.candidates`, written out:
+        this runs twice per arrival, and the generators cost more than the look-ups)."""
+        arrival = texts.arrival
+        index = self._channels.get(arrival.channel)
         if index is None:
             return None
         best: Expectation | None = None
-        for held in index.candidates(texts):
-            for candidate in [held] if isinstance(held, Expectation) else list(held.values()):
-                if (best is None or candidate._order < best._order) and accepts(
-                    candidate, texts.arrival
-                ):
-                    best = candidate
+        buckets = index.buckets
+        for selector in list(index.selectors):
+            found = texts.get(selector)
+            if found is None:  # reading failed: every bucket under the selector
+                held_ = [b for k, b in buckets.items() if k[0] == selector]
+            else:
+                held_ = [b for text in found if (b := buckets.get((selector, text))) is not None]
+            for held in held_:
+                best = _first_accepting(held, best, arrival)
+        if index.unkeyed:
+            best = _first_accepting(index.unkeyed, best, arrival)
         return best
 
     def near(self, texts: Texts) -> list[Expectation]:
@@ -232,6 +240,20 @@ class Index:
     def seqs(self) -> set[int]:
         """The seqs of the expectations indexed, for tests of the index's consistency."""
         return {e.seq for index in self._channels.values() for e in index.expectations()}
+
+
+def _first_accepting(
+    held: Bucket, best: Expectation | None, arrival: Arrival
+) -> Expectation | None:
+    """`best`, or an expectation of `held` before it in order that accepts `arrival`."""
+    if not isinstance(held, dict):
+        if (best is None or held._order < best._order) and accepts(held, arrival):
+            return held
+        return best
+    for candidate in list(held.values()):
+        if (best is None or candidate._order < best._order) and accepts(candidate, arrival):
+            best = candidate
+    return best
 
 
 class Expectations(Table[Expectation]):

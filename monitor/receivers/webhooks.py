@@ -191,6 +191,7 @@ class _PathHandler:
         self.rejects = RejectLog(counter)
         self._refused: dict[str, Any] = {}  # the counter's child per outcome, looked up once
         self.answer = routes[0]
+        self._answer = _prepared_answer(self.answer)
         self.signatures: list[SignatureConfig] = []
         for route in routes:
             if route.signature is not None and route.signature not in self.signatures:
@@ -208,9 +209,13 @@ class _PathHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
         received_unix = time.time()
+        content = request.content
         try:
-            async with asyncio.timeout(self.body_timeout):
-                body = await _read_body(request, self.max_body)
+            if content.is_eof():  # the usual small delivery came whole with its head: no wait
+                body = _whole_body(request, self.max_body)
+            else:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await _read_body(request, self.max_body)
         except TimeoutError:
             self.rejects.reject(
                 "body_timeout", f"{self.path}: body not whole in {self.body_timeout:g}s"
@@ -262,7 +267,7 @@ class _PathHandler:
             xml=root,
         )
         self.correlator.offer(arrival)
-        return _answer(self.answer)
+        return _answer(self._answer)
 
     def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> VerifiedDelivery:
         """The first verifying config's delivery; raises the first config's error otherwise."""
@@ -299,14 +304,20 @@ class _PathHandler:
         return web.Response(status=status, text=text + "\n")
 
 
+def _whole_body(request: web.Request, limit: int) -> bytes | None:
+    """The body already read whole with the head, or None when it exceeds `limit`: no timer
+    and no await, since nothing is left to wait for."""
+    body = request.content.read_nowait()
+    return None if len(body) > limit else body
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
     """The raw body, or None as soon as it is known to exceed `limit` (not read further)."""
     if request.content_length is not None and request.content_length > limit:
         return None
     content = request.content
-    if content.is_eof():  # the usual small delivery came whole with its head: take it as is
-        body = content.read_nowait()
-        return None if len(body) > limit else body
+    if content.is_eof():
+        return _whole_body(request, limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in content.iter_any():
@@ -361,10 +372,23 @@ def _unsigned_delivery_id(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _answer(route: WebhookRoute) -> web.Response:
+_Answer = tuple[int, bytes | None, str | None]  # status, body, content type (utf-8)
+
+
+def _prepared_answer(route: WebhookRoute) -> _Answer:
+    """The configured answer, encoded once: a text body as `text=` sends it, a mapping or list
+    as `web.json_response` does."""
     body = route.respond_body
     if body is None:
-        return web.Response(status=route.respond_status)
+        return (route.respond_status, None, None)
     if isinstance(body, str):
-        return web.Response(status=route.respond_status, text=body)
-    return web.json_response(body, status=route.respond_status)
+        return (route.respond_status, body.encode(), "text/plain")
+    return (route.respond_status, json.dumps(body).encode(), "application/json")
+
+
+def _answer(answer: _Answer) -> web.Response:
+    """A fresh response (aiohttp's are single use) from the prepared answer."""
+    status, body, content_type = answer
+    if body is None:
+        return web.Response(status=status)
+    return web.Response(status=status, body=body, content_type=content_type, charset="utf-8")
