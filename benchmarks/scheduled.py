@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,18 @@ def flows_yaml(
 def _counters(target: str, pid: int, core: int) -> tuple[int, float, float, float]:
     requests: int = get_json(target + "/stats")["requests"]
     return requests, proc_cpu_s(pid), runqueue_wait_s(pid), cpu_steal_s(core)
+
+
+def _outcomes(admin: str) -> dict[str, int]:
+    """hopwatch_runs_total summed by outcome, from the monitor's /metrics."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("hopwatch_runs_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def _window(target: str, pid: int, core: int, duration: float) -> dict[str, Any]:
@@ -119,7 +132,12 @@ def hopwatch_run(
         try:
             wait_http(f"http://{admin}/readyz", timeout=30)
             time.sleep(ctx.seconds(3.0, 5.0))  # every flow ran, the collector settled
+            before = _outcomes(admin)
             result = _window(ctx.target.url, proc.pid, core, duration)
+            after = _outcomes(admin)
+            # Runs that ended in the window by outcome: CPU spent on runs the target never
+            # answered (refused or timed-out connects) is in the CPU but not in the checks.
+            result["runs"] = {k: after[k] - before.get(k, 0) for k in sorted(after)}
             store = Path(tmp) / "hopwatch.db"
             result["store_bytes"] = store.stat().st_size if store.exists() else 0
         finally:
