@@ -207,6 +207,7 @@ class MetricsSink:
         self.m = metrics
         self.http_phases = http_phases  # settings.metrics.http_phases: flows that do not say
         self._runs: dict[tuple[str, str, str], _Run] = {}
+        self._early: set[str] = set()  # runs whose hops `verdict` already counted
 
     async def start(self) -> None:
         return None
@@ -298,11 +299,15 @@ class MetricsSink:
             offset = hop.failures[reason] = self.m.step_failures.reserve(key)
         return offset
 
+    def verdict(self, result: RunResult) -> None:
+        """A run's hops, before its cleanup runs: the links' and the flow's state and the hops'
+        figures now; the run's own count and duration come with `submit`."""
+        self._early.add(result.run_id)
+        self._links(self._record(result), result)
+
     def submit(self, result: RunResult) -> None:
         m = self.m
-        run = self._runs.get((result.flow, result.variant, result.location))
-        if run is None:  # a flow init_series was not told about (tests, `check`)
-            run = self._run(result.flow, result.variant, result.location)
+        run = self._record(result)
         outcome = run.outcomes.get(result.outcome)
         if outcome is None:  # not one of OUTCOMES: counted all the same, as before
             key = (run.flow, run.variant, run.loc, result.outcome)
@@ -310,20 +315,34 @@ class MetricsSink:
         m.runs.inc_at(outcome)
         if result.outcome == "aborted":
             return  # a run cut short by shutdown says nothing about the target
+        if result.run_id in self._early:
+            self._early.discard(result.run_id)
+        else:
+            self._links(run, result)
+        m.run_duration.observe_at(run.duration, result.duration_s, result.trace_id)
+        for step in result.steps:
+            if step.cleanup and step.status == "failed":
+                m.cleanup_failures.inc_at(self._cleanup(run, step.name))
+
+    def _record(self, result: RunResult) -> _Run:
+        run = self._runs.get((result.flow, result.variant, result.location))
+        if run is None:  # a flow init_series was not told about (tests, `check`)
+            run = self._run(result.flow, result.variant, result.location)
         trace_id = result.trace_id
         if trace_id is not None and len(trace_id) > EXEMPLAR_TRACE_ID_MAX:
             raise ValueError(f"trace id too long for an exemplar: {len(trace_id)} characters")
-        m.run_duration.observe_at(run.duration, result.duration_s, trace_id)
+        return run
+
+    def _links(self, run: _Run, result: RunResult) -> None:
+        """The flow's and its hops' state and figures from a run's (finished) hops."""
+        m = self.m
         up = result.outcome == "success"
         m.flow_up.set_at(run.flow_up, 1.0 if up else 0.0)
         if up:
             m.last_success.set_at(run.last_success, result.started_at + result.duration_s)
         for step in result.steps:
-            if step.cleanup:
-                if step.status == "failed":
-                    m.cleanup_failures.inc_at(self._cleanup(run, step.name))
-            else:
-                self._hop(run, step, trace_id)
+            if not step.cleanup:
+                self._hop(run, step, result.trace_id)
 
     def _hop(self, run: _Run, step: StepResult, trace_id: str | None) -> None:
         m = self.m

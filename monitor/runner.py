@@ -182,6 +182,11 @@ class Runner:
                     if step_result.status == "failed":
                         broken = step_result
                 outcome = "failure" if broken is not None else "success"
+                if submit and flow.cleanup:  # the links' signal does not wait for cleanup
+                    self.deps.sinks.verdict(
+                        self._result(flow, variant, ctx, run_id, started, started_unix,
+                                     outcome, list(results), trace_id)
+                    )  # fmt: skip
             except asyncio.CancelledError:
                 outcome = "aborted"
                 self._mark_aborted(flow, results, ctx, started, started_unix)
@@ -194,18 +199,8 @@ class Runner:
                         )
                 await self._release(ctx)
         finally:
-            result = RunResult(
-                run_id=run_id,
-                flow=flow.name,
-                variant=variant,
-                location=ctx.run.location,
-                correlation=ctx.run.correlation,
-                started_at=started_unix,
-                duration_s=time.monotonic() - started,
-                outcome=outcome,  # type: ignore[arg-type]
-                steps=results,
-                trace_id=trace_id,
-                replica=self.deps.replica,
+            result = self._result(
+                flow, variant, ctx, run_id, started, started_unix, outcome, results, trace_id
             )
             covered = self.deps.in_maintenance
             if covered is not None:
@@ -216,6 +211,32 @@ class Runner:
             if submit:
                 self.deps.sinks.submit(result)
         return result
+
+    def _result(
+        self,
+        flow: Flow,
+        variant: str,
+        ctx: StepContext,
+        run_id: str,
+        started: float,
+        started_unix: float,
+        outcome: str,
+        steps: list[StepResult],
+        trace_id: str | None,
+    ) -> RunResult:
+        return RunResult(
+            run_id=run_id,
+            flow=flow.name,
+            variant=variant,
+            location=ctx.run.location,
+            correlation=ctx.run.correlation,
+            started_at=started_unix,
+            duration_s=time.monotonic() - started,
+            outcome=outcome,  # type: ignore[arg-type]
+            steps=steps,
+            trace_id=trace_id,
+            replica=self.deps.replica,
+        )
 
     def _register_expectations(self, flow: Flow, ctx: StepContext) -> None:
         """Waiting kinds register before any step runs, so a fast reply is never lost."""

@@ -2,6 +2,11 @@
 
 A sink's `submit` is called on the probing path, so it must be cheap and never block:
 a sink doing I/O queues the result and writes it from its own task.
+
+A run with cleanup steps also hands its hops to sinks that have a `verdict` method as soon as
+the hops are done, before its cleanup: a cleanup on a hung system (a DELETE on the API that
+broke) must not hold a broken link's signal until the run's timeout. `submit` still gets the
+whole run, cleanup included, once.
 """
 
 from __future__ import annotations
@@ -56,6 +61,19 @@ class FanOut:
         for sink in self.sinks:
             try:
                 sink.submit(result)
+            except Exception:  # a sink's bug must not break probing
+                if self._errors is not None:
+                    self._errors.labels(sink_name(sink)).inc()
+                log.exception("sink %s failed on run %s", type(sink).__name__, result.run_id)
+
+    def verdict(self, result: RunResult) -> None:
+        """The run's hops, before its cleanup, to the sinks that signal broken links early."""
+        for sink in self.sinks:
+            early = getattr(sink, "verdict", None)
+            if early is None:
+                continue
+            try:
+                early(result)
             except Exception:  # a sink's bug must not break probing
                 if self._errors is not None:
                     self._errors.labels(sink_name(sink)).inc()

@@ -421,6 +421,36 @@ async def test_cleanup_always_runs_and_is_not_a_hop(
     assert registry.get_sample_value("hopwatch_link_up", {**labels, "step": "c2"}) is None
 
 
+async def test_a_broken_link_is_signalled_before_its_runs_cleanup_ends(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """A cleanup on a hung system (the soak's DELETE on a hanging API) held the run's result,
+    so a broken link reached the metrics only at the run's timeout. The hops' signal goes out
+    when they are done; the run's own count and duration when its cleanup is."""
+    steps = "      - {name: s, kind: http, url: '{{ variant.base_url }}/status/503'}\n"
+    cleanup = "      - {name: c, kind: http, url: '{{ variant.base_url }}/slow?ms=1500'}\n"
+    registry = CollectorRegistry()
+    run = asyncio.create_task(
+        run_flow(load_flows(flow_yaml(base(target), steps, cleanup=cleanup)), registry)
+    )
+    link = {"flow": "f", "step": "s", "variant": "stable", "location": "local"}
+    flow = {"flow": "f", "variant": "stable", "location": "local"}
+    async with asyncio.timeout(1.2):  # well before the cleanup's 1.5 s answer
+        while registry.get_sample_value("hopwatch_link_up", link) != 0.0:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # a gauge has no event to await
+    assert not run.done()
+    assert registry.get_sample_value("hopwatch_flow_up", flow) == 0.0
+    failures = {**link, "kind": "http", "reason": "http_status"}
+    assert registry.get_sample_value("hopwatch_step_failures_total", failures) == 1
+    assert not registry.get_sample_value("hopwatch_runs_total", {**flow, "outcome": "failure"})
+    result = await run
+    assert [(st.name, st.status) for st in result.steps] == [("s", "failed"), ("c", "passed")]
+    assert registry.get_sample_value("hopwatch_runs_total", {**flow, "outcome": "failure"}) == 1
+    assert registry.get_sample_value("hopwatch_step_failures_total", failures) == 1  # once
+    duration = registry.get_sample_value("hopwatch_run_duration_seconds_sum", flow) or 0.0
+    assert duration >= 1.5  # the run's duration is the whole run, cleanup included
+
+
 async def test_tls_verification_phases_and_custom_ca(
     load_flows: Callable[[str], Config], tmp_path: Path
 ) -> None:
