@@ -8,10 +8,10 @@ then cleared; hopwatch is restarted (SIGTERM, start again on the same store) twi
 spells. Loopback only; bounded by --minutes.
 
 From the store (every run of every instance): each fault's detection time per broken link
-(from switching it on to the first failed run's end; goal ≤ the flow's interval + the step's
-deadline + the time the detecting run spent on its earlier hops), recovery time after
-clearing, and false alarms (a failure outside any fault, or after its flow had passed again;
-goal 0). Memory: the RSS of the longest-lived instance at its
+(from switching it on to the end of the first run's broken step, when /metrics says so; goal
+≤ the flow's interval + the step's deadline + the time the detecting run spent on its earlier
+hops), recovery time after clearing, and false alarms (a failure outside any fault, or after
+its flow had passed again; goal 0). Memory: the RSS of the longest-lived instance at its
 start (after a warm-up), middle and end (goal flat within 10 %). Prints the figures and writes
 benchmarks/results/soak.json.
 """
@@ -65,6 +65,7 @@ class Run:
     broken_step: str | None
     reason: str | None
     broken_offset_s: float = 0.0  # when the broken step began, from the run's start
+    broken_end_s: float | None = None  # when it ended (its verdict reached /metrics), likewise
 
 
 @dataclass
@@ -128,7 +129,10 @@ def _note_break(window: Window, run: Run, goals: dict[str, float]) -> None:
     )
     seen["failed_runs"] += 1
     seen["reasons"][run.reason] = seen["reasons"].get(run.reason, 0) + 1
-    detected = max(0.0, run.finished_at - window.on)
+    # The hops reach /metrics when they are done, before the run's cleanup: the broken step's
+    # end is when hopwatch said so (the run's end for runs stored without step timings).
+    said = run.finished_at if run.broken_end_s is None else run.started_at + run.broken_end_s
+    detected = max(0.0, said - window.on)
     if seen["detected_s"] is None or detected < seen["detected_s"]:
         seen["detected_s"] = round(detected, 2)
         # The detecting run reached the broken step only after its earlier hops: their time
@@ -156,7 +160,8 @@ def read_runs(db: Path) -> list[Run]:
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
             "SELECT r.flow, r.variant, r.started_at, r.finished_at, r.outcome, r.broken_step,"
-            " r.reason, COALESCE(s.offset_s, 0) FROM runs r LEFT JOIN step_results s"
+            " r.reason, COALESCE(s.offset_s, 0), s.offset_s + s.duration_s FROM runs r"
+            " LEFT JOIN step_results s"
             " ON s.run_id = r.id AND s.name = r.broken_step AND NOT s.cleanup"
             " ORDER BY r.started_at"
         ).fetchall()

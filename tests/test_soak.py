@@ -55,6 +55,16 @@ def test_a_breaks_goal_counts_the_detecting_runs_earlier_hops() -> None:
     assert hook["earlier_hops_s"] == 1.6 and hook["goal_s"] == 12.15  # 10.55 + 1.6
 
 
+def test_a_break_is_detected_when_its_step_ended_not_its_runs_cleanup() -> None:
+    """The hop broke 10.1 s in; the run's cleanup on the hung API ended it at 19.9 s. The hops
+    reach /metrics before cleanup, so the break was said at 10.1 s."""
+    held = Run("shop", "stable", 1000.0, 1019.9, "failure", "hook", "not_received",
+               broken_offset_s=0.1, broken_end_s=10.1)  # fmt: skip
+    window = Window("API hangs", ON, OFF)
+    assert attribute([held], [window], GOALS) == []
+    assert window.links["shop/hook"]["detected_s"] == 10.1
+
+
 def test_a_fault_nothing_noticed_has_no_detection() -> None:
     window = Window("webhooks dropped", ON, OFF)
     assert attribute([run(1005.0), run(1010.0)], [window], GOALS) == []
