@@ -38,6 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 SLOT_S = 60.0  # one fault per slot
 FAULT_ON_S, FAULT_OFF_S, RESTART_AT_S = 15.0, 35.0, 50.0  # within each slot
 RESTART_SLOTS = (0, 1)  # early: the last instance then lives long enough to judge its memory
+# What the soak's own clock cannot resolve: the fault is switched by a request and stamped before
+# it, a deadline is a timer that fires when the loop gets to it, and the run's start jitters.
+SLACK_S = 0.25
 WARM_UP_S = 30.0  # an instance's memory is taken from this long after its start
 RSS_EVERY_S = 5.0
 COMPRESS = {"interval: 5s": "interval: 500ms", "interval: 10s": "interval: 1s"}
@@ -357,6 +360,11 @@ def memory(soak: Soak) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def late(seen: dict[str, Any]) -> bool:
+    """Whether a link's break was said later than its goal, beyond SLACK_S."""
+    return seen["goal_s"] is not None and seen["detected_s"] > seen["goal_s"] + SLACK_S
+
+
 def _hops(seen: dict[str, Any]) -> str:
     hops = seen.get("earlier_hops_s") or 0.0
     return f" (incl. {hops:.1f} s of earlier hops)" if hops >= 0.05 else ""
@@ -373,7 +381,7 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"| {w['fault']} | NOT DETECTED | — | — | no | — |")
         for link, s in sorted(w["links"].items(), key=lambda kv: kv[1]["detected_s"]):
             reasons = ", ".join(f"{r} x{n}" for r, n in s["reasons"].items())
-            met = "yes" if s["goal_s"] is None or s["detected_s"] <= s["goal_s"] else "NO"
+            met = "NO" if late(s) else "yes"
             lines.append(
                 f"| {w['fault']} | {link} ({reasons}) | {s['detected_s']:.1f} s | "
                 f"{s['goal_s']} s{_hops(s)} | {met} | {recovery} |"
@@ -382,6 +390,7 @@ def report(result: dict[str, Any]) -> str:
     mem = result["memory"]
     lines += [
         "",
+        f"a break is late (met: NO) when said more than {SLACK_S:g} s after its goal",
         f"false alarms: {len(result['false_alarms'])} (goal 0); runs stored: "
         f"{result['runs']} ({result['outcomes']}); hopwatch restarts: {result['restarts']}",
         "memory (RSS of the longest-lived instance): "
@@ -437,11 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\nwrote {args.out}")
     missed = any(
-        not w["links"]
-        or any(
-            s["goal_s"] is not None and s["detected_s"] > s["goal_s"] for s in w["links"].values()
-        )
-        for w in result["windows"]
+        not w["links"] or any(late(s) for s in w["links"].values()) for w in result["windows"]
     )
     return 1 if false_alarms or missed else 0
 

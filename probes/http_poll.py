@@ -31,6 +31,20 @@ class Config(StepConfigBase, RequestConfig):
     within: Duration = Field(default=10.0, description="Give up after this long; default 10s.")
 
 
+class _Unanswered(Exception):
+    """A request still in flight at the step's deadline."""
+
+
+async def _send_by(deadline: float, config: Config, ctx: StepContext) -> Response:
+    """`send`, cut at `deadline`: `within` bounds the hop, the request in flight included, so a
+    target that hangs fails the hop at its deadline and not at the run's timeout."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await send(config, ctx)
+    except TimeoutError:
+        raise _Unanswered from None
+
+
 class HttpPollProbe:
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
@@ -43,7 +57,7 @@ class HttpPollProbe:
         while True:
             attempts += 1
             try:
-                resp = await send(config, ctx)
+                resp = await _send_by(deadline, config, ctx)
                 last_resp = resp
                 check(
                     config.until,
@@ -63,6 +77,12 @@ class HttpPollProbe:
                     attributes={"http.response.status_code": resp.status, "attempts": attempts},
                     tls_not_after=resp.tls_not_after,
                 )
+            except _Unanswered:
+                if last is None:  # nothing answered at all; else the last answer says most
+                    last = Timeout(
+                        f"request {attempts} unanswered at the {config.within:g}s deadline"
+                    )
+                break
             except StepFailed as failed:
                 last = failed
             pause = min(config.every, deadline - time.monotonic())

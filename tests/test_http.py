@@ -400,6 +400,24 @@ async def test_poll_reports_time_to_appear_and_fails_with_last_reason(
     assert "$.status is 'done', want 'never' (still, after" in (step.message or "")
 
 
+async def test_poll_gives_up_at_within_even_while_a_request_hangs(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """`within` bounds the hop: a hung request was only cut by the run's timeout (the soak's API
+    hang: `read_back`, within 10s, failed after 19.6 s)."""
+    steps = (
+        "      - {name: poll, kind: http_poll, url: '{{ variant.base_url }}/hang',"
+        " until: {status: 200}, within: 300ms}\n"
+    )
+    started = time.monotonic()
+    result = await run_flow(load_flows(flow_yaml(base(target), steps)))  # run timeout 5s
+    took = time.monotonic() - started
+    step = result.steps[0]
+    assert (step.status, step.reason) == ("failed", "timeout")
+    assert "unanswered at the 0.3s deadline" in (step.message or "")
+    assert took < 2.0, took
+
+
 async def test_cleanup_always_runs_and_is_not_a_hop(
     target: TestServer, load_flows: Callable[[str], Config]
 ) -> None:

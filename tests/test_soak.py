@@ -65,6 +65,14 @@ def test_a_break_is_detected_when_its_step_ended_not_its_runs_cleanup() -> None:
     assert window.links["shop/hook"]["detected_s"] == 10.1
 
 
+def test_late_allows_only_what_the_soaks_clock_cannot_resolve() -> None:
+    from benchmarks.soak import SLACK_S, late
+
+    assert not late({"goal_s": 10.57, "detected_s": 10.6})
+    assert late({"goal_s": 10.57, "detected_s": 10.57 + SLACK_S + 0.01})
+    assert not late({"goal_s": None, "detected_s": 99.0})
+
+
 def test_a_fault_nothing_noticed_has_no_detection() -> None:
     window = Window("webhooks dropped", ON, OFF)
     assert attribute([run(1005.0), run(1010.0)], [window], GOALS) == []
