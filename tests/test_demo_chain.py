@@ -3,7 +3,9 @@ row) on a real broker, with each fault showing as the right broken link and reas
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -195,3 +197,29 @@ async def test_the_worker_heals_after_a_long_broker_outage(demo: Demo) -> None:
     while streak < 3:  # healed: three checkouts in a row fulfilled
         assert time.monotonic() - back < 45, "the demo did not heal"
         streak = streak + 1 if (await demo.run("checkout")).outcome == "success" else 0
+
+
+async def test_the_worker_takes_a_batch_of_records_for_no_log_restart(demo: Demo) -> None:
+    """Tansu answers ListOffsets with the last batch's base offset + 1, so after a batch of
+    three the end reads two below the worker's position: the worker took that for a broker back
+    with empty logs and fulfilled every order again from the start (late webhooks in the
+    soak)."""
+    from aiokafka import AIOKafkaProducer
+
+    worker = demo.system.worker
+    producer = AIOKafkaProducer(bootstrap_servers=demo.system.publisher.bootstrap, linger_ms=50)
+    await producer.start()
+    try:
+        done = worker.processed
+        sent = [  # three records in one batch, on one partition; no such orders (404: skipped)
+            await producer.send("orders", json.dumps({"order_id": f"none-{i}"}).encode(),
+                                partition=0)
+            for i in range(3)
+        ]  # fmt: skip
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    await wait_until(lambda: worker.processed >= done + 3, timeout=15)
+    checks = worker.log_checks
+    await wait_until(lambda: worker.log_checks >= checks + 2, timeout=15)
+    assert worker.log_restarts == 0

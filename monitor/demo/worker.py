@@ -30,6 +30,7 @@ from monitor.demo.orders_table import OrdersTable
 from monitor.demo.shop import Faults
 from monitor.demo.telemetry import KafkaHeaders, Telemetry
 from monitor.demo.webhooks import WebhookSender
+from monitor.kafka.consumer import fetched_past
 from probes import untrusted_json
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class OrderPublisher:
         self.bootstrap = bootstrap
         self.inject = inject
         self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def hook(self, order: dict[str, Any], request: web.Request) -> None:
@@ -80,6 +82,7 @@ class OrderPublisher:
     async def _publish(self, order: dict[str, Any], headers: KafkaHeaders) -> None:
         event = {k: order[k] for k in ("id", "sku", "ref", "callback_url")}
         event["order_id"] = event.pop("id")
+        producer: AIOKafkaProducer | None = None
         try:
             producer = await self._ensure()
             await asyncio.wait_for(
@@ -91,9 +94,13 @@ class OrderPublisher:
             )  # fmt: skip
         except (KafkaError, TimeoutError, OSError) as exc:
             log.warning("could not publish order %s: %s", event["order_id"], exc)
-            await self._reset()
+            await self._reset(producer)
 
     async def _ensure(self) -> AIOKafkaProducer:
+        async with self._starting:  # one producer for all: concurrent orders made one each
+            return await self._start_once()
+
+    async def _start_once(self) -> AIOKafkaProducer:
         if self._producer is None:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap, request_timeout_ms=5000, acks="all"
@@ -107,7 +114,10 @@ class OrderPublisher:
             self._producer = producer
         return self._producer
 
-    async def _reset(self) -> None:
+    async def _reset(self, failed: AIOKafkaProducer | None = None) -> None:
+        """Drop the producer that `failed` (the current one if None), not a newer one."""
+        if failed is not None and failed is not self._producer:
+            return
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
@@ -141,6 +151,8 @@ class Worker:
         self.processed = 0
         self.joined = asyncio.Event()  # set once the consumer has joined its group
         self.lost = 0  # consumers given up on (broker gone), each replaced by a new one
+        self.log_checks = 0  # checks that the broker's logs did not start over
+        self.log_restarts = 0  # ... that found they had
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # consumers still leaving their group
         self._http: aiohttp.ClientSession | None = None
@@ -213,8 +225,7 @@ class Worker:
                 async with asyncio.timeout(5):  # a broker away: _supervise starts over
                     await consumer.commit()
 
-    @staticmethod
-    async def _reread_if_log_restarted(consumer: AIOKafkaConsumer) -> None:
+    async def _reread_if_log_restarted(self, consumer: AIOKafkaConsumer) -> None:
         """A broker back with empty storage starts each log at 0 again, and no fetch error says
         so: the consumer would wait for its old offset, ignoring every new order until the log
         got that far (minutes of lost fulfilments). Positions before ends, as the monitor's
@@ -224,9 +235,20 @@ class Worker:
             return
         async with asyncio.timeout(5):  # a broker away: _supervise starts over
             positions = {tp: await consumer.position(tp) for tp in partitions}
+            asked_ms = time.time() * 1000
             ends = await consumer.end_offsets(partitions)
-        restarted = [tp for tp, end in ends.items() if end < positions[tp]]
+        # Tansu answers ListOffsets with the last batch's base offset + 1: the fetches' own
+        # high watermark must agree before the log counts as restarted (else every order was
+        # fulfilled again from the start, late, as the soak saw).
+        fresh_ms = asked_ms - 2000
+        restarted = [
+            tp
+            for tp, end in ends.items()
+            if end < positions[tp] and not fetched_past(consumer, tp, positions[tp], fresh_ms)
+        ]
+        self.log_checks += 1
         if restarted:
+            self.log_restarts += 1
             log.warning("demo worker: the broker's log restarted; reading it from the start")
             await consumer.seek_to_beginning(*restarted)
 

@@ -175,7 +175,7 @@ class SharedConsumer:
                 fresh_ms = asked_ms - max(3 * cluster.config.fetch_max_wait, 1.0) * 1000
                 for tp, end in ends.items():
                     position = positions[tp]
-                    if end < position and not _fetched_past(consumer, tp, position, fresh_ms):
+                    if end < position and not fetched_past(consumer, tp, position, fresh_ms):
                         starts = await consumer.beginning_offsets([tp])
                         consumer.seek(tp, max(starts[tp], end - _REPLAY_LIMIT))
                         cluster.health.log_resets += 1
@@ -242,7 +242,7 @@ class SharedConsumer:
             log.exception("arrival callback failed for %s", arrival.delivery_id)
 
 
-def _fetched_past(consumer: AIOKafkaConsumer, tp: Any, position: int, since_ms: float) -> bool:
+def fetched_past(consumer: AIOKafkaConsumer, tp: Any, position: int, since_ms: float) -> bool:
     """Whether a fetch answered since `since_ms` put the partition's end at or past `position`.
 
     Some brokers answer ListOffsets with less than the log's end (Tansu: the last batch's base
