@@ -232,21 +232,22 @@ def part(ctx: Ctx) -> None:
                 ctx.log(f"  round {n + 1}, blackbox_exporter at {rate:,}/s: {_line(row)}")
         for reuse in (False, True):
             case = "reused" if reuse else "fresh"
-            shares: tuple[float | None, ...] = (None, *SHARES)
-            # The floor and the store-less run just before the saturated run: `breakdown`
-            floor = closed_loop_run(ctx, reuse, duration)
-            rows.append({"round": n + 1, "tool": CLOSED, "reuse": reuse, "load": "saturated",
-                         **floor})  # fmt: skip
-            ctx.log(f"  round {n + 1}, {CLOSED} {case}: {_line(floor)}")
-            bare = hopwatch_run(ctx, reuse=reuse, rate=None, duration=duration,
-                                extra=("--store", "none"))  # fmt: skip
-            rows.append({"round": n + 1, "tool": NO_STORE, "reuse": reuse, "load": "saturated",
-                         **bare})  # fmt: skip
-            ctx.log(f"  round {n + 1}, {NO_STORE} {case}: {_line(bare)}")
-            for wanted in shares:
-                fixed = None if wanted is None else float(round(wanted * ceiling))
+            # Saturated: the floor, the store-less run and the headline run, then the same
+            # backwards (a palindrome: a drift of the VM's speed within the round weighs on
+            # each alike); `breakdown` splits a check from them, the ratios take the first.
+            for i, tool in enumerate((CLOSED, NO_STORE, RUN, RUN, NO_STORE, CLOSED)):
+                if tool == CLOSED:
+                    row = closed_loop_run(ctx, reuse, duration)
+                else:
+                    extra = ("--store", "none") if tool == NO_STORE else ()
+                    row = hopwatch_run(ctx, reuse=reuse, rate=None, duration=duration, extra=extra)
+                rows.append({"round": n + 1, "tool": tool, "reuse": reuse, "load": "saturated",
+                             "repeat": i >= 3, **row})  # fmt: skip
+                ctx.log(f"  round {n + 1}, {tool} {case}, saturated: {_line(row)}")
+            for wanted in SHARES:
+                fixed = float(round(wanted * ceiling))
                 row = hopwatch_run(ctx, reuse=reuse, rate=fixed, duration=duration)
-                load = "saturated" if wanted is None else f"{wanted:.0%} of blackbox_exporter's max"
+                load = f"{wanted:.0%} of blackbox_exporter's max"
                 rows.append({"round": n + 1, "tool": RUN, "reuse": reuse,
                              "load": load, **row})  # fmt: skip
                 ctx.log(f"  round {n + 1}, hopwatch run {case}, {load}: {_line(row)}")
@@ -264,8 +265,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "| CPU | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         offered = f"{r['offered_per_s']:,.0f}" if r.get("offered_per_s") else "closed loop"
+        tool = r["tool"] + (" (again)" if r.get("repeat") else "")
         lines.append(
-            f"| {r['round']} | {r['tool']} | {'reused' if r['reuse'] else 'fresh'} | {r['load']} "
+            f"| {r['round']} | {tool} | {'reused' if r['reuse'] else 'fresh'} | {r['load']} "
             f"| {offered} | {r['checks_per_s']:,.0f} | {r['checks_per_cpu_s'] or 0:,.0f} "
             f"| {r['cpu_us_per_check']} | {r['cpu_share']:.0%} | {r['load_avg'][0]} |"
         )
@@ -288,19 +290,21 @@ def table(rows: list[dict[str, Any]]) -> str:
 def breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """CPU µs a saturated check: the closed loop's, what the scheduler adds (`--store none` minus
     the closed loop) and what the store adds (`hopwatch run` minus `--store none`), round by
-    round from runs measured back to back, then the median of the rounds."""
+    round from runs measured back to back (each tool's runs of the round averaged), then the
+    median of the rounds."""
     out = []
     for reuse in (False, True):
         each = []
-        for floor in rows:
-            if floor["tool"] != CLOSED or floor["reuse"] != reuse:
-                continue
-            found = {r["tool"]: r["cpu_us_per_check"] for r in rows
-                     if r["round"] == floor["round"] and r["reuse"] == reuse
-                     and r["load"] == "saturated" and r["tool"] in (NO_STORE, RUN)}  # fmt: skip
-            f = floor["cpu_us_per_check"]
-            if f and found.get(NO_STORE) and found.get(RUN):
-                each.append((f, found[NO_STORE] - f, found[RUN] - found[NO_STORE]))
+        for rnd in sorted({r["round"] for r in rows}):
+            us: dict[str, list[float]] = {CLOSED: [], NO_STORE: [], RUN: []}
+            for r in rows:
+                if (r["round"], r["reuse"], r["load"]) == (rnd, reuse, "saturated") and r[
+                    "cpu_us_per_check"
+                ]:
+                    us.get(r["tool"], []).append(r["cpu_us_per_check"])
+            if all(us.values()):
+                floor, bare, run = (statistics.mean(us[t]) for t in (CLOSED, NO_STORE, RUN))
+                each.append((floor, bare - floor, run - bare))
         if each:
             out.append({"reuse": reuse,
                         "floor_us": statistics.median(x[0] for x in each),
@@ -319,7 +323,12 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for load in ("saturated", *(f"{s:.0%} of blackbox_exporter's max" for s in SHARES)):
             each = []
             for hw in rows:
-                if hw["tool"] != RUN or hw["reuse"] != reuse or hw["load"] != load:
+                if (
+                    hw["tool"] != RUN
+                    or hw["reuse"] != reuse
+                    or hw["load"] != load
+                    or hw.get("repeat")
+                ):
                     continue
                 bb = next((r for r in rows if r["tool"] == "blackbox_exporter"
                            and r["load"] == load and r["round"] == hw["round"]), None)  # fmt: skip
