@@ -234,6 +234,32 @@ async def test_a_busy_monitors_runs_go_in_few_transactions(store_url: str) -> No
         await store.close()
 
 
+async def test_the_writer_decides_a_long_queue_in_slices_and_lets_the_loop_run(
+    store_url: str,
+) -> None:
+    """Deciding a linger's worth of runs at once held the loop for milliseconds (responses
+    stamped late meanwhile): the loop runs between slices of the queue."""
+    store = Store(store_url)
+    await store.migrate()
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(len(store._incoming))
+            await asyncio.sleep(0)
+
+    for i in range(200):
+        store.submit(make_run(flow=f"f{i % 20}", started_at=T0 + i, steps=("get",)))
+    watcher = asyncio.create_task(watch())
+    try:
+        assert await store.flush()
+        assert store.stats.written == 200
+        assert any(0 < n < 200 for n in seen)  # the loop ran with the queue part decided
+    finally:
+        watcher.cancel()
+        await store.close()
+
+
 async def test_list_runs_filters_and_paginates_without_gaps_or_repeats(store: Store) -> None:
     expected = []
     for i in range(23):
