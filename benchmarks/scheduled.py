@@ -10,6 +10,13 @@ driver on the target's core). A check is a request the target answered (its own 
 both tools are counted the same way; CPU is the measured process's (/proc/PID/stat) over the
 same window; the machine's load average is recorded beside each row, since a busy machine
 slows every tool.
+
+Where a saturated check's CPU goes is measured in the same round (`breakdown`): hopwatch's own
+closed loop (the runner back to back, 32 in flight, no scheduler, no store: the floor), then
+`hopwatch run --store none`, then `hopwatch run` with its store; the differences are the
+scheduler's and the store's shares. Comparing a scheduled figure with a closed loop from another
+hour misleads: this VM's speed for Python drifts by 2x between hours (a fresh closed-loop check
+268 µs in one run, 455-660 µs in another on the same code).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from benchmarks.common import (
 from benchmarks.loadgen import closed_loop, open_loop
 
 SATURATED = {False: (400, 0.05), True: (800, 0.05)}  # reuse → (flows, interval s)
+CLOSED_CONCURRENCY = 32  # as throughput.py's closed loop and blackbox_exporter's saturated driver
+CLOSED, NO_STORE, RUN = "hopwatch closed loop", "hopwatch run --store none", "hopwatch run"
 SHARES = (0.1, 0.5)
 RATE_INTERVAL = 1.0
 RATE_JITTER = 0.9
@@ -176,6 +185,19 @@ async def blackbox_driver(args: dict[str, Any]) -> dict[str, Any]:
     return measured
 
 
+def closed_loop_run(ctx: Ctx, reuse: bool, duration: float) -> dict[str, Any]:
+    """hopwatch's floor in this round: its runner back to back (throughput.hopwatch_http, 32 in
+    flight, no scheduler, no store), in the scheduled rows' fields."""
+    args = {"reuse": reuse, "concurrency": CLOSED_CONCURRENCY, "duration": duration,
+            "warmup": 0.5}  # fmt: skip
+    r = ctx.child("throughput.hopwatch_http", args)
+    return {"offered_per_s": None, "checks": r["runs"],
+            "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "checks_per_s": r["steps_per_s"],
+            "checks_per_cpu_s": round(1e6 / r["cpu_us_per_step"], 1),
+            "cpu_us_per_check": r["cpu_us_per_step"], "cpu_share": r["cpu_share"],
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+
+
 def blackbox_run(
     ctx: Ctx, url: str, pid: int, rate: float | None, duration: float
 ) -> dict[str, Any]:
@@ -210,12 +232,23 @@ def part(ctx: Ctx) -> None:
                 ctx.log(f"  round {n + 1}, blackbox_exporter at {rate:,}/s: {_line(row)}")
         for reuse in (False, True):
             case = "reused" if reuse else "fresh"
-            shares: tuple[float | None, ...] = (None, *SHARES)
-            for wanted in shares:
-                fixed = None if wanted is None else float(round(wanted * ceiling))
+            # Saturated: the floor, the store-less run and the headline run, then the same
+            # backwards (a palindrome: a drift of the VM's speed within the round weighs on
+            # each alike); `breakdown` splits a check from them, the ratios take the first.
+            for i, tool in enumerate((CLOSED, NO_STORE, RUN, RUN, NO_STORE, CLOSED)):
+                if tool == CLOSED:
+                    row = closed_loop_run(ctx, reuse, duration)
+                else:
+                    extra = ("--store", "none") if tool == NO_STORE else ()
+                    row = hopwatch_run(ctx, reuse=reuse, rate=None, duration=duration, extra=extra)
+                rows.append({"round": n + 1, "tool": tool, "reuse": reuse, "load": "saturated",
+                             "repeat": i >= 3, **row})  # fmt: skip
+                ctx.log(f"  round {n + 1}, {tool} {case}, saturated: {_line(row)}")
+            for wanted in SHARES:
+                fixed = float(round(wanted * ceiling))
                 row = hopwatch_run(ctx, reuse=reuse, rate=fixed, duration=duration)
-                load = "saturated" if wanted is None else f"{wanted:.0%} of blackbox_exporter's max"
-                rows.append({"round": n + 1, "tool": "hopwatch run", "reuse": reuse,
+                load = f"{wanted:.0%} of blackbox_exporter's max"
+                rows.append({"round": n + 1, "tool": RUN, "reuse": reuse,
                              "load": load, **row})  # fmt: skip
                 ctx.log(f"  round {n + 1}, hopwatch run {case}, {load}: {_line(row)}")
 
@@ -232,12 +265,54 @@ def table(rows: list[dict[str, Any]]) -> str:
              "| CPU | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         offered = f"{r['offered_per_s']:,.0f}" if r.get("offered_per_s") else "closed loop"
+        tool = r["tool"] + (" (again)" if r.get("repeat") else "")
         lines.append(
-            f"| {r['round']} | {r['tool']} | {'reused' if r['reuse'] else 'fresh'} | {r['load']} "
+            f"| {r['round']} | {tool} | {'reused' if r['reuse'] else 'fresh'} | {r['load']} "
             f"| {offered} | {r['checks_per_s']:,.0f} | {r['checks_per_cpu_s'] or 0:,.0f} "
             f"| {r['cpu_us_per_check']} | {r['cpu_share']:.0%} | {r['load_avg'][0]} |"
         )
+    split = breakdown(rows)
+    if split:
+        lines += ["", "Where a saturated check's CPU goes (µs a check, median of the rounds; "
+                  "each round's runs back to back):", "",
+                  "| connections | closed loop (runner, metrics) | + scheduler | + store "
+                  "| `hopwatch run` | rounds (floor / scheduler / store) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for b in split:
+            each = "; ".join(f"{f:.0f} / {sc:+.0f} / {st:+.0f}" for f, sc, st in b["rounds"])
+            lines.append(
+                f"| {'reused' if b['reuse'] else 'fresh'} | {b['floor_us']:.0f} "
+                f"| {b['scheduler_us']:+.0f} | {b['store_us']:+.0f} | {b['run_us']:.0f} | {each} |"
+            )
     return "\n".join(lines)
+
+
+def breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CPU µs a saturated check: the closed loop's, what the scheduler adds (`--store none` minus
+    the closed loop) and what the store adds (`hopwatch run` minus `--store none`), round by
+    round from runs measured back to back (each tool's runs of the round averaged), then the
+    median of the rounds."""
+    out = []
+    for reuse in (False, True):
+        each = []
+        for rnd in sorted({r["round"] for r in rows}):
+            us: dict[str, list[float]] = {CLOSED: [], NO_STORE: [], RUN: []}
+            for r in rows:
+                if (r["round"], r["reuse"], r["load"]) == (rnd, reuse, "saturated") and r[
+                    "cpu_us_per_check"
+                ]:
+                    us.get(r["tool"], []).append(r["cpu_us_per_check"])
+            if all(us.values()):
+                floor, bare, run = (statistics.mean(us[t]) for t in (CLOSED, NO_STORE, RUN))
+                each.append((floor, bare - floor, run - bare))
+        if each:
+            out.append({"reuse": reuse,
+                        "floor_us": statistics.median(x[0] for x in each),
+                        "scheduler_us": statistics.median(x[1] for x in each),
+                        "store_us": statistics.median(x[2] for x in each),
+                        "run_us": statistics.median(sum(x) for x in each),
+                        "rounds": each})  # fmt: skip
+    return out
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -248,7 +323,12 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for load in ("saturated", *(f"{s:.0%} of blackbox_exporter's max" for s in SHARES)):
             each = []
             for hw in rows:
-                if hw["tool"] != "hopwatch run" or hw["reuse"] != reuse or hw["load"] != load:
+                if (
+                    hw["tool"] != RUN
+                    or hw["reuse"] != reuse
+                    or hw["load"] != load
+                    or hw.get("repeat")
+                ):
                     continue
                 bb = next((r for r in rows if r["tool"] == "blackbox_exporter"
                            and r["load"] == load and r["round"] == hw["round"]), None)  # fmt: skip

@@ -33,6 +33,8 @@ from benchmarks.common import (
     summary_ms,
     target_server,
 )
+from benchmarks.scheduled import breakdown, ratios
+from benchmarks.scheduled import table as scheduled_table
 from benchmarks.senders import SECRET, RawSender, signed_request
 from probes.signatures import StandardWebhooksSignature, verify
 
@@ -188,6 +190,39 @@ def test_webhook_targets_are_shares_of_the_bare_server_round_by_round() -> None:
     rows[0] = row("hopwatch", 190.0, 190.0, 190.0)
     run = next(t for t in targets({"webhooks": rows}) if "with the run" in t["target"])
     assert run["verdict"] == "met"
+
+
+def test_scheduled_breakdown_splits_a_check_round_by_round() -> None:
+    """Scheduler and store shares are differences of runs measured in the same round, never
+    across rounds (the VM's speed drifts between them); the closed loop and the store-less run
+    stay out of the ratios to blackbox_exporter."""
+
+    def row(rnd: int, tool: str, reuse: bool, us: float, again: bool = False) -> dict[str, Any]:
+        return {"round": rnd, "tool": tool, "reuse": reuse, "load": "saturated", "repeat": again,
+                "offered_per_s": None, "checks_per_s": 1e6 / us, "checks_per_cpu_s": 1e6 / us,
+                "cpu_us_per_check": us, "cpu_share": 1.0, "load_avg": [1.0]}  # fmt: skip
+
+    rows = [
+        row(1, "blackbox_exporter", False, 700.0),
+        row(1, "hopwatch closed loop", False, 500.0),
+        row(1, "hopwatch run --store none", False, 540.0),
+        row(1, "hopwatch run", False, 600.0),
+        row(1, "hopwatch run", False, 640.0, again=True),  # the palindrome's second half:
+        row(1, "hopwatch run --store none", False, 560.0, again=True),  # averaged with the first
+        row(1, "hopwatch closed loop", False, 520.0, again=True),
+        row(2, "blackbox_exporter", False, 1400.0),  # a round twice as slow
+        row(2, "hopwatch closed loop", False, 1000.0),
+        row(2, "hopwatch run --store none", False, 1100.0),
+        row(2, "hopwatch run", False, 1200.0),
+        row(1, "hopwatch closed loop", True, 200.0),  # no scheduled runs: no breakdown
+    ]
+    (fresh,) = breakdown(rows)
+    assert fresh["rounds"] == [(510.0, 40.0, 70.0), (1000.0, 100.0, 100.0)]
+    assert (fresh["floor_us"], fresh["scheduler_us"], fresh["store_us"]) == (755.0, 70.0, 85.0)
+    assert fresh["run_us"] == 910.0
+    (ratio,) = [r for r in ratios(rows) if r["load"] == "saturated"]
+    assert ratio["rounds"] == [round(700 / 600, 2), round(1400 / 1200, 2)]  # first runs only
+    assert "| fresh | 755 | +70 | +85 | 910 |" in scheduled_table(rows)
 
 
 def test_cluster_overlaps_are_runs_starting_before_the_previous_one_finished() -> None:
