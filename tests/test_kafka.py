@@ -558,3 +558,50 @@ async def test_batched_records_are_not_a_log_reset(
     assert [a.json["n"] for a in got] == list(range(9))  # each once, none re-read
     assert clients.health()["main"].log_resets == 0
     assert "re-reading" not in caplog.text
+
+
+async def test_a_topic_recreated_with_more_partitions_is_read_on_all_of_them(
+    own_kafka_broker: TansuBroker, unique_topic: str
+) -> None:
+    """A broker back with empty storage lets the first producer re-create a watched topic with
+    the broker's default partitions (Tansu: 4, where it had 3). Records on the new partition
+    went unread until the consumer's metadata aged (30 s): the soak's `order_event`
+    not_received for a quarter of the runs after the broker fault."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=own_kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(unique_topic, 3, 1)])
+    finally:
+        await admin.close()
+    got: dict[int, asyncio.Event] = {p: asyncio.Event() for p in range(4)}
+
+    def offered(arrival: Any) -> None:
+        got[arrival.meta["partition"]].set()
+
+    clients = KafkaClients(
+        {"main": cluster(own_kafka_broker.bootstrap, health_interval="200ms")},
+        topics={"main": [unique_topic]},
+        on_arrival=offered,
+    )
+    await clients.start()
+    try:
+        async with asyncio.timeout(15):
+            await clients.wait_consumer("main", "up")
+        await own_kafka_broker.kill()
+        await own_kafka_broker.start()  # empty: the topic is gone
+        producer = AIOKafkaProducer(bootstrap_servers=own_kafka_broker.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(unique_topic, b'{"n": 1}', partition=0)  # auto-created
+            partitions = producer._metadata.partitions_for_topic(unique_topic)
+            assert partitions is not None and 3 in partitions  # the broker's default
+            await producer.send_and_wait(unique_topic, b'{"n": 3}', partition=3)
+        finally:
+            await producer.stop()
+        async with asyncio.timeout(10):  # the metadata's age, not the 30 s it was
+            await got[3].wait()
+    finally:
+        async with asyncio.timeout(15):
+            await clients.close()

@@ -37,7 +37,8 @@ _POLL_MS = 500  # longest a getmany waits when the topics are quiet
 _MAX_RECORDS = 500
 _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 5.0
-_METADATA_MAX_AGE_MS = 30_000  # how soon partitions added to a watched topic are seen
+_METADATA_MAX_AGE_MS = 3_000  # how soon partitions added to a watched topic are seen (a
+# broker back with empty storage re-creates topics with its default partition count)
 _REPLAY_LIMIT = 1000  # records re-read from a log that went backwards (a broker that lost it)
 
 
