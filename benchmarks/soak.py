@@ -109,7 +109,14 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
             if run.finished_at >= window.on and (
                 run.started_at <= window.off or run.started_at < healed[i, key]
             ):
-                _note_break(window, run, goals)
+                # A flow's runs never overlap: one in flight when the fault came holds the next
+                # start back by what it still had to run, which no monitor could see past.
+                held = max(
+                    (r.finished_at - window.on for r in by_flow[key]
+                     if r.started_at <= window.on < r.finished_at and r is not run),
+                    default=0.0,
+                )  # fmt: skip
+                _note_break(window, run, goals, held)
                 broke[i].add(key)
                 break
         else:
@@ -124,7 +131,7 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
     return false_alarms
 
 
-def _note_break(window: Window, run: Run, goals: dict[str, float]) -> None:
+def _note_break(window: Window, run: Run, goals: dict[str, float], held: float = 0.0) -> None:
     link = f"{run.flow}/{run.broken_step}"
     seen = window.links.setdefault(
         link,
@@ -142,7 +149,9 @@ def _note_break(window: Window, run: Run, goals: dict[str, float]) -> None:
         # is part of that run's reach, not the monitor's delay in seeing the break.
         goal = goals.get(link)
         seen["earlier_hops_s"] = round(run.broken_offset_s, 2)
-        seen["goal_s"] = None if goal is None else round(goal + run.broken_offset_s, 2)
+        seen["held_s"] = round(held, 2)
+        reach = run.broken_offset_s + held
+        seen["goal_s"] = None if goal is None else round(goal + reach, 2)
 
 
 def detection_goals(flows_file: Path) -> dict[str, float]:
@@ -366,8 +375,12 @@ def late(seen: dict[str, Any]) -> bool:
 
 
 def _hops(seen: dict[str, Any]) -> str:
-    hops = seen.get("earlier_hops_s") or 0.0
-    return f" (incl. {hops:.1f} s of earlier hops)" if hops >= 0.05 else ""
+    parts = []
+    if (hops := seen.get("earlier_hops_s") or 0.0) >= 0.05:
+        parts.append(f"{hops:.1f} s of earlier hops")
+    if (held := seen.get("held_s") or 0.0) >= 0.05:
+        parts.append(f"{held:.1f} s of a run in flight")
+    return f" (incl. {', '.join(parts)})" if parts else ""
 
 
 def report(result: dict[str, Any]) -> str:

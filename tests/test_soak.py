@@ -34,7 +34,7 @@ def test_failures_in_a_fault_are_its_breaks_and_the_rest_false_alarms() -> None:
     assert [(r.started_at, r.broken_step) for r in false] == [(995.0, "create"), (1030.0, "create")]
     assert window.links["shop/hook"] == {
         "detected_s": 9.5, "reasons": {"not_received": 1}, "failed_runs": 1, "goal_s": 10.55,
-        "earlier_hops_s": 0.0,
+        "earlier_hops_s": 0.0, "held_s": 0.0,
     }  # fmt: skip
     create = window.links["shop/create"]
     assert create["detected_s"] == 1.1
@@ -71,6 +71,18 @@ def test_late_allows_only_what_the_soaks_clock_cannot_resolve() -> None:
     assert not late({"goal_s": 10.57, "detected_s": 10.6})
     assert late({"goal_s": 10.57, "detected_s": 10.57 + SLACK_S + 0.01})
     assert not late({"goal_s": None, "detected_s": 99.0})
+
+
+def test_a_run_in_flight_when_the_fault_came_holds_the_next_one_back() -> None:
+    """A flow's runs never overlap: the run waiting 10 s on a webhook when the broker stopped
+    held the next start (which broke `create`) back by 9 s."""
+    in_flight = run(999.0, took=10.0, broken="hook:not_received")
+    late = run(1009.5, took=1.0, broken="create:connect_error")
+    window = Window("broker stopped", ON, OFF)
+    assert attribute([in_flight, late], [window], GOALS) == []
+    create = window.links["shop/create"]
+    assert create["detected_s"] == 10.5 and create["held_s"] == 9.0
+    assert create["goal_s"] == 29.55  # 20.55 + 9.0
 
 
 def test_a_fault_nothing_noticed_has_no_detection() -> None:
