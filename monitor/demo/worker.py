@@ -30,7 +30,7 @@ from monitor.demo.orders_table import OrdersTable
 from monitor.demo.shop import Faults
 from monitor.demo.telemetry import KafkaHeaders, Telemetry
 from monitor.demo.webhooks import WebhookSender
-from monitor.kafka.consumer import fetched_past
+from monitor.kafka.consumer import logs_gone_back
 from probes import untrusted_json
 
 log = logging.getLogger(__name__)
@@ -228,24 +228,10 @@ class Worker:
     async def _reread_if_log_restarted(self, consumer: AIOKafkaConsumer) -> None:
         """A broker back with empty storage starts each log at 0 again, and no fetch error says
         so: the consumer would wait for its old offset, ignoring every new order until the log
-        got that far (minutes of lost fulfilments). Positions before ends, as the monitor's
-        shared consumer does, so `end < position` means the log really went backwards."""
-        partitions = list(consumer.assignment())
-        if not partitions:
-            return
+        got that far (minutes of lost fulfilments). The monitor's own test of it, so a batch
+        of records is not taken for a restart (which fulfilled every order again)."""
         async with asyncio.timeout(5):  # a broker away: _supervise starts over
-            positions = {tp: await consumer.position(tp) for tp in partitions}
-            asked_ms = time.time() * 1000
-            ends = await consumer.end_offsets(partitions)
-        # Tansu answers ListOffsets with the last batch's base offset + 1: the fetches' own
-        # high watermark must agree before the log counts as restarted (else every order was
-        # fulfilled again from the start, late, as the soak saw).
-        fresh_ms = asked_ms - 2000
-        restarted = [
-            tp
-            for tp, end in ends.items()
-            if end < positions[tp] and not fetched_past(consumer, tp, positions[tp], fresh_ms)
-        ]
+            restarted = list(await logs_gone_back(consumer, fresh_s=2.0))
         self.log_checks += 1
         if restarted:
             self.log_restarts += 1

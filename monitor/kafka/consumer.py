@@ -165,28 +165,20 @@ class SharedConsumer:
         cluster = self._cluster
         try:
             async with asyncio.timeout(cluster.config.request_timeout):
-                partitions = list(consumer.assignment())
-                if not partitions:
+                if not consumer.assignment():
                     await consumer.topics()  # still prove the broker answers
-                # Positions first: the end can only grow after them, so `end < position` then
-                # means the log really went backwards, not that records came in between.
-                positions = {tp: await consumer.position(tp) for tp in partitions}
-                asked_ms = time.time() * 1000
-                ends = await consumer.end_offsets(partitions) if partitions else {}
-                fresh_ms = asked_ms - max(3 * cluster.config.fetch_max_wait, 1.0) * 1000
-                for tp, end in ends.items():
-                    position = positions[tp]
-                    if end < position and not fetched_past(consumer, tp, position, fresh_ms):
-                        starts = await consumer.beginning_offsets([tp])
-                        consumer.seek(tp, max(starts[tp], end - _REPLAY_LIMIT))
-                        cluster.health.log_resets += 1
-                        log.warning(
-                            "%s %s: log end %d < position %d, re-reading",
-                            cluster.name,
-                            tp,
-                            end,
-                            position,
-                        )
+                fresh_s = max(3 * cluster.config.fetch_max_wait, 1.0)
+                for tp, (end, position) in (await logs_gone_back(consumer, fresh_s)).items():
+                    starts = await consumer.beginning_offsets([tp])
+                    consumer.seek(tp, max(starts[tp], end - _REPLAY_LIMIT))
+                    cluster.health.log_resets += 1
+                    log.warning(
+                        "%s %s: log end %d < position %d, re-reading",
+                        cluster.name,
+                        tp,
+                        end,
+                        position,
+                    )
         except (KafkaError, TimeoutError, OSError) as exc:
             cluster.failed(exc)
             self._set_state("down")
@@ -243,7 +235,25 @@ class SharedConsumer:
             log.exception("arrival callback failed for %s", arrival.delivery_id)
 
 
-def fetched_past(consumer: AIOKafkaConsumer, tp: Any, position: int, since_ms: float) -> bool:
+async def logs_gone_back(consumer: AIOKafkaConsumer, fresh_s: float) -> dict[Any, tuple[int, int]]:
+    """The assigned partitions whose log went backwards (a broker that lost its data), each
+    with its end and the consumer's position; fetches older than `fresh_s` are not evidence."""
+    partitions = list(consumer.assignment())
+    if not partitions:
+        return {}
+    # Positions first: the end can only grow after them, so `end < position` then means the
+    # log really went backwards, not that records came in between.
+    positions = {tp: await consumer.position(tp) for tp in partitions}
+    since_ms = time.time() * 1000 - fresh_s * 1000
+    ends = await consumer.end_offsets(partitions)
+    return {
+        tp: (end, positions[tp])
+        for tp, end in ends.items()
+        if end < positions[tp] and not _fetched_past(consumer, tp, positions[tp], since_ms)
+    }
+
+
+def _fetched_past(consumer: AIOKafkaConsumer, tp: Any, position: int, since_ms: float) -> bool:
     """Whether a fetch answered since `since_ms` put the partition's end at or past `position`.
 
     Some brokers answer ListOffsets with less than the log's end (Tansu: the last batch's base
