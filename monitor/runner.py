@@ -184,9 +184,8 @@ class Runner:
                 outcome = "failure" if broken is not None else "success"
                 if submit and flow.cleanup:  # the links' signal does not wait for cleanup
                     self.deps.sinks.verdict(
-                        self._result(flow, variant, ctx, run_id, started, started_unix,
-                                     outcome, list(results), trace_id)
-                    )  # fmt: skip
+                        self._result(ctx, started, started_unix, outcome, list(results), trace_id)
+                    )
             except asyncio.CancelledError:
                 outcome = "aborted"
                 self._mark_aborted(flow, results, ctx, started, started_unix)
@@ -199,9 +198,7 @@ class Runner:
                         )
                 await self._release(ctx)
         finally:
-            result = self._result(
-                flow, variant, ctx, run_id, started, started_unix, outcome, results, trace_id
-            )
+            result = self._result(ctx, started, started_unix, outcome, results, trace_id)
             covered = self.deps.in_maintenance
             if covered is not None:
                 end = started_unix + result.duration_s
@@ -214,22 +211,21 @@ class Runner:
 
     def _result(
         self,
-        flow: Flow,
-        variant: str,
         ctx: StepContext,
-        run_id: str,
         started: float,
         started_unix: float,
         outcome: str,
         steps: list[StepResult],
         trace_id: str | None,
     ) -> RunResult:
+        """The run as it stands now (its identity is the context's)."""
+        run = ctx.run
         return RunResult(
-            run_id=run_id,
-            flow=flow.name,
-            variant=variant,
-            location=ctx.run.location,
-            correlation=ctx.run.correlation,
+            run_id=run.id,
+            flow=run.flow,
+            variant=run.variant,
+            location=run.location,
+            correlation=run.correlation,
             started_at=started_unix,
             duration_s=time.monotonic() - started,
             outcome=outcome,  # type: ignore[arg-type]
