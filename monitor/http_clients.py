@@ -2,7 +2,9 @@
 
 What is costly to build (SSL contexts, the resolver) is built once and shared; what makes a run
 look like a new client (DNS lookup, TCP and TLS handshakes) is done per run unless the flow
-opts into `reuse_connections`.
+opts into `reuse_connections`. A run that sends one request in all takes its new connection
+from a shared session that closes every connection after its response: the same handshakes,
+without a session built and closed per run.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ class HttpClientPool:
     def __init__(self) -> None:
         self._resolver = TimedResolver()
         self._ssl: dict[TlsConfig, Any] = {}
-        self._shared: dict[TlsConfig, aiohttp.ClientSession] = {}
-        # Step configs are frozen and live as long as the engine: the shared session is found
+        # (TLS settings, connections closed after each response) → session shared by runs
+        self._shared: dict[tuple[TlsConfig, bool], aiohttp.ClientSession] = {}
+        # Step configs are frozen and live as long as the engine: a shared session is found
         # by the TlsConfig object's identity first (hashing a pydantic model costs more than
         # the rest of the lookup), by value when a config comes new.
-        self._by_id: dict[int, tuple[TlsConfig, aiohttp.ClientSession]] = {}
+        self._by_id: dict[tuple[int, bool], tuple[TlsConfig, aiohttp.ClientSession]] = {}
         self._timeout = aiohttp.ClientTimeout(total=None)  # the runner owns time
 
     def prepare(self, configs: Iterable[TlsConfig]) -> None:
@@ -44,13 +47,14 @@ class HttpClientPool:
         return ctx
 
     def _new_session(
-        self, tls: TlsConfig, *, shared: bool, cookies: bool = False
+        self, tls: TlsConfig, *, shared: bool, closing: bool = False, cookies: bool = False
     ) -> aiohttp.ClientSession:
         connector = TimedConnector(
             ssl=self._ssl_for(tls),
             resolver=self._resolver,
-            use_dns_cache=shared,
+            use_dns_cache=shared and not closing,  # a new client looks the name up afresh
             limit=0 if shared else 10,
+            force_close=closing,
             enable_cleanup_closed=False,
         )
         return aiohttp.ClientSession(
@@ -66,14 +70,16 @@ class HttpClientPool:
         )
 
     def session_for(self, ctx: StepContext, tls: TlsConfig) -> aiohttp.ClientSession:
-        if ctx.reuse_connections:
-            known = self._by_id.get(id(tls))
+        if ctx.reuse_connections or ctx.one_request:
+            closing = not ctx.reuse_connections
+            known = self._by_id.get((id(tls), closing))
             if known is not None and known[0] is tls and not known[1].closed:
                 return known[1]
-            session = self._shared.get(tls)
+            session = self._shared.get((tls, closing))
             if session is None or session.closed:
-                session = self._shared[tls] = self._new_session(tls, shared=True)
-            self._by_id[id(tls)] = (tls, session)
+                session = self._new_session(tls, shared=True, closing=closing)
+                self._shared[tls, closing] = session
+            self._by_id[id(tls), closing] = (tls, session)
             return session
         sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.setdefault(_CLOSERS, {})
         session = sessions.get(tls)

@@ -125,6 +125,7 @@ class Runner:
         # flow's identity → (the flow, its waiting steps and their `expect`), found once
         self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
         self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
+        self._one_request: dict[int, tuple[Flow, bool]] = {}  # flow's identity → (flow, answer)
 
     def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
@@ -147,11 +148,26 @@ class Runner:
             public_url=d.public_url,
             deadline=deadline,
             reuse_connections=flow.reuse_connections,
+            one_request=self._sends_one_request(flow),
             cookies=flow.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
             shared=d.shared,
         )
+
+    def _sends_one_request(self, flow: Flow) -> bool:
+        """Whether a run of `flow` sends one HTTP request in all: its fresh connection can then
+        come from a shared session that closes it, not a session built and closed per run."""
+        known = self._one_request.get(id(flow))
+        if known is None or known[0] is not flow:  # flows are frozen: decide once per flow
+            users = [
+                KINDS[step.kind]
+                for step in (*flow.steps, *flow.cleanup)
+                if KINDS[step.kind].tls is not None
+            ]
+            one = not flow.reuse_connections and len(users) == 1 and users[0].one_request
+            known = self._one_request[id(flow)] = (flow, one)
+        return known[1]
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
         """Run `flow` once for `variant`; the result goes to the sinks (unless submit=False)."""

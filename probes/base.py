@@ -142,6 +142,7 @@ class StepContext:
     public_url: str
     deadline: float  # monotonic seconds; the run's end
     reuse_connections: bool = False
+    one_request: bool = False  # the run sends one HTTP request in all (KindSpec.one_request)
     cookies: bool = False  # keep cookies between this run's steps
     correlator: CorrelatorPort | None = None  # None: the engine lent none (waiting kinds refuse)
     kafka: KafkaPort | None = None  # None: no kafka clusters configured (Kafka kinds refuse)

@@ -67,4 +67,5 @@ SPEC = KindSpec(
     failures=HTTP_FAILURES,
     span=http_span,
     tls=lambda config: config.tls,
+    one_request=True,
 )

@@ -77,6 +77,10 @@ class KindSpec(Generic[ConfigT]):
     watches: Callable[[ConfigT], tuple[str, str]] | None = None
     # The TLS settings the shared HTTP pool builds an SSL context for, once.
     tls: Callable[[ConfigT], TlsConfig | None] | None = None
+    # A step of the kind sends exactly one request through the shared HTTP pool (`tls` set):
+    # a run with no other such step gets its fresh connection from a shared closing session
+    # instead of a session of its own (the same new connection, ~60 µs less a run).
+    one_request: bool = False
     # Its long-lived resources (a pool per database URL, a channel per target): the engine
     # makes them once at start when a step uses the kind, lends them to every run as
     # `ctx.shared[name]` and closes them at stop. Made lazily inside, per rendered target.

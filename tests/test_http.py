@@ -27,11 +27,13 @@ from probes.http_common import TimedResolver, TimedResponseHandler, parse_handsh
 from tests.fixtures.core import free_port, serve
 
 STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
+PEERS = web.AppKey("peers", list[int])  # the client port of each request to /peer
 
 
 def target_app() -> web.Application:
     app = web.Application()
     app[STARTED] = asyncio.Event()
+    app[PEERS] = []
     hits: dict[str, int] = {}
 
     async def json_(request: web.Request) -> web.Response:
@@ -69,6 +71,11 @@ def target_app() -> web.Application:
     async def item(request: web.Request) -> web.Response:
         return web.json_response({"path": request.path, "raw": request.raw_path})
 
+    async def peer(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.app[PEERS].append(request.transport.get_extra_info("peername")[1])
+        return web.Response()
+
     app.router.add_get("/json", json_)
     app.router.add_get("/headers", headers)
     app.router.add_post("/echo", echo)
@@ -77,6 +84,7 @@ def target_app() -> web.Application:
     app.router.add_get("/slow", slow)
     app.router.add_get("/eventually/{key}", eventually)
     app.router.add_get("/items/{id}", item)
+    app.router.add_get("/peer", peer)
     return app
 
 
@@ -168,6 +176,32 @@ async def test_reused_connection_has_no_connect_phase(
     assert set(first.steps[0].phases) == {"connect", "processing", "transfer"}
     assert set(second.steps[0].phases) == {"processing", "transfer"}
     assert 0 < second.steps[0].phases["processing"] <= second.steps[0].latency_s
+
+
+@pytest.mark.parametrize("cleanup", [False, True], ids=["one request", "with cleanup"])
+async def test_each_run_is_a_new_client_and_keeps_its_connection_between_its_steps(
+    target: TestServer, load_flows: Callable[[str], Config], cleanup: bool
+) -> None:
+    """Fresh connections (the default): every run connects anew, whether it sends one request
+    (a shared session that closes each connection) or several (a session of its own, whose
+    connection its later requests to the same host reuse)."""
+    get = "      - {name: get, kind: http, url: '{{ variant.base_url }}/peer'}\n"
+    again = "      - {name: again, kind: http, url: '{{ variant.base_url }}/peer'}\n"
+    config = load_flows(flow_yaml(base(target), get, cleanup=again if cleanup else ""))
+    engine = Engine(config, registry=CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        runs = await engine.run_once(engine.select(), repeat=3, concurrency=1)
+    finally:
+        await engine.stop()
+    assert [r.outcome for r in runs] == ["success"] * 3
+    assert all("connect" in r.steps[0].phases for r in runs)
+    ports = target.app[PEERS]
+    if cleanup:  # each run's two requests came on its one connection
+        assert all("connect" not in r.steps[1].phases for r in runs)
+        assert ports[0::2] == ports[1::2]
+        ports = ports[0::2]
+    assert len(ports) == 3 and len(set(ports)) == 3
 
 
 async def test_latency_ends_when_the_response_arrives_not_when_the_loop_gets_to_it(
