@@ -5,9 +5,11 @@ its client gave up on must not outlive the fault, nor hold the shop's shutdown f
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
+import pytest
 
 from monitor.demo.broker import free_port
 from monitor.demo.shop import Faults, build_shop_app
@@ -46,3 +48,26 @@ async def test_the_shop_stops_at_once_with_a_request_hanging() -> None:
     async with asyncio.timeout(10):
         await runner.cleanup()
     assert time.monotonic() - began < 2  # was aiohttp's 60 s shutdown timeout
+
+
+async def test_a_request_given_up_during_a_hang_is_dropped_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The soak's demo log had an ERROR traceback (ConnectionResetError reading the body) for
+    every order hopwatch gave up on while the API hung: the shop read a gone client's body."""
+    addr = f"127.0.0.1:{free_port()}"
+    faults = Faults(hang=True, paths=["/orders"])
+    runner = await serve_app(build_shop_app(faults), addr)
+    try:
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            with pytest.raises(TimeoutError):
+                async with http.post(
+                    f"http://{addr}/orders", json={"sku": "x"} | {"pad": "p" * 99999}
+                ):
+                    pass
+        async with aiohttp.ClientSession() as http, http.delete(f"http://{addr}/faults") as cleared:
+            assert cleared.status == 200
+    finally:
+        await runner.cleanup()  # waits for the released handler
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

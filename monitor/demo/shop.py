@@ -58,6 +58,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         changed = request.app[CHANGED_KEY]
         async with changed:
             await changed.wait_for(lambda: not faults.hang)
+        if request.transport is None or request.transport.is_closing():
+            # The client gave up meanwhile: reading its body now would only log a traceback.
+            return web.Response(status=499)
     if faults.latency_ms:
         await asyncio.sleep(faults.latency_ms / 1000)
     if faults.status is not None:
