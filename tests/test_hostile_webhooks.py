@@ -249,3 +249,53 @@ async def test_a_plain_delivery_still_passes(
         assert resp.status == 202
     assert arrivals_count(registry, "malformed") == 0
     assert json.dumps({"order": 1})  # the body was JSON: counted as an arrival, not refused
+
+
+async def test_deliveries_skip_the_router_and_the_rest_keep_its_answers(
+    correlator: Correlator, arrivals: Counter, registry: CollectorRegistry
+) -> None:
+    """The public runner hands a POST on a served path straight to its handler (guard.FRONT),
+    without asking aiohttp's router; other paths and methods, and a request that waits for
+    `100 Continue`, still go through it and get its answers."""
+    rejects = RejectLog(arrivals)
+    app = web.Application()
+    install_webhook_routes(app, [WebhookRoute(PATH, None)], correlator, arrivals)
+    asked: list[str] = []
+    resolve = app.router.resolve
+
+    async def counted(request: web.Request) -> Any:
+        asked.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    app.router.resolve = counted  # type: ignore[method-assign]
+    runner = public_runner(app, rejects)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + PATH, json={"order": 1}) as resp:
+                assert resp.status == 202
+            assert asked == []
+            async with session.post(url + "/elsewhere", json={}) as resp:
+                assert resp.status == 404
+            async with session.get(url + PATH) as resp:
+                assert resp.status == 405
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head)
+            async with asyncio.timeout(10):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+                writer.write(b"{}")
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 202")
+        finally:
+            writer.close()
+        assert asked == ["POST /elsewhere", f"GET {PATH}", f"POST {PATH}"]
+        assert arrivals_count(registry, "unmatched") == 2
+    finally:
+        await runner.cleanup()
