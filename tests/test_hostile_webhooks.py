@@ -20,6 +20,7 @@ from monitor.demo.broker import free_port
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes
 from monitor.rejects import RejectLog
+from probes import untrusted_json
 from probes.signatures import StandardWebhooksSignature
 from tests.fixtures.webhooks import SW_SECRET, arrivals_count, standard_headers
 
@@ -299,3 +300,33 @@ async def test_deliveries_skip_the_router_and_the_rest_keep_its_answers(
         assert arrivals_count(registry, "unmatched") == 2
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"ref": "hw-1"}',
+        b"[1, 2.5, null]",
+        b'{"a": "\xff"}',  # not UTF-8
+        b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"a": "\\ud800"}',
+        b'{"a": 1} trailing',
+        b"{",
+        '{"a": 1}'.encode("utf-16-le"),  # a NUL second byte: detected, not taken for UTF-8
+        '{"a": 1}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"a": 1}',
+        b" {}",
+    ],
+)
+def test_untrusted_json_reads_bodies_as_json_loads_does(body: bytes) -> None:
+    """`untrusted_json.loads` decodes the usual body (`{` or `[` first) itself: the same
+    document, or a refusal, as `json.loads` on the bytes gives."""
+    try:
+        want: Any = ("doc", json.loads(body))
+    except ValueError:
+        want = ("refused",)
+    try:
+        got: Any = ("doc", untrusted_json.loads(body))
+    except untrusted_json.NotJson:
+        got = ("refused",)
+    assert got == want
