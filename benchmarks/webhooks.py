@@ -232,7 +232,7 @@ def _time_receiver() -> list[float]:
     spent = [0.0, 0.0]
     handle = receiver._PathHandler.handle
 
-    async def timed(self: Any, request: web.Request) -> web.StreamResponse:
+    async def timed(self: Any, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         try:
             return await handle(self, request)

@@ -20,8 +20,7 @@ import binascii
 import functools
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -61,9 +60,10 @@ class StaleTimestamp(SignatureError):
     why = "stale timestamp"
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedDelivery:
-    """What a valid signature vouches for: the sender's delivery id and timestamp, if any."""
+class VerifiedDelivery(NamedTuple):
+    """What a valid signature vouches for: the sender's delivery id and timestamp, if any.
+    A named tuple: as immutable as a frozen dataclass, made in one C call per delivery
+    instead of a `object.__setattr__` per field."""
 
     delivery_id: str | None
     timestamp: float | None  # unix seconds, as signed by the sender

@@ -10,7 +10,7 @@ differs: where arrivals come from, its default rule, and how a sender stamps the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Annotated, Any, Final, Protocol
@@ -241,14 +241,21 @@ class JsonPathSelector:
     """The values at one JSON path, as texts any wanted value they are `same_value` to has."""
 
     path: str
+    read: PathReader = field(init=False, repr=False)  # its reader, found once per selector
 
-    def texts(self, arrival: Arrival) -> set[str]:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read", _reader(self.path))
+
+    def texts(self, arrival: Arrival) -> Collection[str]:
         doc = arrival.json
         if doc is None:
-            return set()
+            return ()
+        found = self.read(doc)
+        if len(found) == 1:  # a plain path's one value: its texts as they are, no set
+            return found_texts(found[0])
         texts: set[str] = set()
-        for found in path_reader(self.path)(doc):
-            texts.update(found_texts(found))
+        for value in found:
+            texts.update(found_texts(value))
         return texts
 
 
@@ -395,13 +402,14 @@ def expectation_key(kind: str, step: str) -> tuple[str, str]:
 def register(ctx: StepContext, kind: str, channel: str, listener: str = "") -> Registration:
     """The step's registration with the correlator, made now unless the run's start made it.
     `listener` names what offers arrivals, for the error when the engine lent no correlator."""
-    registered: Registration | None = ctx.run_state.get(expectation_key(kind, ctx.step))
+    key = (kind, ctx.step)  # expectation_key(kind, ctx.step), written out: twice a run
+    registered: Registration | None = ctx.run_state.get(key)
     if registered is not None:
         return registered
     if ctx.correlator is None:
         raise RuntimeError(f"{kind} needs the engine's correlator{listener}")
     made = ctx.correlator.expect(channel, ctx.run.id, ctx.step, ctx.deadline)
-    ctx.run_state[expectation_key(kind, ctx.step)] = made
+    ctx.run_state[key] = made
     # A step that never runs (skipped after a broken link) must not hold its registration.
     ctx.run_state.setdefault("_on_release", []).append(made.cancel)
     return made
@@ -437,16 +445,18 @@ def assess(
 ) -> dict[str, Any]:
     """Check the arrival against `expect` (templates rendered for this run); return `extract`'s
     values."""
-    rendered = rendered_json(config.expect, ctx)
-    check(
-        config.expect,
+    expect = config.expect
+    check(  # nothing to render when nothing is asked (the usual wait): None reads expect's own
+        expect,
         status=None,
         headers=arrival.headers,
         body=arrival.body,
         latency_s=latency,
-        rendered_json=rendered,
-        rendered_xpath=rendered_xpath(config.expect, ctx),
+        rendered_json=rendered_json(expect, ctx) if expect.json_ else None,
+        rendered_xpath=rendered_xpath(expect, ctx) if expect.xpath else None,
     )
+    if not config.extract:
+        return {}
     return extract(config.extract, headers=arrival.headers, body=arrival.body)
 
 

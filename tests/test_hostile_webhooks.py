@@ -20,6 +20,7 @@ from monitor.demo.broker import free_port
 from monitor.receivers.guard import public_runner
 from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes
 from monitor.rejects import RejectLog
+from probes import untrusted_json
 from probes.signatures import StandardWebhooksSignature
 from tests.fixtures.webhooks import SW_SECRET, arrivals_count, standard_headers
 
@@ -249,3 +250,83 @@ async def test_a_plain_delivery_still_passes(
         assert resp.status == 202
     assert arrivals_count(registry, "malformed") == 0
     assert json.dumps({"order": 1})  # the body was JSON: counted as an arrival, not refused
+
+
+async def test_deliveries_skip_the_router_and_the_rest_keep_its_answers(
+    correlator: Correlator, arrivals: Counter, registry: CollectorRegistry
+) -> None:
+    """The public runner hands a POST on a served path straight to its handler (guard.FRONT),
+    without asking aiohttp's router; other paths and methods, and a request that waits for
+    `100 Continue`, still go through it and get its answers."""
+    rejects = RejectLog(arrivals)
+    app = web.Application()
+    install_webhook_routes(app, [WebhookRoute(PATH, None)], correlator, arrivals)
+    asked: list[str] = []
+    resolve = app.router.resolve
+
+    async def counted(request: web.Request) -> Any:
+        asked.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    app.router.resolve = counted  # type: ignore[method-assign]
+    runner = public_runner(app, rejects)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + PATH, json={"order": 1}) as resp:
+                assert resp.status == 202
+            assert asked == []
+            async with session.post(url + "/elsewhere", json={}) as resp:
+                assert resp.status == 404
+            async with session.get(url + PATH) as resp:
+                assert resp.status == 405
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head)
+            async with asyncio.timeout(10):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+                writer.write(b"{}")
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 202")
+        finally:
+            writer.close()
+        assert asked == ["POST /elsewhere", f"GET {PATH}", f"POST {PATH}"]
+        assert arrivals_count(registry, "unmatched") == 2
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"ref": "hw-1"}',
+        b"[1, 2.5, null]",
+        b'{"a": "\xff"}',  # not UTF-8
+        b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"a": "\\ud800"}',
+        b'{"a": 1} trailing',
+        b"{",
+        '{"a": 1}'.encode("utf-16-le"),  # a NUL second byte: detected, not taken for UTF-8
+        '{"a": 1}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"a": 1}',
+        b" {}",
+    ],
+)
+def test_untrusted_json_reads_bodies_as_json_loads_does(body: bytes) -> None:
+    """`untrusted_json.loads` decodes the usual body (`{` or `[` first) itself: the same
+    document, or a refusal, as `json.loads` on the bytes gives."""
+    try:
+        want: Any = ("doc", json.loads(body))
+    except ValueError:
+        want = ("refused",)
+    try:
+        got: Any = ("doc", untrusted_json.loads(body))
+    except untrusted_json.NotJson:
+        got = ("refused",)
+    assert got == want

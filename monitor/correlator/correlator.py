@@ -176,10 +176,13 @@ class Correlator:
         if future is not None and not future.done():
             future.set_exception(expectation._not_received())
 
-    def _finish(self, expectation: Expectation, state: State, flush: bool = True) -> None:
-        """Move to the finished table, where it turns later matches into duplicate or late."""
+    def _finish(
+        self, expectation: Expectation, state: State, flush: bool = True, now: float | None = None
+    ) -> None:
+        """Move to the finished table, where it turns later matches into duplicate or late;
+        `now` (monotonic) when the caller has just read it."""
         self._drop_pending(expectation, state, flush)
-        expectation.finished_at = time.monotonic()
+        expectation.finished_at = time.monotonic() if now is None else now
         if len(self._finished) >= self.max_late:
             oldest = self._finished.oldest()
             if oldest is not None:
@@ -212,7 +215,7 @@ class Correlator:
             return self._count(arrival, "late")
         waiter = self._pending.index.find(texts)
         if waiter is not None:
-            self._finish(waiter, "fulfilled")
+            self._finish(waiter, "fulfilled", now=now)
             waiter._fulfil(arrival)
             self._hold_key(id_key, waiter.seq)
             return self._count(arrival, "matched")

@@ -84,6 +84,8 @@ class MaintenanceBook:
 
     def covers(self, flow: str, variant: str, t0: float, t1: float) -> bool:
         """Whether a run of (flow, variant) from t0 to t1 touched a window."""
+        if not self.current:  # the usual answer, asked once a run: no generator for it
+            return False
         return any(w.overlaps(t0, t1) and w.applies(flow, variant) for w in self.current)
 
     def windows(self, now: float | None = None) -> list[Window]:

@@ -12,6 +12,7 @@ timeout is the webhook handler's (`monitor.receivers.webhooks`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -21,13 +22,20 @@ from aiohttp.web_server import Server
 
 from monitor.rejects import RejectLog
 
-__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "LINGER", "public_runner"]
+__all__ = ["BODY_TIMEOUT", "FRONT", "HEADER_TIMEOUT", "LINGER", "public_runner"]
 
 HEADER_TIMEOUT: Final = 10.0  # seconds for a whole request head, from connect or last answer
 BODY_TIMEOUT: Final = 30.0  # seconds for a whole body, from the end of its head
 # How long an answer that did not read the whole body (413, 408, 404) waits, reading and
 # dropping, before it closes; aiohttp's 10 s would let a slow client hold the connection.
 LINGER: Final = 1.0
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# What an app may put under FRONT: given the app's own handler (router, middlewares), a handler
+# that serves the requests it knows itself and hands it the others. The webhook paths use it:
+# aiohttp's router (a catch-all route's regex, a match-info object, three coroutines) cost
+# more per delivery than the signature check.
+FRONT: Final[web.AppKey[Callable[[Handler], Handler]]] = web.AppKey("hopwatch_front")
 
 
 class _GuardedHandler(RequestHandler):
@@ -82,6 +90,9 @@ class _PublicRunner(web.AppRunner):
         server.__class__ = _GuardedServer  # same state, the guarded handler factory
         assert isinstance(server, _GuardedServer)
         server.reject_log = self._reject_log
+        front = self._app.get(FRONT)
+        if front is not None:  # read by each connection's handler as it is made
+            server.request_handler = front(server.request_handler)
         return server
 
 

@@ -33,13 +33,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from monitor.receivers.guard import BODY_TIMEOUT
+from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
 from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
@@ -121,6 +121,7 @@ def install_webhook_routes(
     paths = WebhookPaths(correlator, arrivals_counter, max_body, body_timeout, rejects)
     paths.set_routes(routes)
     app.router.add_route("*", "/{path:.*}", paths.dispatch)
+    app[FRONT] = paths.front  # the public runner's way past the router (guard.FRONT)
     return paths
 
 
@@ -165,6 +166,24 @@ class WebhookPaths:
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         return await handler.handle(request)
 
+    def front(self, rest: Handler) -> Handler:
+        """A handler that gives a POST to a served path straight to its `_PathHandler` (no
+        router, no match info, no coroutine of its own) and anything else to `rest`, the
+        app's handler: unknown paths and other methods get the router's 404 and 405, and an
+        `Expect: 100-continue` its interim answer."""
+        handlers = self  # set_routes replaces the dict: read it per request
+
+        def serve(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            handler = handlers._handlers.get(request.path)
+            if handler is None or request.method != "POST" or _EXPECT in request.headers:
+                return rest(request)
+            return handler.handle(request)
+
+        return serve
+
+
+_EXPECT: Final = "Expect"
+
 
 class _PathHandler:
     """Receives every delivery on one path."""
@@ -206,7 +225,7 @@ class _PathHandler:
                 ", ".join(unsigned),
             )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         received_at = time.monotonic()
         received_unix = time.time()
         content = request.content
@@ -304,14 +323,14 @@ class _PathHandler:
         return web.Response(status=status, text=text + "\n")
 
 
-def _whole_body(request: web.Request, limit: int) -> bytes | None:
+def _whole_body(request: web.BaseRequest, limit: int) -> bytes | None:
     """The body already read whole with the head, or None when it exceeds `limit`: no timer
     and no await, since nothing is left to wait for."""
     body = request.content.read_nowait()
     return None if len(body) > limit else body
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
     """The raw body, or None as soon as it is known to exceed `limit` (not read further)."""
     if request.content_length is not None and request.content_length > limit:
         return None
@@ -346,7 +365,7 @@ def _closing(status: int, text: str) -> web.Response:
     return response
 
 
-def _is_json(request: web.Request) -> bool:
+def _is_json(request: web.BaseRequest) -> bool:
     """application/json or application/*+json; the usual exact header skips aiohttp's parse."""
     if request.headers.get("Content-Type") == "application/json":
         return True
