@@ -26,7 +26,9 @@ def main() -> None:
     if args.get("uvloop", True):
         import uvloop
 
-        result = uvloop.run(func(args))
+        from monitor.event_loop import new_event_loop  # the loop `hopwatch run` runs on
+
+        result = uvloop.run(func(args), loop_factory=new_event_loop)
     else:
         result = asyncio.run(func(args))
     sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")

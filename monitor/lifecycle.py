@@ -24,12 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` on uvloop where available (cheaper I/O on the hot path), else asyncio's loop."""
+    """Run `coro` on uvloop where available (cheaper I/O on the hot path; `monitor.event_loop`),
+    else asyncio's loop."""
     try:
         import uvloop
+
+        from monitor.event_loop import new_event_loop
     except ImportError:  # pragma: no cover - platforms without uvloop
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    return uvloop.run(coro, loop_factory=new_event_loop)
 
 
 def exit_with(problems: list[str]) -> NoReturn:
