@@ -79,7 +79,8 @@ class StepTimeout:
         self._task = task
         self._cancelling = task.cancelling()
         self._expired = False
-        self._handle = asyncio.get_running_loop().call_later(budget, self._expire)
+        # the task's own loop: asyncio.get_running_loop() asks the kernel for the pid (3.11)
+        self._handle = task.get_loop().call_later(budget, self._expire)
 
     def _expire(self) -> None:
         self._expired = True

@@ -75,6 +75,9 @@ class Scheduler:
         self._seq = 0  # ties in the heap resolve in planning order, never by comparing slots
         self._timer: asyncio.Handle | None = None
         self._timer_at = math.inf
+        # The running loop, found once (start, add): asyncio.get_running_loop() asks the kernel
+        # for the pid on every call in Python 3.11, several times a run.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[asyncio.Task[None], bool] = {}  # task → running a run now
         self._stopping = False
         self._hurry = asyncio.Event()  # set by a second SIGTERM: the grace is over now
@@ -98,6 +101,7 @@ class Scheduler:
         now = time.monotonic()  # after the draws: 10,000 of them take milliseconds
         for slot, offset in zip(self._slots, offsets, strict=True):
             slot.tick = slot.planned = now + offset
+        self._loop = asyncio.get_running_loop()
         self._heap = [(slot.planned, i, slot) for i, slot in enumerate(self._slots)]
         self._seq = len(self._heap)
         heapq.heapify(self._heap)
@@ -107,6 +111,7 @@ class Scheduler:
         """Schedule more flows from now on, each on its wall-clock grid: a phase drawn from its
         name, so a flow that moves between replicas keeps its rhythm (no burst of catch-up
         runs, no long gap) and every replica would place it alike."""
+        self._loop = asyncio.get_running_loop()
         now, now_unix = time.monotonic(), time.time()
         for flow in flows:
             phase = (zlib.crc32(flow.name.encode()) / 2**32) * flow.interval
@@ -145,7 +150,7 @@ class Scheduler:
             return  # the timer already set fires first
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         wait = due - time.monotonic()
         # Already due: the next iteration, without a timer (a libuv timer handle each, in uvloop)
         self._timer = (
@@ -180,7 +185,7 @@ class Scheduler:
             budget = BEHIND_BUDGET_S if heap[0][0] < now - _BEHIND else START_BUDGET_S
             fit = budget / self.start_cost
             allowed = MAX_STARTS if fit >= MAX_STARTS else max(1, int(fit))
-            loop = self._loop()
+            loop = self._loop or asyncio.get_running_loop()
             create_task, forget, tasks = loop.create_task, self._forget, self._tasks
             loop.call_soon(self._began)
             started = 0
@@ -204,15 +209,11 @@ class Scheduler:
         else:
             self.start_cost += (cost - self.start_cost) * _COST_WEIGHT
 
-    @staticmethod
-    def _loop() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
 
     async def _run(self, slot: _Slot) -> None:
-        task = asyncio.current_task()
+        task = slot.task  # set by _fire as it made this task (current_task() costs a getpid)
         assert task is not None
         async with self._sem:
             if self.metrics is not None:
