@@ -116,7 +116,16 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
                      if r.started_at <= window.on < r.finished_at and r is not run),
                     default=0.0,
                 )  # fmt: skip
-                _note_break(window, run, goals, held)
+                # A fault that builds up (a backlog behind a slow API) breaks a link only once
+                # it has grown: a run that started under the fault and passed shows the link
+                # still worked, and held the next start back until it ended (as `held`), so
+                # the goal counts from that end.
+                passed = max(
+                    (r.finished_at - window.on for r in by_flow[key]
+                     if r.outcome == "success" and window.on <= r.started_at < run.started_at),
+                    default=0.0,
+                )  # fmt: skip
+                _note_break(window, run, goals, held, passed)
                 broke[i].add(key)
                 break
         else:
@@ -131,7 +140,9 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
     return false_alarms
 
 
-def _note_break(window: Window, run: Run, goals: dict[str, float], held: float = 0.0) -> None:
+def _note_break(
+    window: Window, run: Run, goals: dict[str, float], held: float = 0.0, passed: float = 0.0
+) -> None:
     link = f"{run.flow}/{run.broken_step}"
     seen = window.links.setdefault(
         link,
@@ -150,7 +161,8 @@ def _note_break(window: Window, run: Run, goals: dict[str, float], held: float =
         goal = goals.get(link)
         seen["earlier_hops_s"] = round(run.broken_offset_s, 2)
         seen["held_s"] = round(held, 2)
-        reach = run.broken_offset_s + held
+        seen["passed_s"] = round(passed, 2)
+        reach = run.broken_offset_s + held + passed
         seen["goal_s"] = None if goal is None else round(goal + reach, 2)
 
 
@@ -380,6 +392,8 @@ def _hops(seen: dict[str, Any]) -> str:
         parts.append(f"{hops:.1f} s of earlier hops")
     if (held := seen.get("held_s") or 0.0) >= 0.05:
         parts.append(f"{held:.1f} s of a run in flight")
+    if (passed := seen.get("passed_s") or 0.0) >= 0.05:
+        parts.append(f"{passed:.1f} s while it still passed")
     return f" (incl. {', '.join(parts)})" if parts else ""
 
 
