@@ -10,10 +10,11 @@ spells. Loopback only; bounded by --minutes.
 From the store (every run of every instance): each fault's detection time per broken link
 (from switching it on to the end of the first run's broken step, when /metrics says so; goal
 ≤ the flow's interval + the step's deadline + the time the detecting run spent on its earlier
-hops), recovery time after clearing, and false alarms (a failure outside any fault, or after
-its flow had passed again; goal 0). Memory: the RSS of the longest-lived instance at its
-start (after a warm-up), middle and end (goal flat within 10 %). Prints the figures and writes
-benchmarks/results/soak.json.
+hops), recovery time after clearing (until the flow passes STABLE_PASSES runs in a row), and
+false alarms (a failure outside any fault, or after its flow had recovered; goal 0); failures
+between a flow's first pass and its recovery are listed as the fault's relapses. Memory: the
+RSS of the longest-lived instance at its start (after a warm-up), middle and end (goal flat
+within 10 %). Prints the figures and writes benchmarks/results/soak.json.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ RESTART_SLOTS = (0, 1)  # early: the last instance then lives long enough to jud
 # What the soak's own clock cannot resolve: the fault is switched by a request and stamped before
 # it, a deadline is a timer that fires when the loop gets to it, and the run's start jitters.
 SLACK_S = 0.25
+# A flow has recovered from a fault once it passed this many runs in a row (or every run it
+# had before the next fault, when fewer).
+STABLE_PASSES = 3
 WARM_UP_S = 30.0  # an instance's memory is taken from this long after its start
 RSS_EVERY_S = 5.0
 COMPRESS = {"interval: 5s": "interval: 500ms", "interval: 10s": "interval: 1s"}
@@ -81,24 +85,36 @@ class Window:
     detected_s: float | None = None  # the first break of any link
     links: dict[str, dict[str, Any]] = field(default_factory=dict)  # "flow/step" → figures
     recovery_s: dict[str, float | None] = field(default_factory=dict)  # "flow/variant" → s
+    # Failures after a flow's first pass, before it passed STABLE_PASSES times in a row: the
+    # fault's tail in the system (a broker back with empty storage answers a produce with an
+    # error, a consumer group rebalances), listed so they are seen, not false alarms.
+    relapses: list[str] = field(default_factory=list)
 
 
 def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -> list[Run]:
     """Fill each window's broken links (detection time, reasons, goal) and recovery times;
     return the false alarms: failures that no window explains. A failure is explained by a
     fault that was on when it ended, or was on when its run started, or whose flow has not
-    passed since the fault went off (still recovering)."""
+    passed STABLE_PASSES runs in a row since the fault went off (still recovering; a failure
+    after its first pass is listed in the window's relapses)."""
     by_flow: dict[tuple[str, str], list[Run]] = {}
     for run in sorted(runs, key=lambda r: r.started_at):
         by_flow.setdefault((run.flow, run.variant), []).append(run)
-    healed: dict[tuple[int, tuple[str, str]], float] = {}  # first pass after the fault went off
+    healed: dict[tuple[int, tuple[str, str]], float] = {}  # stable again after the fault
+    first_pass: dict[tuple[int, tuple[str, str]], float] = {}
+    # The next fault ends a fault's reach: a slow flow may not run STABLE_PASSES times before it.
+    ends = [w.on for w in windows[1:]] + [float("inf")]
     for i, window in enumerate(windows):
+        until = ends[i]
         for key, flow_runs in by_flow.items():
-            first = next(
-                (r for r in flow_runs if r.outcome == "success" and r.started_at >= window.off),
-                None,
-            )
-            healed[i, key] = first.started_at if first is not None else float("inf")
+            after = [r for r in flow_runs if window.off <= r.started_at < until]
+            passes = [j for j, r in enumerate(after) if r.outcome == "success"]
+            first_pass[i, key] = after[passes[0]].started_at if passes else float("inf")
+            healed[i, key] = next(
+                (after[j].started_at for j in passes
+                 if all(r.outcome == "success" for r in after[j : j + STABLE_PASSES])),
+                float("inf"),
+            )  # fmt: skip
     false_alarms = []
     broke: dict[int, set[tuple[str, str]]] = {i: set() for i in range(len(windows))}
     for run in runs:
@@ -107,7 +123,7 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
         key = (run.flow, run.variant)
         for i, window in enumerate(windows):
             if run.finished_at >= window.on and (
-                run.started_at <= window.off or run.started_at < healed[i, key]
+                run.started_at <= window.off or run.started_at < min(healed[i, key], ends[i])
             ):
                 # A flow's runs never overlap: one in flight when the fault came holds the next
                 # start back by what it still had to run, which no monitor could see past.
@@ -126,6 +142,8 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
                     default=0.0,
                 )  # fmt: skip
                 _note_break(window, run, goals, held, passed)
+                if run.started_at >= first_pass[i, key]:
+                    window.relapses.append(f"{run.flow}/{run.broken_step} ({run.reason})")
                 broke[i].add(key)
                 break
         else:
@@ -418,6 +436,12 @@ def report(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"a break is late (met: NO) when said more than {SLACK_S:g} s after its goal",
+        "relapses (failures after a flow's first pass, before "
+        f"{STABLE_PASSES} in a row): "
+        + (
+            ", ".join(f"{w['fault']}: {r}" for w in result["windows"] for r in w["relapses"])
+            or "none"
+        ),
         f"false alarms: {len(result['false_alarms'])} (goal 0); runs stored: "
         f"{result['runs']} ({result['outcomes']}); hopwatch restarts: {result['restarts']}",
         "memory (RSS of the longest-lived instance): "

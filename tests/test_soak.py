@@ -25,7 +25,9 @@ def test_failures_in_a_fault_are_its_breaks_and_the_rest_false_alarms() -> None:
         run(1001.0, broken="create:http_status"),
         run(1019.9, took=20.0, broken="create:timeout"),  # started while on, ends after
         run(1021.0, took=1.0, broken="create:connect_error"),  # off, but not passed yet
-        run(1023.0),  # passed again: recovered 3 s after the fault went off
+        run(1023.0),  # passed again, and twice more: recovered 3 s after the fault went off
+        run(1024.0),
+        run(1025.0),
         run(1030.0, broken="create:http_status"),  # after recovery: a false alarm
         run(1001.0, flow="other"),
     ]
@@ -40,6 +42,27 @@ def test_failures_in_a_fault_are_its_breaks_and_the_rest_false_alarms() -> None:
     assert create["detected_s"] == 1.1
     assert create["reasons"] == {"http_status": 1, "timeout": 1, "connect_error": 1}
     assert window.detected_s == 1.1
+    assert window.recovery_s == {"shop/stable": 3.0}
+    assert window.relapses == []
+
+
+def test_a_failure_before_the_flow_passed_three_in_a_row_is_the_faults_relapse() -> None:
+    """The broker came back, the flow passed once, then a produce was answered with an error
+    (Tansu, 11.6 s after its restart with empty storage): the fault's tail, listed as a
+    relapse, and the flow recovered only when it passed three runs in a row."""
+    runs = [
+        run(1005.0, broken="create:connect_error"),
+        run(1021.0),  # a first pass
+        run(1022.0, broken="create:error"),  # the broker's error: a relapse, not a false alarm
+        run(1023.0),
+        run(1024.0),
+        run(1025.0),
+        run(1040.0, broken="create:error"),  # after three in a row: a false alarm
+    ]
+    window = Window("broker stopped", ON, OFF)
+    false = attribute(runs, [window], GOALS)
+    assert [r.started_at for r in false] == [1040.0]
+    assert window.relapses == ["shop/create (error)"]
     assert window.recovery_s == {"shop/stable": 3.0}
 
 
@@ -83,6 +106,20 @@ def test_a_run_in_flight_when_the_fault_came_holds_the_next_one_back() -> None:
     create = window.links["shop/create"]
     assert create["detected_s"] == 10.5 and create["held_s"] == 9.0
     assert create["goal_s"] == 29.55  # 20.55 + 9.0
+
+
+def test_a_slow_flow_recovers_by_passing_every_run_before_the_next_fault() -> None:
+    """A flow every 30 s runs once between faults a minute apart: that one pass is its
+    recovery, and its break in the next fault is that fault's, not a relapse of the first."""
+    first, second = Window("API slow", ON, OFF), Window("webhooks forged", ON + 60, OFF + 60)
+    runs = [
+        run(ON + 5, broken="create:assertion"),
+        run(ON + 35),  # the only run between the faults
+        run(ON + 65, broken="hook:signature"),
+    ]
+    assert attribute(runs, [first, second], GOALS) == []
+    assert first.recovery_s == {"shop/stable": 15.0} and first.relapses == []
+    assert list(second.links) == ["shop/hook"] and second.relapses == []
 
 
 def test_a_link_that_still_passed_under_the_fault_is_judged_from_its_last_pass() -> None:
