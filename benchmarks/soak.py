@@ -105,9 +105,8 @@ def attribute(runs: list[Run], windows: list[Window], goals: dict[str, float]) -
     # The next fault ends a fault's reach: a slow flow may not run STABLE_PASSES times before it.
     ends = [w.on for w in windows[1:]] + [float("inf")]
     for i, window in enumerate(windows):
-        until = ends[i]
         for key, flow_runs in by_flow.items():
-            after = [r for r in flow_runs if window.off <= r.started_at < until]
+            after = [r for r in flow_runs if window.off <= r.started_at < ends[i]]
             passes = [j for j, r in enumerate(after) if r.outcome == "success"]
             first_pass[i, key] = after[passes[0]].started_at if passes else float("inf")
             healed[i, key] = next(

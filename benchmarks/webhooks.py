@@ -54,6 +54,7 @@ from benchmarks.senders import SECRET
 from monitor.config import Flow
 from monitor.correlator import Correlator
 from monitor.correlator.expectation import Expectation
+from monitor.engine import Engine
 from monitor.gc_settle import settle_start
 from probes.waiting import Rule, header_value
 
@@ -148,29 +149,14 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
         ok = sum(1 for res in results if res.outcome == "success")
         return ok, len(refs) - ok
 
-    correlator = engine.correlator
-
-    def steady() -> bool:  # every later webhook pushes the oldest finished expectation out
-        return correlator.stats()["finished"] >= correlator.max_late
-
-    try:
-        rates = await _drive(args, batch, steady)
-        finished = correlator.stats()["finished"]
-    finally:
-        await engine.stop()
+    measured = await _drive_steady(args, batch, engine, receiver)
     outcomes = {
         outcome: engine.registry.get_sample_value(
             "hopwatch_arrivals_total", {"source": "webhook", "outcome": outcome}
         )
         for outcome in ("matched", "unmatched", "duplicate", "late", "bad_signature", "malformed")
     }
-    return rates | {
-        "arrivals": {k: int(v or 0) for k, v in outcomes.items()},
-        "receiver_us": round(receiver[0] / receiver[1] * 1e6, 1) if receiver[1] else None,
-        "pending_max": 2 * args["batch"],
-        "finished_remembered": finished,
-        "finished_max": correlator.max_late,
-    }
+    return measured | {"arrivals": {k: int(v or 0) for k, v in outcomes.items()}}
 
 
 async def hopwatch_receiver(args: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +179,18 @@ async def hopwatch_receiver(args: dict[str, Any]) -> dict[str, Any]:
             expectation.cancel()  # any left unmatched: out of the pending table
         return ok, len(refs) - ok
 
+    return await _drive_steady(args, batch, engine, receiver)
+
+
+async def _drive_steady(
+    args: dict[str, Any], batch: Batch, engine: Engine, receiver: list[float]
+) -> dict[str, Any]:
+    """`_drive` once the correlator is at its steady state (every later webhook pushes the
+    oldest finished expectation out), then stop the engine; the rates and the receiver's time."""
+    correlator = engine.correlator
+
     def steady() -> bool:
-        return correlator.stats()["finished"] >= correlator.max_late
+        return bool(correlator.stats()["finished"] >= correlator.max_late)
 
     try:
         rates = await _drive(args, batch, steady)
