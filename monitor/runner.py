@@ -33,8 +33,15 @@ CLEANUP_BUDGET = 5.0  # seconds cleanup may take beyond an exhausted run timeout
 
 
 def new_run_id() -> str:
-    """16 hex digits; unique enough to correlate, and not a secret (so no os.urandom per run)."""
-    return f"{_ids.getrandbits(64):016x}"
+    """24 hex digits: the time in milliseconds, then 48 random bits (UUIDv7's layout, shorter).
+
+    Ids made later sort later, so the store's indexes on them (the runs' key, the hops' run
+    ids) grow at one end: random 16-digit ids put every insert on a random page, which cost
+    the SQLite store twice the CPU a run at 20,000 stored runs and 2.6x at two million.
+    Unique enough to correlate (a clash needs two runs in one millisecond to draw the same 48
+    bits), and not a secret (so no os.urandom per run).
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{_ids.getrandbits(48):012x}"
 
 
 _ids = random.Random()
