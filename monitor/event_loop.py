@@ -11,8 +11,11 @@ and leaves anything else to uvloop.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import errno
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -20,19 +23,24 @@ import uvloop
 __all__ = ["Loop", "new_event_loop"]
 
 _INET = (socket.AF_INET, socket.AF_INET6)
+# A socket's family as the int it is: `socket.socket.family` makes an enum of it (0.7 µs).
+_family: Callable[[socket.socket], int] = _socket.socket.family.__get__
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 
 
 class Loop(uvloop.Loop):
     """uvloop's loop; `sock_connect` to an IP address without the thread pool."""
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
-        if sock.family not in _INET or not _numeric(sock.family, address):
+        family = _family(sock)
+        if family not in _INET or not _numeric(family, address):
             return await super().sock_connect(sock, address)
-        try:
-            sock.connect(address)
-            return  # made at once (it happens on loopback)
-        except (BlockingIOError, InterruptedError):
-            pass
+        # connect_ex: a connect in progress (the usual answer) is not raised and caught
+        err = sock.connect_ex(address)
+        if err == 0:
+            return  # made at once
+        if err not in _IN_PROGRESS:
+            raise OSError(err, f"Connect call failed {address}")
         fd = sock.fileno()
         ready = self.create_future()
         self.add_writer(fd, _wake, ready)
