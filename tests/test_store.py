@@ -35,6 +35,7 @@ from monitor.store.rows import (
     run_rows,
 )
 from monitor.store.schema import incidents, metadata, runs, step_artifacts, step_results
+from monitor.store.store import BUSY_LINGER, BUSY_RUNS
 from tests.fixtures.store import PG_HOST, PG_PORT, T0, TcpProxy, make_run
 
 # --- migrations ------------------------------------------------------------------------------
@@ -246,6 +247,29 @@ async def test_a_busy_monitors_runs_go_in_few_transactions(store_url: str) -> No
         assert await store.flush()
         assert store.stats.written == 400
         assert commits == 1
+    finally:
+        await store.close()
+
+
+async def test_a_busy_store_lingers_longer_and_a_quiet_one_does_not(store_url: str) -> None:
+    """After a transaction of BUSY_RUNS runs or more the writer lingers BUSY_LINGER times as
+    long (bigger transactions: fewer index pages rewritten a run); after a small one, not."""
+    store = Store(store_url, linger_s=0.2)
+    await store.migrate()
+    await store.start()
+    try:
+
+        async def written_after(count: int) -> float:
+            begun, target = time.monotonic(), store.stats.written + count
+            for i in range(count):
+                store.submit(make_run(flow=f"f{i % 40}", started_at=T0 + i, steps=("get",)))
+            async with asyncio.timeout(10):
+                await store.wait_written(target)
+            return time.monotonic() - begun
+
+        await written_after(BUSY_RUNS)  # one transaction: the store is busy now
+        assert await written_after(1) >= 0.2 * BUSY_LINGER * 0.9
+        assert await written_after(1) < 0.2 * BUSY_LINGER * 0.75  # a small batch: quiet again
     finally:
         await store.close()
 
