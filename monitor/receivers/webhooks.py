@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from monitor.receivers.answer import Answer, PreparedAnswer
 from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
 from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
@@ -286,7 +287,7 @@ class _PathHandler:
             xml=root,
         )
         self.correlator.offer(arrival)
-        return _answer(self._answer)
+        return PreparedAnswer(self._answer)  # a fresh one: aiohttp's responses are single use
 
     def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> VerifiedDelivery:
         """The first verifying config's delivery; raises the first config's error otherwise."""
@@ -391,23 +392,14 @@ def _unsigned_delivery_id(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-_Answer = tuple[int, bytes | None, str | None]  # status, body, content type (utf-8)
-
-
-def _prepared_answer(route: WebhookRoute) -> _Answer:
+def _prepared_answer(route: WebhookRoute) -> Answer:
     """The configured answer, encoded once: a text body as `text=` sends it, a mapping or list
     as `web.json_response` does."""
     body = route.respond_body
     if body is None:
-        return (route.respond_status, None, None)
+        return Answer(route.respond_status)
     if isinstance(body, str):
-        return (route.respond_status, body.encode(), "text/plain")
-    return (route.respond_status, json.dumps(body).encode(), "application/json")
-
-
-def _answer(answer: _Answer) -> web.Response:
-    """A fresh response (aiohttp's are single use) from the prepared answer."""
-    status, body, content_type = answer
-    if body is None:
-        return web.Response(status=status)
-    return web.Response(status=status, body=body, content_type=content_type, charset="utf-8")
+        return Answer(route.respond_status, body.encode(), "text/plain; charset=utf-8")
+    return Answer(
+        route.respond_status, json.dumps(body).encode(), "application/json; charset=utf-8"
+    )
