@@ -13,7 +13,9 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Annotated, Any, Final, Protocol
+from itertools import compress
+from types import MappingProxyType
+from typing import Annotated, Any, Final, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,9 +100,12 @@ class XPathMatch(MatchBase):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A match rule with its templates rendered for this run."""
+_NO_VALUES: Final[Mapping[str, Scalar]] = MappingProxyType({})
+
+
+class Rule(NamedTuple):
+    """A match rule with its templates rendered for this run. A named tuple: as immutable as a
+    frozen dataclass, made in one C call (a waiting step makes one per run)."""
 
     headers: dict[str, str]
     paths: dict[str, Scalar]
@@ -109,7 +114,7 @@ class Rule:
     # "json:<path>", "xpath:<path>"; an arrival that carries one of them belongs to this run
     run_parts: frozenset[str] = frozenset()
     # XPath → wanted value in an XML arrival (`Arrival.xml`), with the prefixes they use
-    xpaths: Mapping[str, Scalar] = field(default_factory=dict)
+    xpaths: Mapping[str, Scalar] = _NO_VALUES
     namespaces: tuple[tuple[str, str], ...] = ()
 
     def matcher(self, header_of: HeaderLookup) -> RuleMatcher:
@@ -120,9 +125,13 @@ class Rule:
     def describe(self, anything: str) -> str:
         """The rule as a failure message shows it; `anything` when it asks for nothing."""
         parts = [f"key={self.key.decode('utf-8', 'replace')!r}"] if self.key is not None else []
-        parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
-        parts += [f"{k}={v!r}" for k, v in self.paths.items()]
-        parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
+        # each list made only when there is something in it (a comprehension is a call)
+        if self.headers:
+            parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
+        if self.paths:
+            parts += [f"{k}={v!r}" for k, v in self.paths.items()]
+        if self.xpaths:
+            parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
         return ", ".join(parts) or anything
 
     def mismatch(self, arrival: Arrival, header_of: HeaderLookup) -> str:
@@ -159,28 +168,35 @@ class RuleMatcher:
     def __init__(self, rule: Rule, header_of: HeaderLookup) -> None:
         self.rule = rule
         self.header_of = header_of
-        self.paths = tuple((_reader(path), want) for path, want in rule.paths.items())
-        keys: list[tuple[Selector, str]] = []
-        run = rule.run_parts
-        run_keys: list[tuple[Selector, str]] = []
-        if rule.key is not None:
-            keys.append((_KEY, _key_text(rule.key)))
-            if "key" in run:
-                run_keys.append(keys[-1])
-        for name, want in rule.headers.items():
-            keys.append((_header(name, header_of), want))
-            if f"header:{name}" in run:
-                run_keys.append(keys[-1])
-        for path, wanted in rule.paths.items():
-            keys.append((_json_path(path), wanted_text(wanted)))
-            if f"json:{path}" in run:
-                run_keys.append(keys[-1])
-        for path, wanted in rule.xpaths.items():
-            keys.append((_xpath(path, rule.namespaces), wanted_text(wanted)))
-            if f"xpath:{path}" in run:
-                run_keys.append(keys[-1])
-        self.keys = tuple(keys)
-        self.run_keys = tuple(run_keys)
+        # where each key is read and which hold the run's values: the same for every run of a
+        # rule (only the values differ), so found once per rule's shape
+        shape = (
+            header_of,
+            rule.key is not None,
+            tuple(rule.headers),
+            tuple(rule.paths),
+            tuple(rule.xpaths),
+            rule.namespaces,
+            rule.run_parts,
+        )
+        plan = _PLANS.get(shape)
+        if plan is None:
+            plan = _plan(rule, header_of)
+            if len(_PLANS) >= _PLANS_MAX:  # reloads make new rules: drop the old ones
+                _PLANS.clear()
+            _PLANS[shape] = plan
+        selectors, readers, run_flags = plan
+        wanted: list[str] = [_key_text(rule.key)] if rule.key is not None else []
+        wanted += rule.headers.values()
+        if rule.paths:
+            wanted += map(wanted_text, rule.paths.values())
+            self.paths = tuple(zip(readers, rule.paths.values(), strict=True))
+        else:
+            self.paths = ()
+        if rule.xpaths:
+            wanted += map(wanted_text, rule.xpaths.values())
+        self.keys = tuple(zip(selectors, wanted, strict=True))
+        self.run_keys = tuple(compress(self.keys, run_flags))
 
     def __call__(self, arrival: Arrival) -> bool:
         # Loops, not any()/all() over generators: the correlator confirms every candidate
@@ -206,6 +222,35 @@ class RuleMatcher:
                 if not _holds(_xpath_values(arrival, path, spaces), value):
                     return False
         return True
+
+
+# A rule's shape (see RuleMatcher) → its key selectors, its JSON paths' readers, and which keys
+# hold the run's values
+_Plan = tuple[tuple[Selector, ...], tuple[PathReader, ...], tuple[bool, ...]]
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_PLANS_MAX: Final = 4096
+
+
+def _plan(rule: Rule, header_of: HeaderLookup) -> _Plan:
+    """Where a rule's keys are read (key, headers, JSON paths, XPaths, in that order), its JSON
+    paths' readers, and which of its keys hold the run's own values (`Rule.run_parts`)."""
+    run = rule.run_parts
+    selectors: list[Selector] = []
+    flags: list[bool] = []
+    if rule.key is not None:
+        selectors.append(_KEY)
+        flags.append("key" in run)
+    for name in rule.headers:
+        selectors.append(_header(name, header_of))
+        flags.append(f"header:{name}" in run)
+    for path in rule.paths:
+        selectors.append(_json_path(path))
+        flags.append(f"json:{path}" in run)
+    for path in rule.xpaths:
+        selectors.append(_xpath(path, rule.namespaces))
+        flags.append(f"xpath:{path}" in run)
+    readers = tuple(_reader(path) for path in rule.paths)
+    return tuple(selectors), readers, tuple(flags)
 
 
 def _holds(values: list[Any], want: Scalar) -> bool:
@@ -329,13 +374,20 @@ def render_rule(
     match: MatchBase, ctx: StepContext, header_mode: RenderMode, key: str | None = None
 ) -> Rule:
     """`match` with its templates rendered for this run; non-text values read as in a template."""
-    headers = {
-        name: ctx.render(v, header_mode) if isinstance(v, str) else as_text(v)
-        for name, v in match.header.items()
-    }
-    paths: dict[str, Scalar] = {
-        path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()
-    }
+    # each dict made only when the rule has such values (a comprehension is a call)
+    headers = (
+        {
+            name: ctx.render(v, header_mode) if isinstance(v, str) else as_text(v)
+            for name, v in match.header.items()
+        }
+        if match.header
+        else {}
+    )
+    paths: dict[str, Scalar] = (
+        {path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()}
+        if match.json_
+        else {}
+    )
     run_parts = _run_parts(match, key)
     rendered_key = ctx.render(key).encode() if key is not None else None
     if not isinstance(match, XPathMatch) or not match.xpath:
