@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import compress
 from types import MappingProxyType
 from typing import Annotated, Any, Final, NamedTuple, Protocol
 
@@ -168,35 +167,28 @@ class RuleMatcher:
     def __init__(self, rule: Rule, header_of: HeaderLookup) -> None:
         self.rule = rule
         self.header_of = header_of
-        # where each key is read and which hold the run's values: the same for every run of a
-        # rule (only the values differ), so found once per rule's shape
-        shape = (
-            header_of,
-            rule.key is not None,
-            tuple(rule.headers),
-            tuple(rule.paths),
-            tuple(rule.xpaths),
-            rule.namespaces,
-            rule.run_parts,
-        )
-        plan = _PLANS.get(shape)
-        if plan is None:
-            plan = _plan(rule, header_of)
-            if len(_PLANS) >= _PLANS_MAX:  # reloads make new rules: drop the old ones
-                _PLANS.clear()
-            _PLANS[shape] = plan
-        selectors, readers, run_flags = plan
-        wanted: list[str] = [_key_text(rule.key)] if rule.key is not None else []
-        wanted += rule.headers.values()
-        if rule.paths:
-            wanted += map(wanted_text, rule.paths.values())
-            self.paths = tuple(zip(readers, rule.paths.values(), strict=True))
-        else:
-            self.paths = ()
-        if rule.xpaths:
-            wanted += map(wanted_text, rule.xpaths.values())
-        self.keys = tuple(zip(selectors, wanted, strict=True))
-        self.run_keys = tuple(compress(self.keys, run_flags))
+        self.paths = tuple((_reader(path), want) for path, want in rule.paths.items())
+        keys: list[tuple[Selector, str]] = []
+        run = rule.run_parts
+        run_keys: list[tuple[Selector, str]] = []
+        if rule.key is not None:
+            keys.append((_KEY, _key_text(rule.key)))
+            if "key" in run:
+                run_keys.append(keys[-1])
+        for name, want in rule.headers.items():
+            keys.append((_header(name, header_of), want))
+            if f"header:{name}" in run:
+                run_keys.append(keys[-1])
+        for path, wanted in rule.paths.items():
+            keys.append((_json_path(path), wanted_text(wanted)))
+            if f"json:{path}" in run:
+                run_keys.append(keys[-1])
+        for path, wanted in rule.xpaths.items():
+            keys.append((_xpath(path, rule.namespaces), wanted_text(wanted)))
+            if f"xpath:{path}" in run:
+                run_keys.append(keys[-1])
+        self.keys = tuple(keys)
+        self.run_keys = tuple(run_keys)
 
     def __call__(self, arrival: Arrival) -> bool:
         # Loops, not any()/all() over generators: the correlator confirms every candidate
@@ -222,35 +214,6 @@ class RuleMatcher:
                 if not _holds(_xpath_values(arrival, path, spaces), value):
                     return False
         return True
-
-
-# A rule's shape (see RuleMatcher) → its key selectors, its JSON paths' readers, and which keys
-# hold the run's values
-_Plan = tuple[tuple[Selector, ...], tuple[PathReader, ...], tuple[bool, ...]]
-_PLANS: dict[tuple[Any, ...], _Plan] = {}
-_PLANS_MAX: Final = 4096
-
-
-def _plan(rule: Rule, header_of: HeaderLookup) -> _Plan:
-    """Where a rule's keys are read (key, headers, JSON paths, XPaths, in that order), its JSON
-    paths' readers, and which of its keys hold the run's own values (`Rule.run_parts`)."""
-    run = rule.run_parts
-    selectors: list[Selector] = []
-    flags: list[bool] = []
-    if rule.key is not None:
-        selectors.append(_KEY)
-        flags.append("key" in run)
-    for name in rule.headers:
-        selectors.append(_header(name, header_of))
-        flags.append(f"header:{name}" in run)
-    for path in rule.paths:
-        selectors.append(_json_path(path))
-        flags.append(f"json:{path}" in run)
-    for path in rule.xpaths:
-        selectors.append(_xpath(path, rule.namespaces))
-        flags.append(f"xpath:{path}" in run)
-    readers = tuple(_reader(path) for path in rule.paths)
-    return tuple(selectors), readers, tuple(flags)
 
 
 def _holds(values: list[Any], want: Scalar) -> bool:
