@@ -231,9 +231,14 @@ def _whsec_key(secret: str) -> bytes:
 def _standard_webhooks(
     config: StandardWebhooksSignature, headers: Mapping[str, str], body: bytes, now: float
 ) -> VerifiedDelivery:
-    msg_id = _header(headers, "webhook-id")
-    stamp_text = _header(headers, "webhook-timestamp")
-    signatures = _header(headers, "webhook-signature")
+    # read inline (the names are lower case already): three `_header` calls were ~1 % of a
+    # delivery's instructions; `_header` says which one is missing
+    msg_id = (headers.get("webhook-id") or "").strip()
+    stamp_text = (headers.get("webhook-timestamp") or "").strip()
+    signatures = (headers.get("webhook-signature") or "").strip()
+    if not (msg_id and stamp_text and signatures):
+        for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+            _header(headers, name)
     stamp = _timestamp(stamp_text, now, config.tolerance, "webhook-timestamp")
     key = _whsec_key(resolve_secret(config.secret))
     signed = f"{msg_id}.{stamp_text}.".encode() + body

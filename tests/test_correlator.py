@@ -335,6 +335,24 @@ async def test_early_table_bounded_in_bytes(arrivals: Counter, registry: Collect
     assert arrivals_count(registry, "unmatched") == 40
 
 
+async def test_an_offer_ages_out_what_finished_before_late_memory(
+    arrivals: Counter, registry: CollectorRegistry
+) -> None:
+    """Arrivals age the finished table as they come (not only the janitor): a repeat of a
+    delivery matched longer than `late_memory` ago is no longer known, so unmatched, while one
+    within it is still a duplicate."""
+    correlator = Correlator(arrivals, late_memory=0.05)
+    for ref in ("A", "B"):
+        task = await waiting(correlator.expect(CHANNEL, ref, "hook", soon()), ref)
+        assert correlator.offer(arrival(ref)) == "matched"
+        await task
+        if ref == "A":
+            await asyncio.sleep(0.06)
+    assert correlator.offer(arrival("B")) == "duplicate"  # B finished just now
+    assert correlator.offer(arrival("A")) == "unmatched"  # A aged out as B came
+    assert correlator.stats()["finished"] == 1
+
+
 async def test_pending_table_full_refuses_new_expectations(correlator: Correlator) -> None:
     small = Correlator(max_pending=2)
     small.expect(CHANNEL, "r1", "hook", soon())

@@ -249,8 +249,9 @@ class _PathHandler:
             return _closing(400, "body unreadable (broken chunking or content encoding)")
         if body is None:
             return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
+        headers = request.headers  # a property: read once
         try:
-            verified = self._verify(request.headers, body, received_unix)
+            verified = self._verify(headers, body, received_unix)
         except SignatureError as exc:
             return self._refuse(401, "bad_signature", f"signature: {exc.message}", exc.why)
         except SecretUnavailable as exc:
@@ -258,7 +259,7 @@ class _PathHandler:
             return self._refuse(500, "bad_signature", "signature secret unavailable")
         doc: Any = None
         root: Any = None
-        if _is_json(request):
+        if _is_json(headers, request):
             try:
                 doc = untrusted_json.loads(body, max_bytes=self.max_body)
             except untrusted_json.NotJson as exc:
@@ -279,7 +280,7 @@ class _PathHandler:
             channel=self.path,
             received_at=received_at,
             received_unix=received_unix,
-            headers=request.headers,
+            headers=headers,
             body=body,
             json=doc,
             delivery_id=verified.delivery_id,
@@ -366,9 +367,9 @@ def _closing(status: int, text: str) -> web.Response:
     return response
 
 
-def _is_json(request: web.BaseRequest) -> bool:
+def _is_json(headers: Mapping[str, str], request: web.BaseRequest) -> bool:
     """application/json or application/*+json; the usual exact header skips aiohttp's parse."""
-    if request.headers.get("Content-Type") == "application/json":
+    if headers.get("Content-Type") == "application/json":
         return True
     content_type = request.content_type
     return content_type == "application/json" or (
