@@ -306,9 +306,12 @@ def _pinned(core: int) -> Any:
     return pin
 
 
-def run_child(func: str, args: dict[str, Any], core: int, timeout: float) -> dict[str, Any]:
-    """Run `benchmarks.<module>.<function>(args)` in a fresh process pinned to `core`."""
-    cmd = [sys.executable, "-m", "benchmarks.child", func, json.dumps(args)]
+def run_child(
+    func: str, args: dict[str, Any], core: int, timeout: float, *, prefix: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run `benchmarks.<module>.<function>(args)` in a fresh process pinned to `core`, under
+    `prefix` (a command such as valgrind's) when given."""
+    cmd = [*prefix, sys.executable, "-m", "benchmarks.child", func, json.dumps(args)]
     proc = subprocess.run(
         cmd,
         cwd=ROOT,
@@ -324,6 +327,21 @@ def run_child(func: str, args: dict[str, Any], core: int, timeout: float) -> dic
             return result
     tail = "\n".join(proc.stderr.splitlines()[-15:])
     raise RuntimeError(f"{func} exited {proc.returncode} without a result:\n{tail}")
+
+
+@contextmanager
+def callgrind_collecting(on: bool) -> Iterator[None]:
+    """When `on`, callgrind counts this process's instructions only inside the block (the
+    process runs under `valgrind --tool=callgrind --instr-atstart=no`); a no-op otherwise."""
+    if not on:
+        yield
+        return
+    pid = str(os.getpid())
+    subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
 
 
 def start_pinned(cmd: list[str], core: int, **kwargs: Any) -> subprocess.Popen[str]:

@@ -43,6 +43,7 @@ from benchmarks.common import (
     CpuClock,
     Ctx,
     GcWatch,
+    callgrind_collecting,
     free_port,
     median_round,
     start_pinned,
@@ -81,9 +82,11 @@ async def _drive(
     args: dict[str, Any], batch: Batch, warmed: Callable[[], bool] = lambda: True
 ) -> dict[str, Any]:
     """Batches of `batch` refs, two in flight (one delivered while the next one registers):
-    warm-up batches until `warmed()` (at most WARMUP_LIMIT_S), then for `duration` seconds;
-    the rate and CPU counted by the webhooks that went through (`steps_per_s`,
-    `cpu_us_per_step`)."""
+    warm-up batches until `warmed()` (at most `warmup_limit_s`, WARMUP_LIMIT_S unless given;
+    at least `warmup_batches`, 1 unless given), then for `duration` seconds or, when given,
+    `webhooks` webhooks (whole batches); the rate and CPU counted by the webhooks that went
+    through (`steps_per_s`, `cpu_us_per_step`). With `callgrind`, callgrind counts the
+    process's instructions over the measured batches alone (benchmarks.webhook_instructions)."""
     next_id = 0
     window = asyncio.Semaphore(2)
 
@@ -96,18 +99,26 @@ async def _drive(
             window.release()
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        warm_until = time.perf_counter() + WARMUP_LIMIT_S
-        while True:  # warm-up, one batch at a time
+        warm_until = time.perf_counter() + args.get("warmup_limit_s", WARMUP_LIMIT_S)
+        for warm in count(1):  # warm-up, one batch at a time
             await window.acquire()
             await one(session)
-            if warmed() or time.perf_counter() > warm_until:
+            if warm >= args.get("warmup_batches", 1) and (
+                warmed() or time.perf_counter() > warm_until
+            ):
                 break
         clock = CpuClock()
         clock.start()
-        deadline = time.perf_counter() + args["duration"]
+        deadline: float = time.perf_counter() + args.get("duration", 0.0)
         jobs: list[asyncio.Task[tuple[int, int]]] = []
-        with GcWatch() as gc_watch:
-            while time.perf_counter() < deadline:
+
+        def more() -> bool:
+            if "webhooks" in args:
+                return bool(len(jobs) * args["batch"] < args["webhooks"])
+            return time.perf_counter() < deadline
+
+        with GcWatch() as gc_watch, callgrind_collecting(args.get("callgrind", False)):
+            while more():
                 await window.acquire()
                 jobs.append(asyncio.create_task(one(session)))
             done = await asyncio.gather(*jobs)
@@ -135,7 +146,7 @@ async def hopwatch_webhooks(args: dict[str, Any]) -> dict[str, Any]:
     issued = count()
     monitor.runner.new_run_id = lambda: f"{next(issued):016x}"  # known to the sender
     flow = webhook_flow()
-    receiver = _time_receiver()
+    receiver = _time_receiver(args.get("time_handler", True))
     engine = build_engine([flow], max_concurrency=4 * args["batch"])
     await engine.start(schedule=False, admin=False)
     url = f"http://{engine.options.listen}{PATH}"
@@ -164,7 +175,7 @@ async def hopwatch_receiver(args: dict[str, Any]) -> dict[str, Any]:
     batch's expectations are made waiting directly (as `webhook_await` leaves them) instead of
     by runs, so what is measured is aiohttp, the handler and the correlator's matching."""
     flow = webhook_flow()
-    receiver = _time_receiver()
+    receiver = _time_receiver(args.get("time_handler", True))
     engine = build_engine([flow], max_concurrency=4 * args["batch"])
     await engine.start(schedule=False, admin=False)
     url = f"http://{engine.options.listen}{PATH}"
@@ -217,15 +228,18 @@ def _waiting(correlator: Correlator, ref: str, deadline: float) -> Expectation:
     return expectation
 
 
-def _time_receiver() -> list[float]:
+def _time_receiver(on: bool = True) -> list[float]:
     """Time hopwatch's webhook handler (verify, parse, match, answer: what runs between
     aiohttp's request parsing and its response writing) as [seconds, calls]. Its common path
     never waits, so its wall time is CPU time; it is the receiver's own share of a webhook,
     beside aiohttp's (the bare server) and the run's (the rest). The wrapper's own cost, a
-    coroutine and two clock reads per webhook, counts against hopwatch."""
+    coroutine and two clock reads per webhook, counts against hopwatch; when not `on` (counting
+    instructions), no wrapper and [0, 0]."""
     from monitor.receivers import webhooks as receiver
 
     spent = [0.0, 0.0]
+    if not on:
+        return spent
     handle = receiver._PathHandler.handle
 
     async def timed(self: Any, request: web.BaseRequest) -> web.StreamResponse:

@@ -114,7 +114,7 @@ def _render_simple(
 ) -> str | None:
     """Render like Jinja would (mapping keys, str() of the value, the mode's finalizer), or
     None to let Jinja render it and word any error (an unknown name, a non-mapping)."""
-    finalize = _finalizer(mode)
+    finalize = _FINALIZERS.get(mode, _as_is)  # _finalizer(mode), without the call
     out: list[str] = []
     for part in parts:
         if isinstance(part, str):
@@ -122,10 +122,15 @@ def _render_simple(
             continue
         value: Any = variables
         for name in part:
-            # a plain dict first: the ABC's isinstance costs more than the look-up
-            if not (type(value) is dict or isinstance(value, Mapping)) or name not in value:
+            # dicts (and their subclasses, `run`'s RunValues) first: the ABC's isinstance
+            # costs more than the look-up; a look-up, not `in` and a look-up: RunValues makes
+            # its lazy values on a miss, and its `in` is Python
+            if not isinstance(value, (dict, Mapping)):  # dict first: a C check
                 return None
-            value = value[name]
+            try:
+                value = value[name]
+            except KeyError:
+                return None
         if type(value) is not str and isinstance(value, Mapping | list):
             return None  # Jinja's repr of containers: leave it to Jinja
         out.append(str(finalize(value)))

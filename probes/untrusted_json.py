@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "NotJson", "loads"]
@@ -35,15 +36,28 @@ def loads(body: bytes, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH
     try:
         if body[:1] in _OPENERS and body[1:2] != b"\0":
             # What json.loads would detect (no BOM, no NUL in the first two bytes: UTF-8),
-            # decoded as it would decode it, without its detection run in Python each time.
-            return _decode(body.decode("utf-8", "surrogatepass"))
+            # decoded as its decoder would (`JSONDecoder.decode`: its scanner, then nothing
+            # but whitespace), without its detection and two decoder methods run in Python.
+            text = body.decode("utf-8", "surrogatepass")
+            try:
+                doc, end = _scan(text, 0)  # no leading whitespace: it opens with { or [
+            except StopIteration as err:
+                raise json.JSONDecodeError("Expecting value", text, err.value) from None
+            trailing = _WHITESPACE.match(text, end)  # always matches, if only ""
+            end = trailing.end() if trailing is not None else end
+            if end != len(text):
+                raise json.JSONDecodeError("Extra data", text, end)
+            return doc
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise NotJson(_reason(exc)) from None
 
 
 _OPENERS: Final = (b"{", b"[")
-_decode: Final = json.JSONDecoder().decode  # json.loads's own decoder, without its checks
+# json.loads's own (C) scanner: (text, index) → (value, end); typeshed does not declare it
+_Scanner = Callable[[str, int], tuple[Any, int]]
+_scan: Final[_Scanner] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")  # what JSONDecoder.decode skips
 
 
 def nesting(body: bytes, stop_above: int) -> int:

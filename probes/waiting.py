@@ -13,7 +13,8 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Annotated, Any, Final, Protocol
+from types import MappingProxyType
+from typing import Annotated, Any, Final, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,9 +99,13 @@ class XPathMatch(MatchBase):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A match rule with its templates rendered for this run."""
+_NO_VALUES: Final[Mapping[str, Scalar]] = MappingProxyType({})
+
+
+class Rule(NamedTuple):
+    """A match rule with its templates rendered for this run. A named tuple: as immutable as a
+    frozen dataclass, made without an `object.__setattr__` per field (~2.5x cheaper; a waiting
+    step makes one per run)."""
 
     headers: dict[str, str]
     paths: dict[str, Scalar]
@@ -109,7 +114,7 @@ class Rule:
     # "json:<path>", "xpath:<path>"; an arrival that carries one of them belongs to this run
     run_parts: frozenset[str] = frozenset()
     # XPath → wanted value in an XML arrival (`Arrival.xml`), with the prefixes they use
-    xpaths: Mapping[str, Scalar] = field(default_factory=dict)
+    xpaths: Mapping[str, Scalar] = _NO_VALUES
     namespaces: tuple[tuple[str, str], ...] = ()
 
     def matcher(self, header_of: HeaderLookup) -> RuleMatcher:
@@ -120,9 +125,13 @@ class Rule:
     def describe(self, anything: str) -> str:
         """The rule as a failure message shows it; `anything` when it asks for nothing."""
         parts = [f"key={self.key.decode('utf-8', 'replace')!r}"] if self.key is not None else []
-        parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
-        parts += [f"{k}={v!r}" for k, v in self.paths.items()]
-        parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
+        # each list made only when there is something in it (a comprehension is a call)
+        if self.headers:
+            parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
+        if self.paths:
+            parts += [f"{k}={v!r}" for k, v in self.paths.items()]
+        if self.xpaths:
+            parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
         return ", ".join(parts) or anything
 
     def mismatch(self, arrival: Arrival, header_of: HeaderLookup) -> str:
@@ -329,13 +338,20 @@ def render_rule(
     match: MatchBase, ctx: StepContext, header_mode: RenderMode, key: str | None = None
 ) -> Rule:
     """`match` with its templates rendered for this run; non-text values read as in a template."""
-    headers = {
-        name: ctx.render(v, header_mode) if isinstance(v, str) else as_text(v)
-        for name, v in match.header.items()
-    }
-    paths: dict[str, Scalar] = {
-        path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()
-    }
+    # each dict made only when the rule has such values (a comprehension is a call)
+    headers = (
+        {
+            name: ctx.render(v, header_mode) if isinstance(v, str) else as_text(v)
+            for name, v in match.header.items()
+        }
+        if match.header
+        else {}
+    )
+    paths: dict[str, Scalar] = (
+        {path: ctx.render(v) if isinstance(v, str) else v for path, v in match.json_.items()}
+        if match.json_
+        else {}
+    )
     run_parts = _run_parts(match, key)
     rendered_key = ctx.render(key).encode() if key is not None else None
     if not isinstance(match, XPathMatch) or not match.xpath:

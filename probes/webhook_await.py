@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from probes.arrivals import Arrival, Registration
+from probes.arrivals import Arrival
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 KIND: Final = "webhook_await"
+_LISTENER: Final = " (the public listener)"  # what offers its arrivals, for `register`'s error
 _MS_THRESHOLD: Final = 1e11  # a numeric sender timestamp above this is in milliseconds
 
 
@@ -145,11 +146,11 @@ class WebhookAwaitProbe:
 
     def expect(self, config: Config, ctx: StepContext) -> None:
         """Register with the correlator before any step of the run runs."""
-        _register(config, ctx)
+        register(ctx, KIND, config.path, _LISTENER)
 
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
-        expectation = _register(config, ctx)
+        expectation = register(ctx, KIND, config.path, _LISTENER)  # the run's start made it
         rule = _rendered_rule(config, ctx)
         what = f"delivery on {config.path} with {rule.describe('any body')}"
         try:
@@ -186,10 +187,6 @@ class WebhookAwaitProbe:
             raise
         own = own_latency(ctx, arrival)
         return StepOutcome(latency_s=latency, vars=values, attributes=attributes, own_latency_s=own)
-
-
-def _register(config: Config, ctx: StepContext) -> Registration:
-    return register(ctx, KIND, config.path, " (the public listener)")
 
 
 def _rendered_rule(config: Config, ctx: StepContext) -> Rule:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from benchmarks.common import (
 from benchmarks.scheduled import breakdown, ratios
 from benchmarks.scheduled import table as scheduled_table
 from benchmarks.senders import SECRET, RawSender, signed_request
+from benchmarks.webhook_instructions import report
 from probes.signatures import StandardWebhooksSignature, verify
 
 ROOT = Path(__file__).parent.parent
@@ -283,3 +285,47 @@ def test_the_cluster_table_tells_the_brokers_share_of_a_handover_from_the_grids(
                 "sigterm": moved}  # fmt: skip
     text = cluster_table({"handover_short": handover})
     assert "gap p50 4.1 s, max 4.7 s (partitions assigned 3.57 s)" in text
+
+
+def _instructions(tmp_path: Path, *argv: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.webhook_instructions", "--out", str(tmp_path), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results: dict[str, Any] = json.loads((tmp_path / "webhook_instructions.json").read_text())
+    return results
+
+
+def test_webhook_instructions_measure_whole_batches_at_the_correlators_steady_state(
+    tmp_path: Path,
+) -> None:
+    """The driver counts exactly `--count` webhooks (whole batches), after warm-up batches that
+    filled the correlator's table of finished expectations."""
+    alone = _instructions(tmp_path, "--part", "alone", "--count", "300", "--no-valgrind")["alone"]
+    assert (alone["runs"], alone["failed"]) == (300, 0)
+    assert alone["finished_remembered"] == alone["finished_max"] == 10_000
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_webhook_instructions_count_only_the_measured_webhooks(tmp_path: Path) -> None:
+    """Under callgrind, instructions are counted from the end of the warm-up to the last
+    measured webhook: the bare server's per request is far below the ~10^8 of Python's start,
+    its imports and the warm-up, and above what a request could cost without its parse."""
+    bare = _instructions(tmp_path, "--part", "bare", "--count", "200")["bare"]
+    assert (bare["runs"], bare["failed"]) == (200, 0)
+    assert 50_000 < bare["instructions_per_webhook"] < 1_000_000
+    assert (tmp_path / "callgrind.bare.out").exists()
+
+
+def test_webhook_instruction_report_judges_each_part_by_the_bare_server() -> None:
+    def part(per: int) -> dict[str, Any]:
+        return {"runs": 1000, "failed": 0, "instructions_per_webhook": per}
+
+    lines = report({"bare": part(238_000), "alone": part(340_000), "run": part(476_000)})
+    assert lines[1].endswith("340,000 instructions each, 70.0% of the bare server (target ≥ 70%)")
+    assert lines[2].endswith("476,000 instructions each, 50.0% of the bare server (target ≥ 50%)")

@@ -141,6 +141,31 @@ async def test_deadline_then_late_never_credited_to_a_later_run(
     assert counts(registry) == {"late": 2}
 
 
+async def test_one_timer_expires_each_waiter_at_its_own_deadline(correlator: Correlator) -> None:
+    """Waiters share the correlator's one timer: one that waits after another with an earlier
+    deadline still expires first, and each expires at its deadline, not at a neighbour's."""
+    started = time.monotonic()
+    late = await waiting(correlator.expect(CHANNEL, "r1", "hook", soon()), "A", soon(0.3))
+    early = await waiting(correlator.expect(CHANNEL, "r2", "hook", soon()), "B", soon(0.05))
+    with pytest.raises(NotReceived):
+        await early
+    assert 0.04 <= time.monotonic() - started < 0.25 and not late.done()
+    with pytest.raises(NotReceived):
+        await late
+    assert time.monotonic() - started >= 0.29
+
+
+async def test_fulfilled_waiters_do_not_pile_up_under_the_timer(correlator: Correlator) -> None:
+    """A fulfilled waiter's deadline stays queued until dropped: never many more than are
+    pending, however many runs came and went."""
+    for n in range(2_000):
+        exp = correlator.expect(CHANNEL, f"r{n}", "hook", soon())
+        task = await waiting(exp, f"ref{n}", soon(60))
+        correlator.offer(arrival(f"ref{n}"))
+        await task
+    assert len(correlator._deadlines) <= 2 * correlator.stats()["pending"] + 65
+
+
 async def test_not_received_says_how_many_others_came(correlator: Correlator) -> None:
     exp = correlator.expect(CHANNEL, "r1", "hook", soon())
     task = await waiting(exp, "A", deadline=soon(0.05))
@@ -308,6 +333,24 @@ async def test_early_table_bounded_in_bytes(arrivals: Counter, registry: Collect
         assert correlator.stats()["early_bytes"] <= 10_000
     assert correlator.stats()["early"] == 10
     assert arrivals_count(registry, "unmatched") == 40
+
+
+async def test_an_offer_ages_out_what_finished_before_late_memory(
+    arrivals: Counter, registry: CollectorRegistry
+) -> None:
+    """Arrivals age the finished table as they come (not only the janitor): a repeat of a
+    delivery matched longer than `late_memory` ago is no longer known, so unmatched, while one
+    within it is still a duplicate."""
+    correlator = Correlator(arrivals, late_memory=0.05)
+    for ref in ("A", "B"):
+        task = await waiting(correlator.expect(CHANNEL, ref, "hook", soon()), ref)
+        assert correlator.offer(arrival(ref)) == "matched"
+        await task
+        if ref == "A":
+            await asyncio.sleep(0.06)
+    assert correlator.offer(arrival("B")) == "duplicate"  # B finished just now
+    assert correlator.offer(arrival("A")) == "unmatched"  # A aged out as B came
+    assert correlator.stats()["finished"] == 1
 
 
 async def test_pending_table_full_refuses_new_expectations(correlator: Correlator) -> None:

@@ -311,6 +311,9 @@ async def test_deliveries_skip_the_router_and_the_rest_keep_its_answers(
         b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate
         b'{"a": "\\ud800"}',
         b'{"a": 1} trailing',
+        b'{"a": 1} \r\n\t ',  # trailing whitespace only
+        b'{"a": 1}{"b": 2}',
+        b"[1, 2,",
         b"{",
         '{"a": 1}'.encode("utf-16-le"),  # a NUL second byte: detected, not taken for UTF-8
         '{"a": 1}'.encode("utf-16"),

@@ -20,6 +20,7 @@ from probes.signatures import (
     resolve_secret,
     verify,
 )
+from probes.signatures import _hmac_sha256 as _hmac_sha256
 from tests.fixtures.webhooks import SW_SECRET, sign_standard
 
 CONFIG: TypeAdapter[Any] = TypeAdapter(SignatureConfig)
@@ -59,6 +60,15 @@ def test_standard_webhooks_spec_vector() -> None:
     delivery = verify(standard(), sw_headers(), SW_BODY, now=SW_TS)
     assert delivery.delivery_id == SW_ID
     assert delivery.timestamp == SW_TS
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 24, 32, 63, 64, 65, 200])
+def test_standard_webhooks_hmac_from_padded_states_is_rfc_2104(key_len: int) -> None:
+    """The HMAC made from cached padded hash states equals OpenSSL's for keys shorter than,
+    as long as and longer than SHA-256's block, and a key's states are reused unchanged."""
+    key = bytes(range(7, 7 + key_len)) if key_len < 200 else bytes(key_len)
+    for message in (b"", b"msg_1.1614265330.{}", bytes(range(256)) * 5):
+        assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
 
 
 def test_standard_webhooks_several_signatures_one_matches() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import replace
 from typing import Final, Literal, Protocol
 
@@ -31,6 +30,8 @@ class _Owner(Protocol):
     def _flush_unclaimable(self, channel: str) -> None: ...
 
     def _expire(self, expectation: Expectation) -> None: ...
+
+    def _watch(self, expectation: Expectation) -> None: ...
 
     def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None: ...
 
@@ -124,13 +125,10 @@ class Expectation:
         self.state = "waiting"
         self._owner._flush_unclaimable(self.channel)
         self._future = loop.create_future()
-        timer = loop.call_later(
-            max(0.0, self.deadline - time.monotonic()), self._owner._expire, self
-        )
+        self._owner._watch(self)  # expired at its deadline by the correlator's one timer
         try:
             return await self._future
         finally:
-            timer.cancel()
             if self.state == "waiting":  # cancelled from outside: later arrivals are late
                 self._owner._expire(self)
             self._future = None  # the finished table must not keep the arrival's body alive

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -22,6 +22,9 @@ class Table(Generic[T]):
     def __init__(self) -> None:
         self._all: OrderedDict[int, tuple[str, T]] = OrderedDict()
         self._by_channel: dict[str, dict[int, T]] = {}
+        # the same dict, to be read (never changed) by the correlator's hot paths: `len` of it
+        # is the table's size without a Python-level __len__ (four a webhook)
+        self.entries: Mapping[int, tuple[str, T]] = self._all
 
     def __len__(self) -> int:
         return len(self._all)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from monitor.receivers.answer import Answer, PreparedAnswer
 from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
 from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
@@ -248,8 +249,9 @@ class _PathHandler:
             return _closing(400, "body unreadable (broken chunking or content encoding)")
         if body is None:
             return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
+        headers = request.headers  # a property: read once
         try:
-            verified = self._verify(request.headers, body, received_unix)
+            verified = self._verify(headers, body, received_unix)
         except SignatureError as exc:
             return self._refuse(401, "bad_signature", f"signature: {exc.message}", exc.why)
         except SecretUnavailable as exc:
@@ -257,7 +259,7 @@ class _PathHandler:
             return self._refuse(500, "bad_signature", "signature secret unavailable")
         doc: Any = None
         root: Any = None
-        if _is_json(request):
+        if _is_json(headers, request):
             try:
                 doc = untrusted_json.loads(body, max_bytes=self.max_body)
             except untrusted_json.NotJson as exc:
@@ -278,7 +280,7 @@ class _PathHandler:
             channel=self.path,
             received_at=received_at,
             received_unix=received_unix,
-            headers=request.headers,
+            headers=headers,
             body=body,
             json=doc,
             delivery_id=verified.delivery_id,
@@ -286,7 +288,7 @@ class _PathHandler:
             xml=root,
         )
         self.correlator.offer(arrival)
-        return _answer(self._answer)
+        return PreparedAnswer(self._answer)  # a fresh one: aiohttp's responses are single use
 
     def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> VerifiedDelivery:
         """The first verifying config's delivery; raises the first config's error otherwise."""
@@ -365,9 +367,9 @@ def _closing(status: int, text: str) -> web.Response:
     return response
 
 
-def _is_json(request: web.BaseRequest) -> bool:
+def _is_json(headers: Mapping[str, str], request: web.BaseRequest) -> bool:
     """application/json or application/*+json; the usual exact header skips aiohttp's parse."""
-    if request.headers.get("Content-Type") == "application/json":
+    if headers.get("Content-Type") == "application/json":
         return True
     content_type = request.content_type
     return content_type == "application/json" or (
@@ -391,23 +393,14 @@ def _unsigned_delivery_id(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-_Answer = tuple[int, bytes | None, str | None]  # status, body, content type (utf-8)
-
-
-def _prepared_answer(route: WebhookRoute) -> _Answer:
+def _prepared_answer(route: WebhookRoute) -> Answer:
     """The configured answer, encoded once: a text body as `text=` sends it, a mapping or list
     as `web.json_response` does."""
     body = route.respond_body
     if body is None:
-        return (route.respond_status, None, None)
+        return Answer(route.respond_status)
     if isinstance(body, str):
-        return (route.respond_status, body.encode(), "text/plain")
-    return (route.respond_status, json.dumps(body).encode(), "application/json")
-
-
-def _answer(answer: _Answer) -> web.Response:
-    """A fresh response (aiohttp's are single use) from the prepared answer."""
-    status, body, content_type = answer
-    if body is None:
-        return web.Response(status=status)
-    return web.Response(status=status, body=body, content_type=content_type, charset="utf-8")
+        return Answer(route.respond_status, body.encode(), "text/plain; charset=utf-8")
+    return Answer(
+        route.respond_status, json.dumps(body).encode(), "application/json; charset=utf-8"
+    )
