@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import sqlite3
 import sys
@@ -31,6 +32,7 @@ from monitor.store.rows import (
     ATTRIBUTES_LIMIT,
     RUN_COLUMNS,
     STEP_COLUMNS,
+    _phases,
     row_dict,
     run_rows,
 )
@@ -691,6 +693,21 @@ async def test_rows_in_the_database_match_what_was_submitted(store: Store) -> No
             for t in (runs, step_results, incidents)
         ]
     assert counts == [1, 2, 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=8) | st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**6), 10**6),
+        max_size=6,
+    )
+)
+def test_phases_are_written_as_json_wrote_them(phases: dict[Any, Any]) -> None:
+    """The phases' fast path writes what `json` wrote for the finite ones, names escaped alike;
+    other names and values still go through `json`."""
+    wanted = json.dumps({str(k): float(v) for k, v in phases.items() if math.isfinite(v)})
+    assert _phases(phases) == wanted
 
 
 def test_row_tuples_name_every_column_their_tables_have() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -49,7 +50,19 @@ _attributes_json = json.JSONEncoder(default=str, allow_nan=False, sort_keys=True
 
 
 def _phases(phases: dict[str, float]) -> str:
-    return _json({str(k): float(v) for k, v in phases.items() if math.isfinite(v)})
+    """The phases as `_json` writes them, finite values only. Timers give floats under a few
+    plain names: written here from each name's cached JSON and `repr` (what `json` writes for a
+    float), 2.5 → 1 µs a hop; anything else is left to `json`."""
+    parts = []
+    for name, value in phases.items():
+        if type(value) is not float or type(name) is not str:
+            return _json({str(k): float(v) for k, v in phases.items() if math.isfinite(v)})
+        if value - value == 0.0:  # finite: NaN and the infinities give NaN
+            parts.append(f"{_json_key(name)}: {value!r}")
+    return "{" + ", ".join(parts) + "}"
+
+
+_json_key = functools.lru_cache(maxsize=256)(_json)  # phase names: a few, over and over
 
 
 def _attributes(attributes: dict[str, Any]) -> str:
