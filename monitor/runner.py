@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import time
+from asyncio import current_task
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from monitor.config import Flow
 from monitor.results import RunResult, StepResult
 from monitor.sinks import FanOut
+from monitor.step_timeout import step_timeout
 from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
@@ -70,42 +72,6 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-class StepTimeout:
-    """`asyncio.timeout(budget)` for one step, as a plain context manager: the same rules (a
-    timer cancels the task; on the way out its CancelledError becomes TimeoutError, unless
-    someone else cancelled the task too, e.g. shutdown), without the two coroutines and the
-    state machine that made asyncio's version 5 % of a reused-connection check's instructions
-    (callgrind, Python 3.11)."""
-
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
-
-    def __init__(self, budget: float) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("StepTimeout outside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._expired = False
-        # the task's own loop: asyncio.get_running_loop() asks the kernel for the pid (3.11)
-        self._handle = task.get_loop().call_later(budget, self._expire)
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> StepTimeout:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self._handle.cancel()
-        if (
-            self._expired
-            and self._task.uncancel() <= self._cancelling
-            and exc_type is asyncio.CancelledError
-        ):
-            raise TimeoutError
-
-
 @dataclass
 class RunnerDeps:
     """Long-lived resources the engine lends to every run."""
@@ -119,7 +85,8 @@ class RunnerDeps:
     correlator: CorrelatorPort | None = None
     kafka: KafkaPort | None = None
     tracing: Tracing | None = None  # when traces are on
-    release_run: Callable[[StepContext], Awaitable[None]] | None = None
+    # what to await to release a run's resources, or None when there is nothing to wait for
+    release_run: Callable[[StepContext], Awaitable[None] | None] | None = None
     replica: str | None = None  # named on every result when in a cluster
     # (flow, variant, start, end) → whether a maintenance window covered the run
     in_maintenance: Callable[[str, str, float, float], bool] | None = None
@@ -220,7 +187,11 @@ class Runner:
                         results.append(
                             await self._cleanup(step, ctx, started, started_unix, results)
                         )
-                await self._release(ctx)
+                release = self.deps.release_run  # no coroutine per run when nothing to close
+                closing = release(ctx) if release is not None else None
+                if closing is not None:
+                    await closing
+                self._release_hooks(ctx)
         finally:
             result = self._result(ctx, started, started_unix, outcome, results, trace_id)
             covered = self.deps.in_maintenance
@@ -272,10 +243,9 @@ class Runner:
             ctx.step = step.name
             expect(step, ctx)
 
-    async def _release(self, ctx: StepContext) -> None:
-        if self.deps.release_run is not None:
-            await self.deps.release_run(ctx)
-        for hook in ctx.run_state.pop("_on_release", []):
+    @staticmethod
+    def _release_hooks(ctx: StepContext) -> None:
+        for hook in ctx.run_state.pop("_on_release", ()):
             try:
                 hook()
             except Exception:
@@ -334,8 +304,14 @@ class Runner:
         try:
             if budget <= 0:
                 raise TimeoutError
-            with StepTimeout(budget):
+            # asyncio.timeout's rules, without a context manager's calls (monitor/step_timeout.py)
+            timeout = step_timeout(current_task(), t0 + budget)
+            try:
                 outcome: StepOutcome = await probe.run(step, ctx)
+            except BaseException as error:
+                timeout.close(error)  # a CancelledError of the deadline's own: TimeoutError
+                raise
+            timeout.close(None)
             result.latency_s = time.monotonic() - t0
             return outcome
         except StepFailed as failed:
