@@ -44,6 +44,8 @@ _ceil, _log2 = math.ceil, math.log2
 _PER_DOUBLING = 2**SCHEMA
 _FAST_MIN, _FAST_MAX = 2.0**-64, 2.0**64  # far inside the zero threshold and infinity
 _HALF_MAX = MAX_BUCKETS // 2
+_MARGIN = 1e-9  # relative: a native bucket widened by this holds every value given its index
+_SPLIT = -2  # HistogramFamily._classic: a classic bound falls inside the native bucket
 
 LabelValues = tuple[str, ...]
 # What a bucket (or counter) keeps of its last exemplar: the labels (a bare string is a
@@ -343,6 +345,9 @@ class HistogramFamily(Family):
         if "le" in labelnames:
             raise ValueError("Invalid label metric name: le")
         self.bounds = tuple(bounds)
+        # native bucket index → the classic bucket holding all of it, or _SPLIT if a bound
+        # falls inside it (filled as observations come: HistogramFamily._classic_bucket)
+        self._classic: dict[int, int] = {}
         self._le = tuple(_go_float(b) for b in bounds)
         self._sum = len(bounds)
         self.stride = len(bounds) + 2
@@ -355,23 +360,43 @@ class HistogramFamily(Family):
             self.show(offset)
         data = self._data
         data[offset + self._sum] += amount
-        if amount == amount:  # NaN counts in the sum only, as in prometheus_client
-            at = offset + bisect_left(self.bounds, amount)
-            data[at] += 1.0
-            if trace_id:
-                self._exemplars[at] = (trace_id, amount, time.time())
         native = self.native
-        if native is not None:  # after the count: a scrape (another thread) reads it first
+        if native is not None:  # the classic count first: a scrape (another thread) reads it so
             # the common case inline (a positive latency into a series at the default schema),
             # which keeps a native observation to a fraction of a microsecond
             buckets = native.positive.get(offset)
             if buckets is not None and _FAST_MIN < amount < _FAST_MAX and not native.schemas:
                 key = _ceil(_log2(amount) * _PER_DOUBLING)
+                at = self._classic.get(key, -1)  # the classic bucket without a bisection
+                at = offset + (at if at >= 0 else self._classic_bucket(key, amount))
+                data[at] += 1.0
+                if trace_id:
+                    self._exemplars[at] = (trace_id, amount, time.time())
                 buckets[key] = buckets.get(key, 0) + 1
                 if len(buckets) > _HALF_MAX:
                     native.check(offset)
-            else:
-                native.observe(offset, amount)
+                return
+        if amount == amount:  # NaN counts in the sum only, as in prometheus_client
+            at = offset + bisect_left(self.bounds, amount)
+            data[at] += 1.0
+            if trace_id:
+                self._exemplars[at] = (trace_id, amount, time.time())
+        if native is not None:
+            native.observe(offset, amount)
+
+    def _classic_bucket(self, key: int, amount: float) -> int:
+        """`amount`'s classic bucket (its index), where native bucket `key` holds it; remembered
+        for `key` when no classic bound falls in that native bucket (widened by far more than
+        the rounding of the `key` arithmetic), so the whole native bucket is in one classic
+        one and later observations skip the bisection."""
+        bounds, known = self.bounds, self._classic
+        if key not in known:
+            low = 2.0 ** ((key - 1) / _PER_DOUBLING) * (1.0 - _MARGIN)
+            high = 2.0 ** (key / _PER_DOUBLING) * (1.0 + _MARGIN)
+            first = bisect_left(bounds, low)
+            inside = first == bisect_left(bounds, high) and low <= amount <= high
+            known[key] = first if inside else _SPLIT
+        return bisect_left(bounds, amount)
 
     def hide(self, offset: int) -> None:
         super().hide(offset)
