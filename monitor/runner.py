@@ -275,7 +275,23 @@ class Runner:
         try:
             if scope is not None:
                 scope.__enter__()
-            outcome = await self._execute(step, ctx, budget, result)
+            outcome: StepOutcome | None = None
+            probe = KINDS[step.kind].probe
+            t0 = time.monotonic()
+            try:  # in line, not a coroutine of its own: one frame fewer per step
+                if budget <= 0:
+                    raise TimeoutError
+                # asyncio.timeout's rules without a context manager's calls (monitor/step_timeout)
+                timeout = step_timeout(current_task(), t0 + budget)
+                try:
+                    outcome = await probe.run(step, ctx)
+                except BaseException as error:
+                    timeout.close(error)  # a CancelledError of the deadline's own: TimeoutError
+                    raise
+                timeout.close(None)
+                result.latency_s = time.monotonic() - t0
+            except Exception as exc:
+                self._failed(exc, step, ctx, budget, result)
             ended = ctx.step_ended[step.name] = time.monotonic()
             result.duration_s = ended - now  # the waterfall draws every wait at its length
             if outcome is not None:
@@ -295,52 +311,35 @@ class Runner:
                 scope.finish(result)
         return result
 
-    async def _execute(
-        self, step: Any, ctx: StepContext, budget: float, result: StepResult
-    ) -> StepOutcome | None:
-        probe = KINDS[step.kind].probe
+    def _failed(
+        self, exc: Exception, step: Any, ctx: StepContext, budget: float, result: StepResult
+    ) -> None:
+        """What a step's exception says, on its result (called while it is handled)."""
         redact = self.deps.templates.redactor
-        t0 = time.monotonic()
-        try:
-            if budget <= 0:
-                raise TimeoutError
-            # asyncio.timeout's rules, without a context manager's calls (monitor/step_timeout.py)
-            timeout = step_timeout(current_task(), t0 + budget)
-            try:
-                outcome: StepOutcome = await probe.run(step, ctx)
-            except BaseException as error:
-                timeout.close(error)  # a CancelledError of the deadline's own: TimeoutError
-                raise
-            timeout.close(None)
-            result.latency_s = time.monotonic() - t0
-            return outcome
-        except StepFailed as failed:
-            result.status = "failed"
-            result.reason = failed.reason
-            result.message = redact(failed.message)
-            result.excerpt = redact(failed.excerpt)
-            result.phases = failed.phases
-            result.attributes = failed.attributes
-            result.latency_s = failed.latency_s
-            result.tls_not_after = failed.tls_not_after
-            result.artifacts = failed.artifacts
-            if failed.vars:
-                ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
-        except TimeoutError:
-            result.status = "failed"
+        result.status = "failed"
+        if isinstance(exc, StepFailed):
+            result.reason = exc.reason
+            result.message = redact(exc.message)
+            result.excerpt = redact(exc.excerpt)
+            result.phases = exc.phases
+            result.attributes = exc.attributes
+            result.latency_s = exc.latency_s
+            result.tls_not_after = exc.tls_not_after
+            result.artifacts = exc.artifacts
+            if exc.vars:
+                ctx.steps[step.name] = exc.vars  # cleanup may need them; later hops are skipped
+        elif isinstance(exc, TimeoutError):
             result.reason = "timeout"
             result.message = f"no result within {budget:.3g}s"
-        except TemplateError as exc:
+        elif isinstance(exc, TemplateError):
             # A flow bug (or a value a failed earlier step never produced): not the target's fault.
             result.status = "skipped" if result.cleanup else "failed"
             result.reason = None if result.cleanup else "error"
             result.message = redact(f"template: {exc}")
-        except Exception as exc:  # our bug: report it, keep the monitor alive
+        else:  # our bug: report it, keep the monitor alive
             log.exception("step %s of run %s raised", step.name, ctx.run.id)
-            result.status = "failed"
             result.reason = "error"
             result.message = redact(f"internal error: {type(exc).__name__}: {exc}")
-        return None
 
     async def _cleanup(
         self,
