@@ -93,27 +93,60 @@ class RunnerDeps:
     shared: dict[str, Shared] = field(default_factory=dict)  # the kinds' own, by kind name
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What every run of one flow reads of its config, read once per flow (flows are frozen;
+    a pydantic model's attribute costs about four times a slot's)."""
+
+    flow: Flow
+    name: str
+    location: str | None
+    timeout: float
+    steps: list[Any]
+    cleanup: list[Any]
+    reuse_connections: bool
+    cookies: bool
+    one_request: bool
+    variants: dict[str, dict[str, Any]]  # variant → its values, dumped on its first run
+
+
 class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
-        self._variants: dict[tuple[str, str], dict[str, Any]] = {}  # flows are frozen
+        self._plans: dict[int, _Plan] = {}  # flow's identity → its plan
         # flow's identity → (the flow, its waiting steps and their `expect`), found once
         self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
         self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
-        self._one_request: dict[int, tuple[Flow, bool]] = {}  # flow's identity → (flow, answer)
 
-    def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
+    def _plan(self, flow: Flow) -> _Plan:
+        plan = self._plans.get(id(flow))
+        if plan is None or plan.flow is not flow:
+            plan = self._plans[id(flow)] = _Plan(
+                flow=flow,
+                name=flow.name,
+                location=flow.location,
+                timeout=flow.timeout,
+                steps=list(flow.steps),
+                cleanup=list(flow.cleanup),
+                reuse_connections=flow.reuse_connections,
+                cookies=flow.cookies,
+                one_request=self._sends_one_request(flow),
+                variants={},
+            )
+        return plan
+
+    def _context(self, plan: _Plan, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
-        values = self._variants.get((flow.name, variant))
-        if values is None:
-            values = self._variants[(flow.name, variant)] = flow.variants[variant].model_dump()
+        values = plan.variants.get(variant)
+        if values is None:  # (keyed by the flow, not its name: a reload may change them)
+            values = plan.variants[variant] = plan.flow.variants[variant].model_dump()
         return StepContext(
             run=RunInfo(
                 id=run_id,
                 correlation=f"hw-{run_id}",
-                flow=flow.name,
+                flow=plan.name,
                 variant=variant,
-                location=flow.location or d.location,
+                location=plan.location or d.location,
             ),
             variant=values,
             steps={},
@@ -122,34 +155,29 @@ class Runner:
             marker_header=d.marker_header,
             public_url=d.public_url,
             deadline=deadline,
-            reuse_connections=flow.reuse_connections,
-            one_request=self._sends_one_request(flow),
-            cookies=flow.cookies,
+            reuse_connections=plan.reuse_connections,
+            one_request=plan.one_request,
+            cookies=plan.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
             shared=d.shared,
         )
 
-    def _sends_one_request(self, flow: Flow) -> bool:
+    @staticmethod
+    def _sends_one_request(flow: Flow) -> bool:
         """Whether a run of `flow` sends one HTTP request in all: its fresh connection can then
         come from a shared session that closes it, not a session built and closed per run."""
-        known = self._one_request.get(id(flow))
-        if known is None or known[0] is not flow:  # flows are frozen: decide once per flow
-            users = [
-                KINDS[step.kind]
-                for step in (*flow.steps, *flow.cleanup)
-                if KINDS[step.kind].tls is not None
-            ]
-            one = not flow.reuse_connections and len(users) == 1 and users[0].one_request
-            known = self._one_request[id(flow)] = (flow, one)
-        return known[1]
+        steps = (*flow.steps, *flow.cleanup)
+        users = [KINDS[step.kind] for step in steps if KINDS[step.kind].tls is not None]
+        return not flow.reuse_connections and len(users) == 1 and users[0].one_request
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
         """Run `flow` once for `variant`; the result goes to the sinks (unless submit=False)."""
         run_id = new_run_id()
         started_unix = time.time()
         started = time.monotonic()
-        ctx = self._context(flow, variant, run_id, started + flow.timeout)
+        plan = self._plan(flow)
+        ctx = self._context(plan, variant, run_id, started + plan.timeout)
         tracing = self.deps.tracing
         results: list[StepResult] = []
         outcome = "success"
@@ -161,7 +189,7 @@ class Runner:
             self._register_expectations(flow, ctx)
             try:
                 broken: StepResult | None = None
-                for step in flow.steps:
+                for step in plan.steps:
                     if broken is not None:
                         skipped = self._skipped(step, ctx, started, started_unix)
                         # says why on every surface (page, API, JUnit): not broken, not run
@@ -173,7 +201,7 @@ class Runner:
                     if step_result.status == "failed":
                         broken = step_result
                 outcome = "failure" if broken is not None else "success"
-                if submit and flow.cleanup:  # the links' signal does not wait for cleanup
+                if submit and plan.cleanup:  # the links' signal does not wait for cleanup
                     self.deps.sinks.verdict(
                         self._result(ctx, started, started_unix, outcome, list(results), trace_id)
                     )
@@ -183,7 +211,7 @@ class Runner:
                 raise
             finally:
                 if outcome != "aborted":
-                    for step in flow.cleanup:
+                    for step in plan.cleanup:
                         results.append(
                             await self._cleanup(step, ctx, started, started_unix, results)
                         )
@@ -197,7 +225,7 @@ class Runner:
             covered = self.deps.in_maintenance
             if covered is not None:
                 end = started_unix + result.duration_s
-                result.maintenance = covered(flow.name, variant, started_unix, end)
+                result.maintenance = covered(plan.name, variant, started_unix, end)
             if span_scope is not None:
                 span_scope.finish(result)
             if submit:
