@@ -117,6 +117,8 @@ class Runner:
         # flow's identity → (the flow, its waiting steps and their `expect`), found once
         self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
         self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
+        # step's identity → (the step, its name, kind and timeout)
+        self._steps: dict[int, tuple[Any, str, str, float | None]] = {}
 
     def _plan(self, flow: Flow) -> _Plan:
         plan = self._plans.get(id(flow))
@@ -282,17 +284,21 @@ class Runner:
     async def _step(
         self, step: Any, ctx: StepContext, run_start: float, run_unix: float, *, cleanup: bool
     ) -> StepResult:
-        ctx.step = step.name
+        known = self._steps.get(id(step))
+        if known is None or known[0] is not step:  # configs are frozen: read once per step
+            known = self._steps[id(step)] = (step, step.name, step.kind, step.timeout)
+        _, name, kind, step_timeout_s = known
+        ctx.step = name
         now = time.monotonic()
-        ctx.step_started[step.name] = now
+        ctx.step_started[name] = now
         budget = ctx.deadline - now
         if cleanup:
             budget = max(budget, CLEANUP_BUDGET)
-        if step.timeout is not None:
-            budget = min(budget, step.timeout)
+        if step_timeout_s is not None:
+            budget = min(budget, step_timeout_s)
         result = StepResult(
-            name=step.name,
-            kind=step.kind,
+            name=name,
+            kind=kind,
             status="passed",
             started_at=run_unix + (now - run_start),
             offset_s=now - run_start,
@@ -304,7 +310,7 @@ class Runner:
             if scope is not None:
                 scope.__enter__()
             outcome: StepOutcome | None = None
-            probe = KINDS[step.kind].probe
+            probe = KINDS[kind].probe
             t0 = time.monotonic()
             try:  # in line, not a coroutine of its own: one frame fewer per step
                 if budget <= 0:
@@ -320,7 +326,7 @@ class Runner:
                 result.latency_s = time.monotonic() - t0
             except Exception as exc:
                 self._failed(exc, step, ctx, budget, result)
-            ended = ctx.step_ended[step.name] = time.monotonic()
+            ended = ctx.step_ended[name] = time.monotonic()
             result.duration_s = ended - now  # the waterfall draws every wait at its length
             if outcome is not None:
                 result.own_latency_s = outcome.own_latency_s
@@ -331,9 +337,9 @@ class Runner:
                 result.attributes = outcome.attributes
                 result.tls_not_after = outcome.tls_not_after
                 if outcome.vars:
-                    ctx.steps[step.name] = outcome.vars
+                    ctx.steps[name] = outcome.vars
                 else:
-                    ctx.steps.setdefault(step.name, {})
+                    ctx.steps.setdefault(name, {})
         finally:
             if scope is not None:
                 scope.finish(result)
