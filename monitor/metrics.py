@@ -1,7 +1,7 @@
 """The Prometheus metrics users build on (README, "Metrics"), and the sink that makes them.
 
 Instruments live on an injected registry (a fresh one per test). The per-flow families are the
-compact ones of monitor/metric_types.py (one float array per family instead of ~100 objects and
+compact ones of monitor/metric_types.py (one list of floats per family instead of ~100 objects and
 locks per flow, same exposition); the engine is single-threaded, so they take no locks. The
 sink looks up one pre-built record per (flow, variant, location) per run instead of a label
 lookup per update; the records of configured flows are built at start-up by `init_series`, so

@@ -581,7 +581,7 @@ def test_a_flow_costs_three_tracked_objects_and_a_sixth_of_the_memory() -> None:
     objects, size = cost_per_flow(classic, BUILDS[1][2])
     # prometheus_client: a child, a lock and a value object per bucket of each histogram
     # series (~195 objects per flow here); compact: the run record, its hop record and the
-    # hops dict are GC-tracked, the numbers sit in float arrays (2 histograms and 3 phase
+    # hops dict are GC-tracked, the numbers sit in lists of floats (2 histograms and 3 phase
     # histograms)
     assert ref_objects > 150
     assert objects <= 4, f"{objects:.1f} GC-tracked objects per flow (client: {ref_objects:.0f})"
