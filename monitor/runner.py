@@ -108,14 +108,13 @@ class _Plan:
     cookies: bool
     one_request: bool
     variants: dict[str, dict[str, Any]]  # variant → its values, dumped on its first run
+    waiting: list[tuple[str, Any, Callable[..., None]]]  # (name, step, its kind's `expect`)
 
 
 class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
         self._plans: dict[int, _Plan] = {}  # flow's identity → its plan
-        # flow's identity → (the flow, its waiting steps and their `expect`), found once
-        self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
         self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
         # step's identity → (the step, its name, kind and timeout)
         self._steps: dict[int, tuple[Any, str, str, float | None]] = {}
@@ -134,6 +133,11 @@ class Runner:
                 cookies=flow.cookies,
                 one_request=self._sends_one_request(flow),
                 variants={},
+                waiting=[
+                    (step.name, step, expect)
+                    for step in flow.steps
+                    if (expect := KINDS[step.kind].expect) is not None
+                ],
             )
         return plan
 
@@ -188,7 +192,7 @@ class Runner:
         try:
             if span_scope is not None:
                 trace_id = span_scope.__enter__()
-            self._register_expectations(flow, ctx)
+            self._register_expectations(plan, ctx)
             try:
                 broken: StepResult | None = None
                 for step in plan.steps:
@@ -259,18 +263,11 @@ class Runner:
             replica=self.deps.replica,
         )
 
-    def _register_expectations(self, flow: Flow, ctx: StepContext) -> None:
+    @staticmethod
+    def _register_expectations(plan: _Plan, ctx: StepContext) -> None:
         """Waiting kinds register before any step runs, so a fast reply is never lost."""
-        known = self._expecting.get(id(flow))
-        if known is None or known[0] is not flow:  # flows are frozen: look up once per flow
-            waiting = [
-                (step, expect)
-                for step in flow.steps
-                if (expect := KINDS[step.kind].expect) is not None
-            ]
-            known = self._expecting[id(flow)] = (flow, waiting)
-        for step, expect in known[1]:
-            ctx.step = step.name
+        for name, step, expect in plan.waiting:
+            ctx.step = name
             expect(step, ctx)
 
     @staticmethod
