@@ -9,7 +9,7 @@ without a session built and closed per run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import aiohttp
@@ -88,11 +88,11 @@ class HttpClientPool:
         return session
 
     @staticmethod
-    async def release_run(ctx: StepContext) -> None:
-        """Close the sessions a run opened (its connections were its own)."""
-        sessions: dict[TlsConfig, aiohttp.ClientSession] = ctx.run_state.pop(_CLOSERS, {})
-        for session in sessions.values():
-            await session.close()
+    def release_run(ctx: StepContext) -> Awaitable[None] | None:
+        """Close the sessions a run opened (its connections were its own): what to await, or
+        None when the run opened none (most runs: no coroutine made for them)."""
+        sessions: dict[TlsConfig, aiohttp.ClientSession] | None = ctx.run_state.pop(_CLOSERS, None)
+        return _close_all(sessions.values()) if sessions else None
 
     async def close(self) -> None:
         for session in self._shared.values():
@@ -100,3 +100,8 @@ class HttpClientPool:
         self._shared.clear()
         self._by_id.clear()
         await self._resolver.close()
+
+
+async def _close_all(sessions: Iterable[aiohttp.ClientSession]) -> None:
+    for session in sessions:
+        await session.close()

@@ -1,5 +1,5 @@
 """/metrics in the text and OpenMetrics formats, the compact families written straight from their
-arrays with each series' labels rendered once, so a scrape of 10,000 links takes a fraction of
+lists with each series' labels rendered once, so a scrape of 10,000 links takes a fraction of
 a second instead of seconds.
 
 prometheus_client's encoders build a `Sample` per line and escape and sort every label of every

@@ -1,7 +1,7 @@
 """The Prometheus metrics users build on (README, "Metrics"), and the sink that makes them.
 
 Instruments live on an injected registry (a fresh one per test). The per-flow families are the
-compact ones of monitor/metric_types.py (one float array per family instead of ~100 objects and
+compact ones of monitor/metric_types.py (one list of floats per family instead of ~100 objects and
 locks per flow, same exposition); the engine is single-threaded, so they take no locks. The
 sink looks up one pre-built record per (flow, variant, location) per run instead of a label
 lookup per update; the records of configured flows are built at start-up by `init_series`, so
@@ -306,17 +306,19 @@ class MetricsSink:
         self._links(self._record(result), result)
 
     def submit(self, result: RunResult) -> None:
-        m = self.m
         run = self._record(result)
-        outcome = run.outcomes.get(result.outcome)
-        if outcome is None:  # not one of OUTCOMES: counted all the same, as before
-            key = (run.flow, run.variant, run.loc, result.outcome)
-            outcome = run.outcomes[result.outcome] = m.runs.reserve(key)
-        m.runs.inc_at(outcome)
-        if result.outcome == "aborted":
+        m = self.m
+        outcome = result.outcome
+        offset = run.outcomes.get(outcome)
+        if offset is None:  # not one of OUTCOMES: counted all the same, as before
+            key = (run.flow, run.variant, run.loc, outcome)
+            offset = run.outcomes[outcome] = m.runs.reserve(key)
+        m.runs.inc_at(offset)
+        if outcome == "aborted":
             return  # a run cut short by shutdown says nothing about the target
-        if result.run_id in self._early:
-            self._early.discard(result.run_id)
+        early = self._early
+        if early and result.run_id in early:  # most runs have no cleanup: no verdict came
+            early.discard(result.run_id)
         else:
             self._links(run, result)
         m.run_duration.observe_at(run.duration, result.duration_s, result.trace_id)
@@ -336,19 +338,21 @@ class MetricsSink:
     def _links(self, run: _Run, result: RunResult) -> None:
         """The flow's and its hops' state and figures from a run's (finished) hops."""
         m = self.m
-        up = result.outcome == "success"
-        m.flow_up.set_at(run.flow_up, 1.0 if up else 0.0)
-        if up:
+        if result.outcome == "success":
+            m.flow_up.set_at(run.flow_up, 1.0)
             m.last_success.set_at(run.last_success, result.started_at + result.duration_s)
+        else:
+            m.flow_up.set_at(run.flow_up, 0.0)
+        hops, trace_id = run.hops, result.trace_id
         for step in result.steps:
             if not step.cleanup:
-                self._hop(run, step, result.trace_id)
+                hop = hops.get(step.name)
+                if hop is None or hop.kind != step.kind:
+                    hop = run.hop(m, step.name, step.kind)
+                self._hop(run, hop, step, trace_id)
 
-    def _hop(self, run: _Run, step: StepResult, trace_id: str | None) -> None:
+    def _hop(self, run: _Run, hop: _Hop, step: StepResult, trace_id: str | None) -> None:
         m = self.m
-        hop = run.hops.get(step.name)
-        if hop is None or hop.kind != step.kind:
-            hop = run.hop(m, step.name, step.kind)
         status = step.status
         if status == "skipped":
             if hop.skipped < 0:
@@ -361,8 +365,15 @@ class MetricsSink:
             m.link_skipped.set_at(hop.skipped, 0.0)
         if status == "failed":
             m.step_failures.inc_at(self._failure(run, hop, step.name, step.reason or "error"))
-        if (status == "passed" or status == "failed") and step.latency_s is not None:
-            self._latency(run, hop, step, step.latency_s, trace_id)
+        latency = step.latency_s
+        if latency is not None and (status == "passed" or status == "failed"):
+            m.step_duration.observe_at(hop.duration, latency, trace_id)
+            own = step.own_latency_s
+            if own is not None:
+                if hop.own < 0:
+                    labels = (run.flow, step.name, hop.kind, run.variant, run.loc)
+                    hop.own = m.step_own_duration.reserve(labels)
+                m.step_own_duration.observe_at(hop.own, own, trace_id)
         if step.phases and run.phases:
             self._phases(run, hop, step)
         if step.tls_not_after is not None:
@@ -370,17 +381,6 @@ class MetricsSink:
                 key = (run.flow, step.name, run.variant, run.loc)
                 hop.tls_expiry = m.tls_expiry.reserve(key)
             m.tls_expiry.set_at(hop.tls_expiry, step.tls_not_after)
-
-    def _latency(
-        self, run: _Run, hop: _Hop, step: StepResult, latency_s: float, trace_id: str | None
-    ) -> None:
-        m = self.m
-        m.step_duration.observe_at(hop.duration, latency_s, trace_id)
-        if step.own_latency_s is not None:
-            if hop.own < 0:
-                labels = (run.flow, step.name, hop.kind, run.variant, run.loc)
-                hop.own = m.step_own_duration.reserve(labels)
-            m.step_own_duration.observe_at(hop.own, step.own_latency_s, trace_id)
 
     def _phases(self, run: _Run, hop: _Hop, step: StepResult) -> None:
         m = self.m

@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import time
+from asyncio import current_task
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from monitor.config import Flow
 from monitor.results import RunResult, StepResult
 from monitor.sinks import FanOut
+from monitor.step_timeout import step_timeout
 from monitor.templates import Templates
 from monitor.tracing import Tracing
 from probes import KINDS
@@ -70,42 +72,6 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-class StepTimeout:
-    """`asyncio.timeout(budget)` for one step, as a plain context manager: the same rules (a
-    timer cancels the task; on the way out its CancelledError becomes TimeoutError, unless
-    someone else cancelled the task too, e.g. shutdown), without the two coroutines and the
-    state machine that made asyncio's version 5 % of a reused-connection check's instructions
-    (callgrind, Python 3.11)."""
-
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
-
-    def __init__(self, budget: float) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("StepTimeout outside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._expired = False
-        # the task's own loop: asyncio.get_running_loop() asks the kernel for the pid (3.11)
-        self._handle = task.get_loop().call_later(budget, self._expire)
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> StepTimeout:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self._handle.cancel()
-        if (
-            self._expired
-            and self._task.uncancel() <= self._cancelling
-            and exc_type is asyncio.CancelledError
-        ):
-            raise TimeoutError
-
-
 @dataclass
 class RunnerDeps:
     """Long-lived resources the engine lends to every run."""
@@ -119,34 +85,74 @@ class RunnerDeps:
     correlator: CorrelatorPort | None = None
     kafka: KafkaPort | None = None
     tracing: Tracing | None = None  # when traces are on
-    release_run: Callable[[StepContext], Awaitable[None]] | None = None
+    # what to await to release a run's resources, or None when there is nothing to wait for
+    release_run: Callable[[StepContext], Awaitable[None] | None] | None = None
     replica: str | None = None  # named on every result when in a cluster
     # (flow, variant, start, end) → whether a maintenance window covered the run
     in_maintenance: Callable[[str, str, float, float], bool] | None = None
     shared: dict[str, Shared] = field(default_factory=dict)  # the kinds' own, by kind name
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What every run of one flow reads of its config, read once per flow (flows are frozen;
+    a pydantic model's attribute costs about four times a slot's)."""
+
+    flow: Flow
+    name: str
+    location: str | None
+    timeout: float
+    steps: list[Any]
+    cleanup: list[Any]
+    reuse_connections: bool
+    cookies: bool
+    one_request: bool
+    variants: dict[str, dict[str, Any]]  # variant → its values, dumped on its first run
+    waiting: list[tuple[str, Any, Callable[..., None]]]  # (name, step, its kind's `expect`)
+
+
 class Runner:
     def __init__(self, deps: RunnerDeps) -> None:
         self.deps = deps
-        self._variants: dict[tuple[str, str], dict[str, Any]] = {}  # flows are frozen
-        # flow's identity → (the flow, its waiting steps and their `expect`), found once
-        self._expecting: dict[int, tuple[Flow, list[tuple[Any, Callable[..., None]]]]] = {}
+        self._plans: dict[int, _Plan] = {}  # flow's identity → its plan
         self._needs: dict[int, tuple[Any, tuple[tuple[str, str], ...]]] = {}  # cleanup step → refs
-        self._one_request: dict[int, tuple[Flow, bool]] = {}  # flow's identity → (flow, answer)
+        # step's identity → (the step, its name, kind and timeout)
+        self._steps: dict[int, tuple[Any, str, str, float | None]] = {}
 
-    def _context(self, flow: Flow, variant: str, run_id: str, deadline: float) -> StepContext:
+    def _plan(self, flow: Flow) -> _Plan:
+        plan = self._plans.get(id(flow))
+        if plan is None or plan.flow is not flow:
+            plan = self._plans[id(flow)] = _Plan(
+                flow=flow,
+                name=flow.name,
+                location=flow.location,
+                timeout=flow.timeout,
+                steps=list(flow.steps),
+                cleanup=list(flow.cleanup),
+                reuse_connections=flow.reuse_connections,
+                cookies=flow.cookies,
+                one_request=self._sends_one_request(flow),
+                variants={},
+                waiting=[
+                    (step.name, step, expect)
+                    for step in flow.steps
+                    if (expect := KINDS[step.kind].expect) is not None
+                ],
+            )
+        return plan
+
+    def _context(self, plan: _Plan, variant: str, run_id: str, deadline: float) -> StepContext:
         d = self.deps
-        values = self._variants.get((flow.name, variant))
-        if values is None:
-            values = self._variants[(flow.name, variant)] = flow.variants[variant].model_dump()
+        values = plan.variants.get(variant)
+        if values is None:  # (keyed by the flow, not its name: a reload may change them)
+            values = plan.variants[variant] = plan.flow.variants[variant].model_dump()
         return StepContext(
             run=RunInfo(
                 id=run_id,
                 correlation=f"hw-{run_id}",
-                flow=flow.name,
+                flow=plan.name,
                 variant=variant,
-                location=flow.location or d.location,
+                location=plan.location or d.location,
             ),
             variant=values,
             steps={},
@@ -155,34 +161,29 @@ class Runner:
             marker_header=d.marker_header,
             public_url=d.public_url,
             deadline=deadline,
-            reuse_connections=flow.reuse_connections,
-            one_request=self._sends_one_request(flow),
-            cookies=flow.cookies,
+            reuse_connections=plan.reuse_connections,
+            one_request=plan.one_request,
+            cookies=plan.cookies,
             correlator=d.correlator,
             kafka=d.kafka,
             shared=d.shared,
         )
 
-    def _sends_one_request(self, flow: Flow) -> bool:
+    @staticmethod
+    def _sends_one_request(flow: Flow) -> bool:
         """Whether a run of `flow` sends one HTTP request in all: its fresh connection can then
         come from a shared session that closes it, not a session built and closed per run."""
-        known = self._one_request.get(id(flow))
-        if known is None or known[0] is not flow:  # flows are frozen: decide once per flow
-            users = [
-                KINDS[step.kind]
-                for step in (*flow.steps, *flow.cleanup)
-                if KINDS[step.kind].tls is not None
-            ]
-            one = not flow.reuse_connections and len(users) == 1 and users[0].one_request
-            known = self._one_request[id(flow)] = (flow, one)
-        return known[1]
+        steps = (*flow.steps, *flow.cleanup)
+        users = [KINDS[step.kind] for step in steps if KINDS[step.kind].tls is not None]
+        return not flow.reuse_connections and len(users) == 1 and users[0].one_request
 
     async def run(self, flow: Flow, variant: str, *, submit: bool = True) -> RunResult:
         """Run `flow` once for `variant`; the result goes to the sinks (unless submit=False)."""
         run_id = new_run_id()
         started_unix = time.time()
         started = time.monotonic()
-        ctx = self._context(flow, variant, run_id, started + flow.timeout)
+        plan = self._plan(flow)
+        ctx = self._context(plan, variant, run_id, started + plan.timeout)
         tracing = self.deps.tracing
         results: list[StepResult] = []
         outcome = "success"
@@ -191,10 +192,10 @@ class Runner:
         try:
             if span_scope is not None:
                 trace_id = span_scope.__enter__()
-            self._register_expectations(flow, ctx)
+            self._register_expectations(plan, ctx)
             try:
                 broken: StepResult | None = None
-                for step in flow.steps:
+                for step in plan.steps:
                     if broken is not None:
                         skipped = self._skipped(step, ctx, started, started_unix)
                         # says why on every surface (page, API, JUnit): not broken, not run
@@ -206,7 +207,7 @@ class Runner:
                     if step_result.status == "failed":
                         broken = step_result
                 outcome = "failure" if broken is not None else "success"
-                if submit and flow.cleanup:  # the links' signal does not wait for cleanup
+                if submit and plan.cleanup:  # the links' signal does not wait for cleanup
                     self.deps.sinks.verdict(
                         self._result(ctx, started, started_unix, outcome, list(results), trace_id)
                     )
@@ -216,17 +217,21 @@ class Runner:
                 raise
             finally:
                 if outcome != "aborted":
-                    for step in flow.cleanup:
+                    for step in plan.cleanup:
                         results.append(
                             await self._cleanup(step, ctx, started, started_unix, results)
                         )
-                await self._release(ctx)
+                release = self.deps.release_run  # no coroutine per run when nothing to close
+                closing = release(ctx) if release is not None else None
+                if closing is not None:
+                    await closing
+                self._release_hooks(ctx)
         finally:
             result = self._result(ctx, started, started_unix, outcome, results, trace_id)
             covered = self.deps.in_maintenance
             if covered is not None:
                 end = started_unix + result.duration_s
-                result.maintenance = covered(flow.name, variant, started_unix, end)
+                result.maintenance = covered(plan.name, variant, started_unix, end)
             if span_scope is not None:
                 span_scope.finish(result)
             if submit:
@@ -258,24 +263,16 @@ class Runner:
             replica=self.deps.replica,
         )
 
-    def _register_expectations(self, flow: Flow, ctx: StepContext) -> None:
+    @staticmethod
+    def _register_expectations(plan: _Plan, ctx: StepContext) -> None:
         """Waiting kinds register before any step runs, so a fast reply is never lost."""
-        known = self._expecting.get(id(flow))
-        if known is None or known[0] is not flow:  # flows are frozen: look up once per flow
-            waiting = [
-                (step, expect)
-                for step in flow.steps
-                if (expect := KINDS[step.kind].expect) is not None
-            ]
-            known = self._expecting[id(flow)] = (flow, waiting)
-        for step, expect in known[1]:
-            ctx.step = step.name
+        for name, step, expect in plan.waiting:
+            ctx.step = name
             expect(step, ctx)
 
-    async def _release(self, ctx: StepContext) -> None:
-        if self.deps.release_run is not None:
-            await self.deps.release_run(ctx)
-        for hook in ctx.run_state.pop("_on_release", []):
+    @staticmethod
+    def _release_hooks(ctx: StepContext) -> None:
+        for hook in ctx.run_state.pop("_on_release", ()):
             try:
                 hook()
             except Exception:
@@ -284,17 +281,21 @@ class Runner:
     async def _step(
         self, step: Any, ctx: StepContext, run_start: float, run_unix: float, *, cleanup: bool
     ) -> StepResult:
-        ctx.step = step.name
+        known = self._steps.get(id(step))
+        if known is None or known[0] is not step:  # configs are frozen: read once per step
+            known = self._steps[id(step)] = (step, step.name, step.kind, step.timeout)
+        _, name, kind, step_timeout_s = known
+        ctx.step = name
         now = time.monotonic()
-        ctx.step_started[step.name] = now
+        ctx.step_started[name] = now
         budget = ctx.deadline - now
         if cleanup:
             budget = max(budget, CLEANUP_BUDGET)
-        if step.timeout is not None:
-            budget = min(budget, step.timeout)
+        if step_timeout_s is not None:
+            budget = min(budget, step_timeout_s)
         result = StepResult(
-            name=step.name,
-            kind=step.kind,
+            name=name,
+            kind=kind,
             status="passed",
             started_at=run_unix + (now - run_start),
             offset_s=now - run_start,
@@ -305,8 +306,24 @@ class Runner:
         try:
             if scope is not None:
                 scope.__enter__()
-            outcome = await self._execute(step, ctx, budget, result)
-            ended = ctx.step_ended[step.name] = time.monotonic()
+            outcome: StepOutcome | None = None
+            probe = KINDS[kind].probe
+            t0 = time.monotonic()
+            try:  # in line, not a coroutine of its own: one frame fewer per step
+                if budget <= 0:
+                    raise TimeoutError
+                # asyncio.timeout's rules without a context manager's calls (monitor/step_timeout)
+                timeout = step_timeout(current_task(), t0 + budget)
+                try:
+                    outcome = await probe.run(step, ctx)
+                except BaseException as error:
+                    timeout.close(error)  # a CancelledError of the deadline's own: TimeoutError
+                    raise
+                timeout.close(None)
+                result.latency_s = time.monotonic() - t0
+            except Exception as exc:
+                self._failed(exc, step, ctx, budget, result)
+            ended = ctx.step_ended[name] = time.monotonic()
             result.duration_s = ended - now  # the waterfall draws every wait at its length
             if outcome is not None:
                 result.own_latency_s = outcome.own_latency_s
@@ -317,54 +334,43 @@ class Runner:
                 result.attributes = outcome.attributes
                 result.tls_not_after = outcome.tls_not_after
                 if outcome.vars:
-                    ctx.steps[step.name] = outcome.vars
+                    ctx.steps[name] = outcome.vars
                 else:
-                    ctx.steps.setdefault(step.name, {})
+                    ctx.steps.setdefault(name, {})
         finally:
             if scope is not None:
                 scope.finish(result)
         return result
 
-    async def _execute(
-        self, step: Any, ctx: StepContext, budget: float, result: StepResult
-    ) -> StepOutcome | None:
-        probe = KINDS[step.kind].probe
+    def _failed(
+        self, exc: Exception, step: Any, ctx: StepContext, budget: float, result: StepResult
+    ) -> None:
+        """What a step's exception says, on its result (called while it is handled)."""
         redact = self.deps.templates.redactor
-        t0 = time.monotonic()
-        try:
-            if budget <= 0:
-                raise TimeoutError
-            with StepTimeout(budget):
-                outcome: StepOutcome = await probe.run(step, ctx)
-            result.latency_s = time.monotonic() - t0
-            return outcome
-        except StepFailed as failed:
-            result.status = "failed"
-            result.reason = failed.reason
-            result.message = redact(failed.message)
-            result.excerpt = redact(failed.excerpt)
-            result.phases = failed.phases
-            result.attributes = failed.attributes
-            result.latency_s = failed.latency_s
-            result.tls_not_after = failed.tls_not_after
-            result.artifacts = failed.artifacts
-            if failed.vars:
-                ctx.steps[step.name] = failed.vars  # cleanup may need them; later hops are skipped
-        except TimeoutError:
-            result.status = "failed"
+        result.status = "failed"
+        if isinstance(exc, StepFailed):
+            result.reason = exc.reason
+            result.message = redact(exc.message)
+            result.excerpt = redact(exc.excerpt)
+            result.phases = exc.phases
+            result.attributes = exc.attributes
+            result.latency_s = exc.latency_s
+            result.tls_not_after = exc.tls_not_after
+            result.artifacts = exc.artifacts
+            if exc.vars:
+                ctx.steps[step.name] = exc.vars  # cleanup may need them; later hops are skipped
+        elif isinstance(exc, TimeoutError):
             result.reason = "timeout"
             result.message = f"no result within {budget:.3g}s"
-        except TemplateError as exc:
+        elif isinstance(exc, TemplateError):
             # A flow bug (or a value a failed earlier step never produced): not the target's fault.
             result.status = "skipped" if result.cleanup else "failed"
             result.reason = None if result.cleanup else "error"
             result.message = redact(f"template: {exc}")
-        except Exception as exc:  # our bug: report it, keep the monitor alive
+        else:  # our bug: report it, keep the monitor alive
             log.exception("step %s of run %s raised", step.name, ctx.run.id)
-            result.status = "failed"
             result.reason = "error"
             result.message = redact(f"internal error: {type(exc).__name__}: {exc}")
-        return None
 
     async def _cleanup(
         self,

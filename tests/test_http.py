@@ -357,6 +357,25 @@ async def test_broken_link_reason_and_message(
     assert result.steps[1].status == "skipped"  # one break is counted once
 
 
+async def test_a_reloaded_flow_runs_with_its_new_variant_values(
+    target: TestServer, load_flows: Callable[[str], Config]
+) -> None:
+    """A reload that changes a variant's values keeps the flow's name: its runs must use the
+    new values (the runner once kept a variant's values by flow name, for good)."""
+    steps = "      - {name: s, kind: http, url: '{{ variant.base_url }}'}\n"
+    before = load_flows(flow_yaml(f"{base(target)}/json", steps))
+    after = load_flows(flow_yaml(f"{base(target)}/status/503", steps))
+    engine = Engine(before, None, CollectorRegistry())
+    await engine.start(schedule=False, admin=False)
+    try:
+        first = await engine.runner.run(before.flows[0], "stable", submit=False)
+        second = await engine.runner.run(after.flows[0], "stable", submit=False)
+    finally:
+        await engine.stop()
+    assert first.outcome == "success", first.steps[0].message
+    assert (second.outcome, second.steps[0].reason) == ("failure", "http_status")
+
+
 async def test_connect_error_timeout_and_extract(
     target: TestServer, load_flows: Callable[[str], Config]
 ) -> None:

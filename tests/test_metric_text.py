@@ -61,6 +61,19 @@ def test_awkward_values_labels_and_exemplars(openmetrics: bool) -> None:
     assert encode(registry, openmetrics=openmetrics) == client(registry, openmetrics)
 
 
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_a_gauge_set_to_an_int_is_written_as_its_float(openmetrics: bool) -> None:
+    """The numbers sit in a list, which keeps what it is given: an int (a unix time a probe
+    gave, `1` for up) must still be written as the float it stands for."""
+    registry = CollectorRegistry()
+    gauge = GaugeFamily("g", "G.", ["k"], registry)
+    gauge.set_at(gauge.reserve(("up",)), 1)
+    gauge.set_at(gauge.reserve(("expiry",)), 1700000000)
+    text = encode(registry, openmetrics=openmetrics)
+    assert text == client(registry, openmetrics)
+    assert b'g{k="up"} 1.0' in text
+
+
 def test_created_samples_go_through_the_client() -> None:
     enable_created_metrics()
     _, compact = both(None, rounds=3)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import random
 import time
 import tracemalloc
 import zlib
@@ -473,6 +474,27 @@ def test_families_match_the_client_for_any_observations(
     assert texts[1] == texts[0]
 
 
+@pytest.mark.parametrize("buckets", [LATENCY_BUCKETS, (0.0011, 0.0012, 0.07, 0.0707, 3.0)])
+def test_native_series_count_classic_buckets_as_a_bisection_does(
+    buckets: Sequence[float],
+) -> None:
+    """A native series takes an observation's classic bucket from its native one where that
+    lies in one classic bucket (no bisection): at, just beside and between every bound, and
+    bounds closer together than a native bucket, the counts are the bisection's."""
+    rng = random.Random(7)
+    values = [10 ** rng.uniform(-5, 2) for _ in range(3000)]
+    for bound in buckets:
+        values += [bound, math.nextafter(bound, 0), math.nextafter(bound, math.inf)]
+        values += [bound * (1 + 1e-12), bound * (1 - 1e-12), bound * 1.05, bound / 1.05]
+    native = HistogramFamily("n_seconds", "N.", ["k"], buckets=buckets, native=True)
+    plain = HistogramFamily("p_seconds", "P.", ["k"], buckets=buckets)
+    at, ref, counts = native.reserve(("x",)), plain.reserve(("x",)), len(native.bounds)
+    for value in values * 2:  # the second time from what the first remembered
+        native.observe_at(at, value)
+        plain.observe_at(ref, value)
+        assert native._data[at : at + counts] == plain._data[ref : ref + counts], value
+
+
 def test_family_api_behaves_like_the_client(registry: CollectorRegistry) -> None:
     runs = CounterFamily("runs_total", "R.", ["flow", "outcome"], registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
@@ -559,7 +581,7 @@ def test_a_flow_costs_three_tracked_objects_and_a_sixth_of_the_memory() -> None:
     objects, size = cost_per_flow(classic, BUILDS[1][2])
     # prometheus_client: a child, a lock and a value object per bucket of each histogram
     # series (~195 objects per flow here); compact: the run record, its hop record and the
-    # hops dict are GC-tracked, the numbers sit in float arrays (2 histograms and 3 phase
+    # hops dict are GC-tracked, the numbers sit in lists of floats (2 histograms and 3 phase
     # histograms)
     assert ref_objects > 150
     assert objects <= 4, f"{objects:.1f} GC-tracked objects per flow (client: {ref_objects:.0f})"
