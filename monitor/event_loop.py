@@ -11,20 +11,18 @@ and leaves anything else to uvloop.
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import errno
 import socket
-from collections.abc import Callable
 from typing import Any
 
 import uvloop
 
+from probes.http_common import socket_family
+
 __all__ = ["Loop", "new_event_loop"]
 
 _INET = (socket.AF_INET, socket.AF_INET6)
-# A socket's family as the int it is: `socket.socket.family` makes an enum of it (0.7 µs).
-_family: Callable[[socket.socket], int] = _socket.socket.family.__get__
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 
 
@@ -32,7 +30,7 @@ class Loop(uvloop.Loop):
     """uvloop's loop; `sock_connect` to an IP address without the thread pool."""
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
-        family = _family(sock)
+        family = socket_family(sock)
         if family not in _INET or not _numeric(family, address):
             return await super().sock_connect(sock, address)
         # connect_ex: a connect in progress (the usual answer) is not raised and caught

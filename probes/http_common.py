@@ -139,7 +139,7 @@ _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TCP_INFO_RTT_AND_RETRANS = struct.Struct("=60xI28xI")  # offsets 68 and 100 from byte 8
 _TCP_INFO_LEN: Final = 104
 # A socket's family as the int it is: `socket.socket.family` makes an enum of it (0.7 µs).
-_family: Callable[[socket.socket], int] = _socket.socket.family.__get__
+socket_family: Callable[[socket.socket], int] = _socket.socket.family.__get__
 
 
 def handshake_rtt(sock: socket.socket | None) -> float | None:
@@ -148,7 +148,11 @@ def handshake_rtt(sock: socket.socket | None) -> float | None:
     when a segment was retransmitted (a lost SYN: then the loop's figure, seconds long, is
     right). The socket is the one `_counted_socket` made: the event loop's stand-in for it
     costs four times as much per call."""
-    if _TCP_INFO is None or sock is None or _family(sock) not in (socket.AF_INET, socket.AF_INET6):
+    if (
+        _TCP_INFO is None
+        or sock is None
+        or socket_family(sock) not in (socket.AF_INET, socket.AF_INET6)
+    ):
         return None
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
