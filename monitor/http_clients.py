@@ -16,8 +16,10 @@ import aiohttp
 
 from probes.base import StepContext
 from probes.http_common import TimedConnector, TimedResolver, TlsConfig, build_ssl_context
+from probes.http_wire import DNS_TTL_S, WirePool
 
 _CLOSERS = "_http_sessions"
+_WIRES = "_http_wires"
 
 
 class HttpClientPool:
@@ -33,6 +35,9 @@ class HttpClientPool:
         # the rest of the lookup), by value when a config comes new.
         self._by_id: dict[tuple[int, bool], tuple[TlsConfig, aiohttp.ClientSession]] = {}
         self._timeout = aiohttp.ClientTimeout(total=None)  # the runner owns time
+        # The wire client's pools, found as the sessions are: (TLS settings, keep) → pool.
+        self._wires: dict[tuple[TlsConfig, bool], WirePool] = {}
+        self._wires_by_id: dict[tuple[int, bool], tuple[TlsConfig, WirePool]] = {}
 
     def prepare(self, configs: Iterable[TlsConfig]) -> None:
         """Build the SSL contexts up front: loading the system CAs takes tens of milliseconds,
@@ -87,14 +92,53 @@ class HttpClientPool:
             session = sessions[tls] = self._new_session(tls, shared=False, cookies=ctx.cookies)
         return session
 
+    def wire_for(self, ctx: StepContext, tls: TlsConfig) -> WirePool | None:
+        """Kept-alive runs share a pool that keeps connections; one-request runs share one that
+        closes each; other runs have a pool of their own, closed with the run (its steps reuse
+        its connections). Runs that keep cookies go through aiohttp's session."""
+        if ctx.reuse_connections or ctx.one_request:
+            keep = ctx.reuse_connections
+            known = self._wires_by_id.get((id(tls), keep))
+            if known is not None and known[0] is tls:
+                return known[1]
+            pool = self._wires.get((tls, keep))
+            if pool is None:
+                pool = self._wires[tls, keep] = self._new_wire(tls, keep=keep)
+            self._wires_by_id[id(tls), keep] = (tls, pool)
+            return pool
+        if ctx.cookies:
+            return None
+        pools: dict[TlsConfig, WirePool] = ctx.run_state.setdefault(_WIRES, {})
+        pool = pools.get(tls)
+        if pool is None:
+            pool = pools[tls] = self._new_wire(tls, keep=True, dns_cache=False)
+        return pool
+
+    def _new_wire(self, tls: TlsConfig, *, keep: bool, dns_cache: bool = True) -> WirePool:
+        return WirePool(
+            ssl_context=self._ssl_for(tls),
+            resolver=self._resolver,
+            keep=keep,
+            # A new client looks the name up afresh, as the sessions do.
+            dns_ttl=DNS_TTL_S if keep and dns_cache else None,
+        )
+
     @staticmethod
     def release_run(ctx: StepContext) -> Awaitable[None] | None:
-        """Close the sessions a run opened (its connections were its own): what to await, or
-        None when the run opened none (most runs: no coroutine made for them)."""
+        """Close the connections a run opened (they were its own): what to await, or None when
+        there is nothing to wait for (most runs: no coroutine made for them)."""
+        pools: dict[TlsConfig, WirePool] | None = ctx.run_state.pop(_WIRES, None)
+        if pools:
+            for pool in pools.values():
+                pool.close()
         sessions: dict[TlsConfig, aiohttp.ClientSession] | None = ctx.run_state.pop(_CLOSERS, None)
         return _close_all(sessions.values()) if sessions else None
 
     async def close(self) -> None:
+        for pool in self._wires.values():
+            pool.close()
+        self._wires.clear()
+        self._wires_by_id.clear()
         for session in self._shared.values():
             await session.close()
         self._shared.clear()

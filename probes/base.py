@@ -22,6 +22,8 @@ from probes.kafka_port import KafkaPort
 if TYPE_CHECKING:
     import aiohttp
 
+    from probes.http_common import PhaseTimer, Response
+
 RenderMode = Literal["text", "url", "header"]
 SharedT = TypeVar("SharedT")
 ARRIVAL_KEY = "trace_arrival"
@@ -127,6 +129,25 @@ class HttpClients(Protocol):
     """HTTP sessions lent by the engine: fresh per run unless the flow reuses connections."""
 
     def session_for(self, ctx: StepContext, tls: Any) -> aiohttp.ClientSession: ...
+
+    def wire_for(self, ctx: StepContext, tls: Any) -> WireClient | None:
+        """The wire client for this run's requests, or None where they need aiohttp's
+        session (per-run cookies)."""
+        ...
+
+
+class WireClient(Protocol):
+    """probes.http_wire.WirePool as the http kinds call it."""
+
+    async def send(
+        self,
+        timer: PhaseTimer,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        params: dict[str, str] | None,
+        data: bytes | None,
+    ) -> Response | None: ...
 
 
 @dataclass(slots=True)

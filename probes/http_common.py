@@ -441,7 +441,9 @@ def _headers(config: RequestConfig, ctx: StepContext) -> dict[str, str]:
 
 
 async def send(config: RequestConfig, ctx: StepContext) -> Response:
-    """Send the configured request in the run's session; time phases; read the whole body."""
+    """Send the configured request; time phases; read the whole body. Through the wire client
+    (probes/http_wire.py) when it takes the request, else through the run's aiohttp session:
+    redirects, HEAD, per-run cookies and the URLs the wire client leaves alone."""
     url = ctx.render(config.url, "url")
     headers = _headers(config, ctx)
     params = {k: ctx.render(v) for k, v in config.query.items()} or None
@@ -451,10 +453,16 @@ async def send(config: RequestConfig, ctx: StepContext) -> Response:
         headers.setdefault("Content-Type", "application/json")
     elif config.body is not None:
         data = ctx.render(config.body).encode()
-    session = ctx.http.session_for(ctx, config.tls)
     timer = PhaseTimer(start=time.monotonic())
-    token = _current_timer.set(timer)
+    token = _current_timer.set(timer)  # where the socket factory and the TLS context find it
     try:
+        if config.method != "HEAD" and not config.follow_redirects:
+            wire = ctx.http.wire_for(ctx, config.tls)
+            if wire is not None:
+                answer = await wire.send(timer, config.method, url, headers, params, data)
+                if answer is not None:
+                    return answer
+        session = ctx.http.session_for(ctx, config.tls)
         async with session.request(
             config.method,
             url,

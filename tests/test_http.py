@@ -24,6 +24,7 @@ from monitor.config import Config
 from monitor.engine import Engine, Options
 from monitor.results import RunResult, StepResult
 from probes.http_common import TimedResolver, TimedResponseHandler, parse_handshake_rtt
+from probes.http_wire import WireConnection
 from tests.fixtures.core import free_port, serve
 
 STARTED = web.AppKey("started", asyncio.Event)  # set when a slow or hanging request arrives
@@ -204,22 +205,36 @@ async def test_each_run_is_a_new_client_and_keeps_its_connection_between_its_ste
     assert len(ports) == 3 and len(set(ports)) == 3
 
 
+# Both clients stamp arrival in their protocol: the wire client (plain requests) and aiohttp's
+# (redirects followed, HEAD, per-run cookies). `follow_redirects` sends a step through aiohttp.
+CLIENTS = pytest.mark.parametrize(
+    ("protocol", "via_aiohttp"),
+    [(WireConnection, False), (TimedResponseHandler, True)],
+    ids=["wire", "aiohttp"],
+)
+
+
+@CLIENTS
 async def test_latency_ends_when_the_response_arrives_not_when_the_loop_gets_to_it(
-    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+    target: TestServer,
+    load_flows: Callable[[str], Config],
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: Any,
+    via_aiohttp: bool,
 ) -> None:
     """A busy loop delays the request's task, not the protocol's arrival stamp: the step
     reports the target's 50 ms, not the 300 ms the loop was busy after the bytes came."""
-    arrived = TimedResponseHandler.data_received
+    arrived = protocol.data_received
     hogged: list[bool] = []
 
-    def busy_after_arrival(self: TimedResponseHandler, data: bytes) -> None:
+    def busy_after_arrival(self: Any, data: bytes) -> None:
         if not hogged and data.endswith(b"}"):  # the body's last bytes: the response is in
             hogged.append(True)  # queued ahead of the task's wake-up, as another run would be
             asyncio.get_running_loop().call_soon(time.sleep, 0.3)
         arrived(self, data)
 
-    monkeypatch.setattr(TimedResponseHandler, "data_received", busy_after_arrival)
-    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/slow?ms=50'}\n"
+    monkeypatch.setattr(protocol, "data_received", busy_after_arrival)
+    step = slow_step(via_aiohttp)
     result = await run_flow(load_flows(flow_yaml(base(target), step)))
     assert hogged and result.outcome == "success", result.steps[0].message
     assert result.duration_s >= 0.3
@@ -228,29 +243,41 @@ async def test_latency_ends_when_the_response_arrives_not_when_the_loop_gets_to_
     assert result.steps[0].phases["processing"] >= 0.05
 
 
+@CLIENTS
 async def test_latency_leaves_out_the_wait_between_connect_and_send(
-    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+    target: TestServer,
+    load_flows: Callable[[str], Config],
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: Any,
+    via_aiohttp: bool,
 ) -> None:
     """A new connection is made, then the loop is busy 300 ms before the request's task can
     send on it: that wait is the monitor's, not the target's, and is not reported."""
-    made = TimedResponseHandler.connection_made
+    made = protocol.connection_made
 
-    def busy_after_connect(self: TimedResponseHandler, transport: asyncio.BaseTransport) -> None:
+    def busy_after_connect(self: Any, transport: asyncio.BaseTransport) -> None:
         asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # ahead of the task's wake-up
         made(self, transport)
 
-    monkeypatch.setattr(TimedResponseHandler, "connection_made", busy_after_connect)
-    get = await slow_step_on_a_busy_loop(target, load_flows)
+    monkeypatch.setattr(protocol, "connection_made", busy_after_connect)
+    get = await slow_step_on_a_busy_loop(target, load_flows, via_aiohttp)
     assert get.phases["connect"] < 0.25 and get.phases["processing"] >= 0.05
 
 
+def slow_step(via_aiohttp: bool = False) -> str:
+    """A step the target answers in 50 ms."""
+    follow = ", follow_redirects: true" if via_aiohttp else ""
+    return (
+        f"      - {{name: get, kind: http, url: '{{{{ variant.base_url }}}}/slow?ms=50'{follow}}}\n"
+    )
+
+
 async def slow_step_on_a_busy_loop(
-    target: TestServer, load_flows: Callable[[str], Config]
+    target: TestServer, load_flows: Callable[[str], Config], via_aiohttp: bool = False
 ) -> StepResult:
     """Run a step the target answers in 50 ms while the loop is kept busy 300 ms: it passes
     and reports the target's time, not the loop's."""
-    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/slow?ms=50'}\n"
-    result = await run_flow(load_flows(flow_yaml(base(target), step)))
+    result = await run_flow(load_flows(flow_yaml(base(target), slow_step(via_aiohttp))))
     assert result.outcome == "success", result.steps[0].message
     assert result.duration_s >= 0.3
     get = result.steps[0]
@@ -272,13 +299,17 @@ def hog_loop_after_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiohappyeyeballs, "start_connection", busy)
 
 
+@pytest.mark.parametrize("via_aiohttp", [False, True], ids=["wire", "aiohttp"])
 async def test_connect_is_the_kernels_handshake_not_the_loops_wait(
-    target: TestServer, load_flows: Callable[[str], Config], monkeypatch: pytest.MonkeyPatch
+    target: TestServer,
+    load_flows: Callable[[str], Config],
+    monkeypatch: pytest.MonkeyPatch,
+    via_aiohttp: bool,
 ) -> None:
     """The handshake is done, but the loop is busy 300 ms before it learns so (as behind other
     runs' work): the connect phase is the kernel's round trip, and the wait is not reported."""
     hog_loop_after_handshake(monkeypatch)
-    get = await slow_step_on_a_busy_loop(target, load_flows)
+    get = await slow_step_on_a_busy_loop(target, load_flows, via_aiohttp)
     assert 0 < get.phases["connect"] < 0.05
 
 
