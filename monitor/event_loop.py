@@ -2,9 +2,10 @@
 
 uvloop's `sock_connect` resolves every address with `getaddrinfo` in libuv's thread pool, even
 an address that is already an IP (it asks without a socket type, which its own fast path for
-numeric hosts does not take). aiohttp connects every new connection through `sock_connect`
-(aiohappyeyeballs), after resolving the name itself, so each fresh-connection check paid a
-worker thread's wake-up, a second wake-up of the loop and two context switches for nothing.
+numeric hosts does not take). The http kinds' clients connect every new connection through
+`sock_connect` (aiohappyeyeballs), after resolving the name themselves, so each fresh-connection
+check paid a worker thread's wake-up, a second wake-up of the loop and two context switches for
+nothing.
 `Loop.sock_connect` connects a socket to a numeric address itself, as asyncio's own loop does,
 and leaves anything else to uvloop.
 """

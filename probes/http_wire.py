@@ -78,8 +78,7 @@ class Unparsable(WireError):
 class Target:
     """A rendered URL, parsed once: where to connect and the request's first lines."""
 
-    origin: tuple[str, int, bool]  # host, port, TLS
-    host: str  # to resolve and to name in TLS (no brackets, no trailing dot)
+    origin: tuple[str, int, bool]  # host (no brackets, no trailing dot), port, TLS
     ip_family: int  # the socket family of a host that is an IP literal, else 0
     head: bytes  # "METHOD target HTTP/1.1\r\nHost: …\r\n"
 
@@ -117,8 +116,10 @@ class WireConnection(asyncio.Protocol):
 
     def start(self, request: bytes) -> asyncio.Future[None]:
         """Send `request`; the future is done when its whole answer is in."""
-        assert self.transport is not None
         self.waiter = waiter = asyncio.get_running_loop().create_future()
+        if self.transport is None:  # closed by the server before the task got round to it
+            waiter.set_exception(Disconnected("Server disconnected"))
+            return waiter
         self.data_at = self.end_at = 0.0
         self.headers, self.chunks, self.status = [], [], 0
         self.head_in = self.done = False
@@ -285,7 +286,7 @@ class WirePool:
         head = (
             f"{method} {parsed.raw_path_qs} HTTP/1.1\r\nHost: {parsed.host_port_subcomponent}\r\n"
         )
-        target = Target((host, port, parsed.scheme == "https"), host, family, head.encode())
+        target = Target((host, port, parsed.scheme == "https"), family, head.encode())
         if params is None:
             if len(self._targets) >= _TARGETS_MAX:
                 self._targets.clear()

@@ -575,6 +575,18 @@ async def test_tls_verification_phases_and_custom_ca(
         untrusted = f"      - {{name: s, kind: http, url: '{url}'}}\n"
         result = await run_flow(load_flows(flow_yaml("x", untrusted)))
         assert result.steps[0].reason == "tls_error"
+        # A kept connection still knows its certificate in the runs that reuse it.
+        kept = trusted.replace("}}\n", "}, expect: {tls_valid_for: 1d}}\n")
+        config = load_flows(flow_yaml("x", kept, extra="    reuse_connections: true\n"))
+        engine = Engine(config, registry=CollectorRegistry())
+        await engine.start(schedule=False, admin=False)
+        try:
+            runs = await engine.run_once(engine.select(), repeat=2, concurrency=1)
+        finally:
+            await engine.stop()
+        assert [r.outcome for r in runs] == ["success", "success"], runs[1].steps[0].message
+        assert "tls" in runs[0].steps[0].phases and "tls" not in runs[1].steps[0].phases
+        assert runs[0].steps[0].tls_not_after == runs[1].steps[0].tls_not_after is not None
     finally:
         await runner.cleanup()
 

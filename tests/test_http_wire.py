@@ -255,6 +255,22 @@ async def test_a_post_on_a_connection_closed_unanswered_fails(
         await via_wire(pool, "POST", server.url + "/", data=b"x")
 
 
+async def test_a_connection_closed_at_once_is_a_connect_error() -> None:
+    """Accepted, then closed before a byte of answer (a server shedding load): whether the
+    close lands before the request is written or after, the step fails as a connect error."""
+
+    async def shed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(shed, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = wire(False)
+    for _ in range(5):
+        with pytest.raises(ConnectError, match="failed: Server disconnected"):
+            await via_wire(pool, "GET", f"http://127.0.0.1:{port}/")
+    server.close()
+
+
 async def test_a_body_cut_short_and_a_garbled_answer_are_named(
     raw: Callable[[Answer], Awaitable[RawServer]],
 ) -> None:
