@@ -161,12 +161,14 @@ async def test_chain_passes_with_assertions_extraction_and_phases(
     assert "dns" in result.steps[2].phases  # a name: looked up afresh in each run
 
 
+@pytest.mark.parametrize("via_aiohttp", [False, True], ids=["wire", "aiohttp"])
 async def test_reused_connection_has_no_connect_phase(
-    target: TestServer, load_flows: Callable[[str], Config]
+    target: TestServer, load_flows: Callable[[str], Config], via_aiohttp: bool
 ) -> None:
-    """The connector marks a connection it makes; a run on a kept one shows only
-    processing and transfer (tests the private hook aiohttp's TimedConnector overrides)."""
-    step = "      - {name: get, kind: http, url: '{{ variant.base_url }}/json'}\n"
+    """The client marks a connection it makes; a run on a kept one shows only processing
+    and transfer (through aiohttp: the private hooks TimedConnector overrides)."""
+    follow = ", follow_redirects: true" if via_aiohttp else ""
+    step = f"      - {{name: get, kind: http, url: '{{{{ variant.base_url }}}}/json'{follow}}}\n"
     config = load_flows(flow_yaml(base(target), step, extra="    reuse_connections: true\n"))
     engine = Engine(config, registry=CollectorRegistry())
     await engine.start(schedule=False, admin=False)
