@@ -186,7 +186,8 @@ class WebhookAwaitProbe:
             annotate(failed, arrival, latency, attributes)
             raise
         own = own_latency(ctx, arrival)
-        return StepOutcome(latency_s=latency, vars=values, attributes=attributes, own_latency_s=own)
+        # positional, in the fields' order: a class called with keywords costs a dict (3.11)
+        return StepOutcome(latency, values, {}, attributes, None, own)
 
 
 def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
