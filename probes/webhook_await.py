@@ -29,6 +29,7 @@ from probes.kinds import KindSpec, SpanShape, WebhookRoute
 from probes.signatures import SignatureConfig
 from probes.waiting import (
     Rule,
+    RuleMatcher,
     Scalar,
     XPathMatch,
     annotate,
@@ -40,7 +41,7 @@ from probes.waiting import (
     no_status,
     own_latency,
     register,
-    render_rule,
+    rendered_matcher,
     since_sent,
     since_step,
     wait_attributes,
@@ -151,12 +152,10 @@ class WebhookAwaitProbe:
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
         expectation = register(ctx, KIND, config.path, _LISTENER)  # the run's start made it
-        rule = _rendered_rule(config, ctx)
+        rule, matcher = _rendered_rule(config, ctx)
         what = f"delivery on {config.path} with {rule.describe('any body')}"
         try:
-            arrival = await await_arrival(
-                config, ctx, expectation, rule.matcher(header_value), started
-            )
+            arrival = await await_arrival(config, ctx, expectation, matcher, started)
         except NotReceived as missing:
             # keep what the correlator saw instead: other deliveries, refused ones
             seen = missing.message.partition(" by the deadline")[2]
@@ -190,11 +189,12 @@ class WebhookAwaitProbe:
         return StepOutcome(latency, values, {}, attributes, None, own)
 
 
-def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
-    """The match rule with its templates rendered for this run."""
+def _rendered_rule(config: Config, ctx: StepContext) -> tuple[Rule, RuleMatcher]:
+    """The match rule with its templates rendered for this run, and its matcher."""
     if config.match is None:
-        return Rule({ctx.marker_header: ctx.run.id}, {})
-    return render_rule(config.match, ctx, "header")
+        rule = Rule({ctx.marker_header: ctx.run.id}, {})
+        return rule, rule.matcher(header_value)
+    return rendered_matcher(config.match, ctx, "header", header_value)
 
 
 def _latency(config: Config, ctx: StepContext, arrival: Arrival, started: float) -> float:
