@@ -27,6 +27,7 @@ from probes.checks import (
     PathReader,
     as_text,
     check,
+    check_latency,
     excerpt,
     extract,
     json_path_get,
@@ -569,18 +570,43 @@ def assess(
     """Check the arrival against `expect` (templates rendered for this run); return `extract`'s
     values."""
     expect = config.expect
-    check(  # nothing to render when nothing is asked (the usual wait): None reads expect's own
-        expect,
-        status=None,
-        headers=arrival.headers,
-        body=arrival.body,
-        latency_s=latency,
-        rendered_json=rendered_json(expect, ctx) if expect.json_ else None,
-        rendered_xpath=rendered_xpath(expect, ctx) if expect.xpath else None,
-    )
+    if _latency_only(expect):  # the usual wait: what `check` would do of it
+        check_latency(expect.max_latency, latency)
+    else:
+        check(  # nothing to render when nothing is asked: None reads expect's own
+            expect,
+            status=None,
+            headers=arrival.headers,
+            body=arrival.body,
+            latency_s=latency,
+            rendered_json=rendered_json(expect, ctx) if expect.json_ else None,
+            rendered_xpath=rendered_xpath(expect, ctx) if expect.xpath else None,
+        )
     if not config.extract:
         return {}
     return extract(config.extract, headers=arrival.headers, body=arrival.body)
+
+
+# expect's identity → (expect, whether it asks nothing but `max_latency`)
+_LATENCY_ONLY: dict[int, tuple[Expect, bool]] = {}
+_NO_LATENCY: Final = {"max_latency"}
+
+
+def _latency_only(expect: Expect) -> bool:
+    """Whether `expect` asks nothing but (at most) `max_latency`, found once per (frozen)
+    `expect`: `check` then only compares the latency, where it reads ~10 of expect's fields
+    (pydantic attributes) to find nothing else to do."""
+    known = _LATENCY_ONLY.get(id(expect))
+    if known is not None and known[0] is expect:
+        return known[1]
+    only = expect.model_dump(exclude=_NO_LATENCY) == _DEFAULT_EXPECT
+    if len(_LATENCY_ONLY) >= _RUN_PARTS_MAX:  # reloads make new configs: drop the old ones
+        _LATENCY_ONLY.clear()
+    _LATENCY_ONLY[id(expect)] = (expect, only)
+    return only
+
+
+_DEFAULT_EXPECT: Final = Expect().model_dump(exclude=_NO_LATENCY)
 
 
 def annotate(

@@ -166,21 +166,24 @@ class WebhookAwaitProbe:
         except StepFailed as failed:
             failed.attributes.update(wait_attributes(what, None, started))
             raise
-        attributes: dict[str, Any] = {
+        received_at = arrival.received_at
+        attributes: dict[str, Any] = {  # with wait_attributes(what, arrival, started)'s, in line
             "webhook.path": config.path,
             "webhook.delivery_id": arrival.delivery_id,
-            "webhook.early": arrival.received_at < started,
-            **wait_attributes(what, arrival, started),
+            "webhook.early": received_at < started,
+            "wait.for": what,
+            "wait.arrived_s": max(0.0, received_at - started),
         }
-        if config.duplicate_window > 0:
-            attributes["wait.duplicate_window_s"] = config.duplicate_window
+        window = config.duplicate_window
+        if window > 0:
+            attributes["wait.duplicate_window_s"] = window
         latency: float | None = None
         try:
             latency = _latency(config, ctx, arrival, started)
             values = assess(config, ctx, arrival, latency)
             # A window of 0 means no duplicate check in the step, not even of one already seen.
-            if config.duplicate_window > 0:
-                await no_duplicate(expectation, config.duplicate_window, "delivery", "delivery id ")
+            if window > 0:
+                await no_duplicate(expectation, window, "delivery", "delivery id ")
         except StepFailed as failed:
             annotate(failed, arrival, latency, attributes)
             raise

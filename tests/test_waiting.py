@@ -14,12 +14,14 @@ from monitor.templates import Templates
 from probes import kafka_consume, webhook_await
 from probes.arrivals import Arrival
 from probes.base import RunInfo, StepContext, Untrusted
-from probes.errors import ExtractFailed, TemplateError
+from probes.checks import check
+from probes.errors import AssertionFailed, ExtractFailed, TemplateError
 from probes.waiting import (
     MatchBase,
     RenderMode,
     Rule,
     RuleMatcher,
+    assess,
     header_value,
     render_rule,
     rendered_matcher,
@@ -138,3 +140,48 @@ def test_header_values_render_in_the_header_mode() -> None:
     body = webhook_await.Match.model_validate({"json": {"$.id": "{{ steps.create.id }}"}})
     rule, _ = rendered_matcher(body, context(steps), "header", header_value)
     assert rule.paths == {"$.id": "o-7\r\nX-Evil: 1"}
+
+
+EXPECTS = [
+    {},
+    {"max_latency": "2s"},
+    {"max_latency": "500ms"},
+    {"headers": {"X-Kind": "paid"}},
+    {"headers": {"X-Kind": "refunded"}, "max_latency": "2s"},
+    {"json": {"$.ref": "{{ run.correlation }}"}},
+    {"json": {"$.ref": "other"}},
+    {"body": "hw-r1"},
+    {"body": "nothing like it"},
+    {"namespaces": {"o": "urn:o"}},
+]
+
+
+@pytest.mark.parametrize("raw", EXPECTS)
+def test_assess_judges_a_delivery_as_check_does(raw: dict[str, Any]) -> None:
+    """An expect that asks at most max_latency is judged by the latency alone (found once per
+    expect); any other by `check`, with its templates rendered."""
+    config = webhook_await.Config.model_validate(
+        {"name": "hook", "kind": "webhook_await", "path": "/h", "within": "5s", "expect": raw}
+    )
+    delivery = Arrival(
+        "webhook", "/h", 0.0, 0.0, {"X-Kind": "paid"}, b'{"ref": "hw-r1"}', {"ref": "hw-r1"}, None
+    )
+    ctx = context()
+    expect = config.expect
+    wanted_json = {k: ctx.render(v) for k, v in expect.json_.items()} if expect.json_ else None
+    for _ in range(2):  # found, then kept
+        try:
+            check(
+                expect,
+                status=None,
+                headers=delivery.headers,
+                body=delivery.body,
+                latency_s=1.0,
+                rendered_json=wanted_json,
+            )
+        except AssertionFailed as failed:
+            with pytest.raises(AssertionFailed) as judged:
+                assess(config, ctx, delivery, 1.0)
+            assert judged.value.message == failed.message
+        else:
+            assert assess(config, ctx, delivery, 1.0) == {}
