@@ -121,6 +121,26 @@ class Correlator:
         self._leave_registered(expectation)
         self._pending.index.add(expectation, expectation.seq)  # first registered wins
 
+    def _begin_wait(self, expectation: Expectation) -> Arrival | asyncio.Future[Arrival]:
+        """`Expectation.wait`'s first half, its matcher set: the kept arrival it claims, else
+        the future it waits on, indexed for arrivals to come and expired at its deadline. One
+        call, not the four (with theirs) it takes one at a time: `_claim_early`,
+        `_start_waiting`, `_flush_unclaimable`, `_watch`."""
+        channel = expectation.channel
+        early = self._early.channels
+        if channel in early:
+            claimed = self._claim_early(expectation)
+            if claimed is not None:
+                return claimed
+        self._start_waiting(expectation)
+        expectation.state = "waiting"
+        if channel not in self._registered and channel in early:  # _flush_unclaimable's test
+            self._flush_unclaimable(channel)
+        future: asyncio.Future[Arrival] = asyncio.get_running_loop().create_future()
+        expectation._future = future
+        self._watch(expectation)
+        return future
+
     def _leave_registered(self, expectation: Expectation) -> None:
         if expectation.state != "registered":
             return
@@ -131,11 +151,14 @@ class Correlator:
             del self._registered[expectation.channel]
 
     def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None:
-        self._leave_registered(expectation)
+        if expectation.state == "registered":  # the test `_leave_registered` makes first
+            self._leave_registered(expectation)
         expectation.state = state
         self._pending.pop(expectation.seq)
         if flush:
-            self._flush_unclaimable(expectation.channel)
+            channel = expectation.channel  # `_flush_unclaimable`'s test first, without its calls
+            if channel not in self._registered and channel in self._early.channels:
+                self._flush_unclaimable(channel)
 
     def _claim_early(self, expectation: Expectation) -> Arrival | None:
         """Hand `expectation` the oldest kept arrival it matches; other matches are duplicates."""

@@ -22,9 +22,11 @@ class Table(Generic[T]):
     def __init__(self) -> None:
         self._all: OrderedDict[int, tuple[str, T]] = OrderedDict()
         self._by_channel: dict[str, dict[int, T]] = {}
-        # the same dict, to be read (never changed) by the correlator's hot paths: `len` of it
-        # is the table's size without a Python-level __len__ (four a webhook)
+        # the same dicts, to be read (never changed) by the correlator's hot paths: `len` of
+        # `entries` is the table's size without a Python-level __len__ (four a webhook), and
+        # `in channels` is `holds` without its call
         self.entries: Mapping[int, tuple[str, T]] = self._all
+        self.channels: Mapping[str, Mapping[int, T]] = self._by_channel
 
     def __len__(self) -> int:
         return len(self._all)
