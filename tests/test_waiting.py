@@ -185,3 +185,29 @@ def test_assess_judges_a_delivery_as_check_does(raw: dict[str, Any]) -> None:
             assert judged.value.message == failed.message
         else:
             assert assess(config, ctx, delivery, 1.0) == {}
+
+
+def test_what_a_webhook_run_reads_of_its_config_is_the_configs_own() -> None:
+    """webhook_await reads a config's fields once (`_read`, positional): each is the field of
+    the same name, and a config read again is the same read."""
+    from probes.webhook_await import _read
+
+    config = webhook_await.Config.model_validate(
+        {
+            "name": "hook",
+            "kind": "webhook_await",
+            "path": "/hooks/x",
+            "within": "7s",
+            "timeout": "9s",
+            "duplicate_window": "3s",
+            "latency_from": "json:$.sent",
+            "match": {"json": {"$.ref": "{{ run.correlation }}"}},
+            "expect": {"max_latency": "5s"},
+            "extract": {"id": {"json": "$.id"}},
+        }
+    )
+    read = _read(config)
+    for field in read._fields[1:]:
+        assert getattr(read, field) is getattr(config, field), field
+    assert read.config is config and _read(config) is read
+    assert (read.within, read.timeout, read.duplicate_window) == (7.0, 9.0, 3.0)
