@@ -8,10 +8,11 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heapify, heappop, heappush
 from itertools import count
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Final, Literal
 
 from monitor.correlator.expectation import (
     KEEP_DUPLICATES,
@@ -23,10 +24,8 @@ from monitor.correlator.expectation import (
     without_body,
 )
 from monitor.correlator.tables import Expectations, Table, Texts, carries
+from monitor.metric_types import LabelledCounter, incrementer
 from probes.arrivals import Arrival
-
-if TYPE_CHECKING:
-    from prometheus_client import Counter
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
 
@@ -52,7 +51,7 @@ class Correlator:
 
     def __init__(
         self,
-        arrivals_counter: Counter | None = None,
+        arrivals_counter: LabelledCounter | None = None,
         *,
         early_ttl: float = 30.0,
         max_pending: int = 10_000,
@@ -84,7 +83,8 @@ class Correlator:
         # channel -> (why, a signature refusal?) -> deliveries the receiver refused there
         # (never offered): an expectation compares with the tally at its registration
         self._refused: dict[str, dict[tuple[str, bool], int]] = {}
-        self._children: dict[tuple[str, str], Any] = {}  # the counter's child per label pair
+        # the counter's increment per label pair (metric_types.incrementer)
+        self._children: dict[tuple[str, str], Callable[[], None]] = {}
         self.overflow: dict[str, int] = {"pending": 0, "early": 0, "late": 0, "delivery_ids": 0}
         # (deadline, seq) of waiting expectations (and of some finished since), a heap under
         # one loop timer set for the earliest (`_watch`)
@@ -389,12 +389,12 @@ class Correlator:
                 "malformed" if outcome == "unmatched" and arrival.meta.get("not_json") else outcome
             )
             labels = (arrival.source, counted)
-            child = self._children.get(labels)
-            if child is None:  # labels() costs more than the increment: look it up once
-                child = self._children[labels] = self._counter.labels(
-                    source=arrival.source, outcome=counted
+            inc = self._children.get(labels)
+            if inc is None:  # labels() costs more than the increment: look it up once
+                inc = self._children[labels] = incrementer(
+                    self._counter, source=arrival.source, outcome=counted
                 )
-            child.inc()
+            inc()
         return outcome
 
     # -- housekeeping ----------------------------------------------------------------------

@@ -60,7 +60,7 @@ from probes.xml_checks import NotXml, parse_xml
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from prometheus_client import Counter
+    from monitor.metric_types import LabelledCounter
 
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def install_webhook_routes(
     app: web.Application,
     routes: Iterable[WebhookRoute],
     correlator: Inbox,
-    arrivals_counter: Counter | None,
+    arrivals_counter: LabelledCounter | None,
     *,
     max_body: int = MAX_BODY,
     body_timeout: float = BODY_TIMEOUT,
@@ -133,7 +133,7 @@ class WebhookPaths:
     def __init__(
         self,
         correlator: Inbox,
-        counter: Counter | None,
+        counter: LabelledCounter | None,
         max_body: int,
         body_timeout: float,
         rejects: RejectLog,
@@ -194,7 +194,7 @@ class _PathHandler:
         path: str,
         routes: list[WebhookRoute],
         correlator: Inbox,
-        counter: Counter | None,
+        counter: LabelledCounter | None,
         max_body: int,
     ) -> None:
         answers = {(r.respond_status, json.dumps(r.respond_body, sort_keys=True)) for r in routes}
