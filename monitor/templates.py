@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
@@ -109,6 +109,9 @@ def _simple_parts(template: str) -> list[str | tuple[str, ...]] | None:
     return None if "{{" in literal or "{%" in literal or "{#" in literal else parts
 
 
+_MAPPINGS: Final = (dict, Mapping)  # dict first: a C check
+
+
 def _render_one(
     names: tuple[str, ...], variables: Mapping[str, Any], mode: RenderMode
 ) -> str | None:
@@ -116,7 +119,7 @@ def _render_one(
     match rules' values): no parts to walk, no join."""
     value: Any = variables
     for name in names:
-        if not isinstance(value, (dict, Mapping)):  # as _render_simple reads them
+        if not isinstance(value, _MAPPINGS):  # as _render_simple reads them
             return None
         try:
             value = value[name]

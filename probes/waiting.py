@@ -126,13 +126,16 @@ class Rule(NamedTuple):
     def describe(self, anything: str) -> str:
         """The rule as a failure message shows it; `anything` when it asks for nothing."""
         parts = [f"key={self.key.decode('utf-8', 'replace')!r}"] if self.key is not None else []
-        # each list made only when there is something in it (a comprehension is a call)
+        # loops, not comprehensions (a call each), entered only when there is something
         if self.headers:
-            parts += [f"header {k}={v!r}" for k, v in self.headers.items()]
+            for k, v in self.headers.items():
+                parts.append(f"header {k}={v!r}")
         if self.paths:
-            parts += [f"{k}={v!r}" for k, v in self.paths.items()]
+            for path, want in self.paths.items():
+                parts.append(f"{path}={want!r}")
         if self.xpaths:
-            parts += [f"{k}={v!r}" for k, v in self.xpaths.items()]
+            for xpath, wanted in self.xpaths.items():
+                parts.append(f"{xpath}={wanted!r}")
         return ", ".join(parts) or anything
 
     def mismatch(self, arrival: Arrival, header_of: HeaderLookup) -> str:
@@ -164,7 +167,7 @@ class RuleMatcher:
     its equalities are its `keys` (probes.arrivals.IndexedMatcher): every arrival it
     accepts holds each key's text at that key's selector."""
 
-    __slots__ = ("header_of", "keys", "paths", "rule", "run_keys")
+    __slots__ = ("header_of", "keys", "keys_are_texts", "paths", "rule", "run_keys")
 
     def __init__(self, rule: Rule, header_of: HeaderLookup) -> None:
         self.rule = rule
@@ -191,6 +194,12 @@ class RuleMatcher:
                 run_keys.append(keys[-1])
         self.keys = tuple(keys)
         self.run_keys = tuple(run_keys)
+        # every key's text a str (a hand-made Rule may hold other header values): the
+        # correlator then indexes the keys as they are, without checking each (keys_of)
+        self.keys_are_texts = True
+        for _, text in keys:
+            if type(text) is not str:
+                self.keys_are_texts = False
 
     def __call__(self, arrival: Arrival) -> bool:
         # Loops, not any()/all() over generators: the correlator confirms every candidate
@@ -416,34 +425,36 @@ def rendered_matcher(
     if shape is None:
         rule = render_rule(match, ctx, header_mode, key)
         return rule, rule.matcher(header_of)
+    # rendered in render_rule's order (headers, paths, key), keyed in RuleMatcher's (key first)
     headers: dict[str, str] = {}
-    for name, value, text, _, _ in shape.headers:
-        headers[name] = ctx.render(value, header_mode) if isinstance(value, str) else text
-    paths: dict[str, Scalar] = {}
-    for path, value, _, _, _ in shape.paths:
-        paths[path] = ctx.render(value) if isinstance(value, str) else value
-    rendered_key = ctx.render(key).encode() if key is not None else None
-    rule = Rule(headers, paths, rendered_key, shape.run_parts)
     keys: list[tuple[Selector, str]] = []
     run_keys: list[tuple[Selector, str]] = []
-    if rendered_key is not None:
-        keys.append((_KEY, _key_text(rendered_key)))
-        if shape.key_is_run:
-            run_keys.append(keys[-1])
-    for name, _, _, selector, is_run in shape.headers:
-        keys.append((selector, headers[name]))
+    for name, value, text, selector, is_run in shape.headers:
+        text = ctx.render(value, header_mode) if isinstance(value, str) else text
+        headers[name] = text
+        keys.append(part := (selector, text))
         if is_run:
-            run_keys.append(keys[-1])
+            run_keys.append(part)
+    paths: dict[str, Scalar] = {}
     readers = []
-    for path, _, text, (selector, reader), is_run in shape.paths:
-        wanted = paths[path]
+    for path, value, text, (selector, reader), is_run in shape.paths:
+        wanted = ctx.render(value) if isinstance(value, str) else value
+        paths[path] = wanted
         readers.append((reader, wanted))
-        keys.append((selector, wanted if isinstance(wanted, str) else text))
+        keys.append(part := (selector, wanted if isinstance(wanted, str) else text))
         if is_run:
-            run_keys.append(keys[-1])
+            run_keys.append(part)
+    rendered_key = None
+    if key is not None:
+        rendered_key = ctx.render(key).encode()
+        keys.insert(0, part := (_KEY, _key_text(rendered_key)))
+        if shape.key_is_run:
+            run_keys.insert(0, part)
+    rule = Rule(headers, paths, rendered_key, shape.run_parts)
     matcher: RuleMatcher = _new_object(RuleMatcher)  # what RuleMatcher.__init__ would make
     matcher.rule, matcher.header_of, matcher.paths = rule, header_of, tuple(readers)
     matcher.keys, matcher.run_keys = tuple(keys), tuple(run_keys)
+    matcher.keys_are_texts = True  # rendered, as_text, wanted_text, _key_text: all str
     return rule, matcher
 
 

@@ -74,7 +74,7 @@ def same(rule: Rule, matcher: RuleMatcher, want: Rule) -> None:
     made = want.matcher(matcher.header_of)
     assert rule == want
     assert (matcher.keys, matcher.run_keys, matcher.paths) == (made.keys, made.run_keys, made.paths)
-    assert matcher.rule is rule
+    assert matcher.rule is rule and matcher.keys_are_texts is made.keys_are_texts is True
     for shown in ARRIVALS:
         assert matcher(arrival(**shown)) == made(arrival(**shown))
 
@@ -211,3 +211,25 @@ def test_what_a_webhook_run_reads_of_its_config_is_the_configs_own() -> None:
         assert getattr(read, field) is getattr(config, field), field
     assert read.config is config and _read(config) is read
     assert (read.within, read.timeout, read.duplicate_window) == (7.0, 9.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        Rule({"X-Run": "r1"}, {"$.a": 3, "$.b": True}),
+        Rule({}, {}, b"k1"),
+        Rule({"X-Run": 3}, {}),  # hand-made: a header value that is not text
+        Rule({"X-Run": ["r1"]}, {}),  # nor hashable
+    ],
+)
+def test_the_correlator_takes_a_rule_matchers_keys_as_checking_them_would(rule: Rule) -> None:
+    """keys_of takes a RuleMatcher's keys without checking each when they are all texts; the
+    same keys as checking them gives (none, so the matcher is scanned, when one is not)."""
+    from types import SimpleNamespace
+
+    from monitor.correlator.expectation import keys_of
+
+    matcher = rule.matcher(header_value)
+    assert keys_of(matcher) == keys_of(SimpleNamespace(keys=matcher.keys))
+    if matcher.keys_are_texts:
+        assert keys_of(matcher) == matcher.keys != ()

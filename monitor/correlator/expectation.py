@@ -9,6 +9,7 @@ from typing import Final, Literal, Protocol
 
 from probes.arrivals import Arrival, CloseMatch, Matcher, Selector
 from probes.errors import AssertionFailed, NotReceived, SignatureInvalid, StepFailed
+from probes.waiting import RuleMatcher
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
 
@@ -223,6 +224,8 @@ def accepts(expectation: Expectation, arrival: Arrival) -> bool:
 def keys_of(match: Matcher | None) -> tuple[Key, ...]:
     """An IndexedMatcher's keys; none (so it is checked against every arrival) for a plain
     matcher or keys of the wrong shape."""
+    if type(match) is RuleMatcher and match.keys_are_texts:  # (interned selector, str) pairs
+        return match.keys
     keys = getattr(match, "keys", None)
     if not isinstance(keys, tuple):
         return ()
