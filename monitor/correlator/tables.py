@@ -217,11 +217,13 @@ class Index:
         for selector in list(index.selectors):
             found = texts.get(selector)
             if found is None:  # reading failed: every bucket under the selector
-                held_ = [b for k, b in buckets.items() if k[0] == selector]
-            else:
-                held_ = [b for text in found if (b := buckets.get((selector, text))) is not None]
-            for held in held_:
-                best = _first_accepting(held, best, arrival)
+                for held in [b for k, b in buckets.items() if k[0] == selector]:
+                    best = _first_accepting(held, best, arrival)
+                continue
+            for text in found:  # a loop, not a comprehension: no call (twice an arrival)
+                bucket = buckets.get((selector, text))
+                if bucket is not None:
+                    best = _first_accepting(bucket, best, arrival)
         if index.unkeyed:
             best = _first_accepting(index.unkeyed, best, arrival)
         return best
