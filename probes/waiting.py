@@ -558,21 +558,33 @@ async def await_arrival(
     started: float,
 ) -> Arrival:
     """The matching arrival, waited for until `within` after the step's start (capped by the
-    step's timeout and the run's deadline); raises NotReceived."""
-    deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
-    if config.timeout is not None:
-        deadline = min(deadline, started + config.timeout - _DEADLINE_MARGIN)
+    step's timeout and the run's deadline); raises NotReceived. (`webhook_await` does the
+    same in its own coroutine: `wait_deadline`, `explain_close`, `ctx.note_arrival`.)"""
     try:
-        arrival = await expectation.wait(matcher, deadline=deadline)
+        arrival = await expectation.wait(matcher, deadline=wait_deadline(config, ctx, started))
     except CloseMatch as close:
-        # This run's arrival came and the rule refused it: say what differed (assertion).
-        if isinstance(matcher, RuleMatcher):
-            wrong = matcher.rule.mismatch(close.arrival, matcher.header_of)
-            close.message = f"{close.message}: {wrong}" if wrong else close.message
-        close.excerpt = close.excerpt or excerpt(close.arrival.body)
+        explain_close(close, matcher)
         raise
     ctx.note_arrival(arrival)
     return arrival
+
+
+def wait_deadline(config: WaitingConfig, ctx: StepContext, started: float) -> float:
+    """When a wait that started at `started` gives up: `within` after it, capped by the
+    step's timeout and the run's deadline (less a margin, so the step says what happened)."""
+    deadline = min(started + config.within, ctx.deadline - _DEADLINE_MARGIN)
+    timeout = config.timeout
+    if timeout is not None:
+        deadline = min(deadline, started + timeout - _DEADLINE_MARGIN)
+    return deadline
+
+
+def explain_close(close: CloseMatch, matcher: Matcher) -> None:
+    """This run's arrival came and the rule refused it: say what differed (assertion)."""
+    if isinstance(matcher, RuleMatcher):
+        wrong = matcher.rule.mismatch(close.arrival, matcher.header_of)
+        close.message = f"{close.message}: {wrong}" if wrong else close.message
+    close.excerpt = close.excerpt or excerpt(close.arrival.body)
 
 
 def assess(

@@ -20,7 +20,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from probes.arrivals import Arrival
+from probes.arrivals import Arrival, CloseMatch
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
@@ -34,7 +34,7 @@ from probes.waiting import (
     XPathMatch,
     annotate,
     assess,
-    await_arrival,
+    explain_close,
     header_value,
     latency_from_form,
     no_duplicate,
@@ -45,6 +45,7 @@ from probes.waiting import (
     since_sent,
     since_step,
     wait_attributes,
+    wait_deadline,
 )
 
 __all__ = [
@@ -155,8 +156,8 @@ class WebhookAwaitProbe:
         expectation = register(ctx, KIND, step.path, _LISTENER)  # the run's start made it
         rule, matcher = _rendered_rule(step, ctx)
         what = f"delivery on {step.path} with {rule.describe('any body')}"
-        try:
-            arrival = await await_arrival(step, ctx, expectation, matcher, started)
+        try:  # await_arrival's steps in this coroutine: one coroutine fewer per run
+            arrival = await expectation.wait(matcher, deadline=wait_deadline(step, ctx, started))
         except NotReceived as missing:
             # keep what the correlator saw instead: other deliveries, refused ones
             seen = missing.message.partition(" by the deadline")[2]
@@ -165,8 +166,11 @@ class WebhookAwaitProbe:
                 attributes=wait_attributes(what, None, started),
             ) from None
         except StepFailed as failed:
+            if isinstance(failed, CloseMatch):
+                explain_close(failed, matcher)
             failed.attributes.update(wait_attributes(what, None, started))
             raise
+        ctx.note_arrival(arrival)
         received_at = arrival.received_at
         attributes: dict[str, Any] = {  # with wait_attributes(what, arrival, started)'s, in line
             "webhook.path": step.path,
