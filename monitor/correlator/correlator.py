@@ -132,7 +132,10 @@ class Correlator:
             claimed = self._claim_early(expectation)
             if claimed is not None:
                 return claimed
-        self._start_waiting(expectation)
+        # `_start_waiting`'s steps
+        if expectation.state == "registered":  # the test `_leave_registered` makes first
+            self._leave_registered(expectation)
+        self._pending.index.add(expectation, expectation.seq)  # first registered wins
         expectation.state = "waiting"
         if channel not in self._registered and channel in early:  # _flush_unclaimable's test
             self._flush_unclaimable(channel)
@@ -253,11 +256,10 @@ class Correlator:
         `now` (monotonic) when the caller has just read it."""
         self._drop_pending(expectation, state, flush)
         expectation.finished_at = time.monotonic() if now is None else now
-        if len(self._finished.entries) >= self.max_late:
-            oldest = self._finished.oldest()
-            if oldest is not None:
-                self._finished.pop(oldest[0])
-                self.overflow["late"] += 1
+        finished = self._finished.entries
+        if len(finished) >= self.max_late and finished:  # push the oldest out: the first seq
+            self._finished.pop(next(iter(finished)))
+            self.overflow["late"] += 1
         self._finished.add(expectation.seq, expectation.channel, expectation)
         if self._purge_at == math.inf:  # the only one: `purge` has work when it is due
             self._purge_at = expectation.finished_at + self.late_memory
