@@ -33,8 +33,9 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import metrics as _client_metrics
@@ -259,6 +260,25 @@ class CounterFamily(Family):
             yield Sample(total, labels, data[offset], None, ex)
             if use_created:
                 yield Sample(created, dict(labels), data[offset + 1], None, None)
+
+
+class Increment(Protocol):
+    def inc(self, amount: float = 1.0) -> None: ...
+
+
+class LabelledCounter(Protocol):
+    """A counter with labels: a prometheus_client `Counter` or a `CounterFamily`."""
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Increment: ...
+
+
+def incrementer(counter: LabelledCounter, **labels: str) -> Callable[[], None]:
+    """A call that adds one to `counter`'s series of `labels` (exported from now on, as
+    `labels()` does): a compact family's `inc_at` on the series' offset, one Python call where
+    a child's `inc` makes three (a prometheus_client child's, four and a lock)."""
+    if isinstance(counter, CounterFamily):
+        return partial(counter.inc_at, counter.series(**labels))
+    return counter.labels(**labels).inc
 
 
 class CounterChild:

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
+    from monitor.metric_types import LabelledCounter
 
 __all__ = ["LOG_INTERVAL", "RejectLog"]
 
@@ -24,7 +24,7 @@ class RejectLog:
 
     def __init__(
         self,
-        counter: Counter | None,
+        counter: LabelledCounter | None,
         interval: float = LOG_INTERVAL,
         *,
         source: str = "webhook",

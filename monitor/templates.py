@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
@@ -109,6 +109,27 @@ def _simple_parts(template: str) -> list[str | tuple[str, ...]] | None:
     return None if "{{" in literal or "{%" in literal or "{#" in literal else parts
 
 
+_MAPPINGS: Final = (dict, Mapping)  # dict first: a C check
+
+
+def _render_one(
+    names: tuple[str, ...], variables: Mapping[str, Any], mode: RenderMode
+) -> str | None:
+    """`_render_simple` of a template that is one `{{ dotted.name }}` and nothing else (most
+    match rules' values): no parts to walk, no join."""
+    value: Any = variables
+    for name in names:
+        if not isinstance(value, _MAPPINGS):  # as _render_simple reads them
+            return None
+        try:
+            value = value[name]
+        except KeyError:
+            return None
+    if type(value) is not str and isinstance(value, Mapping | list):
+        return None
+    return str(_FINALIZERS.get(mode, _as_is)(value))
+
+
 def _render_simple(
     parts: list[str | tuple[str, ...]], variables: Mapping[str, Any], mode: RenderMode
 ) -> str | None:
@@ -162,6 +183,9 @@ class Templates:
         }
         self._cache: dict[tuple[str, str], Any] = {}
         self._simple: dict[str, Any] = {}
+        # templates without secret references that are one `{{ dotted.name }}` and nothing
+        # else → the name's parts: rendered by `_render_one` before any other test
+        self._one: dict[str, tuple[str, ...]] = {}
 
     def _fast(self, template: str) -> list[str | tuple[str, ...]] | None:
         parts = self._simple.get(template, _UNSET)
@@ -189,14 +213,22 @@ class Templates:
         return self.redactor(text) or ""
 
     def render(self, template: str, variables: Mapping[str, Any], mode: RenderMode) -> str:
+        one = self._one.get(template)
+        if one is not None:
+            rendered = _render_one(one, variables, mode)
+            if rendered is not None:
+                return rendered
         if "{" not in template:  # the common case: a literal, nothing to render
             return template
-        if "${" in template:
+        secrets = "${" in template
+        if secrets:
             template = resolve_secret_refs(template, self.redactor)
         if "{{" not in template and "{%" not in template:
             return template
         fast = self._fast(template)
         if fast is not None:
+            if not secrets and len(fast) == 3 and fast[0] == fast[2] == "":
+                self._one[template] = fast[1]  # type: ignore[assignment]  # parts[1] is a name
             rendered = _render_simple(fast, variables, mode)
             if rendered is not None:
                 return rendered

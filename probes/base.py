@@ -195,7 +195,10 @@ class StepContext:
         return cached
 
     def render(self, template: str, mode: RenderMode = "text") -> str:
-        return self.renderer.render(template, self.variables(), mode)
+        variables = self.run_state.get(_VARIABLES)  # `variables()`'s cache, without its call
+        if variables is None:
+            variables = self.variables()
+        return self.renderer.render(template, variables, mode)
 
     def render_value(self, value: Any) -> Any:
         """Render every string inside a JSON-like value (dicts, lists, scalars)."""

@@ -32,6 +32,7 @@ from probes.kinds import KindSpec, SpanShape
 from probes.waiting import (
     MatchBase,
     Rule,
+    RuleMatcher,
     Scalar,
     annotate,
     assess,
@@ -41,7 +42,7 @@ from probes.waiting import (
     no_status,
     own_latency,
     register,
-    render_rule,
+    rendered_matcher,
     since_sent,
     since_step,
     wait_attributes,
@@ -136,12 +137,10 @@ class KafkaConsumeProbe:
         started = time.monotonic()
         clients = _clients(config, ctx)
         expectation = _register(config, ctx)
-        rule = _rendered_rule(config, ctx)
+        rule, matcher = _rendered_rule(config, ctx)
         what = f"record on {config.topic} with {rule.describe('any record')}"
         try:
-            arrival = await await_arrival(
-                config, ctx, expectation, rule.matcher(_record_header), started
-            )
+            arrival = await await_arrival(config, ctx, expectation, matcher, started)
         except NotReceived as missing:
             why = _why_missing(config, clients, rule, missing)
             why.attributes.update(wait_attributes(what, None, started))
@@ -181,11 +180,12 @@ def _register(config: Config, ctx: StepContext) -> Registration:
     return register(ctx, KIND, channel_name(config.cluster, config.topic))
 
 
-def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
-    """The match rule with its templates rendered for this run."""
+def _rendered_rule(config: Config, ctx: StepContext) -> tuple[Rule, RuleMatcher]:
+    """The match rule with its templates rendered for this run, and its matcher."""
     if config.match is None:
-        return Rule({CORRELATION_HEADER: ctx.run.correlation}, {})
-    return render_rule(config.match, ctx, "text", key=config.match.key)
+        rule = Rule({CORRELATION_HEADER: ctx.run.correlation}, {})
+        return rule, rule.matcher(_record_header)
+    return rendered_matcher(config.match, ctx, "text", _record_header, key=config.match.key)
 
 
 def _record_header(headers: Mapping[str, str], name: str) -> str | None:

@@ -228,6 +228,37 @@ def _whsec_key(secret: str) -> bytes:
         raise SecretUnavailable("standard_webhooks secret is not whsec_<base64>") from None
 
 
+# config's identity → (config, its tolerance, the key of its secret when that is written
+# literally and decodes, else None)
+_STANDARD: dict[int, tuple[StandardWebhooksSignature, float, bytes | None]] = {}
+_STANDARD_MAX: Final = 256  # reloads make new configs: the old ones are dropped past this
+
+
+def _standard_read(
+    config: StandardWebhooksSignature,
+) -> tuple[StandardWebhooksSignature, float, bytes | None]:
+    """What every delivery reads of `config`, read once per (frozen) config: its tolerance,
+    and the key of a literal secret (registered with the redactor by `resolve_secret`, as a
+    delivery's reading did); a reference (`${env:…}`, `${file:…}`) or a literal that does not
+    decode is resolved per delivery, so a rotated secret takes effect at once and a bad one
+    fails every delivery, as before. Two pydantic attributes, `resolve_secret` and the key's
+    cache were ~2,000 instructions a delivery."""
+    known = _STANDARD.get(id(config))
+    if known is not None and known[0] is config:
+        return known
+    key: bytes | None = None
+    if "${" not in config.secret.get_secret_value():
+        try:
+            key = _whsec_key(resolve_secret(config.secret))
+        except SecretUnavailable:
+            key = None
+    read = (config, float(config.tolerance), key)
+    if len(_STANDARD) >= _STANDARD_MAX:
+        _STANDARD.clear()
+    _STANDARD[id(config)] = read
+    return read
+
+
 def _standard_webhooks(
     config: StandardWebhooksSignature, headers: Mapping[str, str], body: bytes, now: float
 ) -> VerifiedDelivery:
@@ -239,8 +270,10 @@ def _standard_webhooks(
     if not (msg_id and stamp_text and signatures):
         for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
             _header(headers, name)
-    stamp = _timestamp(stamp_text, now, config.tolerance, "webhook-timestamp")
-    key = _whsec_key(resolve_secret(config.secret))
+    _, tolerance, key = _standard_read(config)
+    stamp = _timestamp(stamp_text, now, tolerance, "webhook-timestamp")
+    if key is None:  # a secret reference: read afresh for every delivery
+        key = _whsec_key(resolve_secret(config.secret))
     signed = f"{msg_id}.{stamp_text}.".encode() + body
     expected = binascii.b2a_base64(_hmac_sha256(key, signed), newline=False)
     for entry in signatures.split():

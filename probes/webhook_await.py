@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import time
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from probes.arrivals import Arrival
+from probes.arrivals import Arrival, CloseMatch
 from probes.base import StepConfigBase, StepContext, StepOutcome
 from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
@@ -29,21 +29,23 @@ from probes.kinds import KindSpec, SpanShape, WebhookRoute
 from probes.signatures import SignatureConfig
 from probes.waiting import (
     Rule,
+    RuleMatcher,
     Scalar,
     XPathMatch,
     annotate,
     assess,
-    await_arrival,
+    explain_close,
     header_value,
     latency_from_form,
     no_duplicate,
     no_status,
     own_latency,
     register,
-    render_rule,
+    rendered_matcher,
     since_sent,
     since_step,
     wait_attributes,
+    wait_deadline,
 )
 
 __all__ = [
@@ -146,57 +148,105 @@ class WebhookAwaitProbe:
 
     def expect(self, config: Config, ctx: StepContext) -> None:
         """Register with the correlator before any step of the run runs."""
-        register(ctx, KIND, config.path, _LISTENER)
+        register(ctx, KIND, _read(config).path, _LISTENER)
 
     async def run(self, config: Config, ctx: StepContext) -> StepOutcome:
         started = time.monotonic()
-        expectation = register(ctx, KIND, config.path, _LISTENER)  # the run's start made it
-        rule = _rendered_rule(config, ctx)
-        what = f"delivery on {config.path} with {rule.describe('any body')}"
-        try:
-            arrival = await await_arrival(
-                config, ctx, expectation, rule.matcher(header_value), started
-            )
+        step = _read(config)
+        expectation = register(ctx, KIND, step.path, _LISTENER)  # the run's start made it
+        rule, matcher = _rendered_rule(step, ctx)
+        what = f"delivery on {step.path} with {rule.describe('any body')}"
+        try:  # await_arrival's steps in this coroutine: one coroutine fewer per run
+            arrival = await expectation.wait(matcher, deadline=wait_deadline(step, ctx, started))
         except NotReceived as missing:
             # keep what the correlator saw instead: other deliveries, refused ones
             seen = missing.message.partition(" by the deadline")[2]
             raise NotReceived(
-                f"no {what} within {config.within:g}s{seen}",
+                f"no {what} within {step.within:g}s{seen}",
                 attributes=wait_attributes(what, None, started),
             ) from None
         except StepFailed as failed:
+            if isinstance(failed, CloseMatch):
+                explain_close(failed, matcher)
             failed.attributes.update(wait_attributes(what, None, started))
             raise
-        attributes: dict[str, Any] = {
-            "webhook.path": config.path,
+        ctx.note_arrival(arrival)
+        received_at = arrival.received_at
+        attributes: dict[str, Any] = {  # with wait_attributes(what, arrival, started)'s, in line
+            "webhook.path": step.path,
             "webhook.delivery_id": arrival.delivery_id,
-            "webhook.early": arrival.received_at < started,
-            **wait_attributes(what, arrival, started),
+            "webhook.early": received_at < started,
+            "wait.for": what,
+            "wait.arrived_s": max(0.0, received_at - started),
         }
-        if config.duplicate_window > 0:
-            attributes["wait.duplicate_window_s"] = config.duplicate_window
+        window = step.duplicate_window
+        if window > 0:
+            attributes["wait.duplicate_window_s"] = window
         latency: float | None = None
         try:
-            latency = _latency(config, ctx, arrival, started)
-            values = assess(config, ctx, arrival, latency)
+            latency = _latency(step, ctx, arrival, started)
+            values = assess(step, ctx, arrival, latency)
             # A window of 0 means no duplicate check in the step, not even of one already seen.
-            if config.duplicate_window > 0:
-                await no_duplicate(expectation, config.duplicate_window, "delivery", "delivery id ")
+            if window > 0:
+                await no_duplicate(expectation, window, "delivery", "delivery id ")
         except StepFailed as failed:
             annotate(failed, arrival, latency, attributes)
             raise
         own = own_latency(ctx, arrival)
-        return StepOutcome(latency_s=latency, vars=values, attributes=attributes, own_latency_s=own)
+        # positional, in the fields' order: a class called with keywords costs a dict (3.11)
+        return StepOutcome(latency, values, {}, attributes, None, own)
 
 
-def _rendered_rule(config: Config, ctx: StepContext) -> Rule:
-    """The match rule with its templates rendered for this run."""
+class _Read(NamedTuple):
+    """What every run reads of a step's config, read once per config (`_read`): a pydantic
+    model's attribute costs ~350 instructions (its class has `__getattr__`, so no fast path),
+    a named tuple's ~40, and a run read about a dozen. A `WaitingConfig` for `waiting`."""
+
+    config: Config  # the config itself: an entry is only good for this very object
+    path: str
+    match: Match | None
+    within: float
+    timeout: float | None
+    duplicate_window: float
+    latency_from: str
+    expect: Expect
+    extract: dict[str, ExtractRule]
+
+
+_READ: dict[int, _Read] = {}
+_READ_MAX: Final = 4096  # reloads make new configs: the old ones are dropped past this
+
+
+def _read(config: Config) -> _Read:
+    known = _READ.get(id(config))
+    if known is not None and known.config is config:
+        return known
+    read = _Read(
+        config,
+        config.path,
+        config.match,
+        config.within,
+        config.timeout,
+        config.duplicate_window,
+        config.latency_from,
+        config.expect,
+        config.extract,
+    )
+    if len(_READ) >= _READ_MAX:
+        _READ.clear()
+    _READ[id(config)] = read
+    return read
+
+
+def _rendered_rule(config: _Read, ctx: StepContext) -> tuple[Rule, RuleMatcher]:
+    """The match rule with its templates rendered for this run, and its matcher."""
     if config.match is None:
-        return Rule({ctx.marker_header: ctx.run.id}, {})
-    return render_rule(config.match, ctx, "header")
+        rule = Rule({ctx.marker_header: ctx.run.id}, {})
+        return rule, rule.matcher(header_value)
+    return rendered_matcher(config.match, ctx, "header", header_value)
 
 
-def _latency(config: Config, ctx: StepContext, arrival: Arrival, started: float) -> float:
+def _latency(config: _Read, ctx: StepContext, arrival: Arrival, started: float) -> float:
     """Delivery latency: from the trigger's start (monotonic) or from a sender timestamp (wall)."""
     source, _, arg = config.latency_from.partition(":")
     if source in ("trigger", "step"):

@@ -29,7 +29,7 @@ from prometheus_client.metrics import disable_created_metrics, enable_created_me
 
 from monitor import __version__
 from monitor.config import Flow
-from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily
+from monitor.metric_types import CounterFamily, GaugeFamily, HistogramFamily, incrementer
 from monitor.metrics import (
     LAG_BUCKETS,
     LATENCY_BUCKETS,
@@ -308,6 +308,7 @@ def feed(sink: Any, metrics: Any, clock: Clock, rounds: int) -> None:
             sink.submit(run_result(round_, flow, variant, loc, HOPS[flow]))
         metrics.arrivals.labels(source="webhook", outcome="matched").inc()
         metrics.arrivals.labels("kafka", "duplicate").inc(round_ % 2)
+        incrementer(metrics.arrivals, source="webhook", outcome="late")()  # the correlator's way
         metrics.sink_errors.labels("store").inc(round_ % 2)
         metrics.loop_lag.observe(0.0007 * round_)
         metrics.scheduler_lag.observe(0.05 * (round_ % 3))

@@ -75,6 +75,53 @@ def test_the_fast_path_renders_exactly_as_jinja(value: object, mode: str) -> Non
     assert fast == jinja
 
 
+@pytest.mark.parametrize("mode", ["text", "url", "header"])
+@pytest.mark.parametrize(
+    "value",
+    ["plain", Untrusted("a/b c?"), 7, 3.0, True, None, "ünï", {"a": 1}, [1], Untrusted("x\r\n")],
+)
+def test_a_one_name_template_renders_the_same_every_time(value: object, mode: str) -> None:
+    """`{{ a.b }}` alone is rendered by a shorter path from its second render on: the same
+    text, or the same error, as the first render and as Jinja."""
+    variables = {"steps": {"s": {"v": value}}}
+    templates = Templates()
+    for template in ("{{ steps.s.v }}", "{{steps.s.v}}"):
+        seen = []
+        for _ in range(3):
+            try:
+                seen.append(templates.render(template, variables, mode))  # type: ignore[arg-type]
+            except ExtractFailed as refused:
+                seen.append(f"refused: {refused}")
+        try:
+            jinja = str(Templates()._compiled(template, mode).render(variables))
+        except ExtractFailed as refused:
+            jinja = f"refused: {refused}"
+        assert seen == [jinja] * 3
+    assert templates._one == {
+        "{{ steps.s.v }}": ("steps", "s", "v"),
+        "{{steps.s.v}}": ("steps", "s", "v"),
+    }
+
+
+def test_a_one_name_template_that_stops_resolving_fails_as_jinja_words_it() -> None:
+    templates = Templates()
+    assert templates.render("{{ steps.a.id }}", {"steps": {"a": {"id": "x"}}}, "text") == "x"
+    for missing in ({"steps": {"a": {}}}, {"steps": {}}, {"steps": "text"}):
+        with pytest.raises(TemplateError, match="steps"):
+            templates.render("{{ steps.a.id }}", missing, "text")
+
+
+def test_a_template_with_a_secret_reference_is_resolved_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    templates = Templates()
+    monkeypatch.setenv("HW_ONE_NAME", "{{ run.id }}")
+    assert templates.render("${env:HW_ONE_NAME}", VARS, "text") == "r1"
+    monkeypatch.setenv("HW_ONE_NAME", "{{ run.correlation }}")  # a rotated secret
+    assert templates.render("${env:HW_ONE_NAME}", VARS, "text") == "hw-r1"
+    assert templates._one == {}
+
+
 def test_templates_with_filters_still_go_through_jinja() -> None:
     from monitor.templates import _simple_parts
 

@@ -8,10 +8,11 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heapify, heappop, heappush
 from itertools import count
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Final, Literal
 
 from monitor.correlator.expectation import (
     KEEP_DUPLICATES,
@@ -23,10 +24,8 @@ from monitor.correlator.expectation import (
     without_body,
 )
 from monitor.correlator.tables import Expectations, Table, Texts, carries
+from monitor.metric_types import LabelledCounter, incrementer
 from probes.arrivals import Arrival
-
-if TYPE_CHECKING:
-    from prometheus_client import Counter
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
 
@@ -52,7 +51,7 @@ class Correlator:
 
     def __init__(
         self,
-        arrivals_counter: Counter | None = None,
+        arrivals_counter: LabelledCounter | None = None,
         *,
         early_ttl: float = 30.0,
         max_pending: int = 10_000,
@@ -84,7 +83,8 @@ class Correlator:
         # channel -> (why, a signature refusal?) -> deliveries the receiver refused there
         # (never offered): an expectation compares with the tally at its registration
         self._refused: dict[str, dict[tuple[str, bool], int]] = {}
-        self._children: dict[tuple[str, str], Any] = {}  # the counter's child per label pair
+        # the counter's increment per label pair (metric_types.incrementer)
+        self._children: dict[tuple[str, str], Callable[[], None]] = {}
         self.overflow: dict[str, int] = {"pending": 0, "early": 0, "late": 0, "delivery_ids": 0}
         # (deadline, seq) of waiting expectations (and of some finished since), a heap under
         # one loop timer set for the earliest (`_watch`)
@@ -121,6 +121,29 @@ class Correlator:
         self._leave_registered(expectation)
         self._pending.index.add(expectation, expectation.seq)  # first registered wins
 
+    def _begin_wait(self, expectation: Expectation) -> Arrival | asyncio.Future[Arrival]:
+        """`Expectation.wait`'s first half, its matcher set: the kept arrival it claims, else
+        the future it waits on, indexed for arrivals to come and expired at its deadline. One
+        call, not the four (with theirs) it takes one at a time: `_claim_early`,
+        `_start_waiting`, `_flush_unclaimable`, `_watch`."""
+        channel = expectation.channel
+        early = self._early.channels
+        if channel in early:
+            claimed = self._claim_early(expectation)
+            if claimed is not None:
+                return claimed
+        # `_start_waiting`'s steps
+        if expectation.state == "registered":  # the test `_leave_registered` makes first
+            self._leave_registered(expectation)
+        self._pending.index.add(expectation, expectation.seq)  # first registered wins
+        expectation.state = "waiting"
+        if channel not in self._registered and channel in early:  # _flush_unclaimable's test
+            self._flush_unclaimable(channel)
+        future: asyncio.Future[Arrival] = asyncio.get_running_loop().create_future()
+        expectation._future = future
+        self._watch(expectation)
+        return future
+
     def _leave_registered(self, expectation: Expectation) -> None:
         if expectation.state != "registered":
             return
@@ -131,11 +154,14 @@ class Correlator:
             del self._registered[expectation.channel]
 
     def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None:
-        self._leave_registered(expectation)
+        if expectation.state == "registered":  # the test `_leave_registered` makes first
+            self._leave_registered(expectation)
         expectation.state = state
         self._pending.pop(expectation.seq)
         if flush:
-            self._flush_unclaimable(expectation.channel)
+            channel = expectation.channel  # `_flush_unclaimable`'s test first, without its calls
+            if channel not in self._registered and channel in self._early.channels:
+                self._flush_unclaimable(channel)
 
     def _claim_early(self, expectation: Expectation) -> Arrival | None:
         """Hand `expectation` the oldest kept arrival it matches; other matches are duplicates."""
@@ -230,11 +256,10 @@ class Correlator:
         `now` (monotonic) when the caller has just read it."""
         self._drop_pending(expectation, state, flush)
         expectation.finished_at = time.monotonic() if now is None else now
-        if len(self._finished.entries) >= self.max_late:
-            oldest = self._finished.oldest()
-            if oldest is not None:
-                self._finished.pop(oldest[0])
-                self.overflow["late"] += 1
+        finished = self._finished.entries
+        if len(finished) >= self.max_late and finished:  # push the oldest out: the first seq
+            self._finished.pop(next(iter(finished)))
+            self.overflow["late"] += 1
         self._finished.add(expectation.seq, expectation.channel, expectation)
         if self._purge_at == math.inf:  # the only one: `purge` has work when it is due
             self._purge_at = expectation.finished_at + self.late_memory
@@ -366,12 +391,12 @@ class Correlator:
                 "malformed" if outcome == "unmatched" and arrival.meta.get("not_json") else outcome
             )
             labels = (arrival.source, counted)
-            child = self._children.get(labels)
-            if child is None:  # labels() costs more than the increment: look it up once
-                child = self._children[labels] = self._counter.labels(
-                    source=arrival.source, outcome=counted
+            inc = self._children.get(labels)
+            if inc is None:  # labels() costs more than the increment: look it up once
+                inc = self._children[labels] = incrementer(
+                    self._counter, source=arrival.source, outcome=counted
                 )
-            child.inc()
+            inc()
         return outcome
 
     # -- housekeeping ----------------------------------------------------------------------

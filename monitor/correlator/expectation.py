@@ -9,6 +9,7 @@ from typing import Final, Literal, Protocol
 
 from probes.arrivals import Arrival, CloseMatch, Matcher, Selector
 from probes.errors import AssertionFailed, NotReceived, SignatureInvalid, StepFailed
+from probes.waiting import RuleMatcher
 
 log = logging.getLogger(__package__)  # "monitor.correlator", the name it logged under before
 
@@ -23,15 +24,9 @@ class _Owner(Protocol):
     _channel_seen: dict[str, int]
     _refused: dict[str, dict[tuple[str, bool], int]]
 
-    def _claim_early(self, expectation: Expectation) -> Arrival | None: ...
-
-    def _start_waiting(self, expectation: Expectation) -> None: ...
-
-    def _flush_unclaimable(self, channel: str) -> None: ...
+    def _begin_wait(self, expectation: Expectation) -> Arrival | asyncio.Future[Arrival]: ...
 
     def _expire(self, expectation: Expectation) -> None: ...
-
-    def _watch(self, expectation: Expectation) -> None: ...
 
     def _drop_pending(self, expectation: Expectation, state: State, flush: bool = True) -> None: ...
 
@@ -112,22 +107,19 @@ class Expectation:
         `deadline` (monotonic) replaces the provisional one given to `expect`. Raises
         NotReceived when it passes; later matching arrivals are then counted `late`.
         """
-        if self.state != "registered":
-            raise RuntimeError(f"wait() on an expectation that is {self.state}")
+        state = self.state  # (a local: the correlator changes self.state meanwhile)
+        if state != "registered":
+            raise RuntimeError(f"wait() on an expectation that is {state}")
         if deadline is not None:
             self.deadline = deadline
         self.match = match
-        claimed = self._owner._claim_early(self)
-        if claimed is not None:
-            return claimed
-        loop = asyncio.get_running_loop()
-        self._owner._start_waiting(self)
-        self.state = "waiting"
-        self._owner._flush_unclaimable(self.channel)
-        self._future = loop.create_future()
-        self._owner._watch(self)  # expired at its deadline by the correlator's one timer
+        # a kept arrival it claims, or the future to wait on (expired at its deadline by the
+        # correlator's one timer)
+        begun = self._owner._begin_wait(self)
+        if not isinstance(begun, asyncio.Future):
+            return begun
         try:
-            return await self._future
+            return await begun
         finally:
             if self.state == "waiting":  # cancelled from outside: later arrivals are late
                 self._owner._expire(self)
@@ -232,6 +224,8 @@ def accepts(expectation: Expectation, arrival: Arrival) -> bool:
 def keys_of(match: Matcher | None) -> tuple[Key, ...]:
     """An IndexedMatcher's keys; none (so it is checked against every arrival) for a plain
     matcher or keys of the wrong shape."""
+    if type(match) is RuleMatcher and match.keys_are_texts:  # (interned selector, str) pairs
+        return match.keys
     keys = getattr(match, "keys", None)
     if not isinstance(keys, tuple):
         return ()

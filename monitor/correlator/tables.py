@@ -22,9 +22,11 @@ class Table(Generic[T]):
     def __init__(self) -> None:
         self._all: OrderedDict[int, tuple[str, T]] = OrderedDict()
         self._by_channel: dict[str, dict[int, T]] = {}
-        # the same dict, to be read (never changed) by the correlator's hot paths: `len` of it
-        # is the table's size without a Python-level __len__ (four a webhook)
+        # the same dicts, to be read (never changed) by the correlator's hot paths: `len` of
+        # `entries` is the table's size without a Python-level __len__ (four a webhook), and
+        # `in channels` is `holds` without its call
         self.entries: Mapping[int, tuple[str, T]] = self._all
+        self.channels: Mapping[str, Mapping[int, T]] = self._by_channel
 
     def __len__(self) -> int:
         return len(self._all)
@@ -99,58 +101,17 @@ Bucket = Expectation | dict[int, Expectation]  # one, or several by order
 class ChannelIndex:
     """One channel's indexed expectations: each filed under one key, or unkeyed. Where each
     is filed lives on the expectation (`_order`, `_filed`): an expectation is in at most one
-    index at a time, and no object per entry is made."""
+    index at a time, and no object per entry is made. `Index.add` and `Index.discard` file
+    and take them out (in line there: four times a webhook, a call each was ~2 %)."""
 
     buckets: dict[Key, Bucket] = field(default_factory=dict)
     selectors: dict[Selector, int] = field(default_factory=dict)  # selector → items under it
     unkeyed: dict[int, Expectation] = field(default_factory=dict)
     size: int = 0
 
-    def add(self, expectation: Expectation, order: int, keys: tuple[Key, ...]) -> None:
-        # File under the key whose bucket is smallest now: a key every run shares (an event
-        # type) fills its bucket at once, so later expectations go under their own value.
-        if len(keys) > 1:
-            key: Key | None = min(keys, key=self._bucket_size)
-        else:
-            key = keys[0] if keys else None
-        expectation._order, expectation._filed = order, key
-        self.size += 1
-        if key is None:
-            self.unkeyed[order] = expectation
-            return
-        held = self.buckets.get(key)
-        if held is None:
-            self.buckets[key] = expectation
-        elif isinstance(held, Expectation):
-            self.buckets[key] = {held._order: held, order: expectation}
-        else:
-            held[order] = expectation
-        self.selectors[key[0]] = self.selectors.get(key[0], 0) + 1
-
     def _bucket_size(self, key: Key) -> int:
         held = self.buckets.get(key)
         return 0 if held is None else 1 if isinstance(held, Expectation) else len(held)
-
-    def discard(self, expectation: Expectation) -> None:
-        """Take `expectation` out; the caller knows it is filed here."""
-        order, key = expectation._order, expectation._filed
-        expectation._order, expectation._filed = -1, None
-        self.size -= 1
-        if key is None:
-            del self.unkeyed[order]
-            return
-        held = self.buckets[key]
-        if isinstance(held, Expectation):
-            del self.buckets[key]
-        else:
-            del held[order]
-            if len(held) == 1:
-                self.buckets[key] = next(iter(held.values()))
-        left = self.selectors[key[0]] - 1
-        if left:
-            self.selectors[key[0]] = left
-        else:
-            del self.selectors[key[0]]
 
     def candidates(self, texts: Texts) -> Iterator[Bucket]:
         """The buckets an arrival may match in, unkeyed ones last."""
@@ -192,15 +153,55 @@ class Index:
         keys = expectation._keys
         if keys is None:
             keys = expectation._keys = keys_of(expectation.match)
-        index.add(expectation, order, keys)
+        # File under the key whose bucket is smallest now: a key every run shares (an event
+        # type) fills its bucket at once, so later expectations go under their own value.
+        if len(keys) > 1:
+            key: Key | None = min(keys, key=index._bucket_size)
+        else:
+            key = keys[0] if keys else None
+        expectation._order, expectation._filed = order, key
+        index.size += 1
+        if key is None:
+            index.unkeyed[order] = expectation
+            return
+        buckets = index.buckets
+        held = buckets.get(key)
+        if held is None:
+            buckets[key] = expectation
+        elif isinstance(held, Expectation):
+            buckets[key] = {held._order: held, order: expectation}
+        else:
+            held[order] = expectation
+        selectors = index.selectors
+        selectors[key[0]] = selectors.get(key[0], 0) + 1
 
     def discard(self, expectation: Expectation) -> None:
-        if expectation._order < 0:  # not indexed: no matcher (yet)
+        order, key = expectation._order, expectation._filed
+        if order < 0:  # not indexed: no matcher (yet)
             return
-        index = self._channels[expectation.channel]
-        index.discard(expectation)
+        channel = expectation.channel
+        index = self._channels[channel]
+        expectation._order, expectation._filed = -1, None
+        index.size -= 1
+        if key is None:
+            del index.unkeyed[order]
+        else:
+            buckets = index.buckets
+            held = buckets[key]
+            if isinstance(held, Expectation):
+                del buckets[key]
+            else:
+                del held[order]
+                if len(held) == 1:
+                    buckets[key] = next(iter(held.values()))
+            selectors = index.selectors
+            left = selectors[key[0]] - 1
+            if left:
+                selectors[key[0]] = left
+            else:
+                del selectors[key[0]]
         if not index.size:  # keep the index as small as the table
-            del self._channels[expectation.channel]
+            del self._channels[channel]
 
     def find(self, texts: Texts) -> Expectation | None:
         """The first expectation (lowest order) whose matcher accepts the arrival: the buckets
@@ -215,11 +216,13 @@ class Index:
         for selector in list(index.selectors):
             found = texts.get(selector)
             if found is None:  # reading failed: every bucket under the selector
-                held_ = [b for k, b in buckets.items() if k[0] == selector]
-            else:
-                held_ = [b for text in found if (b := buckets.get((selector, text))) is not None]
-            for held in held_:
-                best = _first_accepting(held, best, arrival)
+                for held in [b for k, b in buckets.items() if k[0] == selector]:
+                    best = _first_accepting(held, best, arrival)
+                continue
+            for text in found:  # a loop, not a comprehension: no call (twice an arrival)
+                bucket = buckets.get((selector, text))
+                if bucket is not None:
+                    best = _first_accepting(bucket, best, arrival)
         if index.unkeyed:
             best = _first_accepting(index.unkeyed, best, arrival)
         return best
@@ -267,7 +270,14 @@ class Expectations(Table[Expectation]):
         self.index = Index()
 
     def pop(self, seq: int) -> Expectation | None:
-        item = super().pop(seq)
-        if item is not None:
-            self.index.discard(item)
+        # Table.pop in line (twice a webhook: a call fewer each), then out of the index
+        entry = self._all.pop(seq, None)
+        if entry is None:
+            return None
+        channel, item = entry
+        bucket = self._by_channel[channel]
+        del bucket[seq]
+        if not bucket:
+            del self._by_channel[channel]
+        self.index.discard(item)
         return item

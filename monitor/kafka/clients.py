@@ -17,8 +17,7 @@ from probes.errors import ConfigError
 from probes.kafka_port import Acks
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
+    from monitor.metric_types import LabelledCounter
     from probes.kafka_port import KafkaPort
 
 __all__ = ["KafkaClients"]
@@ -44,7 +43,7 @@ class KafkaClients:
         *,
         on_arrival: Callable[[Arrival], object] | None = None,
         topics: Mapping[str, Iterable[str]] | None = None,
-        arrivals_counter: Counter | None = None,
+        arrivals_counter: LabelledCounter | None = None,
     ) -> None:
         self.on_arrival = on_arrival
         self._stamper = Stamper()  # (cluster, topic, key) → last sequence stamped

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
+    from monitor.metric_types import LabelledCounter
 
 __all__ = ["SEQ_HEADER", "OrderCheck", "Stamper"]
 
@@ -46,7 +46,7 @@ class Stamper:
 class OrderCheck:
     """The highest sequence seen for each (channel, key), and the records that came after it."""
 
-    def __init__(self, counter: Counter | None = None) -> None:
+    def __init__(self, counter: LabelledCounter | None = None) -> None:
         self._highest = _Lru()
         self._counter = counter
 

@@ -83,7 +83,10 @@ class PreparedAnswer(web.Response):
     def __init__(self, answer: Answer) -> None:
         self._answer = answer
         self._state: dict[Any, Any] = {}
-        self._headers = CIMultiDict[str]()  # empty unless someone adds to it: then aiohttp's way
+        # empty unless someone adds to it: then aiohttp's way. Not `CIMultiDict[str]()`: calling
+        # a subscripted class makes a GenericAlias and has it try (and fail, an AttributeError
+        # made and dropped) to set `__orig_class__` on the result, ~3,000 instructions.
+        self._headers: CIMultiDict[str] = CIMultiDict()
         self._status = answer.status
         self._reason = answer.reason
         self._body = answer.body
