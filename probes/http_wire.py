@@ -253,11 +253,7 @@ class WirePool:
         request = target.head + rest
         try:
             return await self._exchange(timer, target, request, method in _IDEMPOTENT)
-        except WireError as exc:
-            raise _translate(exc, url, timer.phases()) from exc
-        except ssl.SSLError as exc:
-            raise _translate(exc, url, timer.phases()) from exc
-        except OSError as exc:
+        except (WireError, OSError) as exc:  # OSError: refused, reset, TLS (ssl.SSLError)
             raise _translate(exc, url, timer.phases()) from exc
 
     def _target(self, method: str, url: str, params: dict[str, str] | None) -> Target | None:
@@ -349,12 +345,8 @@ class WirePool:
             conn.close()  # cancelled (the step's time ran out) or failed: never reused
             raise
         timer.response_start, timer.end = conn.data_at, conn.end_at
-        ssl_object, status, raw_headers, chunks = (
-            conn.ssl_object,
-            conn.status,
-            conn.headers,
-            conn.chunks,
-        )
+        status, raw_headers, chunks = conn.status, conn.headers, conn.chunks
+        tls_not_after = not_after(conn.ssl_object)
         if self._keep and conn.reusable():
             self._put(target.origin, conn)
         else:
@@ -370,7 +362,7 @@ class WirePool:
             body=body,
             latency_s=timer.latency,
             phases=timer.phases(),
-            tls_not_after=not_after(ssl_object),
+            tls_not_after=tls_not_after,
         )
 
     def _take(self, origin: tuple[str, int, bool]) -> WireConnection | None:
