@@ -57,7 +57,8 @@ from monitor.correlator import Correlator
 from monitor.correlator.expectation import Expectation
 from monitor.engine import Engine
 from monitor.gc_settle import settle_start
-from probes.waiting import Rule, header_value
+from probes.selectors import header_value
+from probes.waiting import Rule
 
 PATH = "/hooks/bench"
 WARMUP_LIMIT_S = 30.0

@@ -29,11 +29,11 @@ from probes.errors import AssertionFailed, ConnectError, NotReceived, OutOfOrder
 from probes.kafka_port import KafkaPort
 from probes.kafka_produce import CORRELATION_HEADER
 from probes.kinds import KindSpec, SpanShape
+from probes.selectors import Scalar
 from probes.waiting import (
     MatchBase,
     Rule,
     RuleMatcher,
-    Scalar,
     annotate,
     assess,
     await_arrival,

@@ -26,16 +26,15 @@ from probes.checks import Expect, ExtractRule, json_path_get
 from probes.durations import Duration
 from probes.errors import AssertionFailed, NotReceived, StepFailed
 from probes.kinds import KindSpec, SpanShape, WebhookRoute
+from probes.selectors import Scalar, header_value
 from probes.signatures import SignatureConfig
 from probes.waiting import (
     Rule,
     RuleMatcher,
-    Scalar,
     XPathMatch,
     annotate,
     assess,
     explain_close,
-    header_value,
     latency_from_form,
     no_duplicate,
     no_status,

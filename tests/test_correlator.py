@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 
 from monitor.correlator import Arrival, Correlator, CorrelatorOverflow, Expectation
-from probes.checks import json_path_get, same_value
+from probes.checks import json_path_get, path_reader, same_value
 from probes.errors import NotReceived
-from probes.waiting import Rule, found_texts, header_value, path_reader, wanted_text
+from probes.selectors import found_texts, header_value, wanted_text
+from probes.waiting import Rule
 from tests.fixtures.webhooks import arrivals_count
 
 CHANNEL = "/hooks/orders"

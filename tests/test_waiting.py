@@ -16,13 +16,13 @@ from probes.arrivals import Arrival
 from probes.base import RunInfo, StepContext, Untrusted
 from probes.checks import check
 from probes.errors import AssertionFailed, ExtractFailed, TemplateError
+from probes.selectors import header_value
 from probes.waiting import (
     MatchBase,
     RenderMode,
     Rule,
     RuleMatcher,
     assess,
-    header_value,
     render_rule,
     rendered_matcher,
 )
