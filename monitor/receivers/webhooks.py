@@ -15,6 +15,7 @@ Answers, in the order they are decided:
          or not XML hopwatch will read (malformed, or declaring entities: probes.xml_checks)
                                                            counted malformed
     a client that goes away mid-body gets no answer       counted malformed
+    417  an `Expect` other than 100-continue (aiohttp)     counted malformed
     404  unknown path (aiohttp's router); 405 not POST     not counted
     the configured answer (default 202) otherwise, whatever the correlation outcome: a late,
          duplicate or unmatched delivery is still acknowledged, because senders retry non-2xx
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_urldispatcher import _default_expect_handler  # 100 Continue, else 417
 
 from monitor.receivers.answer import Answer, PreparedAnswer
 from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
@@ -121,7 +123,7 @@ def install_webhook_routes(
     rejects = reject_log if reject_log is not None else RejectLog(arrivals_counter)
     paths = WebhookPaths(correlator, arrivals_counter, max_body, body_timeout, rejects)
     paths.set_routes(routes)
-    app.router.add_route("*", "/{path:.*}", paths.dispatch)
+    app.router.add_route("*", "/{path:.*}", paths.dispatch, expect_handler=paths.expect)
     app[FRONT] = paths.front  # the public runner's way past the router (guard.FRONT)
     return paths
 
@@ -166,6 +168,18 @@ class WebhookPaths:
         if request.method != "POST":
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         return await handler.handle(request)
+
+    async def expect(self, request: web.Request) -> None:
+        """aiohttp's answer to an `Expect` header (`100 Continue`, or 417 to anything else),
+        with a 417 to a POST on a served path counted malformed, as the listener's other
+        refusals below the handler are."""
+        try:
+            await _default_expect_handler(request)
+        except web.HTTPExpectationFailed:
+            if request.method == "POST" and request.path in self._handlers:
+                said = request.headers.get(_EXPECT, "")
+                self._rejects.reject("bad_request", f"{request.path}: Expect {said!r}")
+            raise
 
     def front(self, rest: Handler) -> Handler:
         """A handler that gives a POST to a served path straight to its `_PathHandler` (no
