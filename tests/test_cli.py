@@ -138,7 +138,8 @@ async def test_demo_serves_contract_metrics_and_stops_by_itself() -> None:
                         text = await resp.text()
                 except aiohttp.ClientConnectionError:
                     continue
-                if 'hopwatch_step_duration_seconds_count{flow="checkout"' in text:
+                # the stable variant's first step (the canary's may land first)
+                if 'location="local",step="create_order",variant="stable"' in text:
                     break
         assert 'hopwatch_step_duration_seconds_count{flow="checkout",kind="http"' in text
         assert 'location="local",step="create_order",variant="stable"' in text
