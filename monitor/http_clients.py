@@ -1,10 +1,11 @@
-"""HTTP sessions lent to probes: fresh connections per run by default, kept across runs on request.
+"""HTTP clients lent to probes: fresh connections per run by default, kept across runs on request.
 
-What is costly to build (SSL contexts, the resolver) is built once and shared; what makes a run
-look like a new client (DNS lookup, TCP and TLS handshakes) is done per run unless the flow
-opts into `reuse_connections`. A run that sends one request in all takes its new connection
-from a shared session that closes every connection after its response: the same handshakes,
-without a session built and closed per run.
+Two clients, the same rules: the wire client's pools (probes/http_wire.py, plain requests) and
+aiohttp's sessions (redirects, HEAD, per-run cookies). What is costly to build (SSL contexts,
+the resolver) is built once and shared; what makes a run look like a new client (DNS lookup,
+TCP and TLS handshakes) is done per run unless the flow opts into `reuse_connections`. A run
+that sends one request in all takes its new connection from a shared pool (or session) that
+closes every connection after its response: the same handshakes, nothing built per run.
 """
 
 from __future__ import annotations
