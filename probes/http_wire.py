@@ -372,7 +372,7 @@ class WirePool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.lost and now - conn.idle_since < KEEPALIVE_S:
+            if _usable(conn, now):
                 return conn
             conn.close()
         return None
@@ -388,9 +388,11 @@ class WirePool:
         """Close what has idled past the keep-alive time (a removed flow's connections)."""
         self._swept = now
         for origin, idle in list(self._idle.items()):
-            keep = [c for c in idle if not c.lost and now - c.idle_since < KEEPALIVE_S]
+            keep = []
             for conn in idle:
-                if conn not in keep:
+                if _usable(conn, now):
+                    keep.append(conn)
+                else:
                     conn.close()
             if keep:
                 self._idle[origin] = keep
@@ -459,6 +461,11 @@ class WirePool:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _usable(conn: WireConnection, now: float) -> bool:
+    """An idle connection still open and within the keep-alive time."""
+    return not conn.lost and now - conn.idle_since < KEEPALIVE_S
 
 
 class _DnsFailed(WireError):
