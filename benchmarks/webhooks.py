@@ -230,28 +230,28 @@ def _waiting(correlator: Correlator, ref: str, deadline: float) -> Expectation:
 
 
 def _time_receiver(on: bool = True) -> list[float]:
-    """Time hopwatch's webhook handler (verify, parse, match, answer: what runs between
-    aiohttp's request parsing and its response writing) as [seconds, calls]. Its common path
-    never waits, so its wall time is CPU time; it is the receiver's own share of a webhook,
-    beside aiohttp's (the bare server) and the run's (the rest). The wrapper's own cost, a
-    coroutine and two clock reads per webhook, counts against hopwatch; when not `on` (counting
-    instructions), no wrapper and [0, 0]."""
+    """Time hopwatch's handling of a whole delivery (verify, parse, match, choose the answer:
+    `_PathHandler.accept`, what runs between reading the request and writing the answer) as
+    [seconds, calls]. It never waits, so its wall time is CPU time; it is the receiver's own
+    share of a webhook, beside the HTTP server's and the run's (the rest). The wrapper's own
+    cost, a call and two clock reads per webhook, counts against hopwatch; when not `on`
+    (counting instructions), no wrapper and [0, 0]."""
     from monitor.receivers import webhooks as receiver
 
     spent = [0.0, 0.0]
     if not on:
         return spent
-    handle = receiver._PathHandler.handle
+    accept = receiver._PathHandler.accept
 
-    async def timed(self: Any, request: web.BaseRequest) -> web.StreamResponse:
+    def timed(self: Any, *args: Any) -> Any:
         started = time.perf_counter()
         try:
-            return await handle(self, request)
+            return accept(self, *args)
         finally:
             spent[0] += time.perf_counter() - started
             spent[1] += 1
 
-    receiver._PathHandler.handle = timed  # type: ignore[method-assign]
+    receiver._PathHandler.accept = timed  # type: ignore[method-assign,assignment]
     return spent
 
 

@@ -8,7 +8,8 @@ path (the configured status and body), so `PreparedAnswer` writes its head and b
 buffer, rebuilt when the second (the Date header) or the connection's HTTP version or keep-alive
 changes. It is still a `web.Response`: whatever aiohttp or an app does to it before it is sent
 (a header set, a cookie, compression, chunking, a route's response signals) sends it aiohttp's
-usual way instead, with the same headers.
+usual way instead, with the same headers. The public listener's own connections
+(`receivers.wire`) write `Answer.wire` directly.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _NO_BODY_STATUSES: Final = (204, 304)  # answers that must not carry a body (aio
 class Answer:
     """A configured answer (status, body, its content type) and the bytes it is sent as."""
 
-    __slots__ = ("_wire", "body", "content_type", "prepared", "reason", "status")
+    __slots__ = ("_wire", "body", "content_type", "reason", "status")
 
     def __init__(self, status: int, body: bytes | None = None, content_type: str | None = None):
         self.status = status
@@ -41,8 +42,6 @@ class Answer:
             self.reason = ""
         self.body = body
         self.content_type = content_type  # with its charset, as the Content-Type header says
-        # A 204 or 304 goes aiohttp's way, which knows what such answers must not carry.
-        self.prepared = status not in _NO_BODY_STATUSES
         # (HTTP version, keep-alive) → (unix second, the answer's bytes for that second)
         self._wire: dict[tuple[HttpVersion, bool], tuple[int, bytes]] = {}
 
@@ -57,8 +56,11 @@ class Answer:
         head = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"]
         if self.body is not None:
             head.append(f"{hdrs.CONTENT_TYPE}: {self.content_type}")
+        if self.status in _NO_BODY_STATUSES:  # as aiohttp: no length and no body, its type kept
+            body = b""
+        else:
+            head.append(f"{hdrs.CONTENT_LENGTH}: {len(body)}")
         head += [
-            f"{hdrs.CONTENT_LENGTH}: {len(body)}",
             f"{hdrs.DATE}: {formatdate(now, usegmt=True)}",
             f"{hdrs.SERVER}: {SERVER_SOFTWARE}",
         ]
@@ -95,7 +97,6 @@ class PreparedAnswer(web.Response):
         answer = self._answer
         if (
             self._headers
-            or not answer.prepared
             or self._eof_sent
             or self._payload_writer is not None
             or self._cookies

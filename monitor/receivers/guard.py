@@ -13,13 +13,14 @@ timeout is the webhook handler's (`monitor.receivers.webhooks`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from monitor.receivers.wire import ServedPaths, WebhookConnection
 from monitor.rejects import RejectLog
 
 __all__ = ["BODY_TIMEOUT", "FRONT", "HEADER_TIMEOUT", "LINGER", "public_runner"]
@@ -31,11 +32,19 @@ BODY_TIMEOUT: Final = 30.0  # seconds for a whole body, from the end of its head
 LINGER: Final = 1.0
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-# What an app may put under FRONT: given the app's own handler (router, middlewares), a handler
-# that serves the requests it knows itself and hands it the others. The webhook paths use it:
-# aiohttp's router (a catch-all route's regex, a match-info object, three coroutines) cost
-# more per delivery than the signature check.
-FRONT: Final[web.AppKey[Callable[[Handler], Handler]]] = web.AppKey("hopwatch_front")
+
+
+class Front(ServedPaths, Protocol):
+    """What an app may put under FRONT (the webhook paths do): the paths a connection serves
+    itself (`receivers.wire`), and for the requests that reach aiohttp, given the app's own
+    handler (router, middlewares), a handler that serves the requests it knows itself and hands
+    it the others: aiohttp's router (a catch-all route's regex, a match-info object, three
+    coroutines) cost more per delivery than the signature check."""
+
+    def front(self, rest: Handler) -> Handler: ...
+
+
+FRONT: Final[web.AppKey[Front]] = web.AppKey("hopwatch_front")
 
 
 class _GuardedHandler(RequestHandler):
@@ -67,17 +76,38 @@ class _GuardedHandler(RequestHandler):
 
 
 class _GuardedServer(Server):
-    """Makes `_GuardedHandler`s; its `reject_log` is set by `public_runner`."""
+    """Makes a connection's protocol: a `WebhookConnection` when the app has FRONT paths (it
+    hands what it does not serve to a `_GuardedHandler`), a `_GuardedHandler` otherwise. Its
+    `reject_log` and `paths` are set by `public_runner`."""
 
     reject_log: RejectLog
+    paths: Front | None
+    wire: set[WebhookConnection]
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> Any:  # an asyncio.Protocol (aiohttp's annotation says its own)
+        if self.paths is None:
+            return self.guarded()
+        return WebhookConnection(
+            self.paths, self._kwargs["keepalive_timeout"], self.guarded, self.wire
+        )
+
+    def guarded(self) -> _GuardedHandler:
         return _GuardedHandler(
             self,
             reject_log=self.reject_log,
             loop=self._loop,
             **self._kwargs,
         )
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for connection in list(self.wire):
+            connection.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        for connection in list(self.wire):  # opened since pre_shutdown
+            connection.close()
+        await super().shutdown(timeout)
 
 
 class _PublicRunner(web.AppRunner):
@@ -90,9 +120,10 @@ class _PublicRunner(web.AppRunner):
         server.__class__ = _GuardedServer  # same state, the guarded handler factory
         assert isinstance(server, _GuardedServer)
         server.reject_log = self._reject_log
-        front = self._app.get(FRONT)
+        server.wire = set()
+        server.paths = front = self._app.get(FRONT)
         if front is not None:  # read by each connection's handler as it is made
-            server.request_handler = front(server.request_handler)
+            server.request_handler = front.front(server.request_handler)
         return server
 
 

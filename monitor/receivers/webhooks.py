@@ -38,11 +38,13 @@ from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import ClientPayloadError, web
+from aiohttp.helpers import parse_content_type
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_urldispatcher import _default_expect_handler  # 100 Continue, else 417
 
 from monitor.receivers.answer import Answer, PreparedAnswer
 from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
+from monitor.receivers.wire import BODY_LATE
 from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
@@ -62,6 +64,8 @@ from probes.xml_checks import NotXml, parse_xml
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from multidict import CIMultiDictProxy
+
     from monitor.metric_types import LabelledCounter
 
 
@@ -69,6 +73,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
+_TEXT: Final = "text/plain; charset=utf-8"  # a refusal's body, as aiohttp's `text=` sends it
 _WHY_REFUSED: Final = {413: "too large", 415: "wrong content type", 400: "not JSON"}
 
 
@@ -124,7 +129,7 @@ def install_webhook_routes(
     paths = WebhookPaths(correlator, arrivals_counter, max_body, body_timeout, rejects)
     paths.set_routes(routes)
     app.router.add_route("*", "/{path:.*}", paths.dispatch, expect_handler=paths.expect)
-    app[FRONT] = paths.front  # the public runner's way past the router (guard.FRONT)
+    app[FRONT] = paths  # the public runner's ways past the router (guard.FRONT)
     return paths
 
 
@@ -160,6 +165,9 @@ class WebhookPaths:
     @property
     def paths(self) -> list[str]:
         return sorted(self._handlers)
+
+    def served(self, path: str) -> _PathHandler | None:
+        return self._handlers.get(path)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         handler = self._handlers.get(request.path)
@@ -254,19 +262,40 @@ class _PathHandler:
                 async with asyncio.timeout(self.body_timeout):
                     body = await _read_body(request, self.max_body)
         except TimeoutError:
-            self.rejects.reject(
-                "body_timeout", f"{self.path}: body not whole in {self.body_timeout:g}s"
-            )
-            return _closing(408, "body not received in time")
+            self.body_late()
+            return _closing(408, BODY_LATE)
         except (OSError, ClientPayloadError) as exc:  # the client went away mid-body
-            self.rejects.reject("disconnect", f"{self.path}: {type(exc).__name__}")
+            self.cut_off(type(exc).__name__)
             return _closing(400, "connection lost")
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # chunking, encoding
             self.rejects.reject("bad_body", f"{self.path}: {type(exc).__name__}")
             return _closing(400, "body unreadable (broken chunking or content encoding)")
         if body is None:
-            return self._refuse(413, "malformed", f"body over {self.max_body} bytes")
-        headers = request.headers  # a property: read once
+            return PreparedAnswer(
+                self._refuse(413, "malformed", f"body over {self.max_body} bytes")
+            )
+        answer = self.accept(request.headers, body, request.remote, received_at, received_unix)
+        return PreparedAnswer(answer)  # a fresh one: aiohttp's responses are single use
+
+    def body_late(self) -> None:
+        """The body was not whole within `body_timeout` (the caller answers 408 and closes)."""
+        late = f"{self.path}: body not whole in {self.body_timeout:g}s"
+        self.rejects.reject("body_timeout", late)
+
+    def cut_off(self, why: str) -> None:
+        """The client went away mid-body (no answer)."""
+        self.rejects.reject("disconnect", f"{self.path}: {why}")
+
+    def accept(
+        self,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        remote: str | None,
+        received_at: float,
+        received_unix: float,
+    ) -> Answer:
+        """A whole delivery, from either way in (aiohttp's request or `receivers.wire`):
+        verified, parsed, offered; the answer it gets. Never waits."""
         only = self._only
         try:
             if only is not None:
@@ -280,12 +309,18 @@ class _PathHandler:
             return self._refuse(500, "bad_signature", "signature secret unavailable")
         doc: Any = None
         root: Any = None
-        if _is_json(headers, request):
+        if headers.get("Content-Type") == "application/json":  # the usual: no parse
+            content_type = "application/json"
+        else:
+            content_type = _content_type(headers)
+        if content_type == "application/json" or (
+            content_type.startswith("application/") and content_type.endswith("+json")
+        ):
             try:
                 doc = untrusted_json.loads(body, max_bytes=self.max_body)
             except untrusted_json.NotJson as exc:
                 return self._refuse(400, "malformed", f"body is not JSON: {exc}")
-        elif _is_xml(request.content_type):
+        elif _is_xml(content_type):
             try:  # refused here, so a step never sees a hostile document
                 root = parse_xml(body)
             except NotXml as exc:
@@ -294,7 +329,7 @@ class _PathHandler:
             return self._refuse(
                 415,
                 "malformed",
-                f"content type {request.content_type!r}, want application/json or XML",
+                f"content type {content_type!r}, want application/json or XML",
             )
         # positional, in the fields' order: a class called with keywords has CPython 3.11
         # build a dict of them and unpack it again (~1,800 instructions for these ten)
@@ -308,11 +343,11 @@ class _PathHandler:
             doc,  # json
             verified.delivery_id,
             None,  # key (Kafka's)
-            {"remote": request.remote, "sender_timestamp": verified.timestamp},  # meta
+            {"remote": remote, "sender_timestamp": verified.timestamp},  # meta
             root,  # xml
         )
         self.correlator.offer(arrival)
-        return PreparedAnswer(self._answer)  # a fresh one: aiohttp's responses are single use
+        return self._answer
 
     def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> VerifiedDelivery:
         """The first verifying config's delivery; raises the first config's error otherwise."""
@@ -332,7 +367,7 @@ class _PathHandler:
         assert first is not None  # self.signatures is never empty when unsigned_ok is False
         raise first
 
-    def _refuse(self, status: int, outcome: str, text: str, why: str | None = None) -> web.Response:
+    def _refuse(self, status: int, outcome: str, text: str, why: str | None = None) -> Answer:
         # The step waiting on this path learns of it: a delivery refused here is why a step
         # saw nothing (a rotated secret is not a dead sender). Our own 500 is not the sender's.
         why = why or _WHY_REFUSED.get(status)
@@ -346,7 +381,7 @@ class _PathHandler:
                     source="webhook", outcome=outcome
                 )
             child.inc()
-        return web.Response(status=status, text=text + "\n")
+        return Answer(status, (text + "\n").encode(), _TEXT)
 
 
 def _whole_body(request: web.BaseRequest, limit: int) -> bytes | None:
@@ -391,14 +426,20 @@ def _closing(status: int, text: str) -> web.Response:
     return response
 
 
-def _is_json(headers: Mapping[str, str], request: web.BaseRequest) -> bool:
-    """application/json or application/*+json; the usual exact header skips aiohttp's parse."""
-    if headers.get("Content-Type") == "application/json":
-        return True
-    content_type = request.content_type
-    return content_type == "application/json" or (
-        content_type.startswith("application/") and content_type.endswith("+json")
-    )
+def _content_type(headers: Mapping[str, str]) -> str:
+    """The Content-Type's media type as aiohttp's `request.content_type` reads it (lower case,
+    application/octet-stream when missing or unreadable), parsed once per distinct header."""
+    raw = headers.get("Content-Type")
+    parsed = _CONTENT_TYPES.get(raw)
+    if parsed is None:
+        parsed = "application/octet-stream" if raw is None else parse_content_type(raw)[0]
+        if len(_CONTENT_TYPES) >= 256:  # senders' headers, so bounded
+            _CONTENT_TYPES.clear()
+        _CONTENT_TYPES[raw] = parsed
+    return parsed
+
+
+_CONTENT_TYPES: dict[str | None, str] = {}
 
 
 def _is_xml(content_type: str) -> bool:
