@@ -56,6 +56,28 @@ assert _KNOWN.keys() >= _SINGLETONS | _ELSEWHERE  # `_plain_request` looks for t
 
 _HEAD, _BODY, _GONE = 0, 1, 2  # a connection's states
 
+# A header name as sent → (the name as aiohttp gives it, its lower-case form when aiohttp allows
+# one only), or None when this connection does not serve a request with it. Senders send the
+# same few names every time; the cache is bounded since anyone may send any.
+_NAMES: dict[bytes, tuple[str, bytes | None] | None] = {}
+_NAMES_MAX: Final = 1024
+
+
+def _name(name: bytes) -> tuple[str, bytes | None] | None:
+    low = name.lower()
+    known = _KNOWN.get(low)
+    named: tuple[str, bytes | None] | None
+    if low in _ELSEWHERE or len(name) > _MAX_FIELD:
+        named = None
+    elif known is None:
+        named = (name.decode("utf-8", "surrogateescape"), None)
+    else:
+        named = (known, low if low in _SINGLETONS else None)
+    if len(_NAMES) >= _NAMES_MAX:
+        _NAMES.clear()
+    _NAMES[name] = named
+    return named
+
 
 class Served(Protocol):
     """One served path (`webhooks._PathHandler`)."""
@@ -203,7 +225,7 @@ class WebhookConnection(asyncio.Protocol):
 
     def _plain_request(self) -> Served | None:
         """The served path of a request this connection answers itself, else None; its
-        headers made as aiohttp's parser makes them (`_pairs`) on the way."""
+        headers made as aiohttp's parser makes them on the way."""
         parser = self._parser
         url = self._url
         version = _VERSIONS.get(parser.get_http_version())
@@ -213,36 +235,26 @@ class WebhookConnection(asyncio.Protocol):
         if served is None or _NOT_PLAIN_URL.search(url) is not None:
             return None
         length = -1
-        host = False
         seen: set[bytes] = set()
-        pairs: list[tuple[str, bytes]] = []
+        pairs: list[tuple[str, str]] = []
         for name, value in self._headers:
-            low = name.lower()
-            known = _KNOWN.get(low)
-            if known is None:
-                if len(name) > _MAX_FIELD:
-                    return None
-                pairs.append((name.decode("utf-8", "surrogateescape"), value))
-                continue
-            if low in _ELSEWHERE:
+            named = _NAMES.get(name) or _name(name)
+            if named is None:  # a header aiohttp refuses, or one it reads itself
                 return None
-            if low in _SINGLETONS:
-                if low in seen:
+            key, singleton = named
+            if singleton is not None:
+                if singleton in seen:
                     return None
-                seen.add(low)
-                if low == b"content-length":
+                seen.add(singleton)
+                if singleton == b"content-length":
                     length = int(value) if value.isdigit() else -1
-                host = host or low == b"host"
-            pairs.append((known, value))
-        if not 0 <= length <= served.max_body or (version is HttpVersion11 and not host):
-            return None
-        headers: list[tuple[str, str]] = []
-        for key, value in pairs:  # as aiohttp: no trailing blanks, no NUL, not too long
-            text = value.rstrip(b" \t").decode("utf-8", "surrogateescape")
-            if "\x00" in text or len(value) > _MAX_FIELD:
+            # as aiohttp: no trailing blanks, no NUL, not too long
+            if len(value) > _MAX_FIELD or b"\x00" in value:
                 return None
-            headers.append((key, text))
-        self._pairs = headers
+            pairs.append((key, value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
+        if not 0 <= length <= served.max_body or (version is HttpVersion11 and b"host" not in seen):
+            return None
+        self._pairs = pairs
         self._version = version
         self._keep_alive = parser.should_keep_alive()
         self._body_len = length
