@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 from monitor.correlator import Correlator
 from monitor.demo.broker import free_port
 from monitor.receivers.guard import public_runner
-from monitor.receivers.webhooks import WebhookRoute, install_webhook_routes
+from monitor.receivers.webhooks import WebhookRoute, _PathHandler, install_webhook_routes
 from monitor.rejects import RejectLog
 from probes import untrusted_json
 from probes.signatures import StandardWebhooksSignature
@@ -333,3 +333,33 @@ def test_untrusted_json_reads_bodies_as_json_loads_does(body: bytes) -> None:
     except untrusted_json.NotJson:
         got = ("refused",)
     assert got == want
+
+
+async def test_a_bug_in_handling_a_delivery_is_a_500_and_the_listener_serves_on(
+    listener: Listener, logs: _Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery the public listener's own connection answers (`receivers.wire`) and our code
+    fails on gets aiohttp's answer to a failing handler (500, the connection closed, the
+    traceback logged), and the next connection is served."""
+    port = await listener(WebhookRoute(PATH, None))
+    accept = _PathHandler.accept
+    calls = 0
+
+    def failing_once(self: _PathHandler, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return accept(self, *args)
+
+    monkeypatch.setattr(_PathHandler, "accept", failing_once)
+    delivery = (
+        b"POST /hooks/in HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    answer = await raw_exchange(port, delivery)  # read until the server closes
+    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), answer[:80]
+    assert b"Connection: close\r\n" in answer
+    assert any("a bug" in str(r.exc_info) for r in logs.at(logging.ERROR))
+    again = await raw_exchange(port, delivery.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    assert again.startswith(b"HTTP/1.0 202 Accepted\r\n"), again[:80]

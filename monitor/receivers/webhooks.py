@@ -44,7 +44,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler  # 100 Continue, e
 
 from monitor.receivers.answer import Answer, PreparedAnswer
 from monitor.receivers.guard import BODY_TIMEOUT, FRONT, Handler
-from monitor.receivers.wire import BODY_LATE
+from monitor.receivers.wire import BODY_LATE, TEXT
 from monitor.rejects import RejectLog
 from probes import KINDS, untrusted_json
 from probes.arrivals import Arrival
@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 1024 * 1024
 _UNSIGNED_ID_HEADERS: Final = ("webhook-id", "x-github-delivery")
-_TEXT: Final = "text/plain; charset=utf-8"  # a refusal's body, as aiohttp's `text=` sends it
 _WHY_REFUSED: Final = {413: "too large", 415: "wrong content type", 400: "not JSON"}
 
 
@@ -381,7 +380,7 @@ class _PathHandler:
                     source="webhook", outcome=outcome
                 )
             child.inc()
-        return Answer(status, (text + "\n").encode(), _TEXT)
+        return Answer(status, (text + "\n").encode(), TEXT)  # as aiohttp's `text=` sends it
 
 
 def _whole_body(request: web.BaseRequest, limit: int) -> bytes | None:

@@ -20,6 +20,7 @@ as before. `tests/test_webhook_wire.py` sends the same bytes both ways and compa
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from monitor.receivers.answer import Answer
 
-__all__ = ["BODY_LATE", "Served", "ServedPaths", "WebhookConnection"]
+__all__ = ["BODY_LATE", "TEXT", "Served", "ServedPaths", "WebhookConnection"]
 
 BODY_LATE: Final = "body not received in time"
 HEAD_LIMIT: Final = 64 * 1024  # a head not whole by then goes to aiohttp, which has its limits
@@ -55,6 +56,9 @@ _NOT_PLAIN_URL: Final = re.compile(rb"[?#%]|/\.|^[^/]")
 assert _KNOWN.keys() >= _SINGLETONS | _ELSEWHERE  # `_plain_request` looks for them as known
 
 _HEAD, _BODY, _GONE = 0, 1, 2  # a connection's states
+TEXT: Final = "text/plain; charset=utf-8"
+_OUR_ERROR: Final = Answer(500, b"500 Internal Server Error\n\nServer got itself in trouble", TEXT)
+log = logging.getLogger(__name__)
 
 # A header name as sent → (the name as aiohttp gives it, its lower-case form when aiohttp allows
 # one only), or None when this connection does not serve a request with it. Senders send the
@@ -277,8 +281,12 @@ class WebhookConnection(asyncio.Protocol):
             self._hand_over()
             return False
         headers = CIMultiDictProxy(CIMultiDict(self._pairs))
-        answer = served.accept(headers, body, self._remote, received_at, time.time())
         keep_alive = self._keep_alive
+        try:
+            answer = served.accept(headers, body, self._remote, received_at, time.time())
+        except Exception:  # our bug: a 500 and a traceback, as aiohttp gives a handler's
+            log.exception("webhook path %s: error handling a delivery", served.path)
+            answer, keep_alive = _OUR_ERROR, False
         self._transport.write(answer.wire(self._version, keep_alive))
         if not keep_alive:
             self.close()
@@ -340,6 +348,6 @@ class WebhookConnection(asyncio.Protocol):
         transport = self._transport
         if self._state == _BODY and self._served is not None and transport is not None:
             self._served.body_late()
-            late = Answer(408, (BODY_LATE + "\n").encode(), "text/plain; charset=utf-8")
+            late = Answer(408, (BODY_LATE + "\n").encode(), TEXT)
             transport.write(late.wire(self._version, False))
         self.close()  # no whole head (or body) in time
