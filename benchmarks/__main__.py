@@ -201,7 +201,7 @@ def _webhook_targets(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> N
     if bare is None:
         return
     for tool, what, wanted in (
-        ("hopwatch receiver alone", "receiver path alone (aiohttp + handler + matching)", 0.7),
+        ("hopwatch receiver alone", "receiver path alone (HTTP + handler + matching)", 0.7),
         ("hopwatch", "with the run that awaits each one", 0.5),
     ):
         row = _find(rows, tool=tool)

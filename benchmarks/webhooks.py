@@ -22,8 +22,11 @@ verified, parsed, matched and answered, and its expectation finished.
 
 Beside them, in the same rounds and with the same sender, a bare aiohttp server on the same core
 (one route that reads the body and parses its JSON, no signature, no run): the floor any
-receiver on aiohttp stands on, so the ratio between the two is measured on this machine rather
-than a rate compared with one measured elsewhere.
+receiver on aiohttp stands on, which the targets are set against, so the ratio is measured on
+this machine rather than a rate compared with one measured elsewhere. hopwatch's public
+listener answers plain deliveries from its own connections (monitor/receivers/wire.py), not
+aiohttp's, so a second floor is measured too: a bare asyncio protocol with httptools (parse,
+JSON, a fixed 202), what those connections stand on.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from itertools import count
 from typing import Any
 
 import aiohttp
+import httptools
 from aiohttp import web
 
 from benchmarks.common import (
@@ -283,6 +287,51 @@ async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:
         await runner.cleanup()
 
 
+class _BareConnection(asyncio.Protocol):
+    """A bare HTTP/1.1 server connection: httptools parses, the body's JSON is parsed, a fixed
+    202 goes back. No limits, checks or timeouts: the floor under hopwatch's own connections
+    (monitor/receivers/wire.py)."""
+
+    ANSWER = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        json.loads(b"".join(self.body))
+        self.body = []
+        assert self.transport is not None
+        self.transport.write(self.ANSWER)
+
+
+async def bare_protocol(args: dict[str, Any]) -> dict[str, Any]:
+    """The same deliveries to `_BareConnection`s, the collector settled as in `bare_aiohttp`."""
+    settle_start()
+    port = free_port()
+    server = await asyncio.get_running_loop().create_server(_BareConnection, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}{PATH}"
+
+    async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
+        sent = await _deliver(session, args["driver"], url, refs)
+        return sent, len(refs) - sent
+
+    try:
+        return await _drive(args, batch)
+    finally:
+        server.close()
+
+
 def part(ctx: Ctx) -> None:
     """Start the sender on the target's core, then measure hopwatch and the bare server on the
     monitor's core, once each per round (this VM's speed drifts; see throughput.part)."""
@@ -299,6 +348,8 @@ def part(ctx: Ctx) -> None:
          "webhooks.hopwatch_receiver", ctx.seconds(3.0, 8.0)),
         ("bare aiohttp server", "one route: body read and JSON parsed, no signature, no run",
          "webhooks.bare_aiohttp", ctx.seconds(2.0, 4.0)),
+        ("bare protocol server", "httptools in an asyncio protocol: body's JSON parsed, 202",
+         "webhooks.bare_protocol", ctx.seconds(2.0, 4.0)),
     ]  # fmt: skip
     measured: list[list[dict[str, Any]]] = [[] for _ in plan]
     try:
