@@ -456,7 +456,6 @@ def _cases() -> Iterator[Any]:
         marks = () if fails is None else pytest.mark.xfail(strict=True, reason=fails)
         return pytest.param(made, id=name, marks=marks)
 
-    keep_alive = "wire.py asks llhttp for keep-alive after a body-less message is complete"
     reads = "wire.py hands aiohttp the reads of a head joined into one"
     sizes = "wire.py checks names and values against 8190 apart, not as aiohttp counts"
 
@@ -494,7 +493,6 @@ def _cases() -> Iterator[Any]:
     yield p(
         "http11-close-empty-body",
         case(request(body=b"", headers=[("Connection", "close")]), statuses=[400], closed=True),
-        keep_alive,
     )
     yield p(
         "http10-keep-alive-empty-body",
@@ -502,7 +500,6 @@ def _cases() -> Iterator[Any]:
             request(body=b"", version="1.0", headers=[("Connection", "keep-alive")]),
             statuses=[400],
         ),
-        keep_alive,
     )
     yield p("two-pipelined", case(request(), signed(), statuses=[202, 202]))
     yield p(

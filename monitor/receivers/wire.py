@@ -161,6 +161,9 @@ class WebhookConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        # asked now, as aiohttp's parser asks: once a body-less message is complete (in the
+        # same feed) llhttp has reset its flags, and would answer for an empty next request
+        self._keep_alive = self._parser.should_keep_alive()
 
     # -- the server's shutdown (guard._GuardedServer) ---------------------------------------
 
@@ -244,7 +247,6 @@ class WebhookConnection(asyncio.Protocol):
             headers.append((key, text))
         self._pairs = headers
         self._version = version
-        self._keep_alive = parser.should_keep_alive()
         self._body_len = length
         return served
 
