@@ -721,7 +721,6 @@ def _cases() -> Iterator[Any]:
             handed=True,
             closed=True,
         ),
-        reads,
     )
 
 

@@ -20,6 +20,7 @@ as before. `tests/test_webhook_wire.py` sends the same bytes both ways and compa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -105,6 +106,7 @@ class WebhookConnection(asyncio.Protocol):
         self._remote: str | None = None
         self._state = _HEAD
         self._buffer = b""  # the current request's bytes so far (and any after it)
+        self._reads: list[int] = []  # where in `_buffer` a later read's bytes begin
         self._fed = 0  # how many of them the parser has had
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []  # as httptools gives them
@@ -129,7 +131,11 @@ class WebhookConnection(asyncio.Protocol):
         self._wait(self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        if self._buffer:
+            self._reads.append(len(self._buffer))
+            self._buffer += data
+        else:
+            self._buffer = data
         while self._state != _GONE:
             if self._state == _HEAD and not self._read_head():
                 return
@@ -274,6 +280,8 @@ class WebhookConnection(asyncio.Protocol):
             self.close()
             return False
         self._buffer = buffer[end:]
+        if self._reads:
+            self._reads = [at - end for at in self._reads if at > end]
         self._fed = 0
         self._url = b""
         self._headers = []
@@ -284,9 +292,12 @@ class WebhookConnection(asyncio.Protocol):
         return True
 
     def _hand_over(self) -> None:
-        """From the start of the current request on, aiohttp serves this connection."""
+        """From the start of the current request on, aiohttp serves this connection. It is
+        given the bytes in the reads they came in: what its parser refuses, and how it words
+        it, depends on where a read ended (a header name's length is checked per read)."""
         transport = self._transport
         data = self._buffer
+        bounds = [0, *self._reads, len(data)]
         self._served = None
         self._gone()
         if transport is None or transport.is_closing():
@@ -297,12 +308,14 @@ class WebhookConnection(asyncio.Protocol):
         if self._paused:  # the transport still holds our unsent answers
             handler.pause_writing()
             transport.resume_reading()
-        if data:
-            handler.data_received(data)
+        for start, end in itertools.pairwise(bounds):
+            if end > start:
+                handler.data_received(data[start:end])
 
     def _gone(self) -> None:
         self._state = _GONE
         self._buffer = b""
+        self._reads = []
         self._open.discard(self)
         if self._timer is not None:
             self._timer.cancel()
