@@ -20,6 +20,7 @@ as before. `tests/test_webhook_wire.py` sends the same bytes both ways and compa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -71,7 +72,7 @@ def _name(name: bytes) -> tuple[str, bytes | None] | None:
     low = name.lower()
     known = _KNOWN.get(low)
     named: tuple[str, bytes | None] | None
-    if low in _ELSEWHERE or len(name) > _MAX_FIELD:
+    if low in _ELSEWHERE:
         named = None
     elif known is None:
         named = (name.decode("utf-8", "surrogateescape"), None)
@@ -131,6 +132,7 @@ class WebhookConnection(asyncio.Protocol):
         self._remote: str | None = None
         self._state = _HEAD
         self._buffer = b""  # the current request's bytes so far (and any after it)
+        self._reads: list[int] = []  # where in `_buffer` a later read's bytes begin
         self._fed = 0  # how many of them the parser has had
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []  # as httptools gives them
@@ -155,7 +157,11 @@ class WebhookConnection(asyncio.Protocol):
         self._wait(self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        if self._buffer:
+            self._reads.append(len(self._buffer))
+            self._buffer += data
+        else:
+            self._buffer = data
         while self._state != _GONE:
             if self._state == _HEAD and not self._read_head():
                 return
@@ -187,6 +193,9 @@ class WebhookConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        # asked now, as aiohttp's parser asks: once a body-less message is complete (in the
+        # same feed) llhttp has reset its flags, and would answer for an empty next request
+        self._keep_alive = self._parser.should_keep_alive()
 
     # -- the server's shutdown (guard._GuardedServer) ---------------------------------------
 
@@ -241,9 +250,17 @@ class WebhookConnection(asyncio.Protocol):
         length = -1
         seen: set[bytes] = set()
         pairs: list[tuple[str, str]] = []
+        previous = 0
         for name, value in self._headers:
+            size = len(name)
+            # aiohttp's parser counts a name's first read with the previous header's name, and
+            # a name that came in pieces (or the first one) with its value: past _MAX_FIELD
+            # either way, aiohttp decides, given the reads as they came (`_hand_over`)
+            if previous + size > _MAX_FIELD or size + len(value) > _MAX_FIELD:
+                return None
+            previous = size
             named = _NAMES.get(name) or _name(name)
-            if named is None:  # a header aiohttp refuses, or one it reads itself
+            if named is None:  # a header aiohttp reads itself
                 return None
             key, singleton = named
             if singleton is not None:
@@ -252,15 +269,13 @@ class WebhookConnection(asyncio.Protocol):
                 seen.add(singleton)
                 if singleton == b"content-length":
                     length = int(value) if value.isdigit() else -1
-            # as aiohttp: no trailing blanks, no NUL, not too long
-            if len(value) > _MAX_FIELD or b"\x00" in value:
+            if b"\x00" in value:  # as aiohttp: no NUL, no trailing blanks
                 return None
             pairs.append((key, value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
         if not 0 <= length <= served.max_body or (version is HttpVersion11 and b"host" not in seen):
             return None
         self._pairs = pairs
         self._version = version
-        self._keep_alive = parser.should_keep_alive()
         self._body_len = length
         return served
 
@@ -292,6 +307,8 @@ class WebhookConnection(asyncio.Protocol):
             self.close()
             return False
         self._buffer = buffer[end:]
+        if self._reads:
+            self._reads = [at - end for at in self._reads if at > end]
         self._fed = 0
         self._url = b""
         self._headers = []
@@ -302,9 +319,12 @@ class WebhookConnection(asyncio.Protocol):
         return True
 
     def _hand_over(self) -> None:
-        """From the start of the current request on, aiohttp serves this connection."""
+        """From the start of the current request on, aiohttp serves this connection. It is
+        given the bytes in the reads they came in: what its parser refuses, and how it words
+        it, depends on where a read ended (a header name's length is checked per read)."""
         transport = self._transport
         data = self._buffer
+        bounds = [0, *self._reads, len(data)]
         self._served = None
         self._gone()
         if transport is None or transport.is_closing():
@@ -315,12 +335,14 @@ class WebhookConnection(asyncio.Protocol):
         if self._paused:  # the transport still holds our unsent answers
             handler.pause_writing()
             transport.resume_reading()
-        if data:
-            handler.data_received(data)
+        for start, end in itertools.pairwise(bounds):
+            if end > start:
+                handler.data_received(data[start:end])
 
     def _gone(self) -> None:
         self._state = _GONE
         self._buffer = b""
+        self._reads = []
         self._open.discard(self)
         if self._timer is not None:
             self._timer.cancel()
