@@ -732,8 +732,17 @@ def _cases() -> Iterator[Any]:
     )
 
 
-@pytest.mark.parametrize("made", list(_cases()))
-async def test_same_answer_as_aiohttp(pair: Pair, made: Case) -> None:
+def _case_named(name: str) -> Case:
+    """The case made now: its Standard Webhooks signatures are stamped with the time they are
+    made, and one made at collection is stale (past the 5 minutes' tolerance) when the whole
+    suite reaches it."""
+    made: Case = next(param.values[0] for param in _cases() if param.id == name)
+    return made
+
+
+@pytest.mark.parametrize("name", [param.id for param in _cases()])
+async def test_same_answer_as_aiohttp(pair: Pair, name: str) -> None:
+    made = _case_named(name)
     wire, reference = await both(
         pair, made.chunks, answers=made.answers, no_body=made.no_body, grace=made.grace
     )
