@@ -275,16 +275,21 @@ async def bare_aiohttp(args: dict[str, Any]) -> dict[str, Any]:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        return await _drive_bare(args, port)
+    finally:
+        await runner.cleanup()
+
+
+async def _drive_bare(args: dict[str, Any], port: int) -> dict[str, Any]:
+    """`_drive` with deliveries alone (no run, no expectation) to a bare server on `port`."""
     url = f"http://127.0.0.1:{port}{PATH}"
 
     async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
         sent = await _deliver(session, args["driver"], url, refs)
         return sent, len(refs) - sent
 
-    try:
-        return await _drive(args, batch)
-    finally:
-        await runner.cleanup()
+    return await _drive(args, batch)
 
 
 class _BareConnection(asyncio.Protocol):
@@ -320,14 +325,8 @@ async def bare_protocol(args: dict[str, Any]) -> dict[str, Any]:
     settle_start()
     port = free_port()
     server = await asyncio.get_running_loop().create_server(_BareConnection, "127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}{PATH}"
-
-    async def batch(session: aiohttp.ClientSession, refs: list[str]) -> tuple[int, int]:
-        sent = await _deliver(session, args["driver"], url, refs)
-        return sent, len(refs) - sent
-
     try:
-        return await _drive(args, batch)
+        return await _drive_bare(args, port)
     finally:
         server.close()
 
