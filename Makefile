@@ -27,7 +27,8 @@ demo:
 # with 5x the runs under each fault and 5 broker and database outages. Loopback only.
 chaos:
 	HOPWATCH_FUZZ_SCALE=20 HOPWATCH_CHAOS_SCALE=5 .venv/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_fuzz_webhooks.py tests/test_hostile_webhooks.py tests/test_hostile_values.py \
+		tests/test_fuzz_webhooks.py tests/test_hostile_webhooks.py tests/test_webhook_wire.py \
+		tests/test_hostile_values.py \
 		tests/test_kafka_poison.py tests/test_demo_broker.py \
 		tests/test_faults.py tests/test_faults_parts.py tests/test_faults_signals.py \
 		tests/test_kafka.py::test_broker_outage_breaks_only_its_links_and_heals \

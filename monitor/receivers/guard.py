@@ -8,6 +8,10 @@ such rejects as `malformed` in `hopwatch_arrivals_total{source="webhook"}` inste
 the keep-alive timeout to the header timeout: a connection that has not sent a whole request
 head `header_timeout` seconds after it opened (or after its last answer) is closed. The body
 timeout is the webhook handler's (`monitor.receivers.webhooks`).
+
+A connection to a listener with webhook paths starts as the listener's own
+(`monitor.receivers.wire`), with the same timeouts; it answers plain deliveries itself and
+hands anything else to the guarded handler here for the rest of the connection.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The webhook receiver: aiohttp routes on the public listener that authenticate deliveries and
-hand them to the correlator without ever waiting on a run.
+"""The webhook receiver: the public listener's paths, which authenticate deliveries and hand
+them to the correlator without ever waiting on a run. A plain delivery is read and answered by
+the listener's own connection (`monitor.receivers.wire`), any other request by aiohttp (an
+aiohttp route); both go through `_PathHandler.accept` once the body is whole.
 
 Answers, in the order they are decided:
 
