@@ -59,6 +59,8 @@ SETTLE_S: Final = 0.3
 # The probe gives up this much before the runner would, so a step out of time still gets its
 # screenshot and console errors.
 MARGIN_S: Final = 1.0
+# How long a step whose page closed waits to learn whether the whole browser died.
+GONE_GRACE_S: Final = 0.5
 # Chromium's network errors by their code, as the reasons every kind uses.
 _NET_ERRORS: Final = (
     ("ERR_NAME_NOT_RESOLVED", DnsError),
@@ -408,7 +410,8 @@ class BrowserProbe:
                         await page.act(action)
                     values = await page.extract()
                 except StepFailed as failed:
-                    if not pool.alive():
+                    closed = page.watch.gone is not None  # the browser's crash, or the page's own
+                    if not pool.alive() or (closed and await pool.gone_within(GONE_GRACE_S)):
                         failed = OtherFailure(
                             f"{failed.message} (the browser went away: it starts again for "
                             "the next step)"

@@ -138,6 +138,22 @@ class BrowserPool:
         """Whether the browser is still connected (False after a crash)."""
         return self._browser is not None and self._browser.is_connected()
 
+    async def gone_within(self, seconds: float) -> bool:
+        """Whether the browser's connection is found gone within `seconds`: a killed browser
+        closes its pages a moment before Playwright sees its connection drop, so a step whose
+        page closed asks this before it says why."""
+        browser = self._browser
+        if browser is None or not browser.is_connected():
+            return True
+        gone = asyncio.Event()
+        browser.once("disconnected", lambda _: gone.set())
+        try:
+            async with asyncio.timeout(seconds):
+                await gone.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _running_browser(self) -> Browser:
         async with self._lock:
             if self._closed:

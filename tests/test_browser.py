@@ -279,6 +279,26 @@ async def test_a_killed_browser_fails_only_its_step_and_is_restarted(
         assert engine.registry.get_sample_value("hopwatch_browser_restarts_total") == 1
 
 
+async def test_a_killed_browser_is_found_gone_when_its_connection_drops() -> None:
+    """A killed browser closes its pages a moment before Playwright sees its connection drop:
+    a step whose page closed waits for that (`gone_within`) to say the browser went away. A
+    live browser is not taken for gone."""
+    pool = BrowserPool(DEFAULT_CHROMIUM, concurrency=1)
+    try:
+        async with pool.context() as context:
+            await context.new_page()
+            assert pool.pid is not None and pool.alive()
+            assert not await pool.gone_within(0.05)
+            waiting = asyncio.create_task(pool.gone_within(10.0))
+            await asyncio.sleep(0)  # listening before the kill
+            os.kill(pool.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(waiting, 10.0)
+            assert not pool.alive()
+            assert await pool.gone_within(10.0)  # already gone: at once
+    finally:
+        await pool.aclose()
+
+
 async def test_browser_steps_wait_for_one_of_the_slots_and_memory_is_exported(
     shop: Shop, load_flows: Callable[[str], Config]
 ) -> None:
