@@ -310,13 +310,8 @@ class _PathHandler:
             return self._refuse(500, "bad_signature", "signature secret unavailable")
         doc: Any = None
         root: Any = None
-        if headers.get("Content-Type") == "application/json":  # the usual: no parse
-            content_type = "application/json"
-        else:
-            content_type = _content_type(headers)
-        if content_type == "application/json" or (
-            content_type.startswith("application/") and content_type.endswith("+json")
-        ):
+        content_type = _content_type(headers)
+        if _is_json(content_type):
             try:
                 doc = untrusted_json.loads(body, max_bytes=self.max_body)
             except untrusted_json.NotJson as exc:
@@ -441,6 +436,13 @@ def _content_type(headers: Mapping[str, str]) -> str:
 
 
 _CONTENT_TYPES: dict[str | None, str] = {}
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json or application/*+json."""
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 def _is_xml(content_type: str) -> bool:
